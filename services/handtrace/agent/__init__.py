@@ -1,0 +1,1 @@
+"""handtrace.agent service."""

@@ -1,0 +1,1 @@
+"""handtrace.control service."""

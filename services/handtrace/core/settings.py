@@ -1,0 +1,178 @@
+"""Typed, validated settings for every service.
+
+One frozen model, read from the environment with prefix ``HANDTRACE_`` and nested delimiter
+``__`` (``HANDTRACE_KAFKA__BOOTSTRAP_SERVERS``), so docker-compose and Helm values map one-to-one
+onto these fields (tests/unit/test_deploy_consistency.py keeps them in step).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_state_dir() -> Path:
+    """Where local state (broker cache, embedded ClickHouse, spool) lives by default."""
+    return Path.cwd() / ".handtrace"
+
+
+class SecurityProtocol(StrEnum):
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class SaslMechanism(StrEnum):
+    PLAIN = "PLAIN"
+    SCRAM_SHA_256 = "SCRAM-SHA-256"
+    SCRAM_SHA_512 = "SCRAM-SHA-512"
+
+
+class KafkaSettings(BaseModel):
+    """Where the Kafka cluster is and how to reach it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap_servers: str | None = Field(
+        default=None,
+        description="host:port list of an existing cluster. Unset: the project's own local broker "
+        "(deploy/kafka, started by `handtrace kafka up` or the demo) is used.",
+    )
+    security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers.")
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (mTLS).")
+    ssl_keyfile: Path | None = Field(default=None, description="Client key (mTLS).")
+    local_port: int = Field(
+        default=19092, ge=1024, le=65535, description="Client port of the local dev broker."
+    )
+    local_controller_port: int = Field(default=19093, ge=1024, le=65535)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
+            missing = [
+                name
+                for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"security_protocol={self.security_protocol} needs {', '.join(missing)}"
+                )
+        return self
+
+    @property
+    def uses_local_broker(self) -> bool:
+        """True when no external cluster is configured."""
+        return self.bootstrap_servers is None
+
+    def bootstrap(self) -> str:
+        """The bootstrap list every client uses."""
+        return self.bootstrap_servers or f"127.0.0.1:{self.local_port}"
+
+    def librdkafka(self) -> dict[str, Any]:
+        """Connection options for confluent-kafka (librdkafka property names)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap(),
+            "security.protocol": self.security_protocol.value,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism.value
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = str(self.ssl_cafile)
+        if self.ssl_certfile:
+            conf["ssl.certificate.location"] = str(self.ssl_certfile)
+        if self.ssl_keyfile:
+            conf["ssl.key.location"] = str(self.ssl_keyfile)
+        return conf
+
+
+class TopicSettings(BaseModel):
+    """Topic names and sizes. Event and control topics must have equal partition counts so one
+    employee's events and controls land in the same partition number (co-partitioning)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prefix: str = Field(default="handtrace", pattern=r"^[a-zA-Z0-9._-]+$")
+    partitions: int = Field(default=6, ge=1, le=1024, description="Partitions of every keyed topic.")
+    replication_factor: int = Field(default=1, ge=1, le=5)
+    events_retention_hours: int = Field(default=72, ge=1, description="Raw events topic retention.")
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=64 * 1024, description="Largest accepted batch message."
+    )
+
+
+class ClickHouseSettings(BaseModel):
+    """Where events are stored."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dsn: str | None = Field(
+        default=None,
+        description="`chdb:///path` (embedded engine, default <state_dir>/clickhouse) or "
+        "`http(s)://user:pass@host:port/db` for a ClickHouse server.",
+    )
+    database: str = Field(default="handtrace", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+    @field_validator("dsn")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("dsn must start with chdb://, http:// or https://")
+        return v
+
+
+class SinkSettings(BaseModel):
+    """Flush policy of the ClickHouse sink."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flush_rows: int = Field(default=50_000, ge=1, description="Flush a partition at this many rows.")
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="...or this often.")
+    group_id: str = "handtrace-sink"
+
+
+class StreamSettings(BaseModel):
+    """Faust worker settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    app_id: str = "handtrace-stream"
+    max_batch_events: int = Field(
+        default=100_000, ge=1, description="Batches with more events are dead-lettered (oversized)."
+    )
+    web_port: int = Field(default=6066, ge=1024, le=65535, description="Faust web / metrics port.")
+
+
+class Settings(BaseSettings):
+    """All handtrace settings. Environment: HANDTRACE_<FIELD>, nested with `__`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HANDTRACE_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    state_dir: Path = Field(default_factory=default_state_dir, description="Local state root.")
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    sink: SinkSettings = SinkSettings()
+    stream: StreamSettings = StreamSettings()
+
+    def clickhouse_dsn(self) -> str:
+        """The DSN in force: the configured one or the embedded engine under state_dir."""
+        return self.clickhouse.dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; keyword overrides win (used by the CLI and tests)."""
+    return Settings(**overrides)

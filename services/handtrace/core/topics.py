@@ -1,0 +1,90 @@
+"""Topic names and their configuration: the one place that says what each topic is for.
+
+All keyed topics share one partition count so that events, controls and the stream's output
+for one employee land in the same partition number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from handtrace.core.settings import TopicSettings
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic the project creates, with explicit partitions and configs."""
+
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Names of every handtrace topic for one prefix."""
+
+    events: str
+    controls: str
+    policy: str
+    heartbeats: str
+    stored: str
+    deadletter: str
+
+    @classmethod
+    def from_settings(cls, s: TopicSettings) -> Topics:
+        p = s.prefix
+        return cls(
+            events=f"{p}.events.raw",
+            controls=f"{p}.controls",
+            policy=f"{p}.policy",
+            heartbeats=f"{p}.heartbeats",
+            stored=f"{p}.events.accepted",
+            deadletter=f"{p}.events.deadletter",
+        )
+
+
+def topic_specs(s: TopicSettings) -> list[TopicSpec]:
+    """Every topic with partitions and configs (compaction for state, retention for events)."""
+    t = Topics.from_settings(s)
+    hours = s.events_retention_hours * 3600 * 1000
+    max_msg = str(s.max_message_bytes)
+    return [
+        TopicSpec(
+            t.events,
+            s.partitions,
+            {"retention.ms": str(hours), "max.message.bytes": max_msg, "compression.type": "producer"},
+            "EventBatch messages from agents, keyed by employee id (raw: restricted access).",
+        ),
+        TopicSpec(
+            t.controls,
+            s.partitions,
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * 24 * 3600 * 1000)},
+            "ControlEvent (pause, exemption) keyed by employee id; compacted, co-partitioned.",
+        ),
+        TopicSpec(
+            t.policy,
+            1,
+            {"cleanup.policy": "compact"},
+            "Global policy (allowlists, sampling, masking), keyed by scope; compacted.",
+        ),
+        TopicSpec(
+            t.heartbeats,
+            s.partitions,
+            {"retention.ms": str(7 * 24 * 3600 * 1000)},
+            "Agent Heartbeat messages keyed by device id.",
+        ),
+        TopicSpec(
+            t.stored,
+            s.partitions,
+            {"retention.ms": str(hours), "max.message.bytes": max_msg},
+            "Accepted, pseudonymised rows (Arrow IPC), partition = source partition of events.",
+        ),
+        TopicSpec(
+            t.deadletter,
+            s.partitions,
+            {"retention.ms": str(30 * 24 * 3600 * 1000), "max.message.bytes": max_msg},
+            "Messages the stream could not accept, with reason headers.",
+        ),
+    ]

@@ -1,0 +1,1 @@
+"""handtrace.fleet service."""

@@ -1,0 +1,1 @@
+"""handtrace.sink service."""

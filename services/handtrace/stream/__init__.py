@@ -1,0 +1,1 @@
+"""handtrace.stream service."""
