@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -140,6 +140,7 @@ class SinkSettings(BaseModel):
     flush_rows: int = Field(default=50_000, ge=1, description="Flush a partition at this many rows.")
     flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="...or this often.")
     group_id: str = "handtrace-sink"
+    metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
 
 
 class StreamSettings(BaseModel):
@@ -151,7 +152,18 @@ class StreamSettings(BaseModel):
     max_batch_events: int = Field(
         default=100_000, ge=1, description="Batches with more events are dead-lettered (oversized)."
     )
-    web_port: int = Field(default=6066, ge=1024, le=65535, description="Faust web / metrics port.")
+    metrics_port: int = Field(default=9101, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
+    pseudonym_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key that turns employee and device ids into pseudonyms. Unset: a key "
+        "generated once under <state_dir>/secrets (development only; set it in production and "
+        "keep it stable, or every pseudonym changes).",
+    )
+    max_future_skew_s: float = Field(
+        default=300.0, ge=0, description="Events captured later than the batch's sent time plus "
+        "this are rejected as invalid (agent clock error).",
+    )
+    log_level: Literal["crit", "error", "warn", "info", "debug"] = "warn"
 
 
 class Settings(BaseSettings):
@@ -162,6 +174,10 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(default_factory=default_state_dir, description="Local state root.")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the services' /metrics endpoints bind to "
+        "(0.0.0.0 in containers)."
+    )
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()

@@ -1,0 +1,65 @@
+"""Create and check the project's topics on any cluster (local or configured)."""
+
+from __future__ import annotations
+
+import time
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from handtrace.core.settings import KafkaSettings, TopicSettings
+from handtrace.core.topics import TopicSpec, topic_specs
+
+
+class TopicError(RuntimeError):
+    """A topic exists with the wrong shape, or could not be created."""
+
+
+def admin_client(kafka: KafkaSettings) -> AdminClient:
+    """An AdminClient for the configured cluster."""
+    return AdminClient({**kafka.librdkafka(), "log_level": 3})
+
+
+def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, timeout_s: float = 30.0) -> list[str]:
+    """Create every missing handtrace topic; check partition counts of existing ones.
+
+    Returns the names created now. Raises TopicError listing every problem at once.
+    """
+    specs = topic_specs(topics)
+    return ensure_specs(kafka, specs, topics.replication_factor, timeout_s)
+
+
+def ensure_specs(kafka: KafkaSettings, specs: list[TopicSpec], replication: int = 1,
+                 timeout_s: float = 30.0) -> list[str]:
+    """Create the given topics if missing and wait until metadata shows them."""
+    admin = admin_client(kafka)
+    existing = admin.list_topics(timeout=timeout_s).topics
+    problems = [
+        f"{s.name} has {len(existing[s.name].partitions)} partitions, expected {s.partitions}"
+        for s in specs
+        if s.name in existing and len(existing[s.name].partitions) != s.partitions
+    ]
+    missing = [s for s in specs if s.name not in existing]
+    created: list[str] = []
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, replication, config=dict(s.configs)) for s in missing],
+            operation_timeout=timeout_s,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as e:
+                if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                    problems.append(f"{name}: {e.args[0].str()}")
+    if problems:
+        raise TopicError("topic problems:\n  " + "\n  ".join(problems))
+    deadline = time.monotonic() + timeout_s
+    names = {s.name for s in specs}
+    while time.monotonic() < deadline:
+        md = admin.list_topics(timeout=timeout_s).topics
+        if all(n in md and md[n].error is None and md[n].partitions for n in names):
+            return created
+        time.sleep(0.2)
+    raise TopicError(f"topics not visible in metadata after {timeout_s}s: {sorted(names)}")

@@ -1,0 +1,70 @@
+"""Stored rows: the contract between the stream (producer) and the sink (consumer).
+
+The stream publishes the accepted, pseudonymised rows of one source batch as one Arrow IPC
+stream (zstd-compressed buffers) on the ``events.accepted`` topic, in the same partition number
+as the source message. Arrow IPC is internal to the pipeline (no agent writes it) and needs no
+decoding: the sink concatenates tables and inserts them as Arrow (docs/adr/0002).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+UUID_BYTES = pa.binary(16)
+TS = pa.timestamp("us", tz="UTC")
+
+STORED_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", UUID_BYTES, nullable=False),
+        pa.field("batch_id", UUID_BYTES, nullable=False),
+        pa.field("employee_key", pa.string(), nullable=False),
+        pa.field("device_key", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("captured_at", TS, nullable=False),
+        pa.field("received_at", TS, nullable=False),
+        pa.field("x", pa.int32()),
+        pa.field("y", pa.int32()),
+        pa.field("button", pa.string(), nullable=False),
+        pa.field("pressed", pa.bool_()),
+        pa.field("scroll_dx", pa.int32()),
+        pa.field("scroll_dy", pa.int32()),
+        pa.field("key_code", pa.int32()),
+        pa.field("modifiers", pa.int32()),
+        pa.field("text", pa.string()),
+        pa.field("text_masked", pa.bool_(), nullable=False),
+        pa.field("app_id", pa.string()),
+        pa.field("window_title", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("screenshot_sha256", pa.string()),
+        pa.field("screenshot_bytes", pa.int32()),
+        pa.field("screenshot_format", pa.string(), nullable=False),
+        pa.field("screenshot_width", pa.int32()),
+        pa.field("screenshot_height", pa.int32()),
+        pa.field("agent_version", pa.string(), nullable=False),
+        pa.field("os", pa.string(), nullable=False),
+        pa.field("source_partition", pa.int32(), nullable=False),
+        pa.field("source_offset", pa.int64(), nullable=False),
+    ]
+)
+
+HEADER_SOURCE_PARTITION = "ht-source-partition"
+HEADER_SOURCE_OFFSET = "ht-source-offset"
+HEADER_ROWS = "ht-rows"
+
+_WRITE_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    """Serialise stored rows (must match STORED_SCHEMA exactly)."""
+    if not table.schema.equals(STORED_SCHEMA, check_metadata=False):
+        raise ValueError(f"rows do not match STORED_SCHEMA:\n{table.schema}")
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, STORED_SCHEMA, options=_WRITE_OPTIONS) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+
+
+def from_ipc(payload: bytes) -> pa.Table:
+    """Read stored rows back; raises pyarrow.ArrowInvalid on bad bytes."""
+    return ipc.open_stream(payload).read_all()

@@ -1,0 +1,34 @@
+"""Every metric the sink exports (the one inventory; names carry their unit)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ROWS_INSERTED = Counter("handtrace_sink_rows_inserted_total", "Rows inserted into ClickHouse.")
+MESSAGES = Counter(
+    "handtrace_sink_messages_total",
+    "Accepted-row messages consumed, by outcome (buffered, replayed, duplicate, invalid).",
+    ["outcome"],
+)
+INSERT_SECONDS = Histogram(
+    "handtrace_sink_insert_seconds",
+    "Duration of one ClickHouse insert (one partition flush).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+INSERT_ROWS = Histogram(
+    "handtrace_sink_insert_rows",
+    "Rows per ClickHouse insert.",
+    buckets=(10, 100, 1000, 5000, 10000, 25000, 50000, 100000, 250000),
+)
+INSERT_ERRORS = Counter(
+    "handtrace_sink_insert_errors_total", "Failed ClickHouse inserts (retried; rows are not lost)."
+)
+END_TO_END_SECONDS = Histogram(
+    "handtrace_sink_end_to_end_seconds",
+    "Capture to queryable, per stored event (agent clock to sink clock).",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
+)
+LAG_MESSAGES = Gauge(
+    "handtrace_sink_consumer_lag_messages",
+    "Messages between the sink's position and the end of its partitions.",
+)

@@ -1,0 +1,300 @@
+"""The ClickHouse sink: accepted rows → ``events``, exactly once.
+
+Per partition it buffers Arrow tables and flushes on size or age. Every flush is recorded in
+``sink_ledger`` *before* the insert (range of source offsets + a deterministic dedup token),
+the insert carries that token, and Kafka offsets are committed only after the insert succeeded.
+
+Why this is exactly-once:
+- crash after the insert, before the commit: on restart the last ledger entry is replayed with
+  the same token, so ClickHouse drops the re-insert (insert_deduplication_token);
+- crash after the ledger write, before (or during) the insert: the replay completes it;
+- the stream is at-least-once and may publish a source message twice: every row message names
+  its source offset, and anything at or below the partition's high-water mark is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from handtrace.core.clock import now_us
+from handtrace.core.rows import HEADER_SOURCE_OFFSET, STORED_SCHEMA, from_ipc
+from handtrace.core.settings import Settings
+from handtrace.core.topics import Topics
+from handtrace.sink import metrics
+from handtrace.sink.schema import migrate
+
+log = logging.getLogger("handtrace.sink")
+
+
+@dataclass
+class _Pending:
+    """Rows buffered for one flush of one partition."""
+
+    tables: list[pa.Table] = field(default_factory=list)
+    rows: int = 0
+    first_source: int = -1
+    last_source: int = -1
+    last_offset: int = -1
+    opened: float = 0.0
+    seen: set[int] = field(default_factory=set)
+
+    def add(self, table: pa.Table, source: int, offset: int) -> None:
+        if self.last_offset < 0:
+            self.opened = time.monotonic()
+            self.first_source = source
+        if table.num_rows:
+            self.tables.append(table)
+        self.rows += table.num_rows
+        self.first_source = min(self.first_source, source)
+        self.last_source = max(self.last_source, source)
+        self.last_offset = max(self.last_offset, offset)
+        self.seen.add(source)
+
+    @property
+    def empty(self) -> bool:
+        return self.last_offset < 0
+
+
+@dataclass
+class _PartitionState:
+    hwm: int = -1
+    replay: tuple[int, int, str] | None = None
+    replay_since: float = 0.0
+    pending: _Pending = field(default_factory=_Pending)
+    commit_at: int | None = None
+
+
+class Sink:
+    """Consumes the accepted-rows topic and writes ClickHouse. Owns its ClickHouse client."""
+
+    def __init__(self, settings: Settings, client: Any, *, group_id: str | None = None) -> None:
+        self.settings = settings
+        self.client = client
+        self.db = settings.clickhouse.database
+        self.topic = Topics.from_settings(settings.topics).stored
+        self.group_id = group_id or settings.sink.group_id
+        self.rows_inserted = 0
+        self.flushes = 0
+        self._parts: dict[int, _PartitionState] = {}
+        self._consumer: Consumer | None = None
+        migrate(client, self.db)
+
+    # -------------------------------------------------------------- ledger
+
+    def _load_ledger(self, partitions: list[int]) -> None:
+        rows = self.client.query(
+            f"SELECT partition, argMax(first_source_offset, last_source_offset), "
+            f"max(last_source_offset), argMax(token, last_source_offset) "
+            f"FROM {self.db}.sink_ledger WHERE topic = %(t)s GROUP BY partition",
+            parameters={"t": self.topic},
+        ).result_rows
+        known = {r[0]: r for r in rows}
+        for p in partitions:
+            st = _PartitionState()
+            if p in known:
+                _, lo, hi, token = known[p]
+                st.hwm = hi
+                st.replay = (lo, hi, token)
+                st.replay_since = time.monotonic()
+            self._parts[p] = st
+
+    # -------------------------------------------------------------- kafka callbacks
+
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._load_ledger([tp.partition for tp in parts])
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        for tp in parts:
+            st = self._parts.get(tp.partition)
+            if st is not None:
+                self._flush(tp.partition, st, force=True)
+                self._commit(tp.partition, st)
+                self._parts.pop(tp.partition, None)
+
+    # -------------------------------------------------------------- message handling
+
+    def _handle(self, p: int, offset: int, source: int, table: pa.Table) -> None:
+        st = self._parts.setdefault(p, _PartitionState())
+        if st.replay is not None:
+            lo, hi, token = st.replay
+            if source < lo:
+                metrics.MESSAGES.labels("duplicate").inc()
+                st.commit_at = offset + 1
+                return
+            if source <= hi:
+                if source not in st.pending.seen:
+                    st.pending.add(table, source, offset)
+                    metrics.MESSAGES.labels("replayed").inc()
+                return
+            self._flush(p, st, force=True)  # completes the interrupted flush
+        if source <= st.hwm or source in st.pending.seen:
+            metrics.MESSAGES.labels("duplicate").inc()
+            st.commit_at = offset + 1
+            return
+        st.pending.add(table, source, offset)
+        metrics.MESSAGES.labels("buffered").inc()
+
+    def _due(self, st: _PartitionState) -> bool:
+        if st.pending.empty:
+            return st.replay is not None and time.monotonic() - st.replay_since > self.settings.sink.flush_interval_s
+        if st.replay is not None:
+            return time.monotonic() - st.replay_since > self.settings.sink.flush_interval_s
+        return (st.pending.rows >= self.settings.sink.flush_rows
+                or time.monotonic() - st.pending.opened >= self.settings.sink.flush_interval_s)
+
+    def _flush(self, p: int, st: _PartitionState, force: bool = False) -> None:
+        pend = st.pending
+        if pend.empty:
+            st.replay = None
+            return
+        if st.replay is not None:
+            lo, hi, token = st.replay
+        else:
+            lo, hi = pend.first_source, pend.last_source
+            token = f"{self.topic}/{p}/{lo}-{hi}"
+        if pend.rows:
+            table = pa.concat_tables(pend.tables) if len(pend.tables) > 1 else pend.tables[0]
+            self._write(p, lo, hi, token, table)
+        st.hwm = max(st.hwm, hi)
+        st.replay = None
+        st.commit_at = max(st.commit_at or 0, pend.last_offset + 1)
+        st.pending = _Pending()
+        self._commit(p, st)
+
+    def _write(self, p: int, lo: int, hi: int, token: str, table: pa.Table) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self.client.insert(
+                    f"{self.db}.sink_ledger",
+                    [[self.topic, p, lo, hi, table.num_rows, token]],
+                    column_names=["topic", "partition", "first_source_offset", "last_source_offset", "rows", "token"],
+                )
+                with metrics.INSERT_SECONDS.time():
+                    self.client.insert_arrow(
+                        f"{self.db}.events", table,
+                        settings={"insert_deduplication_token": token, "insert_deduplicate": 1},
+                    )
+                break
+            except Exception as e:  # noqa: BLE001 -- ClickHouse outage: retry, never drop rows
+                metrics.INSERT_ERRORS.inc()
+                log.warning("insert of %s rows failed (%s); retrying in %.1fs", table.num_rows, e, delay)
+                self._keep_alive(delay)
+                delay = min(delay * 2, 30.0) * (0.8 + 0.4 * random.random())  # noqa: S311
+        self.rows_inserted += table.num_rows
+        self.flushes += 1
+        metrics.ROWS_INSERTED.inc(table.num_rows)
+        metrics.INSERT_ROWS.observe(table.num_rows)
+        self._observe_latency(table)
+
+    def _keep_alive(self, seconds: float) -> None:
+        """Wait while staying in the consumer group (paused partitions, polling)."""
+        c = self._consumer
+        if c is None:
+            time.sleep(seconds)
+            return
+        assignment = c.assignment()
+        c.pause(assignment)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            c.poll(0.1)
+        c.resume(assignment)
+
+    def _observe_latency(self, table: pa.Table) -> None:
+        # Histogram.observe is per value; a bounded sample per flush keeps this off the hot path.
+        cap = pc.cast(table.column("captured_at"), pa.int64()).to_numpy()
+        if len(cap) == 0:
+            return
+        idx = np.linspace(0, len(cap) - 1, num=min(len(cap), 64)).astype(int)
+        lat = (now_us() - cap[idx]) / 1e6
+        for v in lat:
+            metrics.END_TO_END_SECONDS.observe(max(float(v), 0.0))
+
+    def _commit(self, p: int, st: _PartitionState) -> None:
+        if st.commit_at is None or self._consumer is None:
+            return
+        try:
+            self._consumer.commit(offsets=[TopicPartition(self.topic, p, st.commit_at)], asynchronous=False)
+            st.commit_at = None
+        except KafkaException as e:
+            log.warning("offset commit for partition %s failed: %s (will retry)", p, e)
+
+    # -------------------------------------------------------------- main loop
+
+    def run(self, stop: threading.Event, on_tick: Callable[[Sink], None] | None = None) -> None:
+        """Consume and write until ``stop`` is set; flushes and commits what it holds on exit."""
+        conf = {
+            **self.settings.kafka.librdkafka(),
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": self.settings.topics.max_message_bytes * 2,
+            "log_level": 3,
+        }
+        c = Consumer(conf)
+        self._consumer = c
+        c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        last_lag = 0.0
+        try:
+            while not stop.is_set():
+                msgs = c.consume(num_messages=500, timeout=0.2)
+                for m in msgs:
+                    err = m.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", err)
+                        continue
+                    self._consume_one(m)
+                for p, st in list(self._parts.items()):
+                    if self._due(st):
+                        self._flush(p, st)
+                    elif st.pending.empty and st.commit_at is not None:
+                        self._commit(p, st)
+                if time.monotonic() - last_lag > 5:
+                    last_lag = time.monotonic()
+                    self._update_lag(c)
+                if on_tick is not None:
+                    on_tick(self)
+            for p, st in list(self._parts.items()):
+                self._flush(p, st, force=True)
+                self._commit(p, st)
+        finally:
+            c.close()
+            self._consumer = None
+
+    def _consume_one(self, m: Any) -> None:
+        headers = dict(m.headers() or [])
+        try:
+            source = int(headers[HEADER_SOURCE_OFFSET])
+            table = from_ipc(m.value())
+            if not table.schema.equals(STORED_SCHEMA, check_metadata=False):
+                raise ValueError("schema mismatch")
+        except (KeyError, ValueError, pa.ArrowInvalid) as e:
+            # Not written by our stream: counted and skipped (nothing from it can be trusted).
+            metrics.MESSAGES.labels("invalid").inc()
+            log.warning("skipping invalid message at %s/%s: %s", m.partition(), m.offset(), e)
+            return
+        self._handle(m.partition(), m.offset(), source, table)
+
+    def _update_lag(self, c: Consumer) -> None:
+        lag = 0
+        try:
+            for tp in c.assignment():
+                lo, hi = c.get_watermark_offsets(tp, timeout=1, cached=False)
+                pos = c.position([tp])[0].offset
+                lag += max(hi - (pos if pos >= 0 else lo), 0)
+        except KafkaException:
+            return
+        metrics.LAG_MESSAGES.set(lag)

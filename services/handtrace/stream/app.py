@@ -1,0 +1,149 @@
+"""The Faust application: consume EventBatch messages, run the pipeline, publish accepted rows
+to ``events.accepted`` in the SAME partition number (the sink's exactly-once bookkeeping relies
+on it), and set rejected messages aside on the dead-letter topic with reason headers.
+
+At-least-once: Faust flushes the producer before committing source offsets, so a crash replays
+messages; the sink drops replays by source offset (services/handtrace/sink/writer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import ssl
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import start_http_server
+
+from handtrace.core.clock import now_us
+from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, to_ipc
+from handtrace.core.settings import SecurityProtocol, Settings, load_settings
+from handtrace.core.topics import Topics
+from handtrace.stream import metrics
+from handtrace.stream.pipeline import BatchPipeline
+from handtrace.stream.steps.pseudonymise import PseudonymiseStep
+from handtrace.stream.steps.validate import ValidateStep
+
+log = logging.getLogger("handtrace.stream")
+
+
+def pseudonym_key(settings: Settings) -> bytes:
+    """The configured HMAC key, or (development) one generated once under state_dir/secrets."""
+    if settings.stream.pseudonym_key is not None:
+        return settings.stream.pseudonym_key.get_secret_value().encode()
+    path = settings.state_dir / "secrets" / "pseudonym.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        log.warning("generated a development pseudonym key at %s; set HANDTRACE_STREAM__PSEUDONYM_KEY in production", path)
+    return Path(path).read_text().strip().encode()
+
+
+def build_pipeline(settings: Settings) -> BatchPipeline:
+    """The steps in order, from settings."""
+    return BatchPipeline(
+        [ValidateStep(settings.stream.max_future_skew_s), PseudonymiseStep(pseudonym_key(settings))],
+        max_batch_events=settings.stream.max_batch_events,
+    )
+
+
+def _broker_credentials(settings: Settings) -> Any:
+    k = settings.kafka
+    if k.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
+        ctx = None
+        if k.security_protocol is SecurityProtocol.SASL_SSL:
+            ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        mech = k.sasl_mechanism.value if k.sasl_mechanism else "PLAIN"
+        pw = k.sasl_password.get_secret_value() if k.sasl_password else ""
+        if mech == "PLAIN":
+            return faust.SASLCredentials(username=k.sasl_username, password=pw, ssl_context=ctx)
+        return faust.SASLCredentials(username=k.sasl_username, password=pw, ssl_context=ctx,
+                                     mechanism=mech)
+    if k.security_protocol is SecurityProtocol.SSL:
+        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        if k.ssl_certfile:
+            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the Faust app and its agent for these settings."""
+    topics = Topics.from_settings(settings.topics)
+    parts = settings.topics.partitions
+    app = faust.App(
+        settings.stream.app_id,
+        broker=[f"kafka://{h}" for h in settings.kafka.bootstrap().split(",")],
+        broker_credentials=_broker_credentials(settings),
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        store="memory://",
+        topic_partitions=parts,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        producer_max_request_size=settings.topics.max_message_bytes,
+        consumer_max_fetch_size=settings.topics.max_message_bytes,
+        producer_compression_type="lz4",
+        producer_linger_ms=5,
+        datadir=str(settings.state_dir / "faust"),
+    )
+    source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
+    accepted = app.topic(topics.stored, value_type=bytes, key_type=bytes, partitions=parts)
+    deadletter = app.topic(topics.deadletter, value_type=bytes, key_type=bytes, partitions=parts)
+    pipeline = build_pipeline(settings)
+
+    @app.agent(source)
+    async def enforce(stream: Any) -> None:
+        async for event in stream.events():
+            msg = event.message
+            with metrics.PROCESS_SECONDS.time():
+                outcome = pipeline.process(msg.value, msg.partition, msg.offset, now_us())
+                payload = to_ipc(outcome.rows) if outcome.rows is not None else None
+            metrics.BATCH_EVENTS.observe(outcome.events_in)
+            for reason, count in outcome.dropped.items():
+                metrics.EVENTS.labels(reason).inc(count)
+            src = [(HEADER_SOURCE_PARTITION, str(msg.partition).encode()),
+                   (HEADER_SOURCE_OFFSET, str(msg.offset).encode())]
+            if payload is None:
+                reason = outcome.deadletter_reason or "unknown"
+                metrics.MESSAGES.labels("deadlettered").inc()
+                metrics.DEADLETTERS.labels(reason).inc()
+                metrics.EVENTS.labels(f"deadlettered_{reason}").inc(outcome.events_in)
+                await deadletter.send(
+                    key=msg.key, value=msg.value, partition=msg.partition, force=True,
+                    headers=[*src, ("ht-reason", reason.encode()),
+                             ("ht-detail", outcome.detail[:1000].encode())],
+                )
+                continue
+            assert outcome.rows is not None
+            metrics.MESSAGES.labels("accepted").inc()
+            metrics.EVENTS.labels("stored").inc(outcome.rows.num_rows)
+            # Even an all-dropped batch is published (0 rows): the sink's offset bookkeeping
+            # then sees every source offset.
+            await accepted.send(
+                key=None, value=payload, partition=msg.partition, force=True,
+                headers=[*src, (HEADER_ROWS, str(outcome.rows.num_rows).encode())],
+            )
+
+    @app.task
+    async def _expose_metrics() -> None:
+        if settings.stream.metrics_port:
+            start_http_server(settings.stream.metrics_port, addr=settings.metrics_host)
+
+    return app
+
+
+def main() -> None:
+    """Run one stream worker (blocks until stopped by SIGTERM/SIGINT)."""
+    import sys
+
+    settings = load_settings()
+    app = create_app(settings)
+    sys.argv = [sys.argv[0], "worker", "-l", settings.stream.log_level, "--without-web"]
+    app.main()

@@ -1,0 +1,31 @@
+"""Every metric the stream service exports (the one inventory; names carry their unit)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+MESSAGES = Counter(
+    "handtrace_stream_messages_total",
+    "Event-batch messages consumed, by outcome (accepted, deadlettered).",
+    ["outcome"],
+)
+EVENTS = Counter(
+    "handtrace_stream_events_total",
+    "Events by decision: stored, or the reason they were not.",
+    ["decision"],
+)
+DEADLETTERS = Counter(
+    "handtrace_stream_deadletters_total",
+    "Messages set aside on the dead-letter topic, by reason.",
+    ["reason"],
+)
+BATCH_EVENTS = Histogram(
+    "handtrace_stream_batch_events",
+    "Events per consumed batch message.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000),
+)
+PROCESS_SECONDS = Histogram(
+    "handtrace_stream_batch_process_seconds",
+    "Time to decode, check and re-encode one batch message.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
