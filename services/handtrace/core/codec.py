@@ -40,6 +40,17 @@ class DecodeError(ValueError):
         self.detail = detail
 
 
+# What fastavro raises on bad bytes (OverflowError: a timestamp outside datetime's range).
+_READ_ERRORS = (EOFError, ValueError, IndexError, UnicodeDecodeError, TypeError, OverflowError)
+
+
+def _read_error(e: Exception, body: io.BytesIO, where: str = "") -> DecodeError:
+    # Failing with all input consumed is a cut-off message (fastavro raises EOFError, or
+    # IndexError for a varint cut mid-way); failing earlier is bad bytes.
+    ended = isinstance(e, EOFError) or body.tell() >= len(body.getbuffer())
+    return DecodeError("truncated" if ended else "malformed", f"{where}{type(e).__name__}: {e}")
+
+
 # ---------------------------------------------------------------- varints (Avro zig-zag longs)
 
 
@@ -84,8 +95,10 @@ def encode_record(subject: str, record: dict[str, Any]) -> bytes:
 
 def writer_schema(payload: bytes, subject: str) -> SchemaVersion:
     """The writer schema a message names; DecodeError if it is not one of ``subject``'s."""
-    if len(payload) < PREFIX_LEN or payload[:2] != MAGIC:
+    if payload[:2] != MAGIC:
         raise DecodeError("bad_magic", "not an Avro single-object message (missing C3 01 prefix)")
+    if len(payload) < PREFIX_LEN:
+        raise DecodeError("truncated", "message ends inside the schema fingerprint")
     fp = int.from_bytes(payload[2:PREFIX_LEN], "little")
     sv = schemas.by_fingerprint().get(fp)
     if sv is None:
@@ -98,12 +111,19 @@ def writer_schema(payload: bytes, subject: str) -> SchemaVersion:
 def decode_record(payload: bytes, subject: str) -> dict[str, Any]:
     """Decode one record (any known version of ``subject``) into the newest version's shape."""
     sv = writer_schema(payload, subject)
+    body = io.BytesIO(payload[PREFIX_LEN:])
     try:
-        return fastavro.schemaless_reader(  # type: ignore[no-any-return]
-            io.BytesIO(payload[PREFIX_LEN:]), sv.parsed, schemas.latest(subject).parsed
-        )
-    except (EOFError, ValueError, IndexError, UnicodeDecodeError, TypeError) as e:
-        raise DecodeError("malformed", f"{type(e).__name__}: {e}") from e
+        rec = fastavro.schemaless_reader(body, sv.parsed, schemas.latest(subject).parsed)
+    except _READ_ERRORS as e:
+        raise _read_error(e, body) from e
+    _check_consumed(body)
+    return rec  # type: ignore[no-any-return]
+
+
+def _check_consumed(body: io.BytesIO) -> None:
+    left = len(body.getbuffer()) - body.tell()
+    if left:
+        raise DecodeError("malformed", f"{left} trailing bytes after the record")
 
 
 # ---------------------------------------------------------------- event batches
@@ -255,8 +275,8 @@ def decode_event_batch(payload: bytes) -> DecodedBatch:
     body.seek(PREFIX_LEN)
     try:
         header = fastavro.schemaless_reader(body, lay.header_schema, None)
-    except (EOFError, ValueError, IndexError, UnicodeDecodeError, TypeError) as e:
-        raise DecodeError("malformed", f"header: {type(e).__name__}: {e}") from e
+    except _READ_ERRORS as e:
+        raise _read_error(e, body, "header: ") from e
     view = memoryview(payload)
     pos = body.tell()
     blocks: list[bytes] = []
@@ -291,10 +311,12 @@ def decode_event_batch(payload: bytes) -> DecodedBatch:
 
 
 def _decode_event_batch_per_record(payload: bytes, sv: SchemaVersion) -> DecodedBatch:
+    body = io.BytesIO(payload[PREFIX_LEN:])
     try:
-        rec = fastavro.schemaless_reader(io.BytesIO(payload[PREFIX_LEN:]), sv.parsed, None)
-    except (EOFError, ValueError, IndexError, UnicodeDecodeError, TypeError) as e:
-        raise DecodeError("malformed", f"{type(e).__name__}: {e}") from e
+        rec = fastavro.schemaless_reader(body, sv.parsed, None)
+    except _READ_ERRORS as e:
+        raise _read_error(e, body) from e
+    _check_consumed(body)
     events = rec.pop("events")
     if not events:
         return DecodedBatch(rec, _empty_events_frame(), sv.version)

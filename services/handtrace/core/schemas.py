@@ -49,7 +49,8 @@ def _load(path: Path, subject: str, version: int) -> SchemaVersion:
     raw = json.loads(path.read_text())
     parsed = fastavro.parse_schema(raw, _write_hint=False)
     canonical = to_parsing_canonical_form(parsed)
-    fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16)
+    # fastavro returns the fingerprint's little-endian bytes as hex; keep the spec's integer.
+    fp = int.from_bytes(bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")), "little")
     return SchemaVersion(subject, version, raw, parsed, fp)
 
 
