@@ -1,0 +1,197 @@
+"""Fixtures for integration tests: the real Kafka broker (started here, or an existing cluster
+named by HANDTRACE_TEST_BOOTSTRAP), the real embedded ClickHouse engine, a real Faust worker
+subprocess. A missing service is a test failure with a clear message, never a skip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from confluent_kafka import Producer
+
+from handtrace.core import clickhouse
+from handtrace.core.admin import ensure_topics
+from handtrace.core.localbroker import BrokerError, LocalBroker
+from handtrace.core.settings import Settings
+from handtrace.core.topics import Topics
+from handtrace.sink.writer import Sink
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a real broker: HANDTRACE_TEST_BOOTSTRAP, or our own on free ports."""
+    external = os.environ.get("HANDTRACE_TEST_BOOTSTRAP")
+    if external:
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            AdminClient({"bootstrap.servers": external}).list_topics(timeout=15)
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"HANDTRACE_TEST_BOOTSTRAP={external} is not reachable: {e}")
+        yield external
+        return
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), free_port(), free_port())
+    try:
+        broker.start(timeout_s=120, echo=False)
+    except BrokerError as e:
+        pytest.fail(f"could not start the real Kafka broker for integration tests: {e}")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def settings_env(s: Settings) -> dict[str, str]:
+    """The HANDTRACE_* environment that reproduces ``s`` in a subprocess."""
+    env: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
+        elif value is not None:
+            v = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            env[f"HANDTRACE_{prefix}"] = str(v.value if hasattr(v, "value") else v)
+
+    walk("", s)
+    return env
+
+
+@pytest.fixture
+def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings with a unique topic prefix, consumer groups and state dir per test."""
+
+    def make(**overrides: Any) -> Settings:
+        tag = uuid.uuid4().hex[:10]
+        base: dict[str, Any] = {
+            "state_dir": tmp_path / f"state-{tag}",
+            "kafka": {"bootstrap_servers": kafka_bootstrap},
+            "topics": {"prefix": f"t{tag}", "partitions": 3},
+            "stream": {"app_id": f"stream-{tag}", "metrics_port": free_port(),
+                       "pseudonym_key": "test-key-" + "k" * 32},
+            "sink": {"group_id": f"sink-{tag}", "flush_interval_s": 0.5, "metrics_port": 0},
+        }
+        for k, v in overrides.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+        s = Settings(**base)
+        ensure_topics(s.kafka, s.topics)
+        return s
+
+    return make
+
+
+class StreamWorker:
+    """A real Faust worker subprocess for one test."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")},
+               **settings_env(self.settings)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "handtrace.stream"], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:]) if self.log.exists() else ""
+
+
+@pytest.fixture
+def stream_worker(tmp_path: Path) -> Iterator[Callable[[Settings], StreamWorker]]:
+    """Factory: start a Faust worker for given settings; stopped at teardown."""
+    workers: list[StreamWorker] = []
+
+    def start(s: Settings) -> StreamWorker:
+        w = StreamWorker(s, tmp_path / f"worker-{len(workers)}.log")
+        w.start()
+        workers.append(w)
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+
+
+class RunningSink:
+    """The sink in a thread of this process (it owns the embedded ClickHouse dir)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sink = Sink(settings, clickhouse.connect(settings.clickhouse_dsn()))
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.sink.run, args=(self.stop_event,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "sink did not stop"
+
+
+@pytest.fixture
+def sink_factory() -> Iterator[Callable[[Settings], RunningSink]]:
+    """Factory: run a sink for given settings; stopped (and ClickHouse closed) at teardown."""
+    sinks: list[RunningSink] = []
+
+    def start(s: Settings) -> RunningSink:
+        r = RunningSink(s)
+        sinks.append(r)
+        return r
+
+    yield start
+    for r in sinks:
+        r.stop()
+    for r in sinks:
+        clickhouse.close(r.settings.clickhouse_dsn())
+
+
+def producer(s: Settings) -> Producer:
+    """An idempotent producer like the agent's."""
+    return Producer({**s.kafka.librdkafka(), "enable.idempotence": True, "acks": "all",
+                     "compression.type": "zstd", "linger.ms": 10, "log_level": 3})
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, on_fail: Callable[[], str] = lambda: "") -> None:
+    """Poll until ``predicate`` holds; fail the test with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_fail()}")
+
+
+def topics_of(s: Settings) -> Topics:
+    return Topics.from_settings(s.topics)
