@@ -63,3 +63,23 @@ def ensure_specs(kafka: KafkaSettings, specs: list[TopicSpec], replication: int 
             return created
         time.sleep(0.2)
     raise TopicError(f"topics not visible in metadata after {timeout_s}s: {sorted(names)}")
+
+
+def group_lag(kafka: KafkaSettings, group_id: str, topic: str, timeout_s: float = 5.0) -> int:
+    """Messages in ``topic`` not yet committed by consumer group ``group_id`` (all partitions)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({**kafka.librdkafka(), "group.id": group_id, "enable.auto.commit": False,
+                  "log_level": 3})
+    try:
+        md = c.list_topics(topic, timeout=timeout_s).topics[topic]
+        tps = [TopicPartition(topic, p) for p in md.partitions]
+        committed = c.committed(tps, timeout=timeout_s)
+        lag = 0
+        for tp in committed:
+            lo, hi = c.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+            pos = tp.offset if tp.offset >= 0 else lo
+            lag += max(hi - pos, 0)
+        return lag
+    finally:
+        c.close()

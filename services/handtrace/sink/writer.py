@@ -249,7 +249,7 @@ class Sink:
         last_lag = 0.0
         try:
             while not stop.is_set():
-                msgs = c.consume(num_messages=500, timeout=0.2)
+                msgs = c.consume(num_messages=self.settings.sink.poll_messages, timeout=0.2)
                 for m in msgs:
                     err = m.error()
                     if err is not None:
