@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for handtrace: system packages (when missing), the virtualenv with
+# pinned dependencies (constraints.txt), and the Kafka broker jars (Maven Central).
+# Idempotent and quiet when everything is already there. Used by `make setup` and .ci/run.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need_apt+=(maven)
+python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+    echo "missing system packages: ${need_apt[*]} (install them, then re-run)" >&2
+    exit 1
+  fi
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  say "installing system packages: ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"handtrace needs Python >= 3.11, this is {sys.version.split()[0]}")
+PY
+java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+if [ "${java_major:-0}" -lt 17 ]; then
+  echo "Kafka 4 needs Java 17+, found ${java_major:-none}" >&2
+  exit 1
+fi
+
+stamp=.venv/.handtrace-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "creating .venv and installing pinned dependencies (constraints.txt)"
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+  echo "$want" > "$stamp"
+fi
+
+say "provisioning the Kafka broker (cached after the first run)"
+.venv/bin/python -m handtrace.core.localbroker provision >/dev/null
+say "ready"

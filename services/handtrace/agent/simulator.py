@@ -1,0 +1,199 @@
+"""A simulated fleet: N synthetic agents producing real EventBatch and Heartbeat messages to
+Kafka, the way real agents do (batched, zstd-compressed, idempotent, keyed by employee).
+
+Simulated time never runs ahead of the wall clock: with ``speedup`` s over a run of D seconds
+the fleet starts D*(s-1) seconds in the past and catches up with now at the end, so capture
+timestamps stay plausible and end-to-end latency stays meaningful at speedup 1.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, Producer
+
+from handtrace import __version__
+from handtrace.agent.synthetic import SyntheticActivity
+from handtrace.core import codec, ids
+from handtrace.core.clock import now_us
+from handtrace.core.settings import Settings
+from handtrace.core.topics import Topics
+
+
+@dataclass
+class FleetStats:
+    """Running totals of one simulated fleet."""
+
+    agents: int = 0
+    batches: int = 0
+    events: int = 0
+    events_by_kind: dict[str, int] = field(default_factory=dict)
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+    delivered: int = 0
+    failed: int = 0
+    heartbeats: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+@dataclass
+class _Device:
+    employee_id: str
+    device_id: str
+    activity: SyntheticActivity
+    seq: int = 0
+    last_us: int = 0
+    next_heartbeat_us: int = 0
+    cohort: str = "default"
+
+
+class SimulatedFleet:
+    """Drive ``agents`` synthetic devices for ``duration_s`` wall seconds."""
+
+    def __init__(self, settings: Settings, agents: int = 50, *, speedup: float = 1.0,
+                 batch_interval_s: float = 2.0, heartbeat_interval_s: float = 30.0,
+                 seed: int = 0, employee_prefix: str = "emp") -> None:
+        if agents < 1:
+            raise ValueError("agents must be >= 1")
+        if speedup < 1:
+            raise ValueError("speedup must be >= 1")
+        self.settings = settings
+        self.topics = Topics.from_settings(settings.topics)
+        self.speedup = speedup
+        self.batch_interval_us = int(batch_interval_s * 1_000_000)
+        self.heartbeat_interval_us = int(heartbeat_interval_s * 1_000_000)
+        cohorts = ("eng", "support", "sales", "design")
+        self.devices = [
+            _Device(f"{employee_prefix}-{i:05d}", f"dev-{seed}-{i:05d}",
+                    SyntheticActivity(seed=seed * 1_000_003 + i), cohort=cohorts[i % len(cohorts)])
+            for i in range(agents)
+        ]
+        self.stats = FleetStats(agents=agents)
+        self._lock = threading.Lock()
+
+    def _producer(self) -> Producer:
+        return Producer({
+            **self.settings.kafka.librdkafka(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": "zstd",
+            "linger.ms": 50,
+            "message.max.bytes": self.settings.topics.max_message_bytes,
+            "statistics.interval.ms": 1000,
+            "stats_cb": self._on_stats,
+            "log_level": 3,
+        })
+
+    def _on_stats(self, raw: str) -> None:
+        self.stats.wire_bytes = int(json.loads(raw).get("tx_bytes", 0))
+
+    def _on_delivery(self, err: KafkaError | None, _msg: object) -> None:
+        with self._lock:
+            if err is None:
+                self.stats.delivered += 1
+            else:
+                self.stats.failed += 1
+
+    def _batch(self, d: _Device, t0: int, t1: int) -> tuple[bytes, int, dict[str, int]]:
+        events = d.activity.events_between(t0, t1)
+        d.seq += 1
+        header = {
+            "batch_id": ids.uuid7_bytes(t1 // 1000),
+            "employee_id": d.employee_id,
+            "device_id": d.device_id,
+            "agent_version": __version__,
+            "os": "synthetic",
+            "seq": d.seq,
+            "sent_at_us": t1,
+        }
+        kinds: dict[str, int] = {}
+        for e in events:
+            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
+        return codec.encode_event_batch(header, events), len(events), kinds
+
+    def _heartbeat(self, d: _Device, at_us: int, started_us: int) -> bytes:
+        return codec.encode_record("heartbeat", {
+            "heartbeat_id": ids.uuid7_bytes(at_us // 1000),
+            "employee_id": d.employee_id,
+            "device_id": d.device_id,
+            "sent_at_us": at_us,
+            "agent_started_at_us": started_us,
+            "agent_version": __version__,
+            "os": "synthetic",
+            "cohort": d.cohort,
+            "state": "capturing",
+            "battery_percent": 80.0,
+            "charging": False,
+            "cpu_seconds": 0.0,
+            "rss_bytes": 0,
+            "payload_bytes_sent": 0,
+            "wire_bytes_sent": 0,
+            "events_captured": 0,
+            "events_sent": 0,
+            "events_dropped": {},
+            "spool_depth_events": 0,
+            "spool_depth_bytes": 0,
+            "radio_wakeups": d.seq,
+        })
+
+    def run(self, duration_s: float, stop: threading.Event | None = None,
+            on_progress: Callable[[FleetStats], None] | None = None) -> FleetStats:
+        """Produce until ``duration_s`` elapses or ``stop`` is set; flushes before returning."""
+        stop = stop or threading.Event()
+        producer = self._producer()
+        wall0 = time.monotonic()
+        sim0 = now_us() - int(duration_s * (self.speedup - 1) * 1_000_000)
+        n = len(self.devices)
+        for i, d in enumerate(self.devices):
+            # Stagger first batches so the fleet does not send in lock-step.
+            d.last_us = sim0 - int(self.batch_interval_us * (i / n))
+            d.next_heartbeat_us = sim0 + int(self.heartbeat_interval_us * (i / n))
+        self.stats.started = wall0
+        while not stop.is_set():
+            elapsed = time.monotonic() - wall0
+            if elapsed >= duration_s:
+                break
+            sim_now = sim0 + int(elapsed * self.speedup * 1_000_000)
+            for d in self.devices:
+                while d.last_us + self.batch_interval_us <= sim_now and not stop.is_set():
+                    t1 = d.last_us + self.batch_interval_us
+                    payload, count, kinds = self._batch(d, d.last_us, t1)
+                    d.last_us = t1
+                    self._produce(producer, self.topics.events, d.employee_id, payload)
+                    with self._lock:
+                        s = self.stats
+                        s.batches += 1
+                        s.events += count
+                        s.payload_bytes += len(payload)
+                        for k, v in kinds.items():
+                            s.events_by_kind[k] = s.events_by_kind.get(k, 0) + v
+                if d.next_heartbeat_us <= sim_now:
+                    self._produce(producer, self.topics.heartbeats, d.device_id,
+                                  self._heartbeat(d, d.next_heartbeat_us, sim0))
+                    d.next_heartbeat_us += self.heartbeat_interval_us
+                    self.stats.heartbeats += 1
+            producer.poll(0)
+            if on_progress is not None:
+                on_progress(self.stats)
+            time.sleep(0.05)
+        producer.flush(60)
+        producer.poll(1.2)  # one more statistics callback with the final byte count
+        self.stats.finished = time.monotonic()
+        return self.stats
+
+    def _produce(self, producer: Producer, topic: str, key: str, value: bytes) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key.encode(), value=value, on_delivery=self._on_delivery)
+                return
+            except BufferError:  # local queue full: wait for deliveries, never drop
+                producer.poll(0.1)
