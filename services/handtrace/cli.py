@@ -1,0 +1,242 @@
+"""The `handtrace` command: one entry point, one subcommand group per service."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="handtrace: consent-first capture of computer-use activity.",
+                  no_args_is_help=True, add_completion=False)
+kafka_app = typer.Typer(help="The local development Kafka broker (KRaft, 127.0.0.1).", no_args_is_help=True)
+topics_app = typer.Typer(help="Kafka topics.", no_args_is_help=True)
+stream_app = typer.Typer(help="Faust stream processors.", no_args_is_help=True)
+sink_app = typer.Typer(help="The ClickHouse sink.", no_args_is_help=True)
+agent_app = typer.Typer(help="The endpoint agent and the simulated fleet.", no_args_is_help=True)
+schemas_app = typer.Typer(help="The Avro contracts in schemas/.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(topics_app, name="topics")
+app.add_typer(stream_app, name="stream")
+app.add_typer(sink_app, name="sink")
+app.add_typer(agent_app, name="agent")
+app.add_typer(schemas_app, name="schemas")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from handtrace.core.settings import load_settings
+
+    try:
+        return load_settings()
+    except ValidationError as e:
+        err.print("[red]error:[/] invalid settings (environment HANDTRACE_*):")
+        for problem in e.errors():
+            loc = "__".join(str(p) for p in problem["loc"]).upper()
+            err.print(f"  HANDTRACE_{loc}: {problem['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _fail(msg: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/] {msg}")
+    return typer.Exit(code)
+
+
+@app.command()
+def demo(
+    agents: Annotated[int, typer.Option(min=1, max=5000, help="Simulated agents (laptops).")] = 100,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds the fleet produces.")] = 30.0,
+    speedup: Annotated[float, typer.Option(min=1, help="Simulated seconds per wall second.")] = 1.0,
+    batch_interval: Annotated[float, typer.Option(min=0.1, help="Seconds of activity per batch.")] = 2.0,
+) -> None:
+    """Run the whole pipeline on this machine and print what landed in ClickHouse."""
+    from handtrace.core.clickhouse import ClickHouseLocked
+    from handtrace.core.localbroker import BrokerError
+    from handtrace.demo import run_demo
+
+    s = _settings()
+    try:
+        r = run_demo(s, agents=agents, duration_s=duration, speedup=speedup,
+                     batch_interval_s=batch_interval, console=console)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted: everything the demo started was stopped[/]")
+        raise typer.Exit(130) from None
+    except (BrokerError, ClickHouseLocked) as e:
+        raise _fail(str(e)) from None
+    t = Table(title="what landed in ClickHouse (this run)")
+    t.add_column("event kind")
+    t.add_column("rows", justify="right")
+    for kind, n in sorted(r.rows_by_kind.items()):
+        t.add_row(kind, f"{n:,}")
+    t.add_row("[bold]total", f"[bold]{r.events_stored:,}")
+    console.print(t)
+    console.print(f"events produced:     {r.events_produced:,}  (stored {r.events_stored:,}, "
+                  f"{r.deadlettered} dead-lettered messages in the topic)")
+    console.print(f"bytes/event:         {r.payload_bytes_per_event:.1f} Avro payload, "
+                  f"{r.wire_bytes_per_event:.1f} on the wire (zstd, incl. Kafka framing)")
+    console.print(f"throughput:          {r.events_produced / r.produce_seconds:,.0f} events/s produced; "
+                  f"{r.events_stored / r.total_seconds:,.0f} events/s end to end over {r.total_seconds:.1f}s")
+    if r.events_stored != r.events_produced:
+        raise _fail(f"{r.events_produced - r.events_stored:,} events did not land (see the stream "
+                    "worker log and the dead-letter topic)")
+
+
+@kafka_app.command("up")
+def kafka_up() -> None:
+    """Provision (first time, via Maven) and start the local broker."""
+    from handtrace.core.localbroker import BrokerError
+    from handtrace.demo import local_broker
+
+    b = local_broker(_settings())
+    try:
+        started = b.start()
+    except BrokerError as e:
+        raise _fail(str(e)) from None
+    console.print(f"kafka {'started' if started else 'already running'} at {b.bootstrap} (pid {b.pid()}, data {b.data_dir})")
+
+
+@kafka_app.command("down")
+def kafka_down() -> None:
+    """Stop the local broker (and its whole process group)."""
+    from handtrace.demo import local_broker
+
+    console.print("kafka stopped" if local_broker(_settings()).stop() else "kafka was not running")
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    """Is the local broker running? Exit 1 if not."""
+    from handtrace.demo import local_broker
+
+    b = local_broker(_settings())
+    pid = b.pid()
+    console.print(f"kafka running at {b.bootstrap} (pid {pid})" if pid else "kafka not running")
+    if not pid:
+        raise typer.Exit(1)
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every handtrace topic (idempotent; checks partition counts of existing ones)."""
+    from handtrace.core.admin import TopicError, ensure_topics
+
+    s = _settings()
+    try:
+        created = ensure_topics(s.kafka, s.topics)
+    except TopicError as e:
+        raise _fail(str(e)) from None
+    console.print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """The topics handtrace uses, with partitions and configs."""
+    from handtrace.core.topics import topic_specs
+
+    t = Table("topic", "partitions", "configs", "purpose")
+    for spec in topic_specs(_settings().topics):
+        t.add_row(spec.name, str(spec.partitions), ", ".join(f"{k}={v}" for k, v in spec.configs.items()), spec.doc)
+    console.print(t)
+
+
+@stream_app.command("worker")
+def stream_worker() -> None:
+    """Run one Faust stream worker (until SIGTERM/SIGINT)."""
+    from handtrace.stream.app import main
+
+    main()
+
+
+@sink_app.command("run")
+def sink_run() -> None:
+    """Run the ClickHouse sink (owns the embedded data dir while it runs)."""
+    from handtrace.core.clickhouse import ClickHouseLocked
+    from handtrace.sink.service import main
+
+    try:
+        main()
+    except ClickHouseLocked as e:
+        raise _fail(str(e)) from None
+
+
+@agent_app.command("simulate")
+def agent_simulate(
+    agents: Annotated[int, typer.Option(min=1, max=5000)] = 50,
+    duration: Annotated[float, typer.Option(min=1)] = 30.0,
+    speedup: Annotated[float, typer.Option(min=1)] = 1.0,
+    batch_interval: Annotated[float, typer.Option(min=0.1)] = 2.0,
+    seed: int = 0,
+) -> None:
+    """Produce a simulated fleet's batches and heartbeats to Kafka."""
+    from handtrace.agent.simulator import SimulatedFleet
+
+    fleet = SimulatedFleet(_settings(), agents, speedup=speedup, batch_interval_s=batch_interval, seed=seed)
+    with console.status("producing ...") as status:
+        stats = fleet.run(duration, on_progress=lambda s: status.update(
+            f"producing: {s.events:,} events in {s.batches:,} batches, {s.delivered:,} delivered"))
+    console.print(f"{stats.events:,} events in {stats.batches:,} batches; {stats.delivered:,} delivered, "
+                  f"{stats.failed} failed; {stats.wire_bytes / max(stats.events, 1):.1f} wire bytes/event")
+    if stats.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="SQL to run against the handtrace database.")],
+    fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
+) -> None:
+    """Run SQL against ClickHouse (the embedded engine only while no sink/demo holds it)."""
+    from handtrace.core import clickhouse
+
+    s = _settings()
+    try:
+        client = clickhouse.connect(s.clickhouse_dsn())
+        result = client.query(sql)
+    except clickhouse.ClickHouseLocked as e:
+        raise _fail(str(e)) from None
+    except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
+        raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+    if fmt == "json":
+        for row in result.named_results():
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        return
+    if fmt == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(result.column_names)
+        w.writerows(result.result_rows)
+        return
+    t = Table(*result.column_names)
+    for row in result.result_rows:
+        t.add_row(*[str(v) for v in row])
+    console.print(t)
+
+
+@schemas_app.command("list")
+def schemas_list() -> None:
+    """Every version of every schema, with its fingerprint."""
+    from handtrace.core import schemas
+
+    t = Table("subject", "version", "fingerprint (CRC-64-AVRO)", "file")
+    for sv in sorted(schemas.by_fingerprint().values(), key=lambda v: (v.subject, v.version)):
+        t.add_row(sv.subject, str(sv.version), f"{sv.fingerprint:016x}",
+                  str(Path("schemas") / sv.subject / f"v{sv.version}.avsc"))
+    console.print(t)
+
+
+@app.command()
+def settings() -> None:
+    """Print the settings in force (secrets masked)."""
+    console.print_json(_settings().model_dump_json())
+
+
+if __name__ == "__main__":
+    app()
