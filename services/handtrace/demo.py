@@ -72,7 +72,6 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
     stop_sink = threading.Event()
     sink_thread: threading.Thread | None = None
     dsn = settings.clickhouse_dsn()
-    t_start = time.monotonic()
     run_started = datetime.now(UTC)
     try:
         if broker is not None:
@@ -98,6 +97,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         fleet_stop = threading.Event()
         fleet_thread = threading.Thread(target=fleet.run, args=(duration_s, fleet_stop), name="fleet", daemon=True)
         fleet_thread.start()
+        t_fleet = time.monotonic()
         with Live(_progress_table(fleet.stats, sink, "producing"), console=console,
                   refresh_per_second=4, transient=False) as live:
             while fleet_thread.is_alive():
@@ -114,6 +114,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
                     break
                 time.sleep(0.5)
             live.update(_progress_table(fleet.stats, sink, "done"))
+        t_drained = time.monotonic()
         stats = fleet.stats
         stop_sink.set()
         sink_thread.join(60)
@@ -127,7 +128,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         dead = group_end(settings, topics.deadletter)
         n = max(stats.events, 1)
         return DemoResult(stats.events, stored, by_kind, stats.payload_bytes / n, stats.wire_bytes / n,
-                          stats.elapsed, time.monotonic() - t_start, dead)
+                          stats.elapsed, t_drained - t_fleet, dead)
     finally:
         stop_sink.set()
         if sink_thread is not None:

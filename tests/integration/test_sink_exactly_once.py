@@ -33,9 +33,9 @@ def _publish_accepted(s: Any, batches: int, per_batch: int, *, repeat: range = r
     for off in range(batches):
         payload, event_ids = make_batch(f"emp-{off % 3}", per_batch, seed=off)
         out = pipe.process(payload, 0, off, 1)
-        assert out.rows is not None and out.rows.num_rows == per_batch
+        assert out.stored == per_batch and not out.deadletters
         ids += event_ids
-        messages.append((off, to_ipc(out.rows), out.rows.num_rows))
+        messages.append((off, to_ipc(out.rows[0]), per_batch))
     for off, value, n in [*messages, *[messages[i] for i in repeat]]:
         p.produce(topics_of(s).stored, value=value, partition=0, headers=[
             (HEADER_SOURCE_PARTITION, b"0"), (HEADER_SOURCE_OFFSET, str(off).encode()),

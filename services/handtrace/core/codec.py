@@ -267,8 +267,21 @@ def _conform(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def decode_event_batch(payload: bytes) -> DecodedBatch:
-    """Decode an EventBatch message columnar; DecodeError (with a reason) on any bad input."""
+@dataclass(frozen=True)
+class ParsedBatch:
+    """An EventBatch split without decoding its events: the header, and either the events'
+    container blocks (fast path) or, for foreign encodings, the already-decoded frame."""
+
+    header: dict[str, Any]
+    fingerprint: int
+    schema_version: int
+    count: int
+    blocks: tuple[bytes, ...] = ()
+    frame: pl.DataFrame | None = None
+
+
+def parse_event_batch(payload: bytes) -> ParsedBatch:
+    """Read the header and locate the event blocks (cheap); DecodeError on bad framing."""
     sv = writer_schema(payload, "event_batch")
     lay = _layout(sv.fingerprint)
     body = io.BytesIO(payload)
@@ -286,7 +299,9 @@ def decode_event_batch(payload: bytes) -> DecodedBatch:
         if count == 0:
             break
         if count > 0:  # a valid encoding, but not ours: no byte size, take the slow path
-            return _decode_event_batch_per_record(payload, sv)
+            slow = _decode_event_batch_per_record(payload, sv)
+            return ParsedBatch(slow.header, sv.fingerprint, sv.version, slow.events.height,
+                               frame=slow.events)
         size, pos = _read_zz(view, pos)
         if size < 0 or pos + size > len(view):
             raise DecodeError("truncated", f"block of {size} bytes runs past the message")
@@ -296,18 +311,33 @@ def decode_event_batch(payload: bytes) -> DecodedBatch:
         pos += size
     if pos != len(view):
         raise DecodeError("malformed", f"{len(view) - pos} trailing bytes after the batch")
+    return ParsedBatch(header, sv.fingerprint, sv.version, total, tuple(blocks))
+
+
+def decode_blocks(fingerprint: int, blocks: list[bytes], expected_rows: int) -> pl.DataFrame:
+    """Decode the event blocks of any number of batches of one writer schema in ONE call,
+    conformed to the newest Event columns, in block order."""
     if not blocks:
-        return DecodedBatch(header, _empty_events_frame(), sv.version)
-    container = lay.container_header + b"".join(blocks)
+        return _empty_events_frame()
+    container = _layout(fingerprint).container_header + b"".join(blocks)
     try:
         df = pl.read_avro(io.BytesIO(container))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 -- polars raises a PanicException on bad bytes
         raise DecodeError("malformed", f"events: {type(e).__name__}: {str(e)[:200]}") from None
-    if df.height != total:
-        raise DecodeError("malformed", f"block says {total} events, decoded {df.height}")
-    return DecodedBatch(header, _conform(_normalise(df)), sv.version)
+    if df.height != expected_rows:
+        raise DecodeError("malformed", f"blocks say {expected_rows} events, decoded {df.height}")
+    return _conform(_normalise(df))
+
+
+def decode_event_batch(payload: bytes) -> DecodedBatch:
+    """Decode an EventBatch message columnar; DecodeError (with a reason) on any bad input."""
+    parsed = parse_event_batch(payload)
+    if parsed.frame is not None:
+        return DecodedBatch(parsed.header, parsed.frame, parsed.schema_version)
+    frame = decode_blocks(parsed.fingerprint, list(parsed.blocks), parsed.count)
+    return DecodedBatch(parsed.header, frame, parsed.schema_version)
 
 
 def _decode_event_batch_per_record(payload: bytes, sv: SchemaVersion) -> DecodedBatch:

@@ -1,12 +1,14 @@
 """Typed, validated settings for every service.
 
 One frozen model, read from the environment with prefix ``HANDTRACE_`` and nested delimiter
-``__`` (``HANDTRACE_KAFKA__BOOTSTRAP_SERVERS``), so docker-compose and Helm values map one-to-one
-onto these fields (tests/unit/test_deploy_consistency.py keeps them in step).
+``__`` (``HANDTRACE_KAFKA__BOOTSTRAP_SERVERS``), so deployment environments map one-to-one onto
+these fields (tests/unit/test_deploy_consistency.py keeps docker-compose in step; the
+reference in docs/configuration.md is generated from this file).
 """
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -43,17 +45,26 @@ class KafkaSettings(BaseModel):
         description="host:port list of an existing cluster. Unset: the project's own local broker "
         "(deploy/kafka, started by `handtrace kafka up` or the demo) is used.",
     )
-    security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
-    sasl_mechanism: SaslMechanism | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    security_protocol: SecurityProtocol = Field(
+        default=SecurityProtocol.PLAINTEXT, description="How clients talk to the brokers."
+    )
+    sasl_mechanism: SaslMechanism | None = Field(default=None, description="SASL mechanism (with SASL_*).")
+    sasl_username: str | None = Field(default=None, description="SASL user (with SASL_*).")
+    sasl_password: SecretStr | None = Field(default=None, description="SASL password (with SASL_*).")
     ssl_cafile: Path | None = Field(default=None, description="CA bundle that signed the brokers.")
     ssl_certfile: Path | None = Field(default=None, description="Client certificate (mTLS).")
     ssl_keyfile: Path | None = Field(default=None, description="Client key (mTLS).")
     local_port: int = Field(
         default=19092, ge=1024, le=65535, description="Client port of the local dev broker."
     )
-    local_controller_port: int = Field(default=19093, ge=1024, le=65535)
+    local_controller_port: int = Field(
+        default=19093, ge=1024, le=65535, description="KRaft controller port of the local dev broker."
+    )
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _blank_is_unset(cls, v: str | None) -> str | None:
+        return v.strip() or None if v is not None else None
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -103,9 +114,9 @@ class TopicSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    prefix: str = Field(default="handtrace", pattern=r"^[a-zA-Z0-9._-]+$")
+    prefix: str = Field(default="handtrace", pattern=r"^[a-zA-Z0-9._-]+$", description="Prefix of every topic name.")
     partitions: int = Field(default=6, ge=1, le=1024, description="Partitions of every keyed topic.")
-    replication_factor: int = Field(default=1, ge=1, le=5)
+    replication_factor: int = Field(default=1, ge=1, le=5, description="Replicas per partition (3 in production).")
     events_retention_hours: int = Field(default=72, ge=1, description="Raw events topic retention.")
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024, ge=64 * 1024, description="Largest accepted batch message."
@@ -120,9 +131,12 @@ class ClickHouseSettings(BaseModel):
     dsn: str | None = Field(
         default=None,
         description="`chdb:///path` (embedded engine, default <state_dir>/clickhouse) or "
-        "`http(s)://user:pass@host:port/db` for a ClickHouse server.",
+        "`http(s)://user:pass@host:port` for a ClickHouse server.",
     )
-    database: str = Field(default="handtrace", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    database: str = Field(
+        default="handtrace", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        description="Database holding the handtrace tables (a DSN path does not change it).",
+    )
 
     @field_validator("dsn")
     @classmethod
@@ -139,7 +153,7 @@ class SinkSettings(BaseModel):
 
     flush_rows: int = Field(default=50_000, ge=1, description="Flush a partition at this many rows.")
     flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="...or this often.")
-    group_id: str = "handtrace-sink"
+    group_id: str = Field(default="handtrace-sink", description="Consumer group of the sink.")
     poll_messages: int = Field(default=500, ge=1, le=100_000, description="Messages taken per consumer poll.")
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
 
@@ -149,13 +163,21 @@ class StreamSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    app_id: str = "handtrace-stream"
+    app_id: str = Field(default="handtrace-stream", description="Faust app id (also its consumer group).")
     max_batch_events: int = Field(
         default=100_000, ge=1, description="Batches with more events are dead-lettered (oversized)."
+    )
+    micro_batch_messages: int = Field(
+        default=500, ge=1, le=100_000,
+        description="Messages decoded and enforced together (one columnar pass).",
+    )
+    micro_batch_wait_s: float = Field(
+        default=0.05, gt=0, le=5, description="Longest wait to fill a micro-batch (adds latency)."
     )
     metrics_port: int = Field(default=9101, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
     pseudonym_key: SecretStr | None = Field(
         default=None,
+        min_length=32,
         description="HMAC key that turns employee and device ids into pseudonyms. Unset: a key "
         "generated once under <state_dir>/secrets (development only; set it in production and "
         "keep it stable, or every pseudonym changes).",
@@ -164,7 +186,9 @@ class StreamSettings(BaseModel):
         default=300.0, ge=0, description="Events captured later than the batch's sent time plus "
         "this are rejected as invalid (agent clock error).",
     )
-    log_level: Literal["crit", "error", "warn", "info", "debug"] = "warn"
+    log_level: Literal["crit", "error", "warn", "info", "debug"] = Field(
+        default="warn", description="Faust worker log level."
+    )
 
 
 class Settings(BaseSettings):
@@ -185,9 +209,37 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     stream: StreamSettings = StreamSettings()
 
+    @model_validator(mode="after")
+    def _distinct_metrics_ports(self) -> Settings:
+        ports = [self.stream.metrics_port, self.sink.metrics_port]
+        if ports[0] and ports[0] == ports[1]:
+            raise ValueError(f"stream and sink metrics ports are both {ports[0]}")
+        return self
+
     def clickhouse_dsn(self) -> str:
         """The DSN in force: the configured one or the embedded engine under state_dir."""
         return self.clickhouse.dsn or f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+
+def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
+    """HANDTRACE_* variables that name no setting (typos would otherwise be silently ignored)."""
+    env = os.environ if environ is None else environ
+    unknown = []
+    for name in env:
+        if not name.startswith("HANDTRACE_") or name in _NON_SETTINGS_ENV:
+            continue
+        model: Any = Settings
+        for part in name[len("HANDTRACE_"):].lower().split("__"):
+            fields = getattr(model, "model_fields", {})
+            if part not in fields:
+                unknown.append(name)
+                break
+            model = fields[part].annotation
+    return sorted(unknown)
+
+
+# Read by tools and tests, not by Settings.
+_NON_SETTINGS_ENV = {"HANDTRACE_TEST_BOOTSTRAP", "HANDTRACE_PYTHON", "HANDTRACE_PSEUDONYM_KEY"}
 
 
 def load_settings(**overrides: Any) -> Settings:

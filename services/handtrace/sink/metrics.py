@@ -10,6 +10,10 @@ MESSAGES = Counter(
     "Accepted-row messages consumed, by outcome (buffered, replayed, duplicate, invalid).",
     ["outcome"],
 )
+DUPLICATE_ROWS = Counter(
+    "handtrace_sink_duplicate_rows_total",
+    "Rows skipped because their source offset was already stored (stream replays).",
+)
 INSERT_SECONDS = Histogram(
     "handtrace_sink_insert_seconds",
     "Duration of one ClickHouse insert (one partition flush).",

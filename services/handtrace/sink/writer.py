@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from handtrace.core.clock import now_us
-from handtrace.core.rows import HEADER_SOURCE_OFFSET, STORED_SCHEMA, from_ipc
+from handtrace.core.rows import STORED_SCHEMA, from_ipc
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
@@ -47,19 +47,18 @@ class _Pending:
     last_source: int = -1
     last_offset: int = -1
     opened: float = 0.0
-    seen: set[int] = field(default_factory=set)
 
-    def add(self, table: pa.Table, source: int, offset: int) -> None:
+    def add(self, table: pa.Table, offset: int) -> None:
         if self.last_offset < 0:
             self.opened = time.monotonic()
-            self.first_source = source
         if table.num_rows:
+            bounds = pc.min_max(table.column("source_offset")).as_py()
+            lo, hi = int(bounds["min"]), int(bounds["max"])
+            self.first_source = lo if self.first_source < 0 else min(self.first_source, lo)
+            self.last_source = max(self.last_source, hi)
             self.tables.append(table)
-        self.rows += table.num_rows
-        self.first_source = min(self.first_source, source)
-        self.last_source = max(self.last_source, source)
+            self.rows += table.num_rows
         self.last_offset = max(self.last_offset, offset)
-        self.seen.add(source)
 
     @property
     def empty(self) -> bool:
@@ -118,31 +117,38 @@ class Sink:
         for tp in parts:
             st = self._parts.get(tp.partition)
             if st is not None:
-                self._flush(tp.partition, st, force=True)
+                self._flush(tp.partition, st)
                 self._commit(tp.partition, st)
                 self._parts.pop(tp.partition, None)
 
     # -------------------------------------------------------------- message handling
 
-    def _handle(self, p: int, offset: int, source: int, table: pa.Table) -> None:
+    def _handle(self, p: int, offset: int, table: pa.Table) -> None:
+        """Route one message's rows: replay range, duplicates (source offset at or below what
+        is already stored or buffered), or the buffer. Filtering is per row, so a stream replay
+        that groups source messages differently is still deduplicated exactly."""
         st = self._parts.setdefault(p, _PartitionState())
         if st.replay is not None:
-            lo, hi, token = st.replay
-            if source < lo:
-                metrics.MESSAGES.labels("duplicate").inc()
-                st.commit_at = offset + 1
+            lo, hi, _token = st.replay
+            src = table.column("source_offset")
+            floor = max(lo - 1, st.pending.last_source)
+            st.pending.add(table.filter(pc.and_(pc.greater(src, floor), pc.less_equal(src, hi))), offset)
+            beyond = table.filter(pc.greater(src, hi))
+            if beyond.num_rows == 0:
+                metrics.MESSAGES.labels("replayed").inc()
                 return
-            if source <= hi:
-                if source not in st.pending.seen:
-                    st.pending.add(table, source, offset)
-                    metrics.MESSAGES.labels("replayed").inc()
-                return
-            self._flush(p, st, force=True)  # completes the interrupted flush
-        if source <= st.hwm or source in st.pending.seen:
+            self._flush(p, st)  # completes the interrupted flush with its original token
+            table = beyond
+        floor = max(st.hwm, st.pending.last_source)
+        fresh = table.filter(pc.greater(table.column("source_offset"), floor)) if floor >= 0 else table
+        skipped = table.num_rows - fresh.num_rows
+        if skipped:
+            metrics.DUPLICATE_ROWS.inc(skipped)
+        if fresh.num_rows == 0:
             metrics.MESSAGES.labels("duplicate").inc()
-            st.commit_at = offset + 1
+            st.commit_at = max(st.commit_at or 0, offset + 1)
             return
-        st.pending.add(table, source, offset)
+        st.pending.add(fresh, offset)
         metrics.MESSAGES.labels("buffered").inc()
 
     def _due(self, st: _PartitionState) -> bool:
@@ -153,7 +159,7 @@ class Sink:
         return (st.pending.rows >= self.settings.sink.flush_rows
                 or time.monotonic() - st.pending.opened >= self.settings.sink.flush_interval_s)
 
-    def _flush(self, p: int, st: _PartitionState, force: bool = False) -> None:
+    def _flush(self, p: int, st: _PartitionState) -> None:
         pend = st.pending
         if pend.empty:
             st.replay = None
@@ -166,7 +172,7 @@ class Sink:
         if pend.rows:
             table = pa.concat_tables(pend.tables) if len(pend.tables) > 1 else pend.tables[0]
             self._write(p, lo, hi, token, table)
-        st.hwm = max(st.hwm, hi)
+            st.hwm = max(st.hwm, hi)
         st.replay = None
         st.commit_at = max(st.commit_at or 0, pend.last_offset + 1)
         st.pending = _Pending()
@@ -268,25 +274,25 @@ class Sink:
                 if on_tick is not None:
                     on_tick(self)
             for p, st in list(self._parts.items()):
-                self._flush(p, st, force=True)
+                self._flush(p, st)
                 self._commit(p, st)
         finally:
             c.close()
             self._consumer = None
 
     def _consume_one(self, m: Any) -> None:
-        headers = dict(m.headers() or [])
         try:
-            source = int(headers[HEADER_SOURCE_OFFSET])
             table = from_ipc(m.value())
             if not table.schema.equals(STORED_SCHEMA, check_metadata=False):
                 raise ValueError("schema mismatch")
-        except (KeyError, ValueError, pa.ArrowInvalid) as e:
+        except (ValueError, pa.ArrowInvalid) as e:
             # Not written by our stream: counted and skipped (nothing from it can be trusted).
             metrics.MESSAGES.labels("invalid").inc()
             log.warning("skipping invalid message at %s/%s: %s", m.partition(), m.offset(), e)
+            st = self._parts.setdefault(m.partition(), _PartitionState())
+            st.commit_at = max(st.commit_at or 0, m.offset() + 1)
             return
-        self._handle(m.partition(), m.offset(), source, table)
+        self._handle(m.partition(), m.offset(), table)
 
     def _update_lag(self, c: Consumer) -> None:
         lag = 0

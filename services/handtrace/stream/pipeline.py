@@ -1,6 +1,11 @@
-"""One source message in, one outcome out: decode the batch, run the configured steps in order,
-shape the accepted rows for storage. Fails closed: any error sends the whole message to the
-dead-letter topic with a reason; nothing unfiltered passes on.
+"""Many source messages in, accepted rows per partition out.
+
+A micro-batch of Kafka messages is parsed message by message (cheap: header and block framing),
+then ALL their events are decoded in one columnar call, every configured step runs once over
+the whole frame, and the accepted rows are split by source partition. Fails closed: a message
+that cannot be parsed, or whose rows make a step fail, goes to the dead-letter topic with a
+reason; nothing unfiltered passes on. A failure on the combined frame is isolated by re-running
+message by message, so one bad message never holds back the others.
 """
 
 from __future__ import annotations
@@ -9,102 +14,179 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from handtrace.core.codec import DecodeError, decode_event_batch
+from handtrace.core.codec import DecodeError, ParsedBatch, decode_blocks, parse_event_batch
 from handtrace.core.rows import STORED_SCHEMA
 from handtrace.stream.steps import BatchContext, Step
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What became of one message: stored rows, or a dead-letter reason."""
+class SourceMessage:
+    """One consumed Kafka message."""
 
-    rows: pa.Table | None
+    payload: bytes
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message set aside, with why."""
+
+    message: SourceMessage
+    reason: str
+    detail: str
+    events: int = 0
+
+
+@dataclass
+class BatchOutcome:
+    """What became of a micro-batch."""
+
+    rows: dict[int, pa.Table] = field(default_factory=dict)
+    deadletters: list[DeadLetter] = field(default_factory=list)
     events_in: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    deadletter_reason: str | None = None
-    detail: str = ""
+    dropped: Counter[str] = field(default_factory=Counter)
 
-    @classmethod
-    def deadletter(cls, reason: str, detail: str, events_in: int = 0) -> Outcome:
-        return cls(None, events_in, {}, reason, detail)
+    @property
+    def stored(self) -> int:
+        return sum(t.num_rows for t in self.rows.values())
 
 
-_EVENT_COLUMNS = [
-    "x", "y", "button", "pressed", "scroll_dx", "scroll_dy", "key_code", "modifiers", "text",
-    "text_masked", "app_id", "window_title", "url", "screenshot_bytes", "screenshot_format",
-    "screenshot_width", "screenshot_height",
+_HEADER_COLUMNS = {
+    "employee_id": pl.String, "device_id": pl.String, "batch_id": pl.Binary,
+    "agent_version": pl.String, "os": pl.String, "sent_at_us": pl.Int64,
+    "source_partition": pl.Int32, "source_offset": pl.Int64,
+}
+
+_STORED_SELECT = [
+    pl.col("event_id"), pl.col("batch_id"), pl.col("employee_key"), pl.col("device_key"),
+    pl.col("kind"), pl.col("captured_at_us").alias("captured_at"), pl.col("received_at"),
+    *[pl.col(c) for c in ("x", "y", "button", "pressed", "scroll_dx", "scroll_dy", "key_code",
+                          "modifiers", "text", "text_masked", "app_id", "window_title", "url")],
+    pl.col("screenshot_sha256").bin.encode("hex"),
+    *[pl.col(c) for c in ("screenshot_bytes", "screenshot_format", "screenshot_width",
+                          "screenshot_height", "agent_version", "os", "source_partition",
+                          "source_offset")],
 ]
 
 
-def to_stored(frame: pl.DataFrame, ctx: BatchContext) -> pa.Table:
-    """Shape accepted rows as STORED_SCHEMA. Raises if pseudonymisation has not run."""
-    missing = {"employee_key", "device_key"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"refusing to store rows without {sorted(missing)} (pseudonymise step missing)")
-    out = frame.select(
-        pl.col("event_id"),
-        pl.lit(ctx.batch_id, pl.Binary).alias("batch_id"),
-        pl.col("employee_key"),
-        pl.col("device_key"),
-        pl.col("kind"),
-        pl.col("captured_at_us").alias("captured_at"),
-        pl.lit(ctx.received_at_us).cast(pl.Datetime("us", "UTC")).alias("received_at"),
-        *[pl.col(c) for c in _EVENT_COLUMNS[:13]],
-        pl.col("screenshot_sha256").bin.encode("hex").alias("screenshot_sha256"),
-        *[pl.col(c) for c in _EVENT_COLUMNS[13:]],
-        pl.lit(ctx.agent_version).alias("agent_version"),
-        pl.lit(ctx.os).alias("os"),
-        pl.lit(ctx.source_partition, pl.Int32).alias("source_partition"),
-        pl.lit(ctx.source_offset, pl.Int64).alias("source_offset"),
-    ).to_arrow()
-    return out.cast(STORED_SCHEMA)
+def _sent_at_us(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    return int(value.timestamp() * 1_000_000)  # type: ignore[attr-defined]
+
+
+def to_stored(frame: pl.DataFrame, received_at_us: int) -> pa.Table:
+    """Shape accepted rows as STORED_SCHEMA. Refuses rows that still carry raw ids."""
+    raw = {"employee_id", "device_id"} & set(frame.columns)
+    if raw or not {"employee_key", "device_key"} <= set(frame.columns):
+        raise ValueError("refusing to store rows without pseudonymisation (raw ids present or keys missing)")
+    received = pl.lit(received_at_us).cast(pl.Datetime("us", "UTC")).alias("received_at")
+    return frame.with_columns(received).select(_STORED_SELECT).to_arrow().cast(STORED_SCHEMA)
 
 
 class BatchPipeline:
-    """Decode → steps in order → stored rows."""
+    """Parse → decode all events at once → steps in order → stored rows by partition."""
 
     def __init__(self, steps: Sequence[Step], max_batch_events: int = 100_000) -> None:
         self.steps = list(steps)
         self.max_batch_events = max_batch_events
 
-    def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> Outcome:
-        """Process one message; never raises for bad input."""
+    def process_many(self, messages: Sequence[SourceMessage], received_at_us: int) -> BatchOutcome:
+        """Process a micro-batch; never raises for bad input."""
+        out = BatchOutcome()
+        parsed: list[tuple[SourceMessage, ParsedBatch]] = []
+        for m in messages:
+            try:
+                pb = parse_event_batch(m.payload)
+            except DecodeError as e:
+                out.deadletters.append(DeadLetter(m, e.reason, e.detail))
+                continue
+            h = pb.header
+            if not h["employee_id"] or not h["device_id"]:
+                out.deadletters.append(DeadLetter(m, "invalid_header", "empty employee_id or device_id", pb.count))
+            elif pb.count > self.max_batch_events:
+                out.deadletters.append(DeadLetter(m, "oversized", f"{pb.count} events > {self.max_batch_events}", pb.count))
+            else:
+                parsed.append((m, pb))
+        out.events_in = sum(pb.count for _, pb in parsed) + sum(d.events for d in out.deadletters)
+        if not parsed:
+            return out
         try:
-            decoded = decode_event_batch(payload)
-        except DecodeError as e:
-            return Outcome.deadletter(e.reason, e.detail)
-        h = decoded.header
-        n = decoded.events.height
-        if not h["employee_id"] or not h["device_id"]:
-            return Outcome.deadletter("invalid_header", "empty employee_id or device_id", n)
-        if n > self.max_batch_events:
-            return Outcome.deadletter("oversized", f"{n} events > {self.max_batch_events}", n)
-        sent = h["sent_at_us"]
-        ctx = BatchContext(
-            employee_id=h["employee_id"],
-            device_id=h["device_id"],
-            batch_id=h["batch_id"],
-            agent_version=h["agent_version"],
-            os=h["os"],
-            sent_at_us=sent if isinstance(sent, int) else int(sent.timestamp() * 1_000_000),
-            received_at_us=received_at_us,
-            source_partition=partition,
-            source_offset=offset,
+            frame = self._frame(parsed)
+            kept, dropped = self._run_steps(frame, received_at_us)
+        except Exception:  # noqa: BLE001 -- isolate the culprit message by message
+            if len(parsed) == 1:
+                m, pb = parsed[0]
+                try:
+                    kept, dropped = self._run_steps(self._frame(parsed), received_at_us)
+                except DecodeError as e:
+                    out.deadletters.append(DeadLetter(m, e.reason, e.detail, pb.count))
+                    return out
+                except Exception as e:  # noqa: BLE001 -- fail closed
+                    out.deadletters.append(DeadLetter(m, "step_error", f"{type(e).__name__}: {e}", pb.count))
+                    return out
+            else:
+                for one in parsed:
+                    sub = self.process_many([one[0]], received_at_us)
+                    out.deadletters += sub.deadletters
+                    out.dropped.update(sub.dropped)
+                    for p, t in sub.rows.items():
+                        out.rows[p] = pa.concat_tables([out.rows[p], t]) if p in out.rows else t
+                return out
+        out.dropped.update(dropped)
+        if kept.height:
+            for (p,), part in kept.partition_by("source_partition", as_dict=True, maintain_order=True).items():
+                out.rows[int(p)] = to_stored(part, received_at_us)  # type: ignore[call-overload]
+        return out
+
+    def _frame(self, parsed: list[tuple[SourceMessage, ParsedBatch]]) -> pl.DataFrame:
+        """All events of all parsed messages, with their batch header broadcast per row."""
+        fps = {pb.fingerprint for _, pb in parsed if pb.frame is None}
+        frames: list[pl.DataFrame] = []
+        # Events of each writer version decode in one call; versions are conformed to the newest.
+        order: list[tuple[SourceMessage, ParsedBatch]] = []
+        for fp in sorted(fps):
+            group = [(m, pb) for m, pb in parsed if pb.frame is None and pb.fingerprint == fp]
+            blocks = [b for _, pb in group for b in pb.blocks]
+            frames.append(decode_blocks(fp, blocks, sum(pb.count for _, pb in group)))
+            order += group
+        for m, pb in parsed:
+            if pb.frame is not None:
+                frames.append(pb.frame)
+                order.append((m, pb))
+        events = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
+        counts = np.array([pb.count for _, pb in order], dtype=np.int64)
+        idx = pl.Series("_msg", np.repeat(np.arange(len(order), dtype=np.uint32), counts))
+        headers = pl.DataFrame(
+            {
+                "employee_id": [pb.header["employee_id"] for _, pb in order],
+                "device_id": [pb.header["device_id"] for _, pb in order],
+                "batch_id": [pb.header["batch_id"] for _, pb in order],
+                "agent_version": [pb.header["agent_version"] for _, pb in order],
+                "os": [pb.header["os"] for _, pb in order],
+                "sent_at_us": [_sent_at_us(pb.header["sent_at_us"]) for _, pb in order],
+                "source_partition": [m.partition for m, _ in order],
+                "source_offset": [m.offset for m, _ in order],
+            },
+            schema=_HEADER_COLUMNS,
         )
-        frame = decoded.events
+        return events.with_columns(headers.select(pl.all().gather(idx)))
+
+    def _run_steps(self, frame: pl.DataFrame, received_at_us: int) -> tuple[pl.DataFrame, Counter[str]]:
+        ctx = BatchContext(received_at_us=received_at_us)
         dropped: Counter[str] = Counter()
-        step_name = "shape"
-        try:
-            for step in self.steps:
-                step_name = step.name
-                result = step(frame, ctx)
-                frame = result.frame
-                dropped.update(result.dropped)
-            step_name = "shape"
-            rows = to_stored(frame, ctx)
-        except Exception as e:  # noqa: BLE001 -- fail closed: whatever broke, nothing passes
-            return Outcome.deadletter(f"step_error_{step_name}", f"{type(e).__name__}: {e}", n)
-        return Outcome(rows, n, dict(dropped))
+        for step in self.steps:
+            result = step(frame, ctx)
+            frame = result.frame
+            dropped.update(result.dropped)
+        to_stored(frame.head(0), received_at_us)  # fail closed before anything is published
+        return frame, dropped
+
+    def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
+        """One message (convenience for tests and tools)."""
+        return self.process_many([SourceMessage(payload, partition, offset)], received_at_us)

@@ -1,5 +1,10 @@
 """Processing steps: each one small component with a typed config and a pure function over a
-whole batch, ``(frame, ctx) -> StepResult`` -- rows are dropped, never mutated behind the caller.
+whole frame of events, ``(frame, ctx) -> StepResult`` -- rows are dropped, never mutated behind
+the caller's back.
+
+The frame holds the events of many batches at once (a micro-batch of Kafka messages): the Event
+columns plus, per row, its batch's header (``employee_id``, ``device_id``, ``batch_id``,
+``agent_version``, ``os``, ``sent_at_us``) and origin (``source_partition``, ``source_offset``).
 """
 
 from __future__ import annotations
@@ -12,18 +17,9 @@ import polars as pl
 
 @dataclass(frozen=True)
 class BatchContext:
-    """What a step may know about the batch besides its rows (from the EventBatch header and the
-    Kafka message it came in)."""
+    """What a step may know besides the rows."""
 
-    employee_id: str
-    device_id: str
-    batch_id: bytes
-    agent_version: str
-    os: str
-    sent_at_us: int
     received_at_us: int
-    source_partition: int
-    source_offset: int
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
-"""Pseudonymisation: raw employee and device ids become keyed HMAC-SHA256 pseudonyms.
-
-The raw id never leaves this step towards analyst tables. One batch holds one device of one
-employee, so this is two HMACs per batch, not per event. Key rotation: docs/operations.md.
+"""Pseudonymisation: raw employee and device ids become keyed HMAC-SHA256 pseudonyms, and the
+raw id columns are removed. One HMAC per distinct id in the frame, not per event.
+Key rotation: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ def pseudonym(key: bytes, namespace: str, raw_id: str) -> str:
 
 @dataclass(frozen=True)
 class PseudonymiseStep:
-    """Adds employee_key and device_key columns. Config: the HMAC key (fails closed if empty)."""
+    """Replaces employee_id/device_id with employee_key/device_key. Config: the HMAC key
+    (at least 16 bytes; fails closed at start-up otherwise)."""
 
     key: bytes = field(repr=False)
     name: str = "pseudonymise"
@@ -31,10 +31,15 @@ class PseudonymiseStep:
         if len(self.key) < 16:
             raise ValueError("pseudonym key must be at least 16 bytes")
 
+    def _mapped(self, frame: pl.DataFrame, column: str, namespace: str, alias: str) -> pl.Expr:
+        ids = frame.get_column(column).unique().to_list()
+        mapping = {i: pseudonym(self.key, namespace, i) for i in ids}
+        return pl.col(column).replace_strict(mapping, return_dtype=pl.String).alias(alias)
+
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
         return StepResult(
             frame.with_columns(
-                pl.lit(pseudonym(self.key, "employee", ctx.employee_id)).alias("employee_key"),
-                pl.lit(pseudonym(self.key, "device", ctx.device_id)).alias("device_key"),
-            )
+                self._mapped(frame, "employee_id", "employee", "employee_key"),
+                self._mapped(frame, "device_id", "device", "device_key"),
+            ).drop("employee_id", "device_id")
         )

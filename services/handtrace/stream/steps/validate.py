@@ -2,7 +2,7 @@
 
 Avro guarantees types; this step checks meaning: a pointer event has coordinates, a key event a
 key code, a focus change an app, a screenshot a hash; capture time is not implausibly far in the
-future of the batch's send time; an event id appears once per batch.
+future of its batch's send time; an event id appears once.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class ValidateStep:
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
         kind = pl.col("kind")
         ts_us = pl.col("captured_at_us").dt.epoch("us")
-        latest = ctx.sent_at_us + int(self.max_future_skew_s * 1_000_000)
+        latest = pl.col("sent_at_us") + int(self.max_future_skew_s * 1_000_000)
         rules: dict[str, pl.Expr] = {
             "invalid_coordinates": kind.is_in(_POINTER) & (pl.col("x").is_null() | pl.col("y").is_null()),
             "invalid_click": (kind == "click") & (pl.col("pressed").is_null() | (pl.col("button") == "none")),
@@ -37,11 +37,11 @@ class ValidateStep:
             "invalid_focus": (kind == "focus_change") & pl.col("app_id").is_null(),
             "invalid_screenshot": (kind == "screenshot") & pl.col("screenshot_sha256").is_null(),
             "invalid_time": (ts_us < EARLIEST_CAPTURE_US) | (ts_us > latest),
-            "duplicate_in_batch": pl.col("event_id").is_duplicated() & ~pl.col("event_id").is_first_distinct(),
+            "duplicate_event_id": ~pl.col("event_id").is_first_distinct(),
         }
         # First failing rule names the reason, so each dropped row is counted once.
-        reason = pl.when(False).then(pl.lit(None, pl.String))
-        for name, cond in rules.items():
+        reason = pl.when(rules["invalid_coordinates"]).then(pl.lit("invalid_coordinates"))
+        for name, cond in list(rules.items())[1:]:
             reason = reason.when(cond).then(pl.lit(name))
         tagged = frame.with_columns(reason.otherwise(None).alias("_reject"))
         bad = tagged.filter(pl.col("_reject").is_not_null())
