@@ -42,11 +42,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pytest.fail(f"HANDTRACE_TEST_BOOTSTRAP={external} is not reachable: {e}")
         yield external
         return
-    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), free_port(), free_port())
-    try:
-        broker.start(timeout_s=120, echo=False)
-    except BrokerError as e:
-        pytest.fail(f"could not start the real Kafka broker for integration tests: {e}")
+    # Ports come from the OS; another process may grab one before the JVM binds it, so a
+    # start that fails is retried once on fresh ports before the tests fail.
+    errors = []
+    for _attempt in range(2):
+        port = free_port()
+        broker = LocalBroker(tmp_path_factory.mktemp("kafka"), port,
+                             next(p for p in iter(free_port, None) if p != port))
+        try:
+            broker.start(timeout_s=120, echo=False)
+            break
+        except BrokerError as e:
+            errors.append(str(e))
+    else:
+        pytest.fail("could not start the real Kafka broker for integration tests:\n" + "\n---\n".join(errors))
     try:
         yield broker.bootstrap
     finally:

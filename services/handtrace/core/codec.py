@@ -136,6 +136,7 @@ class _BatchLayout:
     version: SchemaVersion
     header_schema: Any
     event_schema: Any
+    container_schema: dict[str, Any]
     container_header: bytes
 
 
@@ -174,7 +175,8 @@ def _layout(fp: int) -> _BatchLayout:
     event_schema = fastavro.parse_schema(event_raw, _write_hint=False)
     # polars' Avro reader rejects non-null defaults (enum and boolean); defaults only matter for
     # schema resolution, and this header carries the exact writer schema, so drop them.
-    meta = {"avro.schema": json.dumps(_without_defaults(event_raw)).encode(), "avro.codec": b"null"}
+    container_schema = _without_defaults(event_raw)
+    meta = {"avro.schema": json.dumps(container_schema).encode(), "avro.codec": b"null"}
     head = io.BytesIO()
     head.write(b"Obj\x01")
     head.write(_zz(len(meta)))
@@ -182,7 +184,12 @@ def _layout(fp: int) -> _BatchLayout:
         head.write(_zz(len(k)) + k.encode() + _zz(len(v)) + v)
     head.write(_zz(0))
     head.write(_SYNC)
-    return _BatchLayout(sv, header_schema, event_schema, head.getvalue())
+    return _BatchLayout(sv, header_schema, event_schema, container_schema, head.getvalue())
+
+
+def container_event_schema() -> dict[str, Any]:
+    """The newest Event schema as the columnar reader gets it (defaults stripped)."""
+    return _layout(schemas.latest("event_batch").fingerprint).container_schema
 
 
 def event_schema() -> Any:
