@@ -168,7 +168,7 @@ def main() -> None:
         r0 = rows[0]
         print(f"batches of {bs:g} s of one device's activity: {r0['batches']} batches, "
               f"{r0['events'] / r0['batches']:.0f} events/batch, {r0['events']:,} events")
-        print(f"| encoding | payload B/event | wire B/event (zstd) | decode events/s | vs baseline |")
+        print("| encoding | payload B/event | wire B/event (zstd) | decode events/s | vs baseline |")
         print("|---|---:|---:|---:|---:|")
         for r in rows:
             print(f"| {r['name']} | {r['payload_bpe']:.1f} | {r['wire_bpe']:.1f} | "

@@ -59,10 +59,14 @@ def demo(
     batch_interval: Annotated[float, typer.Option(min=0.1, help="Seconds of activity per batch.")] = 2.0,
 ) -> None:
     """Run the whole pipeline on this machine and print what landed in ClickHouse."""
+    import signal
+
     from handtrace.core.clickhouse import ClickHouseLocked
     from handtrace.core.localbroker import BrokerError
     from handtrace.demo import run_demo
 
+    # SIGTERM (e.g. `timeout`, a supervisor) cleans up like Ctrl-C: no orphaned broker or worker.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     s = _settings()
     try:
         r = run_demo(s, agents=agents, duration_s=duration, speedup=speedup,
@@ -102,7 +106,8 @@ def kafka_up() -> None:
         started = b.start()
     except BrokerError as e:
         raise _fail(str(e)) from None
-    console.print(f"kafka {'started' if started else 'already running'} at {b.bootstrap} (pid {b.pid()}, data {b.data_dir})")
+    state = "started" if started else "already running"
+    console.print(f"kafka {state} at {b.bootstrap} (pid {b.pid()}, data {b.data_dir})")
 
 
 @kafka_app.command("down")

@@ -77,7 +77,8 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         if broker is not None:
             with console.status(f"starting Kafka at {broker.bootstrap} (first run downloads it) ..."):
                 started_broker = broker.start(echo=False)
-            console.print(f"[green]✓[/] Kafka {'started' if started_broker else 'already running'} at {broker.bootstrap}")
+            state = "started" if started_broker else "already running"
+            console.print(f"[green]✓[/] Kafka {state} at {broker.bootstrap}")
         else:
             console.print(f"[green]✓[/] using Kafka at {settings.kafka.bootstrap()}")
         created = ensure_topics(settings.kafka, settings.topics)

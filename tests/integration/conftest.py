@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 from confluent_kafka import Producer
+from pydantic import BaseModel
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics
@@ -192,7 +192,9 @@ def producer(s: Settings) -> Producer:
                      "compression.type": "zstd", "linger.ms": 10, "log_level": 3})
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, on_fail: Callable[[], str] = lambda: "") -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout_s: float, what: str, on_fail: Callable[[], str] = lambda: ""
+) -> None:
     """Poll until ``predicate`` holds; fail the test with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -45,7 +45,9 @@ def test_every_event_lands_exactly_once(settings_factory, stream_worker, sink_fa
     assert not any(k.startswith("emp-") for k in keys)
 
 
-def test_malformed_messages_are_set_aside_and_the_worker_keeps_going(settings_factory, stream_worker, sink_factory) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_messages_are_set_aside_and_the_worker_keeps_going(  # type: ignore[no-untyped-def]
+    settings_factory, stream_worker, sink_factory
+) -> None:
     s = settings_factory()
     t = topics_of(s)
     worker = stream_worker(s)

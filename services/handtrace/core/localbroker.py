@@ -156,7 +156,9 @@ class LocalBroker:
             return False
         java = shutil.which("java")
         if java is None:
-            raise BrokerError("`java` (17+) is not installed: run `make setup` or apt-get install openjdk-17-jre-headless")
+            raise BrokerError(
+                "`java` (17+) is not installed: run `make setup` or apt-get install openjdk-17-jre-headless"
+            )
         for p in (self.port, self.controller_port):
             if not self._port_free(p):
                 raise BrokerError(

@@ -40,7 +40,9 @@ def pseudonym_key(settings: Settings) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-        log.warning("generated a development pseudonym key at %s; set HANDTRACE_STREAM__PSEUDONYM_KEY in production", path)
+        log.warning(
+            "generated a development pseudonym key at %s; set HANDTRACE_STREAM__PSEUDONYM_KEY in production", path
+        )
     return Path(path).read_text().strip().encode()
 
 

@@ -110,7 +110,8 @@ class BatchPipeline:
             if not h["employee_id"] or not h["device_id"]:
                 out.deadletters.append(DeadLetter(m, "invalid_header", "empty employee_id or device_id", pb.count))
             elif pb.count > self.max_batch_events:
-                out.deadletters.append(DeadLetter(m, "oversized", f"{pb.count} events > {self.max_batch_events}", pb.count))
+                detail = f"{pb.count} events > {self.max_batch_events}"
+                out.deadletters.append(DeadLetter(m, "oversized", detail, pb.count))
             else:
                 parsed.append((m, pb))
         out.events_in = sum(pb.count for _, pb in parsed) + sum(d.events for d in out.deadletters)

@@ -9,17 +9,24 @@ columns plus, per row, its batch's header (``employee_id``, ``device_id``, ``bat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import polars as pl
 
+from handtrace.stream.policy import EmployeeControls, Policy
+
 
 @dataclass(frozen=True)
 class BatchContext:
-    """What a step may know besides the rows."""
+    """What a step may know besides the rows: when the stream received them, the global policy
+    in force, and the controls (pauses, exemption) of the employees in the frame, by raw id."""
 
     received_at_us: int
+    policy: Policy = field(default_factory=Policy)
+    controls: Mapping[str, EmployeeControls] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
