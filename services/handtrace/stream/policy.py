@@ -50,8 +50,16 @@ class PauseWindow:
 
 
 @dataclass(frozen=True)
+class Exemption:
+    """Nothing of the employee is stored from ``from_us`` until ``until_us`` (None: open)."""
+
+    from_us: int
+    until_us: int | None = None
+
+
+@dataclass(frozen=True)
 class EmployeeControls:
-    """Pauses and exemption of one employee."""
+    """Pauses and exemptions of one employee."""
 
     pauses: tuple[PauseWindow, ...] = ()
-    exempt_from_us: int | None = None
+    exemptions: tuple[Exemption, ...] = ()
