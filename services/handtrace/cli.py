@@ -20,6 +20,13 @@ stream_app = typer.Typer(help="Faust stream processors.", no_args_is_help=True)
 sink_app = typer.Typer(help="The ClickHouse sink.", no_args_is_help=True)
 agent_app = typer.Typer(help="The endpoint agent and the simulated fleet.", no_args_is_help=True)
 schemas_app = typer.Typer(help="The Avro contracts in schemas/.", no_args_is_help=True)
+control_app = typer.Typer(help="Controls: pauses and exemptions (HR, employees), policy (ops).",
+                          no_args_is_help=True)
+exemption_app = typer.Typer(help="Exemptions from capture.", no_args_is_help=True)
+policy_app = typer.Typer(help="The global capture policy.", no_args_is_help=True)
+control_app.add_typer(exemption_app, name="exemption")
+control_app.add_typer(policy_app, name="policy")
+app.add_typer(control_app, name="control")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(stream_app, name="stream")
@@ -193,6 +200,85 @@ def agent_simulate(
                   f"{stats.failed} failed; {stats.wire_bytes / max(stats.events, 1):.1f} wire bytes/event")
     if stats.failed:
         raise typer.Exit(1)
+
+
+def _publish(record: dict) -> None:  # type: ignore[type-arg]
+    from handtrace.control.publish import ControlError, publish
+
+    try:
+        publish(_settings(), record)
+    except ControlError as e:
+        raise _fail(str(e)) from None
+    console.print(f"published {record['kind']} for {record.get('employee_id') or 'everyone'}")
+
+
+@control_app.command("pause")
+def control_pause(
+    employee: Annotated[str, typer.Argument(help="Employee id.")],
+    minutes: Annotated[float, typer.Option(help="How long (at most 30).")] = 15.0,
+    actor: Annotated[str, typer.Option(help="Who asks (default: the employee).")] = "",
+    reason: str = "",
+) -> None:
+    """Record a pause for an employee: nothing captured in it is stored (auto-resumes)."""
+    from handtrace.control.publish import ControlError, pause_record
+
+    try:
+        rec = pause_record(employee, minutes, actor=actor or employee, reason=reason)
+    except ControlError as e:
+        raise _fail(str(e)) from None
+    _publish(rec)
+
+
+@control_app.command("resume")
+def control_resume(employee: str, actor: str = "", reason: str = "") -> None:
+    """End an employee's current pause now."""
+    from handtrace.control.publish import control_record
+
+    _publish(control_record("pause_end", employee_id=employee, actor=actor or employee, role="employee",
+                            reason=reason))
+
+
+@exemption_app.command("request")
+def exemption_request(employee: str, reason: Annotated[str, typer.Option(help="Why (shown to HR).")]) -> None:
+    """An employee asks for an exemption (HR decides)."""
+    from handtrace.control.publish import control_record
+
+    _publish(control_record("exemption_request", employee_id=employee, actor=employee, role="employee",
+                            reason=reason))
+
+
+@exemption_app.command("grant")
+def exemption_grant(employee: str, actor: Annotated[str, typer.Option(help="HR user granting it.")],
+                    reason: str = "") -> None:
+    """HR grants an exemption: from now on nothing of the employee is stored."""
+    from handtrace.control.publish import control_record
+
+    _publish(control_record("exemption_grant", employee_id=employee, actor=actor, role="hr", reason=reason))
+
+
+@exemption_app.command("revoke")
+def exemption_revoke(employee: str, actor: Annotated[str, typer.Option(help="HR user revoking it.")],
+                     reason: str = "") -> None:
+    """HR ends an exemption: capture is stored again from now on."""
+    from handtrace.control.publish import control_record
+
+    _publish(control_record("exemption_revoke", employee_id=employee, actor=actor, role="hr", reason=reason))
+
+
+@policy_app.command("set")
+def policy_set(
+    path: Annotated[Path, typer.Argument(help="Policy JSON (see deploy/policy.example.json).")],
+    actor: Annotated[str, typer.Option(help="Ops user making the change.")],
+    reason: str = "",
+) -> None:
+    """Publish a new global policy (allowlists, sampling, masking); workers apply it live."""
+    from handtrace.control.publish import ControlError, policy_record
+
+    try:
+        rec = policy_record(path, actor=actor, reason=reason)
+    except ControlError as e:
+        raise _fail(str(e)) from None
+    _publish(rec)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import BrokerError, LocalBroker
+from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink.writer import Sink
@@ -89,7 +90,7 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Sett
             "kafka": {"bootstrap_servers": kafka_bootstrap},
             "topics": {"prefix": f"t{tag}", "partitions": 3},
             "stream": {"app_id": f"stream-{tag}", "metrics_port": free_port(),
-                       "pseudonym_key": "test-key-" + "k" * 32},
+                       "pseudonym_key": "test-key-" + "k" * 32, "log_level": "info"},
             "sink": {"group_id": f"sink-{tag}", "flush_interval_s": 0.5, "metrics_port": 0},
         }
         for k, v in overrides.items():
@@ -188,8 +189,7 @@ def sink_factory() -> Iterator[Callable[[Settings], RunningSink]]:
 
 def producer(s: Settings) -> Producer:
     """An idempotent producer like the agent's."""
-    return Producer({**s.kafka.librdkafka(), "enable.idempotence": True, "acks": "all",
-                     "compression.type": "zstd", "linger.ms": 10, "log_level": 3})
+    return Producer(producer_config(s.kafka, **{"compression.type": "zstd", "linger.ms": 10}))
 
 
 def wait_for(

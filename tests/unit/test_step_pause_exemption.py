@@ -67,7 +67,8 @@ def test_decisions_do_not_depend_on_how_rows_are_split(rows, ws, parts) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(events, st.sampled_from(EMPLOYEES), st.integers(T0, T0 + 240 * MIN), st.one_of(st.none(), st.integers(0, 240 * MIN)))
+@given(events, st.sampled_from(EMPLOYEES), st.integers(T0, T0 + 240 * MIN),
+       st.one_of(st.none(), st.integers(0, 240 * MIN)))
 def test_nothing_of_an_exempt_employee_is_kept_from_the_effective_time(rows, who, start, length) -> None:  # type: ignore[no-untyped-def]
     until = None if length is None else start + length
     ctx = BatchContext(1, controls={who: EmployeeControls(exemptions=(Exemption(start, until),))})

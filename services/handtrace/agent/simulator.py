@@ -20,6 +20,7 @@ from handtrace import __version__
 from handtrace.agent.synthetic import SyntheticActivity
 from handtrace.core import codec, ids
 from handtrace.core.clock import now_us
+from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 
@@ -81,17 +82,12 @@ class SimulatedFleet:
         self._lock = threading.Lock()
 
     def _producer(self) -> Producer:
-        return Producer({
-            **self.settings.kafka.librdkafka(),
-            "enable.idempotence": True,
-            "acks": "all",
-            "compression.type": "zstd",
-            "linger.ms": 50,
-            "message.max.bytes": self.settings.topics.max_message_bytes,
-            "statistics.interval.ms": 1000,
-            "stats_cb": self._on_stats,
-            "log_level": 3,
-        })
+        return Producer(producer_config(
+            self.settings.kafka,
+            **{"compression.type": "zstd", "linger.ms": 50,
+               "message.max.bytes": self.settings.topics.max_message_bytes,
+               "statistics.interval.ms": 1000, "stats_cb": self._on_stats},
+        ))
 
     def _on_stats(self, raw: str) -> None:
         self.stats.wire_bytes = int(json.loads(raw).get("tx_bytes", 0))

@@ -182,6 +182,14 @@ class StreamSettings(BaseModel):
         "generated once under <state_dir>/secrets (development only; set it in production and "
         "keep it stable, or every pseudonym changes).",
     )
+    session_timeout_s: float = Field(
+        default=10.0, ge=6, le=300, description="Kafka group session timeout: how soon a dead "
+        "worker's partitions move to a live one.",
+    )
+    clock_skew_margin_s: float = Field(
+        default=2.0, ge=0, le=300, description="Pause windows and exemptions are widened by this "
+        "on both sides (agent clock drift); widening only ever drops more (fails closed).",
+    )
     max_future_skew_s: float = Field(
         default=300.0, ge=0, description="Events captured later than the batch's sent time plus "
         "this are rejected as invalid (agent clock error).",

@@ -8,6 +8,7 @@ messages; the sink drops replays by source offset (services/handtrace/sink/write
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -19,11 +20,16 @@ import faust
 from prometheus_client import start_http_server
 
 from handtrace.core.clock import now_us
+from handtrace.core.codec import DecodeError, decode_record
 from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, to_ipc
 from handtrace.core.settings import SecurityProtocol, Settings, load_settings
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
+from handtrace.stream.controls import apply_control, dumps, loads
 from handtrace.stream.pipeline import BatchPipeline, SourceMessage
+from handtrace.stream.policy import Policy
+from handtrace.stream.steps.exemption import ExemptionStep
+from handtrace.stream.steps.pause import PauseStep
 from handtrace.stream.steps.pseudonymise import PseudonymiseStep
 from handtrace.stream.steps.validate import ValidateStep
 
@@ -47,11 +53,82 @@ def pseudonym_key(settings: Settings) -> bytes:
 
 
 def build_pipeline(settings: Settings) -> BatchPipeline:
-    """The steps in order, from settings."""
+    """The steps in order, from settings. Order matters: drop what must not be stored
+    (exempt, paused) before anything else looks at it; pseudonymise last."""
+    skew = settings.stream.clock_skew_margin_s
     return BatchPipeline(
-        [ValidateStep(settings.stream.max_future_skew_s), PseudonymiseStep(pseudonym_key(settings))],
+        [
+            ValidateStep(settings.stream.max_future_skew_s),
+            ExemptionStep(skew_margin_s=skew),
+            PauseStep(skew_margin_s=skew),
+            PseudonymiseStep(pseudonym_key(settings)),
+        ],
         max_batch_events=settings.stream.max_batch_events,
     )
+
+
+class PolicyState:
+    """The global policy in force, followed from the compacted policy topic by every worker
+    (no consumer group: each worker reads all of it). ``ready`` is set once the topic has been
+    read to its end at start-up, so no batch is judged by a policy older than the latest."""
+
+    def __init__(self) -> None:
+        self.policy = Policy()
+        self.ready = asyncio.Event()
+
+    def apply(self, payload: bytes) -> None:
+        try:
+            rec = decode_record(payload, "control_event")
+        except DecodeError as e:
+            metrics.CONTROLS.labels(f"invalid_{e.reason}").inc()
+            return
+        if rec["kind"] != "policy_update" or rec.get("policy") is None:
+            return
+        new = Policy.from_record(rec["policy"])
+        if new.version >= self.policy.version:
+            self.policy = new
+            metrics.POLICY_VERSION.set(new.version)
+
+    async def follow(self, settings: Settings, topic: str) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka.bootstrap(), enable_auto_commit=False, group_id=None,
+            **_aiokafka_security(settings),
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or {0})]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            while True:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    for r in records:
+                        self.apply(r.value)
+                if not self.ready.is_set():
+                    positions = {tp: await consumer.position(tp) for tp in tps}
+                    if all(positions[tp] >= end[tp] for tp in tps):
+                        self.ready.set()
+        finally:
+            await consumer.stop()
+
+
+def _aiokafka_security(settings: Settings) -> dict[str, Any]:
+    k = settings.kafka
+    if k.security_protocol is SecurityProtocol.PLAINTEXT:
+        return {}
+    opts: dict[str, Any] = {"security_protocol": k.security_protocol.value}
+    if k.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL):
+        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
+        if k.ssl_certfile:
+            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
+        opts["ssl_context"] = ctx
+    if k.sasl_mechanism:
+        opts.update(sasl_mechanism=k.sasl_mechanism.value, sasl_plain_username=k.sasl_username,
+                    sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None)
+    return opts
 
 
 def _broker_credentials(settings: Settings) -> Any:
@@ -89,6 +166,8 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=parts,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.stream.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.stream.session_timeout_s / 3),
         producer_max_request_size=settings.topics.max_message_bytes,
         consumer_max_fetch_size=settings.topics.max_message_bytes,
         producer_compression_type="lz4",
@@ -96,6 +175,12 @@ def create_app(settings: Settings) -> faust.App:
         datadir=str(settings.state_dir / "faust"),
     )
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
+    control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
+    # Per-employee pauses and exemptions, co-partitioned with the events (same key, same
+    # partition count); a changelog topic rebuilds it after a restart.
+    controls_table = app.Table("employee-controls", default=None, partitions=parts,
+                               key_type=str, value_type=str, help="pauses and exemptions by employee")
+    policy_state = PolicyState()
     accepted = app.topic(topics.stored, value_type=bytes, key_type=bytes, partitions=parts)
     deadletter = app.topic(topics.deadletter, value_type=bytes, key_type=bytes, partitions=parts)
     pipeline = build_pipeline(settings)
@@ -106,9 +191,17 @@ def create_app(settings: Settings) -> faust.App:
         # batches, so whole groups of messages are decoded and enforced at once.
         async for events in stream.take_events(settings.stream.micro_batch_messages,
                                                within=settings.stream.micro_batch_wait_s):
-            msgs = [SourceMessage(e.message.value, e.message.partition, e.message.offset) for e in events]
+            if not policy_state.ready.is_set():
+                # Never enforce before the policy in force is known. Waiting here, inside the
+                # iteration, not before it: a Faust agent that has not started iterating when
+                # table recovery completes was seen to never receive messages after a restart.
+                await policy_state.ready.wait()
+            msgs = [SourceMessage(e.message.value, e.message.partition, e.message.offset, e.message.key)
+                    for e in events]
+            employees = {m.key.decode(errors="replace") for m in msgs if m.key}
+            controls = {emp: loads(controls_table.get(emp)) for emp in employees}
             with metrics.PROCESS_SECONDS.time():
-                outcome = pipeline.process_many(msgs, now_us())
+                outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls)
                 payloads = {p: (to_ipc(t), t) for p, t in outcome.rows.items()}
             metrics.BATCH_EVENTS.observe(outcome.events_in)
             for reason, count in outcome.dropped.items():
@@ -133,6 +226,28 @@ def create_app(settings: Settings) -> faust.App:
                     headers=[(HEADER_SOURCE_PARTITION, str(partition).encode()),
                              (HEADER_ROWS, str(table.num_rows).encode())],
                 )
+
+    @app.agent(control_topic)
+    async def fold_controls(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                rec = decode_record(event.message.value, "control_event")
+            except DecodeError as e:
+                metrics.CONTROLS.labels(f"invalid_{e.reason}").inc()
+                continue
+            employee = rec.get("employee_id")
+            if not employee or rec["kind"] == "policy_update":
+                metrics.CONTROLS.labels("ignored").inc()
+                continue
+            state, clamped = apply_control(loads(controls_table.get(employee)), rec)
+            controls_table[employee] = dumps(state)
+            metrics.CONTROLS.labels(rec["kind"]).inc()
+            if clamped:
+                metrics.PAUSES_CLAMPED.inc()
+
+    @app.task
+    async def _follow_policy() -> None:
+        await policy_state.follow(settings, topics.policy)
 
     @app.task
     async def _expose_metrics() -> None:

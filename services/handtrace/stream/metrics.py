@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 MESSAGES = Counter(
     "handtrace_stream_messages_total",
@@ -29,3 +29,12 @@ PROCESS_SECONDS = Histogram(
     "Time to decode, check and re-encode one batch message.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+CONTROLS = Counter(
+    "handtrace_stream_controls_total",
+    "Control events folded into employee state, by kind (or invalid_<reason>, ignored).",
+    ["kind"],
+)
+PAUSES_CLAMPED = Counter(
+    "handtrace_stream_pauses_clamped_total", "Pause requests longer than 30 minutes, clamped to 30."
+)
+POLICY_VERSION = Gauge("handtrace_stream_policy_version", "Version of the global policy in force.")

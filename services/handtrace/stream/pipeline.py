@@ -11,8 +11,9 @@ message by message, so one bad message never holds back the others.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import polars as pl
@@ -20,16 +21,18 @@ import pyarrow as pa
 
 from handtrace.core.codec import DecodeError, ParsedBatch, decode_blocks, parse_event_batch
 from handtrace.core.rows import STORED_SCHEMA
+from handtrace.stream.policy import EmployeeControls, Policy
 from handtrace.stream.steps import BatchContext, Step
 
 
 @dataclass(frozen=True)
 class SourceMessage:
-    """One consumed Kafka message."""
+    """One consumed Kafka message (key: the employee id the agent keyed it by)."""
 
     payload: bytes
     partition: int
     offset: int
+    key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,12 @@ class BatchPipeline:
         self.steps = list(steps)
         self.max_batch_events = max_batch_events
 
-    def process_many(self, messages: Sequence[SourceMessage], received_at_us: int) -> BatchOutcome:
-        """Process a micro-batch; never raises for bad input."""
+    def process_many(self, messages: Sequence[SourceMessage], received_at_us: int, *,
+                     policy: Policy | None = None,
+                     controls: Mapping[str, EmployeeControls] | None = None) -> BatchOutcome:
+        """Process a micro-batch under ``policy`` and the employees' ``controls``; never raises
+        for bad input."""
+        ctx = BatchContext(received_at_us, policy or Policy(), MappingProxyType(dict(controls or {})))
         out = BatchOutcome()
         parsed: list[tuple[SourceMessage, ParsedBatch]] = []
         for m in messages:
@@ -107,7 +114,12 @@ class BatchPipeline:
                 out.deadletters.append(DeadLetter(m, e.reason, e.detail))
                 continue
             h = pb.header
-            if not h["employee_id"] or not h["device_id"]:
+            if m.key is not None and m.key != h["employee_id"].encode():
+                # Controls are looked up (and co-partitioned) by key: a batch keyed by someone
+                # else could dodge its employee's pause or exemption.
+                detail = "message key is not the batch's employee_id"
+                out.deadletters.append(DeadLetter(m, "key_mismatch", detail, pb.count))
+            elif not h["employee_id"] or not h["device_id"]:
                 out.deadletters.append(DeadLetter(m, "invalid_header", "empty employee_id or device_id", pb.count))
             elif pb.count > self.max_batch_events:
                 detail = f"{pb.count} events > {self.max_batch_events}"
@@ -119,12 +131,12 @@ class BatchPipeline:
             return out
         try:
             frame = self._frame(parsed)
-            kept, dropped = self._run_steps(frame, received_at_us)
+            kept, dropped = self._run_steps(frame, ctx)
         except Exception:  # noqa: BLE001 -- isolate the culprit message by message
             if len(parsed) == 1:
                 m, pb = parsed[0]
                 try:
-                    kept, dropped = self._run_steps(self._frame(parsed), received_at_us)
+                    kept, dropped = self._run_steps(self._frame(parsed), ctx)
                 except DecodeError as e:
                     out.deadletters.append(DeadLetter(m, e.reason, e.detail, pb.count))
                     return out
@@ -133,7 +145,7 @@ class BatchPipeline:
                     return out
             else:
                 for one in parsed:
-                    sub = self.process_many([one[0]], received_at_us)
+                    sub = self.process_many([one[0]], received_at_us, policy=ctx.policy, controls=ctx.controls)
                     out.deadletters += sub.deadletters
                     out.dropped.update(sub.dropped)
                     for p, t in sub.rows.items():
@@ -178,14 +190,13 @@ class BatchPipeline:
         )
         return events.with_columns(headers.select(pl.all().gather(idx)))
 
-    def _run_steps(self, frame: pl.DataFrame, received_at_us: int) -> tuple[pl.DataFrame, Counter[str]]:
-        ctx = BatchContext(received_at_us=received_at_us)
+    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, Counter[str]]:
         dropped: Counter[str] = Counter()
         for step in self.steps:
             result = step(frame, ctx)
             frame = result.frame
             dropped.update(result.dropped)
-        to_stored(frame.head(0), received_at_us)  # fail closed before anything is published
+        to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
         return frame, dropped
 
     def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
