@@ -2,7 +2,10 @@
 
 Both sources return dicts per the ``Event`` record of ``schemas/event_batch/v1.avsc`` in capture
 order, with time-ordered UUIDv7 ``event_id``s whose millisecond matches ``captured_at_us``.
-Fields that do not apply to a kind are omitted (the codec writes the schema defaults).
+Fields that do not apply to a kind are omitted (the codec writes the schema defaults). Every
+synthetic event carries the ``app_id`` of the app focused when it happened, and its ``url`` when
+that is a browser page (the allowlist contract of ``handtrace.stream.steps.allowlist``);
+``window_title`` comes with focus changes only.
 
 Conventions: ``scroll_dy`` counts wheel notches, positive towards the end of the document (as
 DOM ``WheelEvent.deltaY``); ``key_code`` is an X11 keysym; ``modifiers`` holds the modifier keys
@@ -377,7 +380,14 @@ class SyntheticActivity:
         events.sort(key=lambda e: e["captured_at_us"])
         buf = self._buf
         last = buf.last_us
+        session = self._session
+        app_id = session.app.app_id if session is not None else None
+        url = session.url if session is not None else None
         for e in events:
+            if app_id is not None and "app_id" not in e:
+                e["app_id"] = app_id
+                if url:
+                    e["url"] = url
             t = e["captured_at_us"]
             if t <= last:
                 t = last + 1

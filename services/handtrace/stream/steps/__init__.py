@@ -31,10 +31,12 @@ class BatchContext:
 
 @dataclass(frozen=True)
 class StepResult:
-    """Rows kept, and how many were dropped for which reason."""
+    """Rows kept, and how many were dropped for which reason; ``redacted`` counts values a step
+    redacted or masked in kept rows, by kind (not dropped rows)."""
 
     frame: pl.DataFrame
     dropped: dict[str, int] = field(default_factory=dict)
+    redacted: dict[str, int] = field(default_factory=dict)
 
 
 class Step(Protocol):

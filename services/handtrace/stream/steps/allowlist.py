@@ -1,0 +1,168 @@
+"""Allowlist: only events of allowlisted apps, and of allowlisted web domains, are kept.
+
+Contract with the agents: every event carries the ``app_id`` of the focused app (and the ``url``
+of the focused tab when the app is a browser); a ``focus_change`` always does. Older agents
+stamp them on focus changes only, so within each batch (``batch_id``) a row without ``app_id``
+inherits the app context -- ``app_id`` together with ``url`` -- of the latest earlier row of
+the same batch that has an ``app_id``. The pair is filled together: a row never inherits the url
+of an app that is no longer focused (a code editor row after a browser row gets no url). A
+row's own ``url`` always wins over an inherited one. The filled columns are what is stored.
+
+Rules, the first failing one naming the reason a row is dropped:
+
+- ``no_app_context``: still no ``app_id`` after filling (the batch started without one) -- we
+  cannot tell whose activity it is, so it goes (fail closed);
+- ``not_allowlisted_app``: ``app_id`` not in ``policy.allowed_apps`` (an empty allowlist allows
+  nothing);
+- ``invalid_url``: the row has a url whose host cannot be determined safely: not absolute
+  (``scheme://host...``), unparsable, no host, control characters or backslashes (browsers and
+  Python disagree about those, the classic allowlist bypass), percent-encoded or otherwise
+  non-DNS host names (IDN hosts are compared in their punycode form);
+- ``not_allowlisted_domain``: the host (lowercased, userinfo and port removed, one trailing dot
+  removed) is neither equal to an allowed domain ``d`` nor ends with ``"." + d``; so
+  ``docs.google.com`` passes ``google.com``, ``docs.google.com.evil.net`` and
+  ``evilgoogle.com`` do not. IP-literal hosts only match an identical entry.
+
+A browser row with a url must pass both the app and the domain test. The stored url keeps
+scheme, host, port and path only: userinfo, query string and fragment are removed
+(``https://docs.google.com/d/1?x=1#h`` -> ``https://docs.google.com/d/1``).
+
+Hosts are parsed once per distinct url in the frame (``urllib``), then mapped back to rows by a
+vectorised replace; there is no Python work per event.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import polars as pl
+
+from handtrace.stream.steps import BatchContext, StepResult
+
+NO_APP_CONTEXT = "no_app_context"
+NOT_ALLOWLISTED_APP = "not_allowlisted_app"
+INVALID_URL = "invalid_url"
+NOT_ALLOWLISTED_DOMAIN = "not_allowlisted_domain"
+
+_HOST_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+_SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
+_UNSAFE_RE = re.compile(r"[\x00-\x20\x7f\\]")
+
+
+def fill_app_context(frame: pl.DataFrame, columns: Iterable[str] = ("app_id", "url")) -> pl.DataFrame:
+    """``frame`` with ``app_id`` (and the other ``columns``) filled, within each batch, from the
+    latest earlier row that has an ``app_id``; a row's own non-null values win."""
+    cols = list(columns)
+    seg = pl.col("app_id").is_not_null().cum_sum().over("batch_id").alias("_ctx_seg")
+    tagged = frame.with_columns(seg)
+    return tagged.with_columns(
+        [pl.col(c).forward_fill().over(["batch_id", "_ctx_seg"]) for c in cols]
+    ).drop("_ctx_seg")
+
+
+def url_host(url: str) -> str | None:
+    """The host a browser would connect to for ``url``, normalised; None when that cannot be
+    determined safely (see the module docstring)."""
+    if _UNSAFE_RE.search(url) or not _SCHEME_RE.match(url):
+        return None
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    except ValueError:
+        return None
+    if not host:
+        return None
+    if parts.netloc.rsplit("@", 1)[-1].startswith("["):
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return None
+    if host.endswith("."):
+        host = host[:-1]
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    host = host.lower()
+    if not _HOST_RE.fullmatch(host):
+        return None
+    return host
+
+
+def stored_url(url: str) -> str:
+    """``url`` without userinfo, query string and fragment, host lowercased (call on urls with
+    a valid host)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1].lower()
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def host_allowed(host: str, domains: Iterable[str]) -> bool:
+    """Whether ``host`` is one of ``domains`` or a subdomain of one (label-wise suffix); an IP
+    address only equals an entry."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return any(host == d or host.endswith("." + d) for d in domains)
+    return host in domains
+
+
+def _normalised_domains(domains: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for d in domains:
+        d = d.strip().lower().strip(".")
+        if d:
+            out.append(d)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AllowlistStep:
+    """Keeps only rows of allowlisted apps and domains (``ctx.policy``); fills the app context
+    within batches and strips userinfo, query and fragment from stored urls. No config beyond
+    the policy, which comes with each frame."""
+
+    name: str = "allowlist"
+
+    def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
+        if frame.height == 0:
+            return StepResult(frame)
+        policy = ctx.policy
+        domains = _normalised_domains(policy.allowed_domains)
+        filled = fill_app_context(frame)
+
+        verdict: dict[str, str | None] = {}
+        cleaned: dict[str, str] = {}
+        for url in filled.get_column("url").drop_nulls().unique().to_list():
+            host = url_host(url)
+            if host is None:
+                verdict[url] = INVALID_URL
+            elif not host_allowed(host, domains):
+                verdict[url] = NOT_ALLOWLISTED_DOMAIN
+            else:
+                verdict[url] = None
+                cleaned[url] = stored_url(url)
+
+        app = pl.col("app_id")
+        apps = pl.Series(sorted(policy.allowed_apps), dtype=pl.String).implode()
+        url_reason = pl.col("url").replace_strict(verdict, default=None, return_dtype=pl.String)
+        reason = (
+            pl.when(app.is_null()).then(pl.lit(NO_APP_CONTEXT))
+            .when(~app.is_in(apps)).then(pl.lit(NOT_ALLOWLISTED_APP))
+            .otherwise(url_reason)
+        )
+        tagged = filled.with_columns(reason.alias("_reject"))
+        counts = dict(
+            tagged.filter(pl.col("_reject").is_not_null()).group_by("_reject").len().iter_rows()
+        )
+        kept = tagged.filter(pl.col("_reject").is_null()).drop("_reject")
+        kept = kept.with_columns(
+            pl.col("url").replace_strict(cleaned, default=None, return_dtype=pl.String)
+        )
+        return StepResult(kept, counts)
