@@ -26,9 +26,11 @@ T0 = 1_767_225_600_000_000
 HOUR = 3_600_000_000
 SCREEN = (1920, 1080)
 # shared/ lies beside the checkout (CI lays a copy there too); HANDTRACE_BALABIT_DIR overrides.
-BALABIT = Path(os.environ.get("HANDTRACE_BALABIT_DIR")
-               or Path(__file__).resolve().parents[3] / "shared" / "data" / "mouse-balabit")
-# The three sessions recorded at ~62 Hz; the other seven were sampled at ~9 Hz (109 ms steps).
+_CANDIDATES = [Path(p) for p in (os.environ.get("HANDTRACE_BALABIT_DIR"),) if p] + [
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "mouse-balabit",
+    Path("/work/shared/data/mouse-balabit"),
+]
+BALABIT = next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])
 BALABIT_62HZ = ("user20_session_2372891077", "user7_session_0041905381", "user9_session_5155383252")
 KINDS = {"pointer_move", "click", "scroll", "key_down", "key_up", "focus_change", "screenshot"}
 
