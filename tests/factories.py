@@ -8,13 +8,21 @@ from typing import Any
 from handtrace.core import codec, ids
 from handtrace.core.clock import now_us
 
+TEST_APP = "firefox"
+TEST_URL = "https://docs.google.com/d/1"
+# What the integration tests publish before they start a worker: allows the events above.
+TEST_POLICY = {"version": 1, "allowed_apps": [TEST_APP], "allowed_domains": ["google.com"],
+               "sampling": {}, "text_capture": {"*": "full"}}
+
 KINDS = ("pointer_move", "click", "scroll", "key_down", "key_up", "focus_change", "screenshot")
 
 
 def make_event(kind: str, ts_us: int, rng: random.Random) -> dict[str, Any]:
     """One valid event of ``kind`` captured at ``ts_us``."""
     e: dict[str, Any] = {"event_id": ids.uuid7_bytes(ts_us // 1000), "captured_at_us": ts_us,
-                         "kind": kind, "button": "none", "screenshot_format": "none", "text_masked": False}
+                         "kind": kind, "button": "none", "screenshot_format": "none", "text_masked": False,
+                         # Agents stamp the focused app (and page) on every event.
+                         "app_id": TEST_APP, "url": TEST_URL}
     if kind in ("pointer_move", "click", "scroll"):
         e["x"], e["y"] = rng.randrange(1920), rng.randrange(1080)
     if kind == "click":
@@ -25,7 +33,7 @@ def make_event(kind: str, ts_us: int, rng: random.Random) -> dict[str, Any]:
         e["key_code"] = rng.randrange(32, 127)
         e["text"] = chr(e["key_code"]) if kind == "key_down" else None
     if kind == "focus_change":
-        e["app_id"], e["window_title"], e["url"] = "firefox", "Docs", "https://docs.google.com/d/1"
+        e["window_title"] = "Docs"
     if kind == "screenshot":
         e["screenshot_sha256"] = rng.randbytes(32)
         e["screenshot_bytes"], e["screenshot_format"] = 20_000, "webp"

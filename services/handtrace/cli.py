@@ -64,25 +64,34 @@ def demo(
     duration: Annotated[float, typer.Option(min=1, help="Seconds the fleet produces.")] = 30.0,
     speedup: Annotated[float, typer.Option(min=1, help="Simulated seconds per wall second.")] = 10.0,
     batch_interval: Annotated[float, typer.Option(min=0.1, help="Seconds of activity per batch.")] = 2.0,
+    policy: Annotated[Path | None, typer.Option(help="Policy JSON to publish first "
+                                                "(default deploy/policy.example.json).")] = None,
 ) -> None:
     """Run the whole pipeline on this machine and print what landed in ClickHouse."""
     import signal
 
+    from handtrace.control.publish import ControlError
     from handtrace.core.clickhouse import ClickHouseLocked
     from handtrace.core.localbroker import BrokerError
-    from handtrace.demo import run_demo
+    from handtrace.demo import DEFAULT_POLICY, run_demo
 
     # SIGTERM (e.g. `timeout`, a supervisor) cleans up like Ctrl-C: no orphaned broker or worker.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     s = _settings()
     try:
         r = run_demo(s, agents=agents, duration_s=duration, speedup=speedup,
-                     batch_interval_s=batch_interval, console=console)
+                     batch_interval_s=batch_interval, console=console, policy_path=policy or DEFAULT_POLICY)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: everything the demo started was stopped[/]")
         raise typer.Exit(130) from None
-    except (BrokerError, ClickHouseLocked) as e:
+    except (BrokerError, ClickHouseLocked, ControlError) as e:
         raise _fail(str(e)) from None
+    d = Table(title=f"stream decisions (policy {r.policy_path.name})")
+    d.add_column("decision")
+    d.add_column("events", justify="right")
+    for decision, n in sorted(r.decisions.items(), key=lambda kv: -kv[1]):
+        d.add_row(decision, f"{n:,}")
+    console.print(d)
     t = Table(title="what landed in ClickHouse (this run)")
     t.add_column("event kind")
     t.add_column("rows", justify="right")
@@ -90,16 +99,19 @@ def demo(
         t.add_row(kind, f"{n:,}")
     t.add_row("[bold]total", f"[bold]{r.events_stored:,}")
     console.print(t)
+    accounted = sum(r.decisions.values())
     console.print(f"events produced:     {r.events_produced:,}  (stored {r.events_stored:,}, "
+                  f"{accounted - r.decisions.get('stored', 0):,} dropped by policy, "
                   f"{r.deadlettered} dead-lettered messages in the topic)")
     console.print(f"bytes/event:         {r.payload_bytes_per_event:.1f} Avro payload, "
                   f"{r.wire_bytes_per_event:.1f} on the wire (zstd, incl. Kafka framing)")
     console.print(f"throughput:          {r.events_produced / r.produce_seconds:,.0f} events/s produced; "
                   f"{r.events_stored / r.total_seconds:,.0f} events/s stored, first batch to drained "
                   f"({r.total_seconds:.1f}s)")
-    if r.events_stored != r.events_produced:
-        raise _fail(f"{r.events_produced - r.events_stored:,} events did not land (see the stream "
-                    "worker log and the dead-letter topic)")
+    if accounted != r.events_produced or r.events_stored != r.decisions.get("stored", 0):
+        raise _fail(f"events unaccounted for: produced {r.events_produced:,}, decided {accounted:,}, "
+                    f"stored {r.events_stored:,} vs {r.decisions.get('stored', 0):,} accepted (see the "
+                    "stream worker log and the dead-letter topic)")
 
 
 @kafka_app.command("up")

@@ -14,14 +14,17 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from handtrace.agent.simulator import FleetStats, SimulatedFleet
+from handtrace.control.publish import policy_record, publish
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics, group_lag
 from handtrace.core.localbroker import LocalBroker
@@ -43,6 +46,8 @@ class DemoResult:
     produce_seconds: float
     total_seconds: float
     deadlettered: int
+    decisions: dict[str, int]
+    policy_path: Path
 
 
 def local_broker(settings: Settings) -> LocalBroker:
@@ -61,8 +66,27 @@ def _progress_table(fleet: FleetStats, sink: Sink, phase: str) -> Table:
     return t
 
 
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.json"
+
+
+def stream_decisions(settings: Settings) -> dict[str, int]:
+    """Events by decision, scraped from the stream worker's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{settings.stream.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()  # noqa: S310 -- our own local worker
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "handtrace_stream_events":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["decision"]] = int(sample.value)
+    return out
+
+
 def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: float,
-             batch_interval_s: float, console: Console, drain_timeout_s: float = 120.0) -> DemoResult:
+             batch_interval_s: float, console: Console, drain_timeout_s: float = 120.0,
+             policy_path: Path = DEFAULT_POLICY) -> DemoResult:
     """Run the demo; always cleans up what it started."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     topics = Topics.from_settings(settings.topics)
@@ -83,6 +107,8 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
             console.print(f"[green]✓[/] using Kafka at {settings.kafka.bootstrap()}")
         created = ensure_topics(settings.kafka, settings.topics)
         console.print(f"[green]✓[/] topics ready ({len(created)} created)")
+        publish(settings, policy_record(policy_path, actor="demo", reason="demo policy"))
+        console.print(f"[green]✓[/] policy published ({policy_path})")
         sink = open_sink(settings)
         console.print(f"[green]✓[/] ClickHouse ready at {dsn}")
         log_path = settings.state_dir / "stream-worker.log"
@@ -117,6 +143,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
             live.update(_progress_table(fleet.stats, sink, "done"))
         t_drained = time.monotonic()
         stats = fleet.stats
+        decisions = stream_decisions(settings)
         stop_sink.set()
         sink_thread.join(60)
         client = clickhouse.connect(dsn)
@@ -129,7 +156,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         dead = group_end(settings, topics.deadletter)
         n = max(stats.events, 1)
         return DemoResult(stats.events, stored, by_kind, stats.payload_bytes / n, stats.wire_bytes / n,
-                          stats.elapsed, t_drained - t_fleet, dead)
+                          stats.elapsed, t_drained - t_fleet, dead, decisions, policy_path)
     finally:
         stop_sink.set()
         if sink_thread is not None:

@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import Producer
 from pydantic import BaseModel
 
+from handtrace.control.publish import control_record, publish
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import BrokerError, LocalBroker
@@ -26,6 +27,7 @@ from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink.writer import Sink
 from tests.conftest import free_port
+from tests.factories import TEST_POLICY
 
 pytestmark = pytest.mark.integration
 
@@ -138,12 +140,22 @@ class StreamWorker:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:]) if self.log.exists() else ""
 
 
-@pytest.fixture
-def stream_worker(tmp_path: Path) -> Iterator[Callable[[Settings], StreamWorker]]:
-    """Factory: start a Faust worker for given settings; stopped at teardown."""
-    workers: list[StreamWorker] = []
+def publish_policy(s: Settings, policy: dict[str, Any]) -> None:
+    """Publish a global policy (workers read the policy topic to its end before enforcing)."""
+    publish(s, control_record("policy_update", employee_id=None, actor="test", role="ops", policy=policy))
 
-    def start(s: Settings) -> StreamWorker:
+
+@pytest.fixture
+def stream_worker(tmp_path: Path) -> Iterator[Callable[..., StreamWorker]]:
+    """Factory: start a Faust worker for given settings, after publishing ``policy`` (default: the
+    policy that allows tests/factories.py events; None: publish nothing). Stopped at teardown."""
+    workers: list[StreamWorker] = []
+    published: set[str] = set()
+
+    def start(s: Settings, policy: dict[str, Any] | None = TEST_POLICY) -> StreamWorker:
+        if policy is not None and s.topics.prefix not in published:
+            publish_policy(s, policy)
+            published.add(s.topics.prefix)
         w = StreamWorker(s, tmp_path / f"worker-{len(workers)}.log")
         w.start()
         workers.append(w)

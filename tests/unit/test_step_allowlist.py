@@ -264,7 +264,7 @@ def test_a_pipeline_frame_goes_through() -> None:
     frame = BatchPipeline([])._frame([(SourceMessage(payload, 0, 0), parse_event_batch(payload))])
     policy = Policy(allowed_apps=frozenset({"firefox"}), allowed_domains=("google.com",))
     result = AllowlistStep()(frame, BatchContext(T0, policy=policy))
-    # The factory stamps the app on focus changes only (every 7th event, the 6th first).
-    assert result.dropped == {"no_app_context": 5}
-    assert result.frame.height == 65
+    # The factory stamps the focused app on every event, as agents do.
+    assert result.dropped == {}
+    assert result.frame.height == 70
     assert result.frame.get_column("url").unique().to_list() == ["https://docs.google.com/d/1"]

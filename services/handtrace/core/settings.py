@@ -186,6 +186,14 @@ class StreamSettings(BaseModel):
         default=10.0, ge=6, le=300, description="Kafka group session timeout: how soon a dead "
         "worker's partitions move to a live one.",
     )
+    episode_s: int = Field(
+        default=600, ge=10, le=86_400, description="Sampling unit: an employee-device episode of "
+        "this many seconds is kept or dropped whole, so stored trajectories stay contiguous.",
+    )
+    pointer_max_hz: float | None = Field(
+        default=None, gt=0, le=1000, description="Keep at most this many pointer moves per second "
+        "per device (stream-side decimation); unset: off (agents coalesce at the source).",
+    )
     clock_skew_margin_s: float = Field(
         default=2.0, ge=0, le=300, description="Pause windows and exemptions are widened by this "
         "on both sides (agent clock drift); widening only ever drops more (fails closed).",

@@ -9,6 +9,7 @@ messages; the sink drops replays by source offset (services/handtrace/sink/write
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import secrets
@@ -28,9 +29,13 @@ from handtrace.stream import metrics
 from handtrace.stream.controls import apply_control, dumps, loads
 from handtrace.stream.pipeline import BatchPipeline, SourceMessage
 from handtrace.stream.policy import Policy
+from handtrace.stream.steps import Step
+from handtrace.stream.steps.allowlist import AllowlistStep
 from handtrace.stream.steps.exemption import ExemptionStep
 from handtrace.stream.steps.pause import PauseStep
 from handtrace.stream.steps.pseudonymise import PseudonymiseStep
+from handtrace.stream.steps.redact import RedactStep
+from handtrace.stream.steps.sample import PointerDecimateStep, SampleStep
 from handtrace.stream.steps.validate import ValidateStep
 
 log = logging.getLogger("handtrace.stream")
@@ -55,16 +60,21 @@ def pseudonym_key(settings: Settings) -> bytes:
 def build_pipeline(settings: Settings) -> BatchPipeline:
     """The steps in order, from settings. Order matters: drop what must not be stored
     (exempt, paused) before anything else looks at it; pseudonymise last."""
-    skew = settings.stream.clock_skew_margin_s
-    return BatchPipeline(
-        [
-            ValidateStep(settings.stream.max_future_skew_s),
-            ExemptionStep(skew_margin_s=skew),
-            PauseStep(skew_margin_s=skew),
-            PseudonymiseStep(pseudonym_key(settings)),
-        ],
-        max_batch_events=settings.stream.max_batch_events,
-    )
+    st = settings.stream
+    key = pseudonym_key(settings)
+    steps: list[Step] = [
+        ValidateStep(st.max_future_skew_s),
+        ExemptionStep(skew_margin_s=st.clock_skew_margin_s),
+        PauseStep(skew_margin_s=st.clock_skew_margin_s),
+        AllowlistStep(),
+        # Sampling decisions are keyed by a key derived from the pseudonym key, so they cannot be
+        # predicted (or steered) without it, and replays decide identically.
+        SampleStep(key=hashlib.sha256(b"handtrace-sampling:" + key).digest(), episode_s=st.episode_s),
+    ]
+    if st.pointer_max_hz:
+        steps.append(PointerDecimateStep(max_hz=st.pointer_max_hz))
+    steps += [RedactStep(), PseudonymiseStep(key)]
+    return BatchPipeline(steps, max_batch_events=st.max_batch_events)
 
 
 class PolicyState:
@@ -206,6 +216,8 @@ def create_app(settings: Settings) -> faust.App:
             metrics.BATCH_EVENTS.observe(outcome.events_in)
             for reason, count in outcome.dropped.items():
                 metrics.EVENTS.labels(reason).inc(count)
+            for kind, count in outcome.redacted.items():
+                metrics.REDACTED.labels(kind).inc(count)
             for d in outcome.deadletters:
                 metrics.MESSAGES.labels("deadlettered").inc()
                 metrics.DEADLETTERS.labels(d.reason).inc()

@@ -38,3 +38,9 @@ PAUSES_CLAMPED = Counter(
     "handtrace_stream_pauses_clamped_total", "Pause requests longer than 30 minutes, clamped to 30."
 )
 POLICY_VERSION = Gauge("handtrace_stream_policy_version", "Version of the global policy in force.")
+REDACTED = Counter(
+    "handtrace_stream_fields_redacted_total",
+    "Values redacted or masked in stored rows, by kind (email, phone, card, national_id, secret, "
+    "policy_none, policy_masked, password_field, key_code_masked).",
+    ["kind"],
+)

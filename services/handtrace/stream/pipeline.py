@@ -53,6 +53,7 @@ class BatchOutcome:
     deadletters: list[DeadLetter] = field(default_factory=list)
     events_in: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    redacted: Counter[str] = field(default_factory=Counter)
 
     @property
     def stored(self) -> int:
@@ -131,12 +132,12 @@ class BatchPipeline:
             return out
         try:
             frame = self._frame(parsed)
-            kept, dropped = self._run_steps(frame, ctx)
+            kept, dropped, redacted = self._run_steps(frame, ctx)
         except Exception:  # noqa: BLE001 -- isolate the culprit message by message
             if len(parsed) == 1:
                 m, pb = parsed[0]
                 try:
-                    kept, dropped = self._run_steps(self._frame(parsed), ctx)
+                    kept, dropped, redacted = self._run_steps(self._frame(parsed), ctx)
                 except DecodeError as e:
                     out.deadletters.append(DeadLetter(m, e.reason, e.detail, pb.count))
                     return out
@@ -148,10 +149,12 @@ class BatchPipeline:
                     sub = self.process_many([one[0]], received_at_us, policy=ctx.policy, controls=ctx.controls)
                     out.deadletters += sub.deadletters
                     out.dropped.update(sub.dropped)
+                    out.redacted.update(sub.redacted)
                     for p, t in sub.rows.items():
                         out.rows[p] = pa.concat_tables([out.rows[p], t]) if p in out.rows else t
                 return out
         out.dropped.update(dropped)
+        out.redacted.update(redacted)
         if kept.height:
             for (p,), part in kept.partition_by("source_partition", as_dict=True, maintain_order=True).items():
                 out.rows[int(p)] = to_stored(part, received_at_us)  # type: ignore[call-overload]
@@ -190,14 +193,16 @@ class BatchPipeline:
         )
         return events.with_columns(headers.select(pl.all().gather(idx)))
 
-    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, Counter[str]]:
+    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, Counter[str], Counter[str]]:
         dropped: Counter[str] = Counter()
+        redacted: Counter[str] = Counter()
         for step in self.steps:
             result = step(frame, ctx)
             frame = result.frame
             dropped.update(result.dropped)
+            redacted.update(result.redacted)
         to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
-        return frame, dropped
+        return frame, dropped, redacted
 
     def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
         """One message (convenience for tests and tools)."""
