@@ -94,3 +94,68 @@ def test_pause_and_exemption_hold_for_late_data_and_across_a_worker_kill(  # typ
     assert sorted(by_emp.get(kx, [])) == sorted(before_exempt), "events of an exempt employee stored"
     assert sorted(by_emp.get(kok, [])) == sorted(times_ok + after_times)
     assert set(by_emp) <= {kp, kx, kok}
+
+
+def _typed(employee: str, t0: int, text: str, app: str, url: str | None, seed: int) -> tuple[bytes, int]:
+    """A batch where ``text`` is typed one character per key_down (with key_ups), in ``app``."""
+    rng = random.Random(seed)
+    events = [dict(make_event("focus_change", t0, rng), app_id=app, url=url,
+                   window_title="Inbox - ana.lopez@example.org - Mail")]
+    for i, ch in enumerate(text):
+        down = dict(make_event("key_down", t0 + (2 * i + 1) * 1000, rng), app_id=app, url=url, text=ch,
+                    key_code=ord(ch))
+        up = dict(make_event("key_up", t0 + (2 * i + 2) * 1000, rng), app_id=app, url=url, key_code=ord(ch))
+        events += [down, up]
+    header = {"batch_id": ids.uuid7_bytes(), "employee_id": employee, "device_id": f"d-{employee}",
+              "agent_version": "test", "os": "linux", "seq": seed, "sent_at_us": t0 + 10 * S}
+    return codec.encode_event_batch(header, events), len(events)
+
+
+def test_allowlist_and_redaction_hold_through_the_broker(  # type: ignore[no-untyped-def]
+    settings_factory, stream_worker, sink_factory
+) -> None:
+    s = settings_factory()
+    t = topics_of(s)
+    policy = {"version": 3, "allowed_apps": ["firefox", "code"], "allowed_domains": ["google.com"],
+              "sampling": {}, "text_capture": {"*": "full"}}
+    worker = stream_worker(s, policy)
+    sink = sink_factory(s)
+    t0 = now_us() - 60 * S
+    typed_pii = "mail ana.lopez@example.org card 4111 1111 1111 1111 ok"
+    cases = [
+        ("emp-a", "firefox", "https://docs.google.com/d/9?token=abc#frag", True),   # allowed, query stripped
+        ("emp-b", "firefox", "https://docs.google.com.evil.net/phish", False),      # look-alike domain
+        ("emp-c", "spotify", None, False),                                           # app not allowlisted
+        ("emp-d", "code", None, True),                                               # allowed app, no url
+    ]
+    p = producer(s)
+    expected = 0
+    for i, (emp, app, url, allowed) in enumerate(cases):
+        payload, n = _typed(emp, t0 + i * S, typed_pii, app, url, i)
+        p.produce(t.events, key=emp.encode(), value=payload)
+        expected += n if allowed else 0
+    p.flush(30)
+    wait_for(lambda: sink.sink.rows_inserted >= expected, 120, f"{expected} rows", worker.tail)
+    wait_for(lambda: group_lag(s.kafka, s.stream.app_id, t.events) == 0
+             and group_lag(s.kafka, s.sink.group_id, t.stored) == 0, 60, "stream and sink to catch up")
+
+    c = clickhouse.connect(s.clickhouse_dsn())
+    rows = c.query(f"SELECT employee_key, app_id, url, window_title, text, kind FROM {s.clickhouse.database}.events "
+                   "ORDER BY employee_key, captured_at").named_results()
+    rows = list(rows)
+    assert len(rows) == expected
+    key = s.stream.pseudonym_key.get_secret_value().encode()
+    allowed_keys = {pseudonym(key, "employee", e) for e, _, _, ok in cases if ok}
+    assert {r["employee_key"] for r in rows} == allowed_keys
+    assert {r["app_id"] for r in rows} <= {"firefox", "code"}
+    for r in rows:
+        assert r["url"] is None or (r["url"] == "https://docs.google.com/d/9"), r["url"]
+        assert "@" not in (r["window_title"] or "")
+    typed_by_emp: dict[str, str] = {}
+    for r in rows:
+        if r["kind"] == "key_down" and r["text"]:
+            typed_by_emp[r["employee_key"]] = typed_by_emp.get(r["employee_key"], "") + r["text"]
+    for typed in typed_by_emp.values():
+        assert not re.search(r"[\w.+-]+@[\w-]+\.[\w.]+", typed), typed
+        assert not re.search(r"(?:\d[ -]?){13,19}", typed), typed
+        assert "mail" in typed and "ok" in typed  # the rest of what was typed survives
