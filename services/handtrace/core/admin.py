@@ -74,7 +74,15 @@ def group_lag(kafka: KafkaSettings, group_id: str, topic: str, timeout_s: float 
     try:
         md = c.list_topics(topic, timeout=timeout_s).topics[topic]
         tps = [TopicPartition(topic, p) for p in md.partitions]
-        committed = c.committed(tps, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                committed = c.committed(tps, timeout=timeout_s)
+                break
+            except KafkaException:  # e.g. NOT_COORDINATOR while a new group's coordinator loads
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         lag = 0
         for tp in committed:
             lo, hi = c.get_watermark_offsets(tp, timeout=timeout_s, cached=False)

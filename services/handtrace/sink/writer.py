@@ -69,7 +69,6 @@ class _Pending:
 class _PartitionState:
     hwm: int = -1
     replay: tuple[int, int, str] | None = None
-    replay_since: float = 0.0
     pending: _Pending = field(default_factory=_Pending)
     commit_at: int | None = None
 
@@ -105,7 +104,6 @@ class Sink:
                 _, lo, hi, token = known[p]
                 st.hwm = hi
                 st.replay = (lo, hi, token)
-                st.replay_since = time.monotonic()
             self._parts[p] = st
 
     # -------------------------------------------------------------- kafka callbacks
@@ -132,11 +130,17 @@ class Sink:
             lo, hi, _token = st.replay
             src = table.column("source_offset")
             floor = max(lo - 1, st.pending.last_source)
-            st.pending.add(table.filter(pc.and_(pc.greater(src, floor), pc.less_equal(src, hi))), offset)
+            in_range = table.filter(pc.and_(pc.greater(src, floor), pc.less_equal(src, hi)))
             beyond = table.filter(pc.greater(src, hi))
             if beyond.num_rows == 0:
+                st.pending.add(in_range, offset)
                 metrics.MESSAGES.labels("replayed").inc()
                 return
+            # The message straddles the end of the replayed range: its in-range rows complete the
+            # replay, but its offset is committed only with the rows beyond (offset - 1 here), so
+            # a crash before those are flushed re-reads it instead of losing them.
+            if in_range.num_rows:
+                st.pending.add(in_range, offset - 1)
             self._flush(p, st)  # completes the interrupted flush with its original token
             table = beyond
         floor = max(st.hwm, st.pending.last_source)
@@ -152,12 +156,20 @@ class Sink:
         metrics.MESSAGES.labels("buffered").inc()
 
     def _due(self, st: _PartitionState) -> bool:
-        if st.pending.empty:
-            return st.replay is not None and time.monotonic() - st.replay_since > self.settings.sink.flush_interval_s
         if st.replay is not None:
-            return time.monotonic() - st.replay_since > self.settings.sink.flush_interval_s
+            # A replay flushes only once its whole source range has been read (a row beyond it,
+            # or the end of the partition): flushing part of it under the original token would
+            # let ClickHouse drop the rest as a duplicate insert.
+            return False
+        if st.pending.empty:
+            return False
         return (st.pending.rows >= self.settings.sink.flush_rows
                 or time.monotonic() - st.pending.opened >= self.settings.sink.flush_interval_s)
+
+    def _on_partition_eof(self, p: int) -> None:
+        st = self._parts.get(p)
+        if st is not None and st.replay is not None:
+            self._flush(p, st)
 
     def _flush(self, p: int, st: _PartitionState) -> None:
         pend = st.pending
@@ -245,6 +257,7 @@ class Sink:
             "group.id": self.group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": self.settings.topics.max_message_bytes * 2,
             "log_level": 3,
@@ -259,7 +272,9 @@ class Sink:
                 for m in msgs:
                     err = m.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            self._on_partition_eof(m.partition())
+                        else:
                             log.warning("consumer error: %s", err)
                         continue
                     self._consume_one(m)
@@ -298,7 +313,9 @@ class Sink:
         lag = 0
         try:
             for tp in c.assignment():
-                lo, hi = c.get_watermark_offsets(tp, timeout=1, cached=False)
+                # Cached watermarks come with every fetch; a broker round trip here would queue
+                # behind the consumer's pending fetch and stall the loop (~0.5 s per partition).
+                lo, hi = c.get_watermark_offsets(tp, cached=True)
                 pos = c.position([tp])[0].offset
                 lag += max(hi - (pos if pos >= 0 else lo), 0)
         except KafkaException:
