@@ -154,6 +154,10 @@ class SinkSettings(BaseModel):
     flush_rows: int = Field(default=50_000, ge=1, description="Flush a partition at this many rows.")
     flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="...or this often.")
     group_id: str = Field(default="handtrace-sink", description="Consumer group of the sink.")
+    session_timeout_s: float = Field(
+        default=10.0, ge=6, le=300, description="Kafka group session timeout: how soon a dead "
+        "sink's partitions move to a live one (its last flush is then replayed, exactly once).",
+    )
     poll_messages: int = Field(default=500, ge=1, le=100_000, description="Messages taken per consumer poll.")
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
 

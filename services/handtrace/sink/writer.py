@@ -258,6 +258,8 @@ class Sink:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": True,
+            "session.timeout.ms": int(self.settings.sink.session_timeout_s * 1000),
+            "heartbeat.interval.ms": int(min(3.0, self.settings.sink.session_timeout_s / 3) * 1000),
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": self.settings.topics.max_message_bytes * 2,
             "log_level": 3,
