@@ -168,8 +168,12 @@ class StreamSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     app_id: str = Field(default="handtrace-stream", description="Faust app id (also its consumer group).")
+    max_rows_per_message: int = Field(
+        default=20_000, ge=100, le=1_000_000, description="Accepted rows are published in messages "
+        "of at most about this many rows (cut between source batches), well under the size limit.",
+    )
     max_batch_events: int = Field(
-        default=100_000, ge=1, description="Batches with more events are dead-lettered (oversized)."
+        default=50_000, ge=1, description="Batches with more events are dead-lettered (oversized)."
     )
     micro_batch_messages: int = Field(
         default=500, ge=1, le=100_000,

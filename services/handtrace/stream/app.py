@@ -27,7 +27,7 @@ from handtrace.core.settings import SecurityProtocol, Settings, load_settings
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
 from handtrace.stream.controls import apply_control, dumps, loads
-from handtrace.stream.pipeline import BatchPipeline, SourceMessage
+from handtrace.stream.pipeline import BatchPipeline, SourceMessage, split_by_source
 from handtrace.stream.policy import Policy
 from handtrace.stream.steps import Step
 from handtrace.stream.steps.allowlist import AllowlistStep
@@ -212,7 +212,8 @@ def create_app(settings: Settings) -> faust.App:
             controls = {emp: loads(controls_table.get(emp)) for emp in employees}
             with metrics.PROCESS_SECONDS.time():
                 outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls)
-                payloads = {p: (to_ipc(t), t) for p, t in outcome.rows.items()}
+                payloads = [(p, to_ipc(chunk), chunk) for p, t in outcome.rows.items()
+                            for chunk in split_by_source(t, settings.stream.max_rows_per_message)]
             metrics.BATCH_EVENTS.observe(outcome.events_in)
             for reason, count in outcome.dropped.items():
                 metrics.EVENTS.labels(reason).inc(count)
@@ -230,7 +231,7 @@ def create_app(settings: Settings) -> faust.App:
                 )
             metrics.MESSAGES.labels("accepted").inc(len(msgs) - len(outcome.deadletters))
             metrics.EVENTS.labels("stored").inc(outcome.stored)
-            for partition, (payload, table) in payloads.items():
+            for partition, payload, table in payloads:
                 # Same partition number as the source: the sink's per-partition offset
                 # bookkeeping (writer.py) relies on it.
                 await accepted.send(

@@ -84,6 +84,32 @@ def _sent_at_us(value: object) -> int:
     return int(value.timestamp() * 1_000_000)  # type: ignore[attr-defined]
 
 
+def split_by_source(table: pa.Table, max_rows: int) -> list[pa.Table]:
+    """Cut stored rows into chunks of at most ``max_rows`` (so every Kafka message stays well under
+    the broker's size limit) -- but only between source messages: the sink deduplicates replays by
+    source offset and relies on all rows of one source message travelling in one message. A
+    single source message larger than ``max_rows`` stays whole."""
+    n = table.num_rows
+    if n <= max_rows:
+        return [table]
+    src = table.column("source_offset").to_numpy()
+    starts = np.flatnonzero(np.diff(src)) + 1  # first row of each source message after the first
+    chunks = []
+    begin = 0
+    while begin < n:
+        limit = begin + max_rows
+        if limit >= n:
+            end = n
+        else:
+            # last source boundary within the limit, else the first one after it
+            i = np.searchsorted(starts, limit, side="right")
+            cands = starts[:i][starts[:i] > begin]
+            end = int(cands[-1]) if len(cands) else int(starts[i]) if i < len(starts) else n
+        chunks.append(table.slice(begin, end - begin))
+        begin = end
+    return chunks
+
+
 def to_stored(frame: pl.DataFrame, received_at_us: int) -> pa.Table:
     """Shape accepted rows as STORED_SCHEMA. Refuses rows that still carry raw ids."""
     raw = {"employee_id", "device_id"} & set(frame.columns)
