@@ -52,7 +52,7 @@ HEADER_SOURCE_PARTITION = "ht-source-partition"
 HEADER_SOURCE_OFFSET = "ht-source-offset"
 HEADER_ROWS = "ht-rows"
 
-_WRITE_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+_WRITE_OPTIONS = ipc.IpcWriteOptions(compression="lz4")
 
 
 def to_ipc(table: pa.Table) -> bytes:

@@ -180,7 +180,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=min(3.0, settings.stream.session_timeout_s / 3),
         producer_max_request_size=settings.topics.max_message_bytes,
         consumer_max_fetch_size=settings.topics.max_message_bytes,
-        producer_compression_type="lz4",
+        producer_compression_type=None,  # accepted rows are lz4-compressed Arrow IPC already
         producer_linger_ms=5,
         datadir=str(settings.state_dir / "faust"),
     )
