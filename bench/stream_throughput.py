@@ -84,7 +84,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from pydantic import BaseModel
 
 from handtrace.agent import synthetic
 from handtrace.agent.synthetic import SyntheticActivity
@@ -93,7 +92,7 @@ from handtrace.core.admin import ensure_topics
 from handtrace.core.clock import now_us
 from handtrace.core.localbroker import KAFKA_VERSION, BrokerError, LocalBroker
 from handtrace.core.producer import producer_config
-from handtrace.core.settings import Settings
+from handtrace.core.settings import Settings, settings_env
 from handtrace.core.topics import Topics
 from handtrace.sink.schema import migrate
 from handtrace.sink.writer import Sink
@@ -132,22 +131,6 @@ def machine_info() -> str:
             f"Python {platform.python_version()}, faust {faust.__version__}, polars {pl.__version__}, "
             f"pyarrow {pa.__version__}, chdb {chdb.__version__}, confluent-kafka {confluent_kafka.version()[0]}, "
             f"Apache Kafka {KAFKA_VERSION} (KRaft, single node, same machine)")
-
-
-def settings_env(s: Settings) -> dict[str, str]:
-    """The HANDTRACE_* environment that reproduces ``s`` in a subprocess."""
-    env: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
-        elif value is not None:
-            v = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"HANDTRACE_{prefix}"] = str(v.value if hasattr(v, "value") else v)
-
-    walk("", s)
-    return env
 
 
 class Worker:

@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
-from pydantic import BaseModel
 
 from handtrace.control.publish import control_record, publish
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import BrokerError, LocalBroker
 from handtrace.core.producer import producer_config
-from handtrace.core.settings import Settings
+from handtrace.core.settings import Settings, settings_env
 from handtrace.core.topics import Topics
 from handtrace.sink.writer import Sink
 from tests.conftest import free_port
@@ -63,22 +62,6 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
-
-
-def settings_env(s: Settings) -> dict[str, str]:
-    """The HANDTRACE_* environment that reproduces ``s`` in a subprocess."""
-    env: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
-        elif value is not None:
-            v = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-            env[f"HANDTRACE_{prefix}"] = str(v.value if hasattr(v, "value") else v)
-
-    walk("", s)
-    return env
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import group_lag
+from handtrace.core.settings import settings_env
 from handtrace.sink.schema import migrate
 from tests.factories import make_batch
-from tests.integration.conftest import producer, settings_env, topics_of, wait_for
+from tests.integration.conftest import producer, topics_of, wait_for
 
 BATCHES = 80
 PER_BATCH = 250

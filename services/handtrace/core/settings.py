@@ -266,6 +266,23 @@ def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
 _NON_SETTINGS_ENV = {"HANDTRACE_TEST_BOOTSTRAP", "HANDTRACE_PYTHON", "HANDTRACE_PSEUDONYM_KEY"}
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The HANDTRACE_* environment that reproduces ``settings`` (secrets in clear) -- for starting
+    a service as a subprocess with exactly these settings."""
+    env: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
+        elif value is not None:
+            v = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"HANDTRACE_{prefix}"] = str(v.value if isinstance(v, StrEnum) else v)
+
+    walk("", settings)
+    return env
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment; keyword overrides win (used by the CLI and tests)."""
     return Settings(**overrides)
