@@ -35,7 +35,6 @@ import hmac
 import io
 import logging
 import re
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,6 +48,7 @@ from handtrace.core import clickhouse, codec
 from handtrace.core.settings import Settings, load_settings
 from handtrace.core.topics import Topics
 from handtrace.sink.schema import migrate
+from handtrace.stream.app import run_worker
 from handtrace.stream.controls import apply_control, dumps, loads
 from handtrace.stream.policy import EmployeeControls, Policy
 from handtrace.stream.steps.allowlist import host_allowed, stored_url, url_host
@@ -344,9 +344,7 @@ def create_app(settings: Settings) -> faust.App:
 
 def main() -> None:
     settings = load_settings()
-    app = create_app(settings)
-    sys.argv = [sys.argv[0], "worker", "-l", settings.stream.log_level, "--without-web"]
-    app.main()
+    run_worker(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -270,11 +270,15 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def main() -> None:
-    """Run one stream worker (blocks until stopped by SIGTERM/SIGINT)."""
+def run_worker(app: faust.App, settings: Settings) -> None:
+    """Run ``app`` as a Faust worker with our log level and no Faust web server (blocks)."""
     import sys
 
-    settings = load_settings()
-    app = create_app(settings)
     sys.argv = [sys.argv[0], "worker", "-l", settings.stream.log_level, "--without-web"]
     app.main()
+
+
+def main() -> None:
+    """Run one stream worker (blocks until stopped by SIGTERM/SIGINT)."""
+    settings = load_settings()
+    run_worker(create_app(settings), settings)

@@ -1,10 +1,14 @@
-"""Shared by the pause and exemption steps: which rows fall inside an employee's time spans."""
+"""Shared by the pause and exemption steps: drop rows that fall inside an employee's time spans,
+widened by a clock-skew margin (widening only ever drops more: fails closed)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import polars as pl
+
+from handtrace.stream.steps import StepResult
 
 
 def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[tuple[str, int, int]]) -> pl.DataFrame:
@@ -27,3 +31,24 @@ def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[tuple[str, int, int]
     if hits.len() == 0:
         return frame
     return frame.filter(~row.is_in(hits.implode()))
+
+
+@dataclass(frozen=True)
+class SpanStep:
+    """Base of the pause and exemption steps. Config: skew margin in seconds (>= 0)."""
+
+    skew_margin_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.skew_margin_s < 0:
+            raise ValueError("skew_margin_s must be >= 0")
+
+    @property
+    def margin_us(self) -> int:
+        return int(self.skew_margin_s * 1_000_000)
+
+    def drop(self, frame: pl.DataFrame, spans: Sequence[tuple[str, int, int]], reason: str) -> StepResult:
+        """Rows outside ``spans``; the dropped ones counted under ``reason``."""
+        kept = drop_rows_in_spans(frame, spans)
+        dropped = frame.height - kept.height
+        return StepResult(kept, {reason: dropped} if dropped else {})

@@ -9,29 +9,19 @@ from dataclasses import dataclass
 import polars as pl
 
 from handtrace.stream.steps import BatchContext, StepResult
-from handtrace.stream.steps._spans import drop_rows_in_spans
+from handtrace.stream.steps._spans import SpanStep
 
 _FOREVER = 2**62
 
 
 @dataclass(frozen=True)
-class ExemptionStep:
-    """Drops rows of employees exempt at capture time. Config: skew margin in seconds."""
+class ExemptionStep(SpanStep):
+    """Drops rows of employees exempt at capture time. Config: skew margin in seconds (>= 0)."""
 
-    skew_margin_s: float = 2.0
     name: str = "exemption"
 
-    def __post_init__(self) -> None:
-        if self.skew_margin_s < 0:
-            raise ValueError("skew_margin_s must be >= 0")
-
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
-        margin = int(self.skew_margin_s * 1_000_000)
-        rows = [
-            (employee, e.from_us - margin, _FOREVER if e.until_us is None else e.until_us + margin)
-            for employee, c in ctx.controls.items()
-            for e in c.exemptions
-        ]
-        kept = drop_rows_in_spans(frame, rows)
-        dropped = frame.height - kept.height
-        return StepResult(kept, {"exempt": dropped} if dropped else {})
+        m = self.margin_us
+        spans = [(employee, e.from_us - m, _FOREVER if e.until_us is None else e.until_us + m)
+                 for employee, c in ctx.controls.items() for e in c.exemptions]
+        return self.drop(frame, spans, "exempt")

@@ -15,27 +15,17 @@ from dataclasses import dataclass
 import polars as pl
 
 from handtrace.stream.steps import BatchContext, StepResult
-from handtrace.stream.steps._spans import drop_rows_in_spans
+from handtrace.stream.steps._spans import SpanStep
 
 
 @dataclass(frozen=True)
-class PauseStep:
+class PauseStep(SpanStep):
     """Drops rows inside a (widened) pause window. Config: skew margin in seconds (>= 0)."""
 
-    skew_margin_s: float = 2.0
     name: str = "pause"
 
-    def __post_init__(self) -> None:
-        if self.skew_margin_s < 0:
-            raise ValueError("skew_margin_s must be >= 0")
-
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
-        margin = int(self.skew_margin_s * 1_000_000)
-        rows = [
-            (employee, w.starts_at_us - margin, w.ends_at_us + margin)
-            for employee, c in ctx.controls.items()
-            for w in c.pauses
-        ]
-        kept = drop_rows_in_spans(frame, rows)
-        dropped = frame.height - kept.height
-        return StepResult(kept, {"paused": dropped} if dropped else {})
+        m = self.margin_us
+        spans = [(employee, w.starts_at_us - m, w.ends_at_us + m)
+                 for employee, c in ctx.controls.items() for w in c.pauses]
+        return self.drop(frame, spans, "paused")
