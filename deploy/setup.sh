@@ -12,6 +12,10 @@ command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_apt+=(maven)
 python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# Tests drive real X11 input (Xvfb + xdotool) and scrape with a real Prometheus (+ promtool).
+command -v Xvfb >/dev/null || need_apt+=(xvfb)
+command -v xdotool >/dev/null || need_apt+=(xdotool)
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
     echo "missing system packages: ${need_apt[*]} (install them, then re-run)" >&2
