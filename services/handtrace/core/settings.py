@@ -215,6 +215,15 @@ class StreamSettings(BaseModel):
     )
 
 
+class FleetSettings(BaseModel):
+    """Fleet exporter: agent heartbeats -> Prometheus fleet-impact metrics."""
+
+    model_config = ConfigDict(frozen=True)
+
+    group_id: str = Field(default="handtrace-fleet", description="Consumer group of the fleet exporter.")
+    metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
+
+
 class Settings(BaseSettings):
     """All handtrace settings. Environment: HANDTRACE_<FIELD>, nested with `__`."""
 
@@ -232,12 +241,15 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     sink: SinkSettings = SinkSettings()
     stream: StreamSettings = StreamSettings()
+    fleet: FleetSettings = FleetSettings()
 
     @model_validator(mode="after")
     def _distinct_metrics_ports(self) -> Settings:
-        ports = [self.stream.metrics_port, self.sink.metrics_port]
-        if ports[0] and ports[0] == ports[1]:
-            raise ValueError(f"stream and sink metrics ports are both {ports[0]}")
+        ports = {"stream": self.stream.metrics_port, "sink": self.sink.metrics_port,
+                 "fleet": self.fleet.metrics_port}
+        used = [p for p in ports.values() if p]
+        if len(used) != len(set(used)):
+            raise ValueError(f"metrics ports must differ between services: {ports}")
         return self
 
     def clickhouse_dsn(self) -> str:
