@@ -45,13 +45,13 @@ import faust
 from confluent_kafka import Consumer, TopicPartition
 
 from handtrace.core import clickhouse, codec
+from handtrace.core.domains import host_allowed, stored_url, url_host
 from handtrace.core.settings import Settings, load_settings
 from handtrace.core.topics import Topics
 from handtrace.sink.schema import migrate
 from handtrace.stream.app import run_worker
 from handtrace.stream.controls import apply_control, dumps, loads
 from handtrace.stream.policy import EmployeeControls, Policy
-from handtrace.stream.steps.allowlist import host_allowed, stored_url, url_host
 from handtrace.stream.steps.redact import DETECTORS, MASK_CHAR, MASKED_KEYSYM, find_spans, redact_text
 from handtrace.stream.steps.sample import SampleStep
 

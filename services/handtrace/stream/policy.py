@@ -4,41 +4,11 @@ masking) and, per employee, pause windows and exemptions. Built from ControlEven
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Literal
+from dataclasses import dataclass
 
-TextCapture = Literal["none", "masked", "full"]
-MAX_PAUSE_US = 30 * 60 * 1_000_000
+from handtrace.core.policy import MAX_PAUSE_US, Policy, TextCapture
 
-
-@dataclass(frozen=True)
-class Policy:
-    """Global capture policy. An empty allowlist allows nothing (fails closed)."""
-
-    version: int = 0
-    allowed_apps: frozenset[str] = frozenset()
-    allowed_domains: tuple[str, ...] = ()
-    sampling: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
-    text_capture: Mapping[str, TextCapture] = field(default_factory=lambda: MappingProxyType({}))
-
-    @classmethod
-    def from_record(cls, rec: Mapping[str, Any]) -> Policy:
-        """From the Avro ``Policy`` record of a policy_update ControlEvent."""
-        return cls(
-            version=int(rec["version"]),
-            allowed_apps=frozenset(rec.get("allowed_apps") or ()),
-            allowed_domains=tuple(d.lower().strip(".") for d in rec.get("allowed_domains") or ()),
-            sampling=MappingProxyType(dict(rec.get("sampling") or {})),
-            text_capture=MappingProxyType(dict(rec.get("text_capture") or {})),
-        )
-
-    def text_capture_for(self, app_id: str | None) -> TextCapture:
-        """Typed-content policy of an app (`*` is the default; none when unset)."""
-        if app_id is not None and app_id in self.text_capture:
-            return self.text_capture[app_id]
-        return self.text_capture.get("*", "none")
+__all__ = ["MAX_PAUSE_US", "EmployeeControls", "Exemption", "PauseWindow", "Policy", "TextCapture"]
 
 
 @dataclass(frozen=True)

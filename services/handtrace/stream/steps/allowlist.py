@@ -33,25 +33,18 @@ vectorised replace; there is no Python work per event.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 
+from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
 from handtrace.stream.steps import BatchContext, StepResult
 
 NO_APP_CONTEXT = "no_app_context"
 NOT_ALLOWLISTED_APP = "not_allowlisted_app"
 INVALID_URL = "invalid_url"
 NOT_ALLOWLISTED_DOMAIN = "not_allowlisted_domain"
-
-_HOST_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
-_SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
-_UNSAFE_RE = re.compile(r"[\x00-\x20\x7f\\]")
-
 
 def fill_app_context(frame: pl.DataFrame, columns: Iterable[str] = ("app_id", "url")) -> pl.DataFrame:
     """``frame`` with ``app_id`` (and the other ``columns``) filled, within each batch, from the
@@ -62,64 +55,6 @@ def fill_app_context(frame: pl.DataFrame, columns: Iterable[str] = ("app_id", "u
     return tagged.with_columns(
         [pl.col(c).forward_fill().over(["batch_id", "_ctx_seg"]) for c in cols]
     ).drop("_ctx_seg")
-
-
-def url_host(url: str) -> str | None:
-    """The host a browser would connect to for ``url``, normalised; None when that cannot be
-    determined safely (see the module docstring)."""
-    if _UNSAFE_RE.search(url) or not _SCHEME_RE.match(url):
-        return None
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 -- raises ValueError for a malformed port
-    except ValueError:
-        return None
-    if not host:
-        return None
-    if parts.netloc.rsplit("@", 1)[-1].startswith("["):
-        try:
-            return str(ipaddress.IPv6Address(host))
-        except ValueError:
-            return None
-    if host.endswith("."):
-        host = host[:-1]
-    if not host.isascii():
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None
-    host = host.lower()
-    if not _HOST_RE.fullmatch(host):
-        return None
-    return host
-
-
-def stored_url(url: str) -> str:
-    """``url`` without userinfo, query string and fragment, host lowercased (call on urls with
-    a valid host)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1].lower()
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def host_allowed(host: str, domains: Iterable[str]) -> bool:
-    """Whether ``host`` is one of ``domains`` or a subdomain of one (label-wise suffix); an IP
-    address only equals an entry."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return any(host == d or host.endswith("." + d) for d in domains)
-    return host in domains
-
-
-def _normalised_domains(domains: Iterable[str]) -> tuple[str, ...]:
-    out = []
-    for d in domains:
-        d = d.strip().lower().strip(".")
-        if d:
-            out.append(d)
-    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -134,7 +69,7 @@ class AllowlistStep:
         if frame.height == 0:
             return StepResult(frame)
         policy = ctx.policy
-        domains = _normalised_domains(policy.allowed_domains)
+        domains = normalised_domains(policy.allowed_domains)
         filled = fill_app_context(frame)
 
         verdict: dict[str, str | None] = {}
