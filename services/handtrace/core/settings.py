@@ -224,6 +224,58 @@ class FleetSettings(BaseModel):
     metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
 
 
+class AgentSettings(BaseModel):
+    """The endpoint agent on a laptop: what it captures, how it batches, spools and ships."""
+
+    model_config = ConfigDict(frozen=True)
+
+    employee_id: str | None = Field(default=None, description="Employee this laptop captures for "
+                                    "(required to run the agent).")
+    device_id: str | None = Field(default=None, description="Stable device id; unset: derived from "
+                                  "/etc/machine-id (or the host name), hashed.")
+    cohort: str = Field(default="default", pattern=r"^[a-zA-Z0-9._-]{1,64}$",
+                        description="Rollout cohort reported in heartbeats (fleet dashboards).")
+    source: Literal["auto", "x11", "macos", "windows", "synthetic"] = Field(
+        default="auto", description="Capture backend; `auto` picks the one for this OS.")
+    display: str | None = Field(default=None, description="X11 display (default: $DISPLAY).")
+    socket_path: Path | None = Field(default=None, description="Local control socket (pause, resume, "
+                                     "status); a Unix socket, never a network port. Unset: "
+                                     "<state_dir>/agent/agent.sock.")
+    spool_dir: Path | None = Field(default=None, description="On-disk spool; unset: <state_dir>/agent/spool.")
+    spool_max_mb: float = Field(default=200.0, gt=0, description="Spool bound: beyond it the oldest "
+                                "unsent data is dropped (screenshots first), counted in heartbeats.")
+    batch_interval_s: float = Field(default=30.0, ge=1, le=3600, description="Seal and send a batch "
+                                    "this often on mains power.")
+    battery_batch_interval_s: float = Field(default=120.0, ge=1, le=3600, description="...and this "
+                                            "often on battery (fewer radio wakeups).")
+    max_batch_events: int = Field(default=20_000, ge=10, le=50_000, description="Seal a batch early "
+                                  "at this many events (must stay under the stream's limit).")
+    pointer_max_hz: float = Field(default=25.0, gt=0, le=240, description="Pointer moves kept per "
+                                  "second at most (coalesced at the source).")
+    pointer_simplify_px: float = Field(default=1.0, ge=0, le=50, description="Path simplification "
+                                       "tolerance in pixels (Ramer-Douglas-Peucker); 0: off.")
+    heartbeat_interval_s: float = Field(default=60.0, ge=5, le=3600, description="Health heartbeat "
+                                        "period; sent with the next batch wakeup, never on its own.")
+    bandwidth_budget_mb_per_hour: float = Field(default=8.0, gt=0, description="Upload budget (token "
+                                                "bucket); screenshots yield first, events never wait.")
+    screenshots: bool = Field(default=True, description="Take event-driven screenshots of allowlisted "
+                              "windows (on click and focus change, rate-limited, deduplicated).")
+    screenshot_min_interval_s: float = Field(default=30.0, ge=1, description="At most one screenshot "
+                                             "per this many seconds.")
+    screenshot_max_width: int = Field(default=960, ge=64, le=4096, description="Screenshots are "
+                                      "downscaled to this width at most.")
+    screenshot_format: Literal["webp", "jpeg"] = Field(default="webp", description="Screenshot encoding.")
+    screenshot_quality: int = Field(default=60, ge=1, le=100, description="Screenshot encoder quality.")
+    policy_file: Path | None = Field(default=None, description="Policy JSON (deploy/policy.example.json "
+                                     "format) used until the control plane's policy arrives. No "
+                                     "policy at all: nothing is captured (fails closed).")
+    follow_control_plane: bool = Field(default=True, description="Read the policy and this employee's "
+                                       "exemption grants from Kafka at each wakeup.")
+    focus_poll_s: float = Field(default=0.25, ge=0.02, le=5, description="How often the focused window "
+                                "is checked; events whose window is ambiguous (focus changed within "
+                                "one poll) are dropped, fail closed.")
+
+
 class Settings(BaseSettings):
     """All handtrace settings. Environment: HANDTRACE_<FIELD>, nested with `__`."""
 
@@ -242,6 +294,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     stream: StreamSettings = StreamSettings()
     fleet: FleetSettings = FleetSettings()
+    agent: AgentSettings = AgentSettings()
 
     @model_validator(mode="after")
     def _distinct_metrics_ports(self) -> Settings:
