@@ -31,6 +31,7 @@ class Topics:
     heartbeats: str
     stored: str
     deadletter: str
+    screenshots: str
 
     @classmethod
     def from_settings(cls, s: TopicSettings) -> Topics:
@@ -42,6 +43,7 @@ class Topics:
             heartbeats=f"{p}.heartbeats",
             stored=f"{p}.events.accepted",
             deadletter=f"{p}.events.deadletter",
+            screenshots=f"{p}.screenshots.raw",
         )
 
 
@@ -68,6 +70,14 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
             1,
             {"cleanup.policy": "compact"},
             "Global policy (allowlists, sampling, masking), keyed by scope; compacted.",
+        ),
+        TopicSpec(
+            t.screenshots,
+            s.partitions,
+            {"retention.ms": str(hours), "max.message.bytes": max_msg, "compression.type": "producer"},
+            "Screenshot images from agents (WebP/JPEG of allowlisted windows only), keyed by "
+            "employee id; the batch's `screenshot` event carries the sha256 that names the image "
+            "(raw: restricted access).",
         ),
         TopicSpec(
             t.heartbeats,
