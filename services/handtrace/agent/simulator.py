@@ -9,6 +9,7 @@ timestamps stay plausible and end-to-end latency stays meaningful at speedup 1.
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,73 @@ class _Device:
     last_us: int = 0
     next_heartbeat_us: int = 0
     cohort: str = "default"
+
+
+@dataclass
+class _Health:
+    """Simulated device and agent health behind one device's heartbeats."""
+
+    rng: random.Random
+    battery: float | None          # percent; None: a desktop
+    charging: bool
+    device_drain_pct_per_h: float  # whole device on battery (all apps)
+    cpu_share: float               # agent CPU in cores (0.006 = 0.6 % of one core)
+    rss: float
+    exempt: bool
+    flaky_network: bool
+    state: str = "capturing"
+    cpu_seconds: float = 0.0
+    payload_bytes: int = 0
+    events: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    spool_events: int = 0
+    spool_bytes: int = 0
+    last_us: int = 0
+
+    @classmethod
+    def for_device(cls, device_id: str) -> _Health:
+        rng = random.Random(device_id)  # noqa: S311 -- simulation, not security
+        desktop = rng.random() < 0.15
+        heavy = rng.random() < 0.04  # the odd agent that misbehaves: a worst offender
+        return cls(
+            rng=rng, battery=None if desktop else rng.uniform(35, 100), charging=rng.random() < 0.3,
+            device_drain_pct_per_h=rng.uniform(8, 22), cpu_share=rng.lognormvariate(-5.2, 0.5) * (8 if heavy else 1),
+            rss=rng.uniform(70, 160) * 2**20 * (2.5 if heavy else 1), exempt=rng.random() < 0.04,
+            flaky_network=rng.random() < 0.08,
+        )
+
+    def sent(self, payload_bytes: int, events: int) -> None:
+        self.payload_bytes += payload_bytes
+        self.events += events
+        self.dropped["coalesced"] = self.dropped.get("coalesced", 0) + events // 6
+
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def advance(self, dt: float) -> None:
+        r = self.rng
+        if self.battery is not None and dt > 0:
+            if self.charging:
+                self.battery = min(100.0, self.battery + 40.0 * dt / 3600)
+                self.charging = self.battery < 100.0 or r.random() < 0.5
+            else:
+                self.battery = max(1.0, self.battery - self.device_drain_pct_per_h * r.uniform(0.7, 1.3) * dt / 3600)
+                self.charging = self.battery < 15.0 or r.random() < 0.01
+        self.cpu_seconds += self.cpu_share * r.uniform(0.5, 1.5) * dt
+        self.rss = min(max(self.rss * r.uniform(0.985, 1.02), 40 * 2**20), 900 * 2**20)
+        if self.exempt:
+            self.state = "exempt"
+        elif self.state == "paused":
+            self.state = "paused" if r.random() < 0.6 else "capturing"
+        else:
+            self.state = "paused" if r.random() < 0.03 else "capturing"
+        if self.state == "paused" and dt > 0:
+            self.dropped["paused"] = self.dropped.get("paused", 0) + int(dt * r.uniform(5, 20))
+        if self.flaky_network and r.random() < 0.5:
+            self.spool_events = r.randint(200, 20_000)
+            self.spool_bytes = self.spool_events * r.randint(30, 60)
+        else:
+            self.spool_events = self.spool_bytes = 0
 
 
 class SimulatedFleet:
@@ -114,9 +182,30 @@ class SimulatedFleet:
         kinds: dict[str, int] = {}
         for e in events:
             kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
-        return codec.encode_event_batch(header, events), len(events), kinds
+        payload = codec.encode_event_batch(header, events)
+        self._health(d).sent(len(payload), len(events))  # real per-device sizes for heartbeats
+        return payload, len(events), kinds
+
+    def _health(self, d: _Device) -> _Health:
+        """The simulated health behind one device's heartbeats (created on first use)."""
+        health: dict[str, _Health] = self.__dict__.setdefault("_health_by_device", {})
+        if d.device_id not in health:
+            health[d.device_id] = _Health.for_device(d.device_id)
+        return health[d.device_id]
 
     def _heartbeat(self, d: _Device, at_us: int, started_us: int) -> bytes:
+        """A heartbeat with varied, plausible values: batteries drain on battery power and charge
+        when low, CPU seconds accumulate at a per-device rate (a few heavy outliers), bytes sent
+        are the device's real payload sizes (wire bytes by the fleet's measured compression
+        ratio plus framing), a few agents are exempt or pause now and then, spools back up on
+        flaky networks. Deterministic per device id."""
+        h = self._health(d)
+        dt = max((at_us - h.last_us) / 1e6, 0.0) if h.last_us else 0.0
+        h.last_us = at_us
+        h.advance(dt)
+        s = self.stats
+        ratio = s.wire_bytes / s.payload_bytes if s.wire_bytes and s.payload_bytes else 0.45
+        wire = int(h.payload_bytes * min(ratio, 1.0)) + d.seq * 90  # ~90 B produce framing per batch
         return codec.encode_record("heartbeat", {
             "heartbeat_id": ids.uuid7_bytes(at_us // 1000),
             "employee_id": d.employee_id,
@@ -126,18 +215,18 @@ class SimulatedFleet:
             "agent_version": __version__,
             "os": "synthetic",
             "cohort": d.cohort,
-            "state": "capturing",
-            "battery_percent": 80.0,
-            "charging": False,
-            "cpu_seconds": 0.0,
-            "rss_bytes": 0,
-            "payload_bytes_sent": 0,
-            "wire_bytes_sent": 0,
-            "events_captured": 0,
-            "events_sent": 0,
-            "events_dropped": {},
-            "spool_depth_events": 0,
-            "spool_depth_bytes": 0,
+            "state": h.state,
+            "battery_percent": None if h.battery is None else round(h.battery, 2),
+            "charging": None if h.battery is None else h.charging,
+            "cpu_seconds": round(h.cpu_seconds, 4),
+            "rss_bytes": int(h.rss),
+            "payload_bytes_sent": h.payload_bytes,
+            "wire_bytes_sent": wire,
+            "events_captured": h.events + h.dropped_total(),
+            "events_sent": h.events,
+            "events_dropped": dict(h.dropped),
+            "spool_depth_events": h.spool_events,
+            "spool_depth_bytes": h.spool_bytes,
             "radio_wakeups": d.seq,
         })
 

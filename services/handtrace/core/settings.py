@@ -222,6 +222,70 @@ class FleetSettings(BaseModel):
 
     group_id: str = Field(default="handtrace-fleet", description="Consumer group of the fleet exporter.")
     metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
+    clickhouse_dsn: str | None = Field(
+        default=None,
+        description="Where heartbeats are stored (table `heartbeats`, for worst-offender queries). "
+        "Unset: the shared HANDTRACE_CLICKHOUSE__DSN when that is a server; with the embedded engine "
+        "an embedded dir of its own, <state_dir>/clickhouse-fleet (one process per embedded dir; "
+        "the sink owns the default one). See docs/adr/0006-fleet-heartbeat-store.md.",
+    )
+    store_heartbeats: bool = Field(
+        default=True, description="Write heartbeats to ClickHouse (off: Prometheus metrics only)."
+    )
+    flush_interval_s: float = Field(
+        default=2.0, gt=0, le=60, description="Heartbeat rows are inserted this often; Kafka offsets "
+        "are committed only after the insert (at-least-once; the table deduplicates replays).",
+    )
+    online_window_s: float = Field(
+        default=180.0, ge=5, le=86_400, description="An agent is online while its last heartbeat "
+        "arrived within this many seconds (exporter clock); keep it >= 2 heartbeat intervals.",
+    )
+    forget_after_s: float = Field(
+        default=86_400.0, ge=60, description="Agents silent for longer are forgotten (no longer "
+        "counted as silent); bounds the exporter's memory to the active fleet.",
+    )
+    max_heartbeat_age_s: float = Field(
+        default=3600.0, ge=10, description="A heartbeat sent (agent clock) longer ago than this is "
+        "history, not evidence that the agent is online (a replayed backlog marks no one online).",
+    )
+    max_label_values: int = Field(
+        default=32, ge=1, le=1000, description="Distinct values kept per label (os, agent_version, "
+        "cohort, drop reason); later ones become `other` (bounded cardinality, counted).",
+    )
+    lag_interval_s: float = Field(
+        default=10.0, ge=0.5, le=600, description="How often the consumer lag of the stream, sink and "
+        "fleet groups is read from the brokers.",
+    )
+    cpu_watts_per_core: float = Field(
+        default=2.5, gt=0, le=50, description="Energy model: extra package power (W) while the agent "
+        "keeps one core busy, i.e. joules per agent CPU-second.",
+    )
+    radio_wakeup_joules: float = Field(
+        default=0.6, ge=0, le=100, description="Energy model: joules per network send burst (radio "
+        "wake-up plus tail; Wi-Fi ~0.3-1 J, LTE ~5-10 J).",
+    )
+    radio_joules_per_mb: float = Field(
+        default=0.1, ge=0, le=100, description="Energy model: joules per MB on the wire (transfer).",
+    )
+    battery_capacity_wh: float = Field(
+        default=55.0, gt=0, le=500, description="Energy model: battery capacity (Wh) that drain "
+        "percentages refer to (heartbeats carry no capacity; a typical fleet laptop).",
+    )
+    battery_budget_percent_per_hour: float = Field(
+        default=1.0, gt=0, le=100, description="Budget: p95 over the fleet of battery drain "
+        "attributable to the agent (exported as a gauge; the alert compares against it).",
+    )
+    upload_budget_bytes_per_hour: float = Field(
+        default=8_000_000, gt=0, description="Budget: p95 over the fleet of bytes uploaded per "
+        "agent-hour (exported as a gauge; the alert compares against it).",
+    )
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("dsn must start with chdb://, http:// or https://")
+        return v
 
 
 class AgentSettings(BaseModel):

@@ -1,0 +1,145 @@
+"""The ``heartbeats`` table: every heartbeat with the rates derived for its interval, so the
+worst offenders are a ClickHouse query (WORST_OFFENDERS_SQL), not a Prometheus label.
+
+Privacy: the table keeps the device id (SREs need it to fix a misbehaving laptop) but never
+the employee id; it is operational data with restricted access, and it cannot be joined to the
+pseudonymous ``events`` table (device_key there is an HMAC the exporter does not know).
+
+Where it lives: docs/adr/0006-fleet-heartbeat-store.md. With a ClickHouse server the exporter
+shares the sink's DSN and database; with the embedded engine it opens its own data dir, because
+one process at a time may open an embedded dir and the sink owns the default one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from handtrace.core.settings import Settings
+from handtrace.fleet.state import Interval, Observation
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "heartbeats table",
+        """
+        CREATE TABLE IF NOT EXISTS {db}.heartbeats
+        (
+            heartbeat_id UUID,
+            device_id String COMMENT 'device asset id (restricted: SRE remediation); no employee id is stored',
+            sent_at DateTime64(6, 'UTC') COMMENT 'agent clock',
+            received_at DateTime64(6, 'UTC') COMMENT 'exporter clock',
+            agent_started_at DateTime64(6, 'UTC'),
+            agent_version LowCardinality(String),
+            os LowCardinality(String),
+            cohort LowCardinality(String),
+            state LowCardinality(String),
+            battery_percent Nullable(Float32),
+            charging Nullable(Bool),
+            cpu_seconds Float64,
+            rss_bytes Int64,
+            payload_bytes_sent Int64,
+            wire_bytes_sent Int64,
+            events_captured Int64,
+            events_sent Int64,
+            events_dropped Map(String, Int64),
+            spool_depth_events Int64,
+            spool_depth_bytes Int64,
+            radio_wakeups Int64,
+            interval_s Nullable(Float64) COMMENT 'since the previous heartbeat of the same agent run',
+            cpu_percent Nullable(Float64),
+            upload_bytes_per_hour Nullable(Float64),
+            agent_drain_percent_per_hour Nullable(Float64) COMMENT 'energy model; on battery only',
+            device_drain_percent_per_hour Nullable(Float64) COMMENT 'reported battery fall; on battery only'
+        )
+        ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(sent_at)
+        ORDER BY (device_id, sent_at, heartbeat_id)
+        TTL toDateTime(sent_at) + INTERVAL 90 DAY
+        """,
+    ),
+]
+
+COLUMNS = [
+    "heartbeat_id", "device_id", "sent_at", "received_at", "agent_started_at", "agent_version", "os",
+    "cohort", "state", "battery_percent", "charging", "cpu_seconds", "rss_bytes", "payload_bytes_sent",
+    "wire_bytes_sent", "events_captured", "events_sent", "events_dropped", "spool_depth_events",
+    "spool_depth_bytes", "radio_wakeups", "interval_s", "cpu_percent", "upload_bytes_per_hour",
+    "agent_drain_percent_per_hour", "device_drain_percent_per_hour",
+]
+
+# The devices that cost their owners most over the last {hours} hours (agent clock), worst
+# first. Parameters: hours, limit. Used by `handtrace fleet offenders` and the dashboards.
+WORST_OFFENDERS_SQL = """
+SELECT
+    device_id,
+    any(os) AS os,
+    any(agent_version) AS agent_version,
+    any(cohort) AS cohort,
+    round(avg(agent_drain_percent_per_hour), 3) AS agent_drain_pct_per_hour,
+    round(avg(upload_bytes_per_hour) / 1e6, 3) AS upload_mb_per_hour,
+    round(avg(cpu_percent), 3) AS cpu_percent,
+    max(rss_bytes) AS max_rss_bytes,
+    max(spool_depth_bytes) AS max_spool_bytes,
+    count() AS intervals
+FROM {db}.heartbeats FINAL
+WHERE sent_at >= now64(6) - toIntervalHour({hours}) AND interval_s > 0
+GROUP BY device_id
+ORDER BY agent_drain_pct_per_hour DESC, upload_mb_per_hour DESC
+LIMIT {limit}
+"""
+
+
+def worst_offenders_sql(database: str, hours: int = 24, limit: int = 20) -> str:
+    """WORST_OFFENDERS_SQL for a database (identifier validated by settings) and integer bounds."""
+    return WORST_OFFENDERS_SQL.format(db=database, hours=int(hours), limit=int(limit))
+
+
+def fleet_dsn(settings: Settings) -> str:
+    """The DSN the exporter stores heartbeats in (see the module docstring)."""
+    if settings.fleet.clickhouse_dsn:
+        return settings.fleet.clickhouse_dsn
+    shared = settings.clickhouse.dsn
+    if shared and not shared.startswith("chdb://"):
+        return shared
+    return f"chdb://{(settings.state_dir / 'clickhouse-fleet').resolve()}"
+
+
+def migrate(client: Any, database: str) -> list[int]:
+    """Apply pending migrations (own bookkeeping table, so it never collides with the sink's)."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.fleet_schema_migrations "
+        "(id UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY id"
+    )
+    done = {r[0] for r in client.query(f"SELECT id FROM {database}.fleet_schema_migrations").result_rows}
+    applied = []
+    for mid, name, ddl in MIGRATIONS:
+        if mid in done:
+            continue
+        client.command(ddl.format(db=database))
+        client.insert(f"{database}.fleet_schema_migrations", [[mid, name]], column_names=["id", "name"])
+        applied.append(mid)
+    return applied
+
+
+def _ts(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, tz=UTC)
+
+
+def heartbeat_row(hb: dict[str, Any], obs: Observation, received_s: float) -> list[Any]:
+    """One ``heartbeats`` row (column order of COLUMNS)."""
+    iv: Interval | None = obs.interval if obs.interval is not None and obs.interval.seconds > 0 else None
+    return [
+        uuid.UUID(bytes=bytes(hb["heartbeat_id"])), hb["device_id"], _ts(hb["sent_at_us"]),
+        datetime.fromtimestamp(received_s, tz=UTC), _ts(hb["agent_started_at_us"]), str(hb["agent_version"]),
+        str(hb["os"]), str(hb.get("cohort") or ""), hb.get("state") or "capturing", hb.get("battery_percent"),
+        hb.get("charging"), float(hb["cpu_seconds"]), int(hb["rss_bytes"]), int(hb["payload_bytes_sent"]),
+        int(hb["wire_bytes_sent"]), int(hb["events_captured"]), int(hb["events_sent"]),
+        {str(k): int(v) for k, v in (hb.get("events_dropped") or {}).items()},
+        int(hb["spool_depth_events"]), int(hb["spool_depth_bytes"]), int(hb["radio_wakeups"]),
+        iv.seconds if iv else None, iv.cpu_percent if iv else None,
+        iv.upload_bytes_per_hour if iv else None,
+        iv.agent_drain_percent_per_hour if iv else None, iv.device_drain_percent_per_hour if iv else None,
+    ]
