@@ -64,6 +64,11 @@ class CaptureSource(Protocol):
     name: str
     """``x11 | macos | windows | synthetic``; also what the batch header's ``os`` says."""
 
+    # Optional: ``focus_changes: int`` -- a counter the backend increments whenever it *observes*
+    # the focus move (an OS notification, not a poll). With it the agent also notices a switch
+    # away and back between two of its polls (events in between are dropped as ambiguous);
+    # without it such a round trip within one poll interval cannot be seen.
+
     def start(self, emit: Emit) -> None:
         """Begin delivering raw events to ``emit``; returns once listening (events may follow
         at once). Raises :class:`CaptureUnavailable` with a clear message if it cannot."""

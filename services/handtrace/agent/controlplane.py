@@ -1,0 +1,185 @@
+"""What the agent learns from the control plane, read at its own wakeups (never a wakeup of its own):
+the global policy (compacted policy topic) and this employee's exemption grants and revokes (the
+controls topic, only the partition its key maps to, only records with its key).
+
+The last policy and exemption state are cached on disk, so a laptop that starts offline applies
+the policy it last had; a laptop that never had one captures nothing (fails closed).
+
+Reading the whole controls partition filters other employees' records on the laptop: fine for a
+pilot, but production deployments should serve each agent its own controls through a small
+authenticated endpoint (ACLs cannot restrict Kafka reads by key) -- recorded in docs/adr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from aiokafka.partitioner import DefaultPartitioner
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from handtrace.core import codec
+from handtrace.core.codec import DecodeError
+from handtrace.core.policy import Policy
+
+
+@dataclass
+class ControlState:
+    """The agent's view of its controls: policy record and exemption, with read positions."""
+
+    policy: dict[str, Any] | None = None
+    exempt_from_us: int | None = None
+    policy_offset: int = 0
+    controls_offset: int = 0
+    undecodable: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k != "errors"}
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ControlState:
+        d = json.loads(text)
+        return cls(**{k: d[k] for k in ("policy", "exempt_from_us", "policy_offset", "controls_offset",
+                                         "undecodable") if k in d})
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(value: Any) -> int | None:
+    """A timestamp field as integer microseconds (fastavro gives datetimes for timestamp-micros)."""
+    if isinstance(value, datetime):
+        return (value - _EPOCH) // timedelta(microseconds=1)
+    return int(value) if value is not None else None
+
+
+def _jsonable(rec: Any) -> Any:
+    if isinstance(rec, dict):
+        return {k: _jsonable(v) for k, v in rec.items()}
+    if isinstance(rec, list):
+        return [_jsonable(v) for v in rec]
+    if isinstance(rec, bytes):
+        return rec.hex()
+    return rec
+
+
+class ControlPlaneFollower:
+    """Reads new policy and controls up to the end of their partitions, on demand."""
+
+    def __init__(self, consumer_conf: dict[str, Any], *, policy_topic: str, controls_topic: str,
+                 employee_id: str, state_path: Path) -> None:
+        self._conf = {**consumer_conf, "group.id": f"handtrace-agent-{os.getpid()}",
+                      "enable.auto.commit": False, "enable.partition.eof": True,
+                      "auto.offset.reset": "earliest"}
+        self.policy_topic = policy_topic
+        self.controls_topic = controls_topic
+        self.key = employee_id.encode()
+        self.state_path = state_path
+        self.state = ControlState()
+        if state_path.exists():
+            try:
+                self.state = ControlState.from_json(state_path.read_text())
+            except (OSError, ValueError, TypeError, KeyError):
+                self.state = ControlState()  # a damaged cache is rebuilt from the topics
+        self._consumer: Consumer | None = None
+
+    @property
+    def policy(self) -> Policy | None:
+        """The newest policy known, or None."""
+        return Policy.from_record(self.state.policy) if self.state.policy else None
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    def _partition_of_key(self, consumer: Consumer, timeout_s: float) -> int:
+        md = consumer.list_topics(self.controls_topic, timeout=timeout_s)
+        parts = sorted(md.topics[self.controls_topic].partitions)
+        if not parts:
+            raise RuntimeError(f"topic {self.controls_topic} has no partitions")
+        # Java-compatible murmur2, as every handtrace producer partitions keys.
+        return int(DefaultPartitioner()(self.key, parts, parts))
+
+    def refresh(self, timeout_s: float = 5.0) -> bool:
+        """Read what is new; True when the policy or exemption changed. Errors (broker down)
+        are recorded in ``state.errors`` and leave the cached state in force."""
+        before = (self.state.policy, self.state.exempt_from_us)
+        try:
+            if self._consumer is None:
+                self._consumer = Consumer(self._conf)
+            c = self._consumer
+            part = self._partition_of_key(c, timeout_s)
+            self._read(c, TopicPartition(self.policy_topic, 0, self.state.policy_offset or OFFSET_BEGINNING),
+                       self._on_policy, timeout_s)
+            self._read(c, TopicPartition(self.controls_topic, part,
+                                         self.state.controls_offset or OFFSET_BEGINNING),
+                       self._on_control, timeout_s)
+        except Exception as e:  # noqa: BLE001 -- offline is normal for a laptop
+            self.state.errors.append(str(e))
+            del self.state.errors[:-10]
+            self.close()
+            return False
+        self._save()
+        return (self.state.policy, self.state.exempt_from_us) != before
+
+    def _read(self, c: Consumer, tp: TopicPartition, handle: Any, timeout_s: float) -> None:
+        _low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
+        start = tp.offset if tp.offset >= 0 else 0
+        if start >= high:
+            return
+        c.assign([tp])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = c.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                raise RuntimeError(msg.error().str())
+            handle(msg)
+            if msg.offset() + 1 >= high:
+                break
+        c.unassign()
+
+    def _on_policy(self, msg: Any) -> None:
+        self.state.policy_offset = msg.offset() + 1
+        try:
+            rec = codec.decode_record(msg.value(), "control_event")
+        except DecodeError:
+            self.state.undecodable += 1
+            return
+        pol = rec.get("policy")
+        if rec.get("kind") == "policy_update" and pol is not None:
+            if self.state.policy is None or int(pol["version"]) >= int(self.state.policy["version"]):
+                self.state.policy = _jsonable(pol)
+
+    def _on_control(self, msg: Any) -> None:
+        self.state.controls_offset = msg.offset() + 1
+        if msg.key() != self.key:
+            return
+        try:
+            rec = codec.decode_record(msg.value(), "control_event")
+        except DecodeError:
+            self.state.undecodable += 1
+            return
+        kind = rec.get("kind")
+        at = _us(rec.get("exemption_effective_at_us")) or _us(rec.get("occurred_at_us"))
+        if kind == "exemption_grant" and at is not None:
+            self.state.exempt_from_us = at
+        elif kind == "exemption_revoke":
+            self.state.exempt_from_us = None
+
+    def _save(self) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(self.state.to_json())
+        os.replace(tmp, self.state_path)

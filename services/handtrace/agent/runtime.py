@@ -1,0 +1,479 @@
+"""The endpoint agent: capture -> local policy -> coalesce -> batch -> spool -> ship.
+
+Threads (all thin; the logic lives in methods a test or benchmark can drive with its own clock):
+
+- the capture backend's thread(s) call :meth:`Agent.on_event` -- it only checks the capture state
+  (paused / exempt events are counted and forgotten there, so a pause takes effect at once) and
+  appends to a list;
+- a *tick* every ``focus_poll_s`` (:meth:`Agent.tick`): reads the focused window once, decides
+  with the local policy, stamps and masks the events, adds focus changes and screenshots, and
+  seals a batch into the spool when it is full;
+- a *wakeup* every batch interval -- longer on battery (:meth:`Agent.wakeup`): seals the batch,
+  adds a heartbeat when one is due, reads the control plane, and ships the spool. One wakeup is
+  one burst of radio use; nothing else sends.
+
+Privacy properties (tests in tests/unit/test_agent_runtime.py and tests/integration/test_agent_*):
+nothing captured while paused or exempt, nothing of a non-allowlisted window, nothing from a
+window whose identity is ambiguous (focus changed within one tick: fail closed), typed content
+masked per app and nothing of a password field -- all decided before the spool, so excluded
+data never touches the disk or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from handtrace import __version__
+from handtrace.agent.capture import CaptureSource, Event, WindowInfo
+from handtrace.agent.coalesce import coalesce_moves
+from handtrace.agent.health import AgentCounters, HeartbeatBuilder, on_battery
+from handtrace.agent.localpolicy import SAMPLED_OUT, LocalPolicy
+from handtrace.agent.spool import Spool, SpoolEntry
+from handtrace.core import codec, ids
+from handtrace.core.clock import now_us
+from handtrace.core.controls import MAX_PAUSE_MINUTES, control_record
+from handtrace.core.policy import Policy
+from handtrace.core.settings import AgentSettings
+
+Mode = Literal["capturing", "paused", "exempt"]
+AMBIGUOUS_FOCUS = "ambiguous_focus"
+_US = 1_000_000
+
+
+class AgentError(ValueError):
+    """A request the agent refuses; the message says why (shown to the employee)."""
+
+
+def default_device_id() -> str:
+    """A stable, non-identifying device id: a hash of /etc/machine-id (or the host name)."""
+    try:
+        seed = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        seed = ""
+    seed = seed or socket.gethostname()
+    return "dev-" + hashlib.sha256(f"handtrace:{seed}".encode()).hexdigest()[:16]
+
+
+def _window_key(w: WindowInfo | None) -> tuple[Any, ...] | None:
+    # What makes two observations "the same window" for attribution: a title change alone
+    # (a new document name) is not a focus change; another window, app, page or a password
+    # field is.
+    if w is None:
+        return None
+    return (w.window_id, w.app_id, w.url, w.password_field)
+
+
+@dataclass
+class Status:
+    """What `handtrace status` shows."""
+
+    mode: Mode
+    employee_id: str
+    device_id: str
+    source: str
+    paused_until_us: int | None
+    exempt_since_us: int | None
+    policy_version: int
+    focused_app: str | None
+    focused_allowed: bool | None
+    events_captured: int
+    events_sent: int
+    events_dropped: dict[str, int]
+    spool_events: int
+    spool_bytes: int
+    on_battery: bool
+    exemption_requested: bool
+    version: str = __version__
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Agent:
+    """One laptop's agent. Construct, :meth:`start`, and :meth:`stop`; or drive :meth:`on_event`,
+    :meth:`tick` and :meth:`wakeup` yourself with an explicit clock (tests, the footprint
+    benchmark)."""
+
+    def __init__(self, cfg: AgentSettings, source: CaptureSource, spool: Spool, *,
+                 shipper: Any | None = None, follower: Any | None = None,
+                 screenshotter: Any | None = None, policy: Policy | None = None,
+                 clock: Callable[[], int] = now_us, battery_fn: Callable[[], bool] = on_battery,
+                 battery_info: Any | None = None) -> None:
+        if not cfg.employee_id:
+            raise AgentError("no employee id: set HANDTRACE_AGENT__EMPLOYEE_ID (or --employee)")
+        self.cfg = cfg
+        self.employee_id = cfg.employee_id
+        self.device_id = cfg.device_id or default_device_id()
+        self.source = source
+        self.spool = spool
+        self.shipper = shipper
+        self.follower = follower
+        self.screenshotter = screenshotter
+        self.clock = clock
+        self.on_battery = battery_fn
+        self.counters = AgentCounters()
+        self.started_at_us = clock()
+        hb_kw = {"battery_fn": battery_info} if battery_info is not None else {}
+        self.health = HeartbeatBuilder(employee_id=self.employee_id, device_id=self.device_id,
+                                       cohort=cfg.cohort, os=source.name, started_at_us=self.started_at_us,
+                                       **hb_kw)
+        self.local = LocalPolicy(policy)
+        if follower is not None and follower.policy is not None:
+            fp = follower.policy
+            if policy is None or fp.version >= policy.version:
+                self.local = LocalPolicy(fp)
+        self._lock = threading.RLock()
+        self._raw: list[Event] = []
+        self._pending: list[Event] = []
+        self._mode: Mode = "capturing"
+        self._pause_start_us: int | None = None
+        self._pause_until_us: int | None = None
+        self._exempt_since_us: int | None = None
+        self._exemption_requested = False
+        self._last_window: WindowInfo | None = None
+        self._last_key: tuple[Any, ...] | None = ("<start>",)
+        self._last_allowed: bool | None = None
+        self._next_heartbeat_us = self.started_at_us
+        self._batch_started_us = self.started_at_us
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._source_running = False
+        self.last_error: str | None = None
+        if follower is not None and follower.state.exempt_from_us is not None:
+            self._apply_exemption(follower.state.exempt_from_us, start_source=False)
+
+    # ---------------------------------------------------------------- capture thread
+    def on_event(self, ev: Event) -> None:
+        """Called by the capture backend for every raw event (any thread)."""
+        mode = self._mode
+        if mode != "capturing":
+            self.counters.drop(mode)
+            return
+        with self._lock:
+            if self._mode != "capturing":
+                self.counters.drop(self._mode)
+                return
+            self._raw.append(ev)
+
+    # ---------------------------------------------------------------- controls
+    def pause(self, minutes: float, *, reason: str = "") -> int:
+        """Pause capture now for ``minutes`` (at most 30); returns the auto-resume time."""
+        if not 0 < minutes <= MAX_PAUSE_MINUTES:
+            raise AgentError(f"a pause lasts more than 0 and at most {MAX_PAUSE_MINUTES} minutes "
+                             f"(asked {minutes:g}); capture resumes by itself at the end")
+        if self._mode == "capturing":
+            self.tick()  # attribute what was captured before the pause, as any tick would
+        with self._lock:
+            if self._mode == "exempt":
+                raise AgentError("capture is off for good: an exemption is in force")
+            now = self.clock()
+            start = now if self._mode != "paused" else (self._pause_start_us or now)
+            until = now + int(minutes * 60 * _US)
+            until = min(until, start + MAX_PAUSE_MINUTES * 60 * _US)
+            self._mode = "paused"
+            self._pause_start_us = start
+            self._pause_until_us = until
+            # Events captured at or after the pause start never leave memory.
+            self._drop_from(start, "paused")
+            kept = [e for e in self._pending if e["captured_at_us"] < start]
+            self.counters.drop("paused", len(self._pending) - len(kept))
+            self._pending = kept
+            self._spool_control(control_record(
+                "pause_start", employee_id=self.employee_id, actor=self.employee_id, role="employee",
+                reason=reason, at_us=now, pause_starts_at_us=start, pause_ends_at_us=until))
+            return until
+
+    def resume(self, *, auto: bool = False) -> None:
+        """End a pause now (or at its planned end when ``auto``)."""
+        with self._lock:
+            if self._mode != "paused":
+                if auto:
+                    return
+                raise AgentError("capture is not paused")
+            now = self.clock()
+            end = min(now, self._pause_until_us or now) if auto else now
+            self._spool_control(control_record(
+                "pause_end", employee_id=self.employee_id,
+                actor="agent" if auto else self.employee_id, role="system" if auto else "employee",
+                reason="auto-resume" if auto else "", at_us=now,
+                pause_starts_at_us=self._pause_start_us, pause_ends_at_us=end))
+            self._mode = "capturing"
+            self._pause_start_us = self._pause_until_us = None
+            self._last_key = ("<resumed>",)  # the next tick re-announces the focused window
+
+    def request_exemption(self, reason: str) -> None:
+        """Send an exemption request to HR (capture continues until it is granted)."""
+        if not reason.strip():
+            raise AgentError("an exemption request needs a reason (--reason)")
+        with self._lock:
+            self._spool_control(control_record(
+                "exemption_request", employee_id=self.employee_id, actor=self.employee_id,
+                role="employee", reason=reason, at_us=self.clock()))
+            self._exemption_requested = True
+
+    def _apply_exemption(self, since_us: int | None, *, start_source: bool = True) -> None:
+        with self._lock:
+            if since_us is not None and self._mode != "exempt":
+                self._mode = "exempt"
+                self._exempt_since_us = since_us
+                self._pause_start_us = self._pause_until_us = None
+                self._drop_from(since_us, "exempt")
+                dropped_pending = len(self._pending)
+                self._pending = [e for e in self._pending if e["captured_at_us"] < since_us]
+                self.counters.drop("exempt", dropped_pending - len(self._pending))
+                stop_source = self._source_running
+            elif since_us is None and self._mode == "exempt":
+                self._mode = "capturing"
+                self._exempt_since_us = None
+                self._exemption_requested = False
+                self._last_key = ("<resumed>",)
+                stop_source = False
+            else:
+                return
+        # The backend stops entirely while exempt: no hooks, no CPU, nothing to filter.
+        if stop_source:
+            self.source.stop()
+            self._source_running = False
+        elif start_source and self._mode == "capturing" and not self._source_running and self._threads:
+            self.source.start(self.on_event)
+            self._source_running = True
+
+    def _drop_from(self, start_us: int, reason: str) -> None:
+        kept = [e for e in self._raw if e["captured_at_us"] < start_us]
+        self.counters.drop(reason, len(self._raw) - len(kept))
+        self._raw = kept
+
+    def _spool_control(self, rec: dict[str, Any]) -> None:
+        self.spool.append(SpoolEntry("controls", self.employee_id.encode(),
+                                     codec.encode_record("control_event", rec), 0))
+
+    # ---------------------------------------------------------------- tick
+    def tick(self, now: int | None = None) -> None:
+        """Attribute the events since the last tick to the focused window, apply the local
+        policy, and buffer what may be kept."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            if self._mode == "paused" and self._pause_until_us is not None and now >= self._pause_until_us:
+                self.resume(auto=True)
+            raw, self._raw = self._raw, []
+            if self._mode != "capturing":
+                self.counters.drop(self._mode, len(raw))
+                return
+        self.counters.add(events_captured=len(raw))
+        w = self.source.focused_window()
+        decision = self.local.window(w)
+        # A backend that sees focus changes as they happen (not only by polling) counts them in
+        # ``focus_changes``: then a switch away and back within one tick is caught too.
+        key = (_window_key(w), getattr(self.source, "focus_changes", 0))
+        kept: list[Event] = []
+        if key != self._last_key:
+            # Focus moved since the last tick: which window got these events is unknowable.
+            self.counters.drop(AMBIGUOUS_FOCUS, len(raw))
+            if decision.allowed and w is not None:
+                kept.append({"kind": "focus_change", "captured_at_us": now, "app_id": w.app_id,
+                             "window_title": w.title, "url": decision.url})
+                self._screenshot(w, "focus_change", now, kept)
+            self._last_key = key
+        elif not decision.allowed:
+            self.counters.drop(decision.reason or "not_allowed", len(raw))
+        elif w is not None:
+            kept.extend(self._admit(raw, w, decision, now))
+        self._last_window = w
+        self._last_allowed = decision.allowed
+        if kept:
+            with self._lock:
+                if self._mode == "capturing":
+                    self._pending.extend(kept)
+                    full = len(self._pending) >= self.cfg.max_batch_events
+                else:
+                    self.counters.drop(self._mode, len(kept))
+                    full = False
+            if full:
+                self.seal(now)
+
+    def _admit(self, raw: list[Event], w: WindowInfo, decision: Any, now: int) -> list[Event]:
+        out: list[Event] = []
+        clicked = False
+        sampled_out = 0
+        password = 0
+        for ev in raw:
+            ev["app_id"] = w.app_id
+            if decision.url is not None:
+                ev["url"] = decision.url
+            kind = ev["kind"]
+            if kind in ("key_down", "key_up"):
+                masked = self.local.mask_key(ev, decision.text, password_field=w.password_field)
+                if masked is None:
+                    password += 1
+                    continue
+            if not self.local.keep_sampled(ev, self.device_id):
+                sampled_out += 1
+                continue
+            if kind == "click" and ev.get("pressed"):
+                clicked = True
+            out.append(ev)
+        self.counters.drop("password_field", password)
+        self.counters.drop(SAMPLED_OUT, sampled_out)
+        if clicked:
+            self._screenshot(w, "click", now, out)
+        return out
+
+    def _screenshot(self, w: WindowInfo, reason: str, now: int, out: list[Event]) -> None:
+        if self.screenshotter is None or not self.cfg.screenshots:
+            return
+        try:
+            shot = self.screenshotter.maybe_capture(w, reason, now)
+        except Exception:  # noqa: BLE001 -- a screenshot failure must never stop capture
+            self.counters.drop("screenshot_error")
+            return
+        if shot is None:
+            return
+        event_id = ids.uuid7_bytes(now // 1000)
+        out.append({"kind": "screenshot", "captured_at_us": now, "event_id": event_id,
+                    "app_id": w.app_id, "url": self.local.window(w).url,
+                    "screenshot_sha256": shot.sha256, "screenshot_bytes": len(shot.image),
+                    "screenshot_format": shot.fmt, "screenshot_width": shot.width,
+                    "screenshot_height": shot.height})
+        headers = (("ht-sha256", shot.sha256.hex().encode()), ("ht-format", shot.fmt.encode()),
+                   ("ht-event-id", event_id.hex().encode()), ("ht-captured-at-us", str(now).encode()),
+                   ("ht-device-id", self.device_id.encode()))
+        self.spool.append(SpoolEntry("screenshots", self.employee_id.encode(), shot.image, 0, headers))
+        self.counters.add(screenshots_taken=1)
+
+    # ---------------------------------------------------------------- batches
+    def seal(self, now: int | None = None) -> int:
+        """Seal the buffered events into one EventBatch in the spool; returns its event count."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            events, self._pending = self._pending, []
+        if not events:
+            return 0
+        events.sort(key=lambda e: e["captured_at_us"])
+        events = coalesce_moves(events, max_hz=self.cfg.pointer_max_hz,
+                                epsilon_px=self.cfg.pointer_simplify_px)
+        for ev in events:
+            if "event_id" not in ev:
+                ev["event_id"] = ids.uuid7_bytes(ev["captured_at_us"] // 1000)
+        block = codec.encode_events_block(events)
+        batch_id = ids.uuid7_bytes(now // 1000)
+
+        def entry(seq: int) -> SpoolEntry:
+            # The batch's seq is the spool's: monotonic per device across restarts.
+            header = {"batch_id": batch_id, "employee_id": self.employee_id, "device_id": self.device_id,
+                      "agent_version": __version__, "os": self.source.name, "seq": seq, "sent_at_us": now}
+            payload = codec.encode_event_batch(header, block=block, count=len(events))
+            return SpoolEntry("events", self.employee_id.encode(), payload, len(events))
+
+        self.spool.append_with(entry)
+        self.counters.add(batches_sealed=1)
+        return len(events)
+
+    def batch_interval_s(self) -> float:
+        """Seconds between wakeups now (longer on battery)."""
+        return self.cfg.battery_batch_interval_s if self.on_battery() else self.cfg.batch_interval_s
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    def state_name(self) -> str:
+        return self._mode
+
+    # ---------------------------------------------------------------- wakeup
+    def wakeup(self, now: int | None = None, *, ship_timeout_s: float = 10.0) -> Any:
+        """One burst of radio use: seal, heartbeat when due, read controls, ship the spool."""
+        now = self.clock() if now is None else now
+        self.tick(now)
+        self.seal(now)
+        if self.follower is not None and self.cfg.follow_control_plane and self.follower.refresh():
+            if self.follower.policy is not None and self.follower.policy.version >= self.local.version:
+                self.local = LocalPolicy(self.follower.policy)
+            self._apply_exemption(self.follower.state.exempt_from_us)
+        if now >= self._next_heartbeat_us:
+            self.spool.append(SpoolEntry("heartbeats", self.device_id.encode(), self.heartbeat(now), 0))
+            self._next_heartbeat_us = now + int(self.cfg.heartbeat_interval_s * _US)
+        if self.shipper is None:
+            return None
+        result = self.shipper.ship_once(ship_timeout_s)
+        if result.entries_sent:
+            self.counters.add(radio_wakeups=1, events_sent=result.events_sent,
+                              payload_bytes_sent=result.payload_bytes,
+                              wire_bytes_sent=getattr(result, "wire_bytes", 0) or 0)
+        return result
+
+    def heartbeat(self, now: int) -> bytes:
+        """The encoded Heartbeat for now."""
+        st = self.spool.stats()
+        return self.health.encode(at_us=now, state=self._mode, counters=self.counters,
+                                  spool_events=st.depth_events, spool_bytes=st.depth_bytes)
+
+    def status(self) -> Status:
+        """What the local `status` command shows."""
+        st = self.spool.stats()
+        w = self._last_window
+        with self.counters._lock:
+            dropped = dict(self.counters.events_dropped)
+        return Status(
+            mode=self._mode, employee_id=self.employee_id, device_id=self.device_id,
+            source=self.source.name, paused_until_us=self._pause_until_us,
+            exempt_since_us=self._exempt_since_us, policy_version=self.local.version,
+            focused_app=w.app_id if w else None, focused_allowed=self._last_allowed,
+            events_captured=self.counters.events_captured, events_sent=self.counters.events_sent,
+            events_dropped=dropped, spool_events=st.depth_events, spool_bytes=st.depth_bytes,
+            on_battery=self.on_battery(), exemption_requested=self._exemption_requested)
+
+    # ---------------------------------------------------------------- threads
+    def start(self) -> None:
+        """Start capture and the tick and wakeup threads."""
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._tick_loop, name="agent-tick", daemon=True),
+                         threading.Thread(target=self._wakeup_loop, name="agent-wakeup", daemon=True)]
+        if self._mode != "exempt":
+            self.source.start(self.on_event)
+            self._source_running = True
+        for t in self._threads:
+            t.start()
+
+    def stop(self, *, final_ship_timeout_s: float = 5.0) -> None:
+        """Stop capture, seal what is buffered into the spool, try one last shipment."""
+        self._stop.set()
+        if self._source_running:
+            self.source.stop()
+            self._source_running = False
+        for t in self._threads:
+            t.join(timeout=30)
+        self._threads = []
+        self.tick()
+        self.seal()
+        if self.shipper is not None:
+            try:
+                self.shipper.ship_once(final_ship_timeout_s)
+            except Exception as e:  # noqa: BLE001 -- whatever is unsent stays in the spool
+                self.last_error = f"{type(e).__name__}: {e}"
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.cfg.focus_poll_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 -- count and keep capturing; never a crash loop
+                self.counters.drop("tick_error")
+
+    def _wakeup_loop(self) -> None:
+        delay = min(self.batch_interval_s(), 5.0)  # first contact soon after start
+        while not self._stop.wait(delay):
+            t0 = time.monotonic()
+            try:
+                result = self.wakeup()
+                backoff = getattr(result, "next_delay_s", 0) or 0
+            except Exception as e:  # noqa: BLE001 -- offline or broker trouble: retry next time
+                self.last_error = f"{type(e).__name__}: {e}"
+                backoff = 0
+            interval = self.batch_interval_s()
+            delay = max(backoff, interval - (time.monotonic() - t0), 0.5)
