@@ -214,6 +214,126 @@ def agent_simulate(
         raise typer.Exit(1)
 
 
+@agent_app.command("run")
+def agent_run(
+    employee: Annotated[str | None, typer.Option(help="Employee id (default HANDTRACE_AGENT__EMPLOYEE_ID).")] = None,
+    source: Annotated[str | None, typer.Option(help="auto, x11, macos, windows or synthetic "
+                                               "(default HANDTRACE_AGENT__SOURCE).")] = None,
+    policy_file: Annotated[Path | None, typer.Option(help="Policy JSON used until the control "
+                                                     "plane's arrives.")] = None,
+) -> None:
+    """Run the endpoint agent on this laptop until Ctrl-C / SIGTERM (unsent data stays spooled)."""
+    from handtrace.agent.capture import CaptureUnavailable
+    from handtrace.agent.runtime import AgentError
+    from handtrace.agent.service import run_agent
+    from handtrace.agent.spool import SpoolFormatError
+
+    s = _settings()
+    over = {k: v for k, v in {"employee_id": employee, "source": source, "policy_file": policy_file}.items()
+            if v is not None}
+    if over:
+        try:
+            s = s.model_copy(update={"agent": s.agent.model_validate({**s.agent.model_dump(), **over})})
+        except ValidationError as e:
+            raise _fail("; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors()), 2) from None
+
+    def started(agent, sock):  # type: ignore[no-untyped-def]
+        console.print(f"agent running for [bold]{agent.employee_id}[/] on {agent.device_id} "
+                      f"(source {agent.source.name}, policy v{agent.local.version or '-- none: capturing nothing'}); "
+                      f"control socket {sock}. `handtrace pause 15m` pauses, Ctrl-C stops.")
+
+    try:
+        agent = run_agent(s, on_started=started)
+    except (AgentError, CaptureUnavailable, SpoolFormatError) as e:
+        raise _fail(str(e)) from None
+    st = agent.status()
+    console.print(f"stopped: {st.events_captured:,} events captured, {st.events_sent:,} sent, "
+                  f"{st.spool_events:,} waiting in the spool")
+
+
+def _parse_duration(text: str) -> float:
+    """Minutes from `15`, `15m`, `90s`, `0.5h`."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise _fail(f"cannot read duration {text!r}: use e.g. 15m, 90s or 0.5h (at most 30 minutes)", 2)
+    value, unit = float(m.group(1)), m.group(2) or "m"
+    return value / 60 if unit == "s" else value * 60 if unit == "h" else value
+
+
+def _agent_request(req: dict) -> dict:  # type: ignore[type-arg]
+    from handtrace.agent.localsock import AgentNotRunning, request
+    from handtrace.agent.service import socket_path
+
+    try:
+        reply = request(socket_path(_settings()), req)
+    except AgentNotRunning as e:
+        raise _fail(str(e)) from None
+    if not reply.get("ok"):
+        raise _fail(reply.get("error", "the agent refused"))
+    return reply
+
+
+@app.command("pause")
+def employee_pause(
+    duration: Annotated[str, typer.Argument(help="How long: 15m, 90s, 0.5h (at most 30 minutes).")] = "15m",
+    reason: Annotated[str, typer.Option(help="Optional note (kept with the pause record).")] = "",
+) -> None:
+    """Pause capture on this laptop now; it resumes by itself at the end."""
+    from datetime import datetime
+
+    reply = _agent_request({"cmd": "pause", "minutes": _parse_duration(duration), "reason": reason})
+    until = datetime.fromtimestamp(reply["until_us"] / 1e6).strftime("%H:%M:%S")
+    console.print(f"capture paused until {until}; nothing is recorded until then (`handtrace resume` ends it early)")
+
+
+@app.command("resume")
+def employee_resume() -> None:
+    """End the current pause now."""
+    _agent_request({"cmd": "resume"})
+    console.print("capture resumed")
+
+
+@app.command("status")
+def employee_status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False) -> None:
+    """What the agent on this laptop is doing: capturing, paused (until when) or exempt."""
+    from datetime import datetime
+
+    st = _agent_request({"cmd": "status"})["status"]
+    if as_json:
+        console.print_json(json.dumps(st))
+        return
+    mode = st["mode"]
+    if mode == "paused":
+        until = datetime.fromtimestamp(st["paused_until_us"] / 1e6).strftime("%H:%M:%S")
+        console.print(f"[yellow]paused[/] until {until} (resumes by itself)")
+    elif mode == "exempt":
+        console.print("[green]exempt[/]: capture is off on this laptop (an exemption was granted)")
+    else:
+        app_txt = st["focused_app"] or "no window"
+        verdict = "captured" if st["focused_allowed"] else "not captured (not on the allowlist)"
+        console.print(f"[bold]capturing[/] work apps only; focused: {app_txt} -> {verdict}")
+    if st["exemption_requested"] and mode != "exempt":
+        console.print("exemption requested; waiting for HR")
+    dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(st["events_dropped"].items())) or "none"
+    console.print(f"policy v{st['policy_version']}; {st['events_captured']:,} events seen, {st['events_sent']:,} "
+                  f"sent, {st['spool_events']:,} waiting; not kept: {dropped}")
+
+
+employee_exemption_app = typer.Typer(help="Ask for an exemption from capture (HR decides).", no_args_is_help=True)
+app.add_typer(employee_exemption_app, name="exemption")
+
+
+@employee_exemption_app.command("request")
+def employee_exemption_request(
+    reason: Annotated[str, typer.Option(help="Why (shown to HR only).")],
+) -> None:
+    """Send an exemption request from this laptop's agent; capture stops once HR grants it."""
+    _agent_request({"cmd": "exemption_request", "reason": reason})
+    console.print("exemption request sent to HR; `handtrace status` shows when it is granted")
+
+
 def _publish(record: dict) -> None:  # type: ignore[type-arg]
     from handtrace.control.publish import ControlError, publish
 

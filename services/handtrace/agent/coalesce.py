@@ -17,33 +17,35 @@ Typical human traces (the Balabit set at ~60 Hz) shrink 3-5x; docs/BENCHMARKS.md
 
 from __future__ import annotations
 
-import numpy as np
-
 from handtrace.agent.capture import Event
 
 
-def _sed_keep(t: np.ndarray, x: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
-    """Boolean mask of points TD-TR keeps (first and last always)."""
+def _sed_keep(t: list[int], x: list[int], y: list[int], eps: float) -> list[bool]:
+    """Which points TD-TR keeps (first and last always). Plain Python: a laptop produces at most
+    a few hundred moves a second, and numpy alone would double the agent's memory."""
     n = len(t)
-    keep = np.zeros(n, dtype=bool)
+    keep = [False] * n
     keep[0] = keep[-1] = True
+    eps2 = eps * eps
     stack = [(0, n - 1)]
     while stack:
         a, b = stack.pop()
         if b - a < 2:
             continue
-        span = t[b] - t[a]
-        seg = slice(a + 1, b)
-        frac = (t[seg] - t[a]) / span if span > 0 else np.zeros(b - a - 1)
-        ex = x[a] + (x[b] - x[a]) * frac
-        ey = y[a] + (y[b] - y[a]) * frac
-        err = np.hypot(x[seg] - ex, y[seg] - ey)
-        i = int(np.argmax(err))
-        if err[i] > eps:
-            m = a + 1 + i
-            keep[m] = True
-            stack.append((a, m))
-            stack.append((m, b))
+        ta, xa, ya = t[a], x[a], y[a]
+        span = t[b] - ta
+        dx, dy = x[b] - xa, y[b] - ya
+        worst, worst_i = -1.0, -1
+        for i in range(a + 1, b):
+            f = (t[i] - ta) / span if span > 0 else 0.0
+            ex, ey = x[i] - (xa + dx * f), y[i] - (ya + dy * f)
+            d2 = ex * ex + ey * ey
+            if d2 > worst:
+                worst, worst_i = d2, i
+        if worst > eps2:
+            keep[worst_i] = True
+            stack.append((a, worst_i))
+            stack.append((worst_i, b))
     return keep
 
 
@@ -58,10 +60,8 @@ def _coalesce_run(run: list[Event], bin_us: int, eps: float) -> list[Event]:
             capped.append(ev)
     if eps <= 0 or len(capped) <= 2:
         return capped
-    t = np.fromiter((e["captured_at_us"] for e in capped), dtype=np.float64, count=len(capped))
-    x = np.fromiter((e["x"] for e in capped), dtype=np.float64, count=len(capped))
-    y = np.fromiter((e["y"] for e in capped), dtype=np.float64, count=len(capped))
-    keep = _sed_keep(t, x, y, eps)
+    keep = _sed_keep([e["captured_at_us"] for e in capped], [e["x"] for e in capped],
+                     [e["y"] for e in capped], eps)
     return [e for e, k in zip(capped, keep, strict=True) if k]
 
 

@@ -141,7 +141,6 @@ class Agent:
         self._last_key: tuple[Any, ...] | None = ("<start>",)
         self._last_allowed: bool | None = None
         self._next_heartbeat_us = self.started_at_us
-        self._batch_started_us = self.started_at_us
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._source_running = False
@@ -287,16 +286,18 @@ class Agent:
             kept.extend(self._admit(raw, w, decision, now))
         self._last_window = w
         self._last_allowed = decision.allowed
-        if kept:
-            with self._lock:
-                if self._mode == "capturing":
-                    self._pending.extend(kept)
-                    full = len(self._pending) >= self.cfg.max_batch_events
-                else:
-                    self.counters.drop(self._mode, len(kept))
-                    full = False
-            if full:
-                self.seal(now)
+        with self._lock:
+            if kept and self._mode == "capturing":
+                self._pending.extend(kept)
+            elif kept:
+                self.counters.drop(self._mode, len(kept))
+            due = bool(self._pending) and (
+                len(self._pending) >= self.cfg.max_batch_events
+                or now - self._pending[0]["captured_at_us"] >= self.cfg.durable_after_s * _US)
+        if due:
+            # Sealed batches are durable (kill -9 loses at most durable_after_s of capture);
+            # they wait in the spool for the next wakeup, so this costs no radio use.
+            self.seal(now)
 
     def _admit(self, raw: list[Event], w: WindowInfo, decision: Any, now: int) -> list[Event]:
         out: list[Event] = []

@@ -18,13 +18,15 @@ import json
 import os
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastavro
-import polars as pl
 
 from handtrace.core import schemas
 from handtrace.core.schemas import SchemaVersion
+
+if TYPE_CHECKING:  # polars is imported by the decoders only: the agent (encode) never pays for it
+    import polars as pl
 
 MAGIC = b"\xc3\x01"
 PREFIX_LEN = 10
@@ -251,11 +253,15 @@ def _current_event_columns() -> dict[str, pl.DataType]:
 
 @cache
 def _empty_events_frame() -> pl.DataFrame:
+    import polars as pl
+
     lay = _layout(schemas.latest("event_batch").fingerprint)
     return _normalise(pl.read_avro(io.BytesIO(lay.container_header)))
 
 
 def _normalise(df: pl.DataFrame) -> pl.DataFrame:
+    import polars as pl
+
     # Enums arrive as Categorical: plain strings travel and compare more simply.
     casts = [pl.col(n).cast(pl.String) for n, t in df.schema.items() if t == pl.Categorical]
     return df.with_columns(casts) if casts else df
@@ -263,6 +269,8 @@ def _normalise(df: pl.DataFrame) -> pl.DataFrame:
 
 def _conform(df: pl.DataFrame) -> pl.DataFrame:
     """Project a frame decoded with an older writer schema onto the newest Event columns."""
+    import polars as pl
+
     want = _current_event_columns()
     if list(df.schema.items()) == list(want.items()):
         return df
@@ -324,6 +332,8 @@ def parse_event_batch(payload: bytes) -> ParsedBatch:
 def decode_blocks(fingerprint: int, blocks: list[bytes], expected_rows: int) -> pl.DataFrame:
     """Decode the event blocks of any number of batches of one writer schema in ONE call,
     conformed to the newest Event columns, in block order."""
+    import polars as pl
+
     if not blocks:
         return _empty_events_frame()
     container = _layout(fingerprint).container_header + b"".join(blocks)
@@ -357,6 +367,8 @@ def _decode_event_batch_per_record(payload: bytes, sv: SchemaVersion) -> Decoded
     events = rec.pop("events")
     if not events:
         return DecodedBatch(rec, _empty_events_frame(), sv.version)
+    import polars as pl
+
     want = _current_event_columns()
     df = pl.DataFrame(events, schema_overrides={k: v for k, v in want.items() if k in events[0]})
     return DecodedBatch(rec, _conform(_normalise(df)), sv.version)

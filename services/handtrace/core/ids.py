@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where arrays are made: the agent never pays for it
+    import numpy as np
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -46,6 +48,8 @@ def uuid7_array(ts_us: np.ndarray, rng: np.random.Generator | None = None) -> np
     Vectorised for the simulator and benchmarks; ids from the same millisecond are ordered by
     their position (a per-row sequence in rand_a), and 62 random bits make them unique.
     """
+    import numpy as np
+
     rng = rng or np.random.default_rng()
     n = len(ts_us)
     ms = (np.asarray(ts_us, dtype=np.int64) // 1000).astype(np.uint64)

@@ -312,6 +312,9 @@ class AgentSettings(BaseModel):
                                     "this often on mains power.")
     battery_batch_interval_s: float = Field(default=120.0, ge=1, le=3600, description="...and this "
                                             "often on battery (fewer radio wakeups).")
+    durable_after_s: float = Field(default=5.0, ge=0.5, le=300, description="Captured events reach "
+                                   "the on-disk spool within this many seconds: all a kill -9 can lose. "
+                                   "Sealed batches wait there for the next wakeup.")
     max_batch_events: int = Field(default=20_000, ge=10, le=50_000, description="Seal a batch early "
                                   "at this many events (must stay under the stream's limit).")
     pointer_max_hz: float = Field(default=25.0, gt=0, le=240, description="Pointer moves kept per "

@@ -1,0 +1,125 @@
+"""Assembling and running the endpoint agent from settings: backend, spool, shipper, control-plane
+follower, screenshots, local control socket."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from handtrace.agent.capture import CaptureSource
+from handtrace.agent.controlplane import ControlPlaneFollower
+from handtrace.agent.localsock import ControlServer
+from handtrace.agent.runtime import Agent, AgentError
+from handtrace.agent.shipper import Shipper, TokenBucket
+from handtrace.agent.spool import Spool
+from handtrace.core.controls import ControlError, policy_record
+from handtrace.core.policy import Policy
+from handtrace.core.producer import producer_config
+from handtrace.core.settings import Settings
+from handtrace.core.topics import Topics
+
+_MB = 1024 * 1024
+
+
+def agent_dir(settings: Settings) -> Path:
+    """Where the agent keeps its state (spool, control-plane cache, socket)."""
+    return settings.state_dir / "agent"
+
+
+def socket_path(settings: Settings) -> Path:
+    """The local control socket path in force."""
+    return settings.agent.socket_path or agent_dir(settings) / "agent.sock"
+
+
+def open_capture_source(settings: Settings, *, seed: int = 0) -> CaptureSource:
+    """The capture backend named by ``HANDTRACE_AGENT__SOURCE``."""
+    name = settings.agent.source
+    if name == "synthetic":
+        from handtrace.agent.sources.synthetic import SyntheticSource
+
+        return SyntheticSource(seed)
+    from handtrace.agent.sources import open_source
+
+    kw: dict[str, Any] = {}
+    if settings.agent.display and name in ("x11", "auto"):
+        kw["display"] = settings.agent.display
+    return open_source(name, **kw)
+
+
+def initial_policy(settings: Settings) -> Policy | None:
+    """The policy file's policy, if one is configured (validated: every problem at once)."""
+    path = settings.agent.policy_file
+    if path is None:
+        return None
+    try:
+        rec = policy_record(path, actor="agent")
+    except ControlError as e:
+        raise AgentError(f"HANDTRACE_AGENT__POLICY_FILE: {e}") from e
+    return Policy.from_record(rec["policy"])
+
+
+def build_agent(settings: Settings, *, source: CaptureSource | None = None,
+                clock: Callable[[], int] | None = None) -> Agent:
+    """An :class:`Agent` wired to the spool, the broker and the control plane per ``settings``."""
+    cfg = settings.agent
+    if not cfg.employee_id:
+        raise AgentError("no employee id: set HANDTRACE_AGENT__EMPLOYEE_ID (or pass --employee)")
+    topics = Topics.from_settings(settings.topics)
+    base = agent_dir(settings)
+    spool_dir = cfg.spool_dir or base / "spool"
+    max_bytes = int(cfg.spool_max_mb * _MB)
+    spool = Spool(spool_dir, max_bytes=max_bytes, segment_bytes=max(64 * 1024, min(4 * _MB, max_bytes // 8)))
+    budget = TokenBucket(cfg.bandwidth_budget_mb_per_hour * _MB,
+                         burst_bytes=int(max(cfg.bandwidth_budget_mb_per_hour * _MB / 12, 256 * 1024)))
+    shipper = Shipper(spool, producer_config(settings.kafka), {
+        "events": topics.events, "heartbeats": topics.heartbeats, "controls": topics.controls,
+        "screenshots": topics.screenshots}, budget=budget)
+    follower = None
+    if cfg.follow_control_plane:
+        follower = ControlPlaneFollower(settings.kafka.librdkafka(), policy_topic=topics.policy,
+                                        controls_topic=topics.controls, employee_id=cfg.employee_id,
+                                        state_path=base / "controlplane.json")
+    screenshotter = None
+    if cfg.screenshots:
+        from handtrace.agent.screenshots import ScreenshotConfig, Screenshotter
+
+        shot_cfg = ScreenshotConfig(max_width=cfg.screenshot_max_width, format=cfg.screenshot_format,
+                                    quality=cfg.screenshot_quality, min_interval_s=cfg.screenshot_min_interval_s)
+        kw: dict[str, Any] = {}
+        if cfg.source in ("x11", "auto") and cfg.display:
+            kw["display"] = cfg.display
+        screenshotter = Screenshotter(shot_cfg, **kw) if cfg.source != "synthetic" else None
+    src = source or open_capture_source(settings)
+    extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    return Agent(cfg, src, spool, shipper=shipper, follower=follower, screenshotter=screenshotter,
+                 policy=initial_policy(settings), **extra)
+
+
+def run_agent(settings: Settings, *, stop: threading.Event | None = None,
+              on_started: Callable[[Agent, Path], None] | None = None) -> Agent:
+    """Run the agent until SIGINT/SIGTERM (or ``stop``); everything unsent stays in the spool."""
+    stop = stop or threading.Event()
+    agent = build_agent(settings)
+    server = ControlServer(agent, socket_path(settings))
+    server.start()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent.start()
+        if on_started is not None:
+            on_started(agent, server.path)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        agent.stop()
+        if agent.follower is not None:
+            agent.follower.close()
+        if agent.shipper is not None:
+            agent.shipper.close()
+        agent.spool.close()
+    return agent
