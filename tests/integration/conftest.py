@@ -201,3 +201,31 @@ def wait_for(
 
 def topics_of(s: Settings) -> Topics:
     return Topics.from_settings(s.topics)
+
+
+class FleetExporterProcess(StreamWorker):
+    """The fleet exporter (`python -m handtrace.fleet`) as a subprocess for one test: it opens
+    its own embedded ClickHouse dir (<state_dir>/clickhouse-fleet), so the sink can run too."""
+
+    def start(self) -> None:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")},
+               **settings_env(self.settings)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "handtrace.fleet"], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture
+def fleet_exporter(tmp_path: Path) -> Iterator[Callable[[Settings], FleetExporterProcess]]:
+    """Factory: start a fleet exporter for given settings; stopped (SIGTERM, then kill) at teardown."""
+    exporters: list[FleetExporterProcess] = []
+
+    def start(s: Settings) -> FleetExporterProcess:
+        e = FleetExporterProcess(s, tmp_path / f"fleet-{len(exporters)}.log")
+        e.start()
+        exporters.append(e)
+        return e
+
+    yield start
+    for e in exporters:
+        e.stop()
