@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
-
 from dashboards.__main__ import HERE, render
 from dashboards.definitions import DASHBOARDS
 from dashboards.promql import (
@@ -25,6 +23,8 @@ from dashboards.promql import (
     recorded_names,
     rules,
 )
+from typer.testing import CliRunner
+
 from handtrace.cli import app
 from handtrace.fleet.grafana import PushError, push, with_datasources
 

@@ -180,7 +180,10 @@ def test_exporter_records_fleet_metrics() -> None:
                                           "handtrace_fleet_agent_rss_bytes_count")}
     applied_before = _sample("handtrace_fleet_heartbeats_total", {"outcome": "applied"})
     invalid_before = _sample("handtrace_fleet_heartbeats_total", {"outcome": "invalid"})
-    enc = (lambda r: codec.encode_record("heartbeat", r))
+
+    def enc(r: dict[str, Any]) -> bytes:
+        return codec.encode_record("heartbeat", r)
+
     ex.handle(enc(hb(0, agent_version="9.9.9", cohort="metrics-test")), 1.0)
     ex.handle(enc(hb(60, agent_version="9.9.9", cohort="metrics-test", wire_bytes_sent=4096, cpu_seconds=0.3,
                      radio_wakeups=3)), 61.0)
@@ -189,8 +192,8 @@ def test_exporter_records_fleet_metrics() -> None:
         "handtrace_fleet_agent_upload_bytes_total"] == 4096
     assert _sample("handtrace_fleet_agent_battery_drain_percent_per_hour_count", lv) - before[
         "handtrace_fleet_agent_battery_drain_percent_per_hour_count"] == 1
-    assert _sample("handtrace_fleet_agent_cpu_percent_count", lv) - before["handtrace_fleet_agent_cpu_percent_count"] == 1
-    assert _sample("handtrace_fleet_agent_rss_bytes_count", lv) - before["handtrace_fleet_agent_rss_bytes_count"] == 2
+    for name, n in (("handtrace_fleet_agent_cpu_percent_count", 1), ("handtrace_fleet_agent_rss_bytes_count", 2)):
+        assert _sample(name, lv) - before[name] == n
     assert _sample("handtrace_fleet_heartbeats_total", {"outcome": "applied"}) - applied_before == 1
     assert _sample("handtrace_fleet_heartbeats_total", {"outcome": "invalid"}) - invalid_before == 1
 
