@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +101,18 @@ def _require(tool: str, package: str) -> str:
 
 
 @contextmanager
-def xvfb_server(width: int = 1280, height: int = 800, depth: int = 24) -> Iterator[XvfbServer]:
+def xvfb_server(
+    width: int = 1280, height: int = 800, depth: int = 24, extra_args: Sequence[str] = ()
+) -> Iterator[XvfbServer]:
     """Start ``Xvfb -screen 0 WxHxD -nolisten tcp`` on a display number Xvfb picks itself
-    (``-displayfd``), wait until a real X connection succeeds, and kill it at the end."""
+    (``-displayfd``), wait until a real X connection succeeds, and kill it at the end.
+
+    Args:
+        width: Screen width in pixels.
+        height: Screen height in pixels.
+        depth: Colour depth in bits.
+        extra_args: More Xvfb arguments, e.g. ``("-extension", "RECORD")``.
+    """
     xvfb = _require("Xvfb", "xvfb")
     log = Path(tempfile.mkstemp(prefix="xvfb-", suffix=".log")[1])
     read_fd, write_fd = os.pipe()
@@ -112,7 +121,7 @@ def xvfb_server(width: int = 1280, height: int = 800, depth: int = 24) -> Iterat
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [xvfb, "-displayfd", str(write_fd), "-screen", "0", f"{width}x{height}x{depth}",
-             "-nolisten", "tcp", "-noreset"],
+             "-nolisten", "tcp", "-noreset", *extra_args],
             pass_fds=(write_fd,), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )

@@ -314,6 +314,14 @@ def test_display_argument_wins_over_environment_and_environment_is_restored(
         source.stop()  # idempotent
 
 
+def test_server_without_record_is_capture_unavailable() -> None:
+    with xvfb_server(extra_args=("-extension", "RECORD")) as server:
+        source = X11Source(display=server.display)
+        with pytest.raises(CaptureUnavailable, match="lacks the RECORD extension"):
+            source.start(lambda e: None)
+        source.stop()
+
+
 def test_no_display_is_capture_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISPLAY", raising=False)
     with pytest.raises(CaptureUnavailable, match="no X display"):
@@ -324,7 +332,7 @@ def test_no_display_is_capture_unavailable(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_open_source_by_name() -> None:
     assert isinstance(open_source("x11", display=":0"), X11Source)
-    assert open_source("auto").name == platform_source_name()
+    assert open_source("auto", display=":0").name == platform_source_name()
     assert [platform_source_name(p) for p in ("linux", "darwin", "win32")] == ["x11", "macos", "windows"]
     for name, cls in (("macos", MacOSSource), ("windows", WindowsSource)):
         stub = open_source(name)

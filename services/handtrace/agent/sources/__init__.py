@@ -29,13 +29,16 @@ def open_source(name: str, **kw: Any) -> CaptureSource:
 
     Args:
         name: ``auto | x11 | macos | windows``.
-        **kw: Passed to the backend's constructor (e.g. ``display=":1"`` for x11).
+        **kw: Passed to the backend's constructor (e.g. ``display=":1"`` for x11; with ``auto``
+            a ``display`` is dropped when the backend picked is not x11).
 
     Raises:
         ValueError: ``name`` is not a known backend.
     """
     if name == "auto":
         name = platform_source_name()
+        if name != "x11":
+            kw.pop("display", None)
     if name == "x11":
         from handtrace.agent.sources.x11 import X11Source
 

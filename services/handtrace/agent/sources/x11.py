@@ -267,8 +267,8 @@ class X11Source:
             except Exception:  # noqa: BLE001 - a dead X connection must not block stop()
                 log.debug("stopping a pynput listener failed", exc_info=True)
         # pynput queues its DisableContext on the recording connection without flushing it, so
-        # the listener thread stays blocked until the next input event arrives. Any client may
-        # disable a context: do it on our own connection, which sends it at once.
+        # the listener thread stays blocked until the next input event arrives (pynput PR #583,
+        # issue #75). Any client may disable a context: do it on our own connection, at once.
         with self._x_lock:
             for listener in listeners:
                 context = getattr(listener, "_context", None)
