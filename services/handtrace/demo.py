@@ -1,8 +1,8 @@
 """`handtrace demo`: the whole pipeline on one machine, on embedded defaults.
 
 Starts the local Kafka broker (unless a cluster is configured), creates the topics, runs a Faust
-stream worker (subprocess), the ClickHouse sink (this process owns the embedded engine) and a
-simulated fleet; shows progress; waits for the pipeline to drain; prints what landed.
+stream worker (subprocess), the ClickHouse sink (this process owns the embedded engine), the fleet
+exporter (subprocess, with its own embedded dir) and a simulated fleet; shows progress; waits for the pipeline to drain; prints what landed.
 Ctrl-C stops everything cleanly (the broker too, if the demo started it).
 """
 
@@ -93,6 +93,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
     broker = local_broker(settings) if settings.kafka.uses_local_broker else None
     started_broker = False
     stream_proc: subprocess.Popen[bytes] | None = None
+    fleet_proc: subprocess.Popen[bytes] | None = None
     stop_sink = threading.Event()
     sink_thread: threading.Thread | None = None
     dsn = settings.clickhouse_dsn()
@@ -118,6 +119,17 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
                 stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ),
             )
         console.print(f"[green]✓[/] stream worker started (pid {stream_proc.pid}, log {log_path})")
+        if settings.fleet.metrics_port:
+            # The fleet exporter opens its own embedded dir (the sink owns the default one):
+            # docs/adr/0006-fleet-heartbeat-store.md.
+            fleet_log = settings.state_dir / "fleet-exporter.log"
+            with open(fleet_log, "ab") as log:
+                fleet_proc = subprocess.Popen(
+                    [sys.executable, "-m", "handtrace.fleet"], stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ),
+                )
+            console.print(f"[green]✓[/] fleet exporter started (metrics on :{settings.fleet.metrics_port}, "
+                          f"log {fleet_log})")
         sink_thread = threading.Thread(target=sink.run, args=(stop_sink,), name="sink", daemon=True)
         sink_thread.start()
         fleet = SimulatedFleet(settings, agents, speedup=speedup, batch_interval_s=batch_interval_s)
@@ -167,6 +179,12 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
                 stream_proc.wait(30)
             except subprocess.TimeoutExpired:
                 stream_proc.kill()
+        if fleet_proc is not None and fleet_proc.poll() is None:
+            fleet_proc.send_signal(signal.SIGTERM)
+            try:
+                fleet_proc.wait(30)
+            except subprocess.TimeoutExpired:
+                fleet_proc.kill()
         clickhouse.close(dsn)
         if broker is not None and started_broker:
             broker.stop()
