@@ -2,7 +2,8 @@
 
 Starts the local Kafka broker (unless a cluster is configured), creates the topics, runs a Faust
 stream worker (subprocess), the ClickHouse sink (this process owns the embedded engine), the fleet
-exporter (subprocess, with its own embedded dir) and a simulated fleet; shows progress; waits for the pipeline to drain; prints what landed.
+exporter (subprocess, with its own embedded dir) and a simulated fleet; shows progress; waits for
+the pipeline to drain; prints what landed.
 Ctrl-C stops everything cleanly (the broker too, if the demo started it).
 """
 
