@@ -45,7 +45,8 @@ class WindowInfo:
     """The focused top-level window, as the OS describes it."""
 
     app_id: str | None
-    """Stable application id: X11 WM_CLASS class part, macOS bundle id, Windows exe name."""
+    """Stable application id: X11 WM_CLASS instance part (``code``, ``google-chrome``), macOS
+    bundle id, Windows exe name."""
     title: str | None
     url: str | None = None
     """The focused tab's URL when the app is a browser and the backend can tell; else None."""
