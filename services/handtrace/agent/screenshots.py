@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -96,10 +95,14 @@ class ScreenshotCounters:
 
 def dhash(image: Image.Image) -> int:
     """64-bit difference hash: grayscale, box-resized to 9x8, bit set where left < right."""
-    small = image.convert("L").resize((9, 8), Image.Resampling.BOX)
-    px = np.asarray(small, dtype=np.int16)
-    bits = (px[:, 1:] > px[:, :-1]).reshape(-1)
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+    # Plain Python over 72 pixels: numpy would add ~12 MB to the agent's memory for this alone.
+    px = image.convert("L").resize((9, 8), Image.Resampling.BOX).tobytes()
+    h = 0
+    for row in range(8):
+        r = px[row * 9:(row + 1) * 9]
+        for i in range(8):
+            h = (h << 1) | (r[i + 1] > r[i])
+    return h
 
 
 def hamming(a: int, b: int) -> int:
