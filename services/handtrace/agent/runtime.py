@@ -391,12 +391,14 @@ class Agent:
     def wakeup(self, now: int | None = None, *, ship_timeout_s: float = 10.0) -> Any:
         """One burst of radio use: seal, heartbeat when due, read controls, ship the spool."""
         now = self.clock() if now is None else now
-        self.tick(now)
-        self.seal(now)
+        # Controls first: an exemption granted since the last wakeup drops what is still in
+        # memory from its effective time before anything more is sealed.
         if self.follower is not None and self.cfg.follow_control_plane and self.follower.refresh():
             if self.follower.policy is not None and self.follower.policy.version >= self.local.version:
                 self.local = LocalPolicy(self.follower.policy)
             self._apply_exemption(self.follower.state.exempt_from_us)
+        self.tick(now)
+        self.seal(now)
         if now >= self._next_heartbeat_us:
             self.spool.append(SpoolEntry("heartbeats", self.device_id.encode(), self.heartbeat(now), 0))
             self._next_heartbeat_us = now + int(self.cfg.heartbeat_interval_s * _US)
