@@ -380,3 +380,21 @@ def test_switch_away_and_back_within_one_tick_is_caught(tmp_path: Path) -> None:
     agent.seal()
     assert [r for r in spooled(spool) if r["kind"] == "key_down"] == []
     assert agent.counters.events_dropped["ambiguous_focus"] == 1
+
+
+def test_heartbeat_reports_the_agents_own_cost(tmp_path: Path) -> None:
+    agent, _src, clock, spool = make_agent(tmp_path)
+    settle(agent, clock)
+    agent.on_event(move(clock.t, 1, 1))
+    clock.t += 1000
+    agent.pause(5)
+    agent.on_event(move(clock.t + 1, 2, 2))
+    agent.wakeup()  # no shipper: seals, and spools a heartbeat (one is due at start)
+    [hb] = spooled(spool, "heartbeats")
+    assert hb["employee_id"] == "emp-1" and hb["device_id"] == "dev-1" and hb["state"] == "paused"
+    assert hb["cpu_seconds"] > 0 and hb["rss_bytes"] > 10 << 20
+    assert hb["events_captured"] == 1 and hb["events_dropped"] == {"paused": 1}
+    assert hb["spool_depth_events"] >= 2  # the focus change and the move, sealed, waiting
+    assert hb["battery_percent"] is None and hb["charging"] is None  # no battery (battery_info)
+    agent.wakeup()  # not due again for heartbeat_interval_s
+    assert len(spooled(spool, "heartbeats")) == 1

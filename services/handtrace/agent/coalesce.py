@@ -12,7 +12,8 @@ so the position at a click, scroll or key is never moved):
    ``epsilon_px``; straight constant-speed stretches collapse, the bell-shaped speed of a real
    reach and every stop are kept.
 
-Typical human traces (the Balabit set at ~60 Hz) shrink 3-5x; docs/BENCHMARKS.md has numbers.
+How much goes depends on the OS's sampling rate: the synthetic user's 60 Hz moves shrink ~2.6x
+(docs/BENCHMARKS.md, agent footprint); the Balabit traces, recorded at ~9 Hz median, ~20%.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _sed_keep(t: list[int], x: list[int], y: list[int], eps: float) -> list[bool
 
 
 def _coalesce_run(run: list[Event], bin_us: int, eps: float) -> list[Event]:
-    if len(run) <= 2:
+    if len(run) <= 1:
         return run
     # 1. rate cap: last move of each bin (and the last of the run).
     capped: list[Event] = []
