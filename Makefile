@@ -27,6 +27,8 @@ lint: setup ## ruff
 
 bench: setup ## benchmarks (print ratios against baselines measured in the same run)
 	$(BIN)/python -m bench.wire_format
+	$(BIN)/python -m bench.agent_footprint
+	$(BIN)/python -m bench.stream_throughput
 
 up: setup ## start the local Kafka broker
 	$(BIN)/handtrace kafka up
