@@ -32,9 +32,12 @@ Configurations:
 
 Screenshots are rendered by a synthetic grab (a 1920x1080 page of text-like blocks per window and
 scroll position): real screen content compresses differently, so the screenshot bytes are an
-estimate of the mechanism, not of any particular desktop. The X11 capture path itself (pynput's
-RECORD parsing) is not in this measure; tests/integration/test_x11_capture.py shows it captures
-real input under Xvfb.
+estimate of the mechanism, not of any particular desktop.
+
+The X11 capture path (pynput's RECORD listener + the agent's emit) is measured apart, in the same
+run: under Xvfb, another process injects pointer moves and keystrokes through XTEST, and the
+capturing process's CPU per captured event is multiplied by the hour's raw events
+(``--x11-events``; 0 skips it).
 """
 
 from __future__ import annotations
@@ -204,11 +207,11 @@ def child(config: str, workload: Path, bootstrap: str, prefix: str, minutes: int
         return child_naive(workload, bootstrap, prefix, minutes, cpu0)
     from handtrace.agent.runtime import Agent
     from handtrace.agent.screenshots import ScreenshotConfig, Screenshotter
+    from handtrace.agent.service import agent_producer_config
     from handtrace.agent.shipper import Shipper, TokenBucket
     from handtrace.agent.spool import Spool
     from handtrace.core.controls import policy_record
     from handtrace.core.policy import Policy
-    from handtrace.core.producer import producer_config
     from handtrace.core.settings import AgentSettings
 
     screens = config == "handtrace+screenshots"
@@ -218,7 +221,7 @@ def child(config: str, workload: Path, bootstrap: str, prefix: str, minutes: int
     spool = Spool(tmp / f"spool-{config}", max_bytes=int(cfg.spool_max_mb * _MB), clock_us=clock)
     budget = TokenBucket(cfg.bandwidth_budget_mb_per_hour * _MB,
                          burst_bytes=int(cfg.bandwidth_budget_mb_per_hour * _MB / 12), clock=clock.seconds)
-    shipper = Shipper(spool, producer_config(KafkaSettings(bootstrap_servers=bootstrap)),
+    shipper = Shipper(spool, agent_producer_config(KafkaSettings(bootstrap_servers=bootstrap)),
                       {"events": topics.events, "heartbeats": topics.heartbeats, "controls": topics.controls,
                        "screenshots": topics.screenshots}, budget=budget, clock=clock.seconds,
                       stats_interval_s=1.0)
@@ -363,6 +366,98 @@ def child_naive(workload: Path, bootstrap: str, prefix: str, minutes: int, cpu0:
             "screenshots": {"taken": shots}}
 
 
+# ---------------------------------------------------------------- X11 capture path
+
+
+def x11_child(display: str, expect: int, out: Path) -> dict[str, Any]:
+    """Capture with the real X11 backend until ``expect`` events arrived; CPU per event."""
+    import threading
+
+    from handtrace.agent.sources.x11 import X11Source
+
+    got = {"n": 0}
+    done = threading.Event()
+
+    def emit(_ev: dict[str, Any]) -> None:
+        got["n"] += 1
+        if got["n"] >= expect:
+            done.set()
+
+    src = X11Source(display=display)
+    src.start(emit)
+    out.write_text("ready")
+    cpu0 = _cpu_s()
+    t0 = time.perf_counter()
+    done.wait(120)
+    cpu = _cpu_s() - cpu0
+    wall = time.perf_counter() - t0
+    src.stop()
+    return {"events": got["n"], "cpu_s": cpu, "wall_s": wall, "rss_mb": _peak_rss_mb()}
+
+
+def inject(display: str, moves: int, keys: int) -> None:
+    """Real input through XTEST (as xdotool does), paced at ~1 kHz, from this process."""
+    import Xlib.display
+    import Xlib.ext.xtest
+    import Xlib.X
+
+    d = Xlib.display.Display(display)
+    code = d.keysym_to_keycode(ord("a"))
+    for i in range(moves):
+        Xlib.ext.xtest.fake_input(d, Xlib.X.MotionNotify, x=100 + i % 800, y=100 + (i * 7) % 500)
+        if i % 50 == 0:
+            d.sync()
+            time.sleep(0.05)
+    for i in range(keys):
+        Xlib.ext.xtest.fake_input(d, Xlib.X.KeyPress if i % 2 == 0 else Xlib.X.KeyRelease, code)
+        if i % 50 == 0:
+            d.sync()
+            time.sleep(0.05)
+    d.sync()
+    d.close()
+
+
+def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
+    """Run the X11 backend under a fresh Xvfb against injected input; CPU seconds per event."""
+    import shutil
+    import signal
+
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        raise RuntimeError("Xvfb is not installed (apt-get install xvfb) -- or pass --x11-events 0")
+    r, w = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(w), "-screen", "0", "1280x800x24", "-nolisten", "tcp",
+                             "-noreset"], pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    os.close(w)
+    try:
+        digits = b""
+        while not digits.endswith(b"\n"):
+            chunk = os.read(r, 16)
+            if not chunk:
+                raise RuntimeError("Xvfb did not start")
+            digits += chunk
+        display = f":{int(digits)}"
+        moves, keys = n_events * 3 // 4, n_events - n_events * 3 // 4
+        keys -= keys % 2
+        ready = root / "x11.ready"
+        child = subprocess.Popen(
+            [sys.executable, "-m", "bench.agent_footprint", "--x11-child", display, "--x11-events", str(moves + keys),
+             "--tmp", str(ready)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the X11 capture child did not start")
+            time.sleep(0.05)
+        inject(display, moves, keys)
+        out, _ = child.communicate(timeout=180)
+        return json.loads(out.strip().splitlines()[-1]) | {"injected": moves + keys}
+    finally:
+        os.close(r)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 # ---------------------------------------------------------------- parent
 
 
@@ -370,7 +465,7 @@ def per_hour(r: dict[str, Any], key: str) -> float:
     return r[key] * 3600 / r["sim_s"]
 
 
-def report(results: list[dict[str, Any]], info: str, wl: dict[str, Any]) -> str:
+def report(results: list[dict[str, Any]], info: str, wl: dict[str, Any], x11: dict[str, Any] | None = None) -> str:
     lines = [f"machine: {info}",
              f"workload: {wl['events']:,} raw events in {wl['minutes']} simulated minutes "
              f"({', '.join(f'{k} {v:,}' for k, v in sorted(wl['kinds'].items()))}), "
@@ -413,6 +508,14 @@ def report(results: list[dict[str, Any]], info: str, wl: dict[str, Any]) -> str:
             f"{verdict(wk <= TARGETS['wakeups_per_hour'])}",
         ]
     lines += checks
+    if x11 is not None:
+        total = x11["cpu_pct_for_workload"] + (100 * hs["cpu_s"] / hs["sim_s"] if hs else 0.0)
+        lines.append(f"X11 capture path (pynput RECORD -> emit, Xvfb, XTEST input from another process): "
+                     f"{x11['events']:,}/{x11['injected']:,} events captured, {x11['us_per_event']:.1f} us CPU per "
+                     f"event -> {x11['cpu_pct_for_workload']:.3f}% of a core for this workload's "
+                     f"{wl['events']:,} events; capture + handtrace with screenshots {total:.3f}% "
+                     f"(target <= {TARGETS['cpu_pct']}%): {'met' if total <= TARGETS['cpu_pct'] else 'NOT met'}; "
+                     f"capture process peak RSS {x11['rss_mb']:.1f} MB")
     for r in results:
         extra = {k: r[k] for k in ("dropped", "screenshots", "screenshots_deferred", "spool_pending_by_role",
                                    "batches") if k in r}
@@ -426,7 +529,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--configs", nargs="*", default=["handtrace", "handtrace+screenshots", "naive"])
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    ap.add_argument("--x11-events", type=int, default=4000,
+                    help="events injected for the X11 capture-path measure (0: skip it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--x11-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prefix", default=None, help=argparse.SUPPRESS)
@@ -434,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(a.child, a.workload, a.bootstrap, a.prefix, a.minutes, a.tmp)))
+        return 0
+    if a.x11_child:
+        print(json.dumps(x11_child(a.x11_child, a.x11_events, a.tmp)))
         return 0
 
     from bench.stream_throughput import machine_info
@@ -479,10 +588,18 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"{config}: {r['wall_s']:.1f} s wall, CPU {100 * r['cpu_s'] / r['sim_s']:.3f}%, "
                   f"{per_hour(r, 'wire_bytes') / _MB:.2f} MB/h wire", flush=True)
-        text = report(results, info, wl)
+        x11 = None
+        if a.x11_events:
+            x11 = x11_capture_cost(root, a.x11_events)
+            x11["us_per_event"] = 1e6 * x11["cpu_s"] / max(x11["events"], 1)
+            x11["cpu_pct_for_workload"] = 100 * x11["us_per_event"] * wl["events"] / 1e6 / (a.minutes * CHUNK_S)
+            print(f"x11 capture path: {x11['events']:,} of {x11['injected']:,} injected events captured, "
+                  f"{x11['us_per_event']:.1f} us CPU per event", flush=True)
+        text = report(results, info, wl, x11)
         print("\n" + text)
         if a.json:
-            a.json.write_text(json.dumps({"machine": info, "workload": wl, "results": results}, indent=2))
+            a.json.write_text(json.dumps({"machine": info, "workload": wl, "results": results, "x11": x11},
+                                         indent=2))
     finally:
         if broker is not None:
             broker.stop()

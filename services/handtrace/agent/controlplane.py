@@ -127,6 +127,9 @@ class ControlPlaneFollower:
             del self.state.errors[:-10]
             self.close()
             return False
+        # Closed until the next wakeup: an idle consumer would keep connections (and the radio)
+        # busy with metadata refreshes between wakeups.
+        self.close()
         self._save()
         return (self.state.policy, self.state.exempt_from_us) != before
 

@@ -18,7 +18,7 @@ from handtrace.agent.spool import Spool
 from handtrace.core.controls import ControlError, policy_record
 from handtrace.core.policy import Policy
 from handtrace.core.producer import producer_config
-from handtrace.core.settings import Settings
+from handtrace.core.settings import KafkaSettings, Settings
 from handtrace.core.topics import Topics
 
 _MB = 1024 * 1024
@@ -32,6 +32,13 @@ def agent_dir(settings: Settings) -> Path:
 def socket_path(settings: Settings) -> Path:
     """The local control socket path in force."""
     return settings.agent.socket_path or agent_dir(settings) / "agent.sock"
+
+
+def agent_producer_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """The shared producer settings, made quiet for a laptop between wakeups: no metadata refresh
+    every 5 minutes (librdkafka's default) and slow reconnect attempts while the broker is away."""
+    return producer_config(kafka, **{"topic.metadata.refresh.interval.ms": 30 * 60 * 1000,
+                                     "reconnect.backoff.max.ms": 60_000})
 
 
 def open_capture_source(settings: Settings, *, seed: int = 0) -> CaptureSource:
@@ -74,7 +81,7 @@ def build_agent(settings: Settings, *, source: CaptureSource | None = None,
     spool = Spool(spool_dir, max_bytes=max_bytes, segment_bytes=max(64 * 1024, min(4 * _MB, max_bytes // 8)))
     budget = TokenBucket(cfg.bandwidth_budget_mb_per_hour * _MB,
                          burst_bytes=int(max(cfg.bandwidth_budget_mb_per_hour * _MB / 12, 256 * 1024)))
-    shipper = Shipper(spool, producer_config(settings.kafka), {
+    shipper = Shipper(spool, agent_producer_config(settings.kafka), {
         "events": topics.events, "heartbeats": topics.heartbeats, "controls": topics.controls,
         "screenshots": topics.screenshots}, budget=budget)
     follower = None
