@@ -306,7 +306,7 @@ class AgentSettings(BaseModel):
                                      "status); a Unix socket, never a network port. Unset: "
                                      "<state_dir>/agent/agent.sock.")
     spool_dir: Path | None = Field(default=None, description="On-disk spool; unset: <state_dir>/agent/spool.")
-    spool_max_mb: float = Field(default=200.0, gt=0, description="Spool bound: beyond it the oldest "
+    spool_max_mb: float = Field(default=200.0, ge=1, description="Spool bound: beyond it the oldest "
                                 "unsent data is dropped (screenshots first), counted in heartbeats.")
     batch_interval_s: float = Field(default=30.0, ge=1, le=3600, description="Seal and send a batch "
                                     "this often on mains power.")
