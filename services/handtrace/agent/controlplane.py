@@ -20,11 +20,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aiokafka.partitioner import DefaultPartitioner
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from handtrace.core import codec
 from handtrace.core.codec import DecodeError
+from handtrace.core.partitioning import partition_for_key
 from handtrace.core.policy import Policy
 
 
@@ -106,7 +106,7 @@ class ControlPlaneFollower:
         if not parts:
             raise RuntimeError(f"topic {self.controls_topic} has no partitions")
         # Java-compatible murmur2, as every handtrace producer partitions keys.
-        return int(DefaultPartitioner()(self.key, parts, parts))
+        return parts[partition_for_key(self.key, len(parts))]
 
     def refresh(self, timeout_s: float = 5.0) -> bool:
         """Read what is new; True when the policy or exemption changed. Errors (broker down)
