@@ -398,3 +398,23 @@ def test_heartbeat_reports_the_agents_own_cost(tmp_path: Path) -> None:
     assert hb["battery_percent"] is None and hb["charging"] is None  # no battery (battery_info)
     agent.wakeup()  # not due again for heartbeat_interval_s
     assert len(spooled(spool, "heartbeats")) == 1
+
+
+def test_what_the_spool_bound_drops_is_reported_in_heartbeats(tmp_path: Path) -> None:
+    src, clock = FakeSource(), Clock()
+    spool = Spool(tmp_path / "spool", max_bytes=64 * 1024, segment_bytes=16 * 1024, fsync=False, clock_us=clock)
+    agent = Agent(AgentSettings(employee_id="emp-1", device_id="dev-1", pointer_simplify_px=0,
+                                pointer_max_hz=240), src, spool, policy=POLICY, clock=clock,
+                  battery_fn=lambda: False, battery_info=lambda: (None, None))
+    settle(agent, clock)
+    for _ in range(60):  # broker unreachable: nothing ships, the spool overflows
+        for i in range(100):
+            agent.on_event(move(clock.t + i * 5_000, i, i))
+        clock.t += 600_000
+        agent.tick()
+        agent.seal()
+    dropped = spool.stats().dropped_events.get("spool_full", 0)
+    assert dropped > 0
+    agent.wakeup()
+    hbs = spooled(spool, "heartbeats")
+    assert hbs and hbs[-1]["events_dropped"]["spool_full"] == spool.stats().dropped_events["spool_full"]

@@ -88,11 +88,17 @@ class HeartbeatBuilder:
         return int(self._proc.memory_info().rss)
 
     def record(self, *, at_us: int, state: str, counters: AgentCounters, spool_events: int,
-               spool_bytes: int) -> dict[str, Any]:
-        """A Heartbeat record (a dict per the schema)."""
+               spool_bytes: int, spool_dropped: dict[str, int] | None = None) -> dict[str, Any]:
+        """A Heartbeat record (a dict per the schema). ``spool_dropped``: what the spool lost
+        (events dropped at its bound by reason, ``spool_full``; corrupt records quarantined,
+        ``spool_quarantined``, counted in records since their events are unknown) -- merged into
+        ``events_dropped`` so nothing is lost silently."""
         pct, charging = self._battery()
         with counters._lock:
             dropped = {k: int(v) for k, v in counters.events_dropped.items() if v}
+        for k, v in (spool_dropped or {}).items():
+            if v:
+                dropped[k] = dropped.get(k, 0) + int(v)
             snap = (counters.payload_bytes_sent, counters.wire_bytes_sent, counters.events_captured,
                     counters.events_sent, counters.radio_wakeups)
         return {

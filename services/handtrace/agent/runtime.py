@@ -414,8 +414,11 @@ class Agent:
     def heartbeat(self, now: int) -> bytes:
         """The encoded Heartbeat for now."""
         st = self.spool.stats()
+        lost = dict(st.dropped_events)
+        lost["spool_quarantined"] = st.quarantined
+        lost["spool_deadlettered"] = st.deadlettered_events
         return self.health.encode(at_us=now, state=self._mode, counters=self.counters,
-                                  spool_events=st.depth_events, spool_bytes=st.depth_bytes)
+                                  spool_events=st.depth_events, spool_bytes=st.depth_bytes, spool_dropped=lost)
 
     def status(self) -> Status:
         """What the local `status` command shows."""
