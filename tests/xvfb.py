@@ -1,18 +1,8 @@
 """A real X server for tests: Xvfb on a display number it picks itself, real top-level windows,
 and xdotool to drive real input.
 
-A test module declares its fixtures over the context managers (importing fixture functions
-instead would trip ruff's F811 on every test that takes them)::
-
-    @pytest.fixture
-    def xvfb() -> Iterator[XvfbServer]:
-        with xvfb_server() as server:
-            yield server
-
-    @pytest.fixture
-    def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
-        with open_windows(xvfb) as make:
-            yield make
+The ``xvfb`` and ``windows`` fixtures over these context managers live in
+tests/integration/conftest.py.
 
 A missing Xvfb or xdotool is a test failure with a clear message, never a skip.
 """

@@ -27,6 +27,7 @@ from handtrace.core.topics import Topics
 from handtrace.sink.writer import Sink
 from tests.conftest import free_port
 from tests.factories import TEST_POLICY
+from tests.xvfb import WindowFactory, XvfbServer, open_windows, xvfb_server
 
 pytestmark = pytest.mark.integration
 
@@ -229,3 +230,42 @@ def fleet_exporter(tmp_path: Path) -> Iterator[Callable[[Settings], FleetExporte
     yield start
     for e in exporters:
         e.stop()
+
+
+# ---------------------------------------------------------------- brokers that go away, X servers
+
+
+def start_outage_broker(broker: LocalBroker) -> None:
+    """Start (or restart, same ports and data) a dedicated broker; a failure fails the test."""
+    try:
+        broker.start(timeout_s=120, echo=False)
+    except BrokerError as e:
+        pytest.fail(f"the dedicated Kafka broker for an outage test did not start: {e}")
+
+
+@pytest.fixture(scope="module")
+def outage_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A broker of the module's own on fixed free ports, so a test can stop and restart it (an
+    outage) with its address and data kept; the session broker is never touched."""
+    port = free_port()
+    broker = LocalBroker(tmp_path_factory.mktemp("outage-kafka"), port,
+                         next(p for p in iter(free_port, None) if p != port))
+    start_outage_broker(broker)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def xvfb() -> Iterator[XvfbServer]:
+    """A fresh Xvfb (1280x800x24) for one test."""
+    with xvfb_server() as server:
+        yield server
+
+
+@pytest.fixture
+def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
+    """Opens real windows on the test's Xvfb; closes them at the end."""
+    with open_windows(xvfb) as make:
+        yield make

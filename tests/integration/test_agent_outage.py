@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,10 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from handtrace.agent.spool import Spool
 from handtrace.core import codec
 from handtrace.core.admin import ensure_topics
-from handtrace.core.localbroker import BrokerError, LocalBroker
+from handtrace.core.localbroker import LocalBroker
 from handtrace.core.settings import KafkaSettings, TopicSettings
 from handtrace.core.topics import Topics
-from tests.conftest import free_port
+from tests.integration.conftest import start_outage_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -34,25 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ALLOW_ALL = {"version": 1, "allowed_apps": ["code", "google-chrome", "slack", "gnome-terminal-server", "spotify"],
              "allowed_domains": ["google.com", "github.com", "atlassian.net", "youtube.com", "reddit.com",
                                  "amazon.com", "bbc.com"], "sampling": {}, "text_capture": {"*": "full"}}
-
-
-def _start(broker: LocalBroker) -> None:
-    try:
-        broker.start(timeout_s=120, echo=False)
-    except BrokerError as e:
-        pytest.fail(f"the dedicated Kafka broker for the agent outage test did not start: {e}")
-
-
-@pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    port = free_port()
-    broker = LocalBroker(tmp_path_factory.mktemp("agent-kafka"), port,
-                         next(p for p in iter(free_port, None) if p != port))
-    _start(broker)
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 class AgentProc:
@@ -154,13 +134,13 @@ def spooled_event_ids(spool_dir: Path) -> set[bytes]:
         spool.close()
 
 
-def test_kill9_during_broker_outage_every_spooled_event_arrives_exactly_once(own_broker: LocalBroker,
+def test_kill9_during_broker_outage_every_spooled_event_arrives_exactly_once(outage_broker: LocalBroker,
                                                                             tmp_path: Path) -> None:
     prefix = f"ag-{uuid.uuid4().hex[:6]}"
     ts = TopicSettings(prefix=prefix, partitions=2)
-    ensure_topics(KafkaSettings(bootstrap_servers=own_broker.bootstrap), ts)
+    ensure_topics(KafkaSettings(bootstrap_servers=outage_broker.bootstrap), ts)
     topics = Topics.from_settings(ts)
-    agent = AgentProc(tmp_path, own_broker.bootstrap, prefix, "emp-outage")
+    agent = AgentProc(tmp_path, outage_broker.bootstrap, prefix, "emp-outage")
     agent.start()
     try:
         # Shipping works while the broker is up.
@@ -169,14 +149,14 @@ def test_kill9_during_broker_outage_every_spooled_event_arrives_exactly_once(own
             if time.monotonic() > deadline:
                 pytest.fail(f"the agent sent nothing with the broker up: {agent.status()}\n{agent.log()}")
             time.sleep(0.5)
-        own_broker.stop()
+        outage_broker.stop()
         time.sleep(8)  # the agent keeps capturing; batches pile up in the spool
         st = agent.status()
         assert st["spool_events"] > 0, f"nothing spooled during the outage: {st}"
         agent.kill9()
         pending = spooled_event_ids(tmp_path / "agent" / "spool")
         assert pending, "the spool lost its entries in the kill"
-        _start(own_broker)
+        start_outage_broker(outage_broker)
         agent.start()
         deadline = time.monotonic() + 120
         while True:
@@ -189,21 +169,21 @@ def test_kill9_during_broker_outage_every_spooled_event_arrives_exactly_once(own
             time.sleep(0.5)
     finally:
         agent.stop()
-    arrived = event_ids(topic_records(own_broker.bootstrap, topics.events))
+    arrived = event_ids(topic_records(outage_broker.bootstrap, topics.events))
     missing = pending - set(arrived)
     assert not missing, f"{len(missing)} of {len(pending)} spooled events never arrived"
     dups = {k: n for k, n in arrived.items() if n > 1}
     assert not dups, f"{len(dups)} events arrived more than once"
-    controls = topic_records(own_broker.bootstrap, topics.heartbeats)
+    controls = topic_records(outage_broker.bootstrap, topics.heartbeats)
     assert controls, "no heartbeat arrived"
 
 
-def test_employee_controls_against_a_live_agent(own_broker: LocalBroker, tmp_path: Path) -> None:
+def test_employee_controls_against_a_live_agent(outage_broker: LocalBroker, tmp_path: Path) -> None:
     prefix = f"ag-{uuid.uuid4().hex[:6]}"
     ts = TopicSettings(prefix=prefix, partitions=2)
-    ensure_topics(KafkaSettings(bootstrap_servers=own_broker.bootstrap), ts)
+    ensure_topics(KafkaSettings(bootstrap_servers=outage_broker.bootstrap), ts)
     topics = Topics.from_settings(ts)
-    agent = AgentProc(tmp_path, own_broker.bootstrap, prefix, "emp-controls")
+    agent = AgentProc(tmp_path, outage_broker.bootstrap, prefix, "emp-controls")
     agent.start()
     try:
         refused = agent.cli("pause", "45m", check=False)
@@ -224,7 +204,7 @@ def test_employee_controls_against_a_live_agent(own_broker: LocalBroker, tmp_pat
         kinds: list[str] = []
         while time.monotonic() < deadline:
             kinds = [codec.decode_record(v, "control_event")["kind"]
-                     for v in topic_records(own_broker.bootstrap, topics.controls)]
+                     for v in topic_records(outage_broker.bootstrap, topics.controls)]
             if len(kinds) >= 3:
                 break
             time.sleep(1)

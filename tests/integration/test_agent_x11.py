@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,13 @@ from handtrace.agent.spool import Spool
 from handtrace.core import codec
 from handtrace.core.policy import Policy
 from handtrace.core.settings import AgentSettings
-from tests.xvfb import WindowFactory, XvfbServer, open_windows, xdotool, xvfb_server
+from tests.xvfb import WindowFactory, XvfbServer, xdotool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 POLICY = Policy.from_record({"version": 1, "allowed_apps": ["code", "slack"], "allowed_domains": [],
                              "sampling": {}, "text_capture": {"code": "full", "slack": "masked"}})
 SETTLE_S = 0.8  # > 3 focus polls: the agent has announced the newly focused window
-
-
-@pytest.fixture
-def xvfb() -> Iterator[XvfbServer]:
-    with xvfb_server() as server:
-        yield server
-
-
-@pytest.fixture
-def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
-    with open_windows(xvfb) as make:
-        yield make
 
 
 def typed_by_app(spool: Spool) -> dict[str, str]:

@@ -11,27 +11,13 @@ from PIL import Image
 
 from handtrace.agent.screenshots import ScreenshotConfig, Screenshotter
 from handtrace.agent.sources.x11 import X11Source
-from tests.xvfb import WindowFactory, XvfbServer, open_windows, xvfb_server
+from tests.xvfb import WindowFactory, XvfbServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 S = 1_000_000
 T0 = 1_700_000_000 * S
 RED, BLUE, GREEN, WHITE = (220, 30, 30), (30, 30, 220), (30, 200, 30), (255, 255, 255)
-
-
-@pytest.fixture
-def xvfb() -> Iterator[XvfbServer]:
-    """A fresh Xvfb (1280x800x24) for one test."""
-    with xvfb_server() as server:
-        yield server
-
-
-@pytest.fixture
-def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
-    """Opens real windows on the test's Xvfb; closes them at the end."""
-    with open_windows(xvfb) as make:
-        yield make
 
 
 @pytest.fixture

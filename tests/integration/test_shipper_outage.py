@@ -11,7 +11,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from handtrace.agent.shipper import Shipper
 from handtrace.agent.spool import HEADER_BYTES, RECORD_OVERHEAD, Spool, SpoolEntry
 from handtrace.core import codec
-from handtrace.core.localbroker import BrokerError, LocalBroker
+from handtrace.core.localbroker import LocalBroker
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import KafkaSettings
-from tests.conftest import free_port
 from tests.factories import make_batch
+from tests.integration.conftest import start_outage_broker
 
 pytestmark = pytest.mark.integration
 
@@ -33,30 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHILD = REPO / "tests" / "spool_child.py"
 
 
-def _start(broker: LocalBroker) -> None:
-    try:
-        broker.start(timeout_s=120, echo=False)
-    except BrokerError as e:
-        pytest.fail(f"the dedicated Kafka broker for the outage tests did not start: {e}")
-
-
-@pytest.fixture(scope="module")
-def outage_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    """A broker of our own on fixed free ports, so a stop/start keeps its address and data."""
-    port = free_port()
-    controller = next(p for p in iter(free_port, None) if p != port)
-    broker = LocalBroker(tmp_path_factory.mktemp("outage-kafka"), port, controller)
-    _start(broker)
-    try:
-        yield broker
-    finally:
-        broker.stop()
-
-
 @pytest.fixture
 def broker(outage_broker: LocalBroker) -> LocalBroker:
     """The dedicated broker, running (a test that failed mid-outage may have left it stopped)."""
-    _start(outage_broker)
+    start_outage_broker(outage_broker)
     return outage_broker
 
 
@@ -170,7 +149,7 @@ def test_sigkill_during_outage_every_event_arrives_once(broker: LocalBroker, tmp
     before_kill = [e for b in batches for e in b]
     assert len(batches) >= 40 and failed >= 2
     # 3. Broker back (same ports, same data); a new agent on the same spool ships everything.
-    _start(broker)
+    start_outage_broker(broker)
     with Spool(spool_dir, max_bytes=64 << 20, segment_bytes=64 << 10) as spool:
         st = spool.stats()
         assert st.depth_entries >= len(batches), st
@@ -217,7 +196,7 @@ def test_outage_in_process_no_duplicates(broker: LocalBroker, tmp_path: Path) ->
             time.sleep(min(r.next_delay_s, 0.5))
         assert retries >= 3 and shipper.stats.errors.get("_MSG_TIMED_OUT", 0) >= 10, shipper.stats
         capture(10)
-        _start(broker)
+        start_outage_broker(broker)
         ship_all(shipper, spool, 120)
         shipper.close()
         assert shipper.stats.entries_sent == 30

@@ -25,7 +25,6 @@ from tests.xvfb import (
     WindowFactory,
     XvfbServer,
     XWindow,
-    open_windows,
     set_net_active_window,
     xdotool,
     xvfb_server,
@@ -91,20 +90,6 @@ def strip(events: list[Event]) -> list[Event]:
         assert isinstance(e.pop("captured_at_us"), int)
         out.append(e)
     return out
-
-
-@pytest.fixture
-def xvfb() -> Iterator[XvfbServer]:
-    """A fresh Xvfb (1280x800x24) for one test."""
-    with xvfb_server() as server:
-        yield server
-
-
-@pytest.fixture
-def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
-    """Opens real windows on the test's Xvfb; closes them at the end."""
-    with open_windows(xvfb) as make:
-        yield make
 
 
 @pytest.fixture
