@@ -36,6 +36,17 @@ from handtrace.sink.schema import migrate
 
 log = logging.getLogger("handtrace.sink")
 
+_INSERT_SETTINGS = {
+    "insert_deduplicate": 1,
+    # ReplacingMergeTree would otherwise collapse equal sorting keys within each inserted block
+    # at insert time, which costs ~30% of the insert's CPU (docs/BENCHMARKS.md, issue #4) and
+    # guarantees nothing: stream replays never reach an insert (dropped per row by source offset
+    # in _handle), and the only copies one flush can hold -- a batch an agent sent twice, two
+    # source messages -- land in different inserts just as often, so merges and FINAL are what
+    # deduplicate them in any case (docs/adr/0003, point 6).
+    "optimize_on_insert": 0,
+}
+
 
 @dataclass
 class _Pending:
@@ -200,10 +211,8 @@ class Sink:
                     column_names=["topic", "partition", "first_source_offset", "last_source_offset", "rows", "token"],
                 )
                 with metrics.INSERT_SECONDS.time():
-                    self.client.insert_arrow(
-                        f"{self.db}.events", table,
-                        settings={"insert_deduplication_token": token, "insert_deduplicate": 1},
-                    )
+                    self.client.insert_arrow(f"{self.db}.events", table, settings=_INSERT_SETTINGS | {
+                        "insert_deduplication_token": token})
                 break
             except Exception as e:  # noqa: BLE001 -- ClickHouse outage: retry, never drop rows
                 metrics.INSERT_ERRORS.inc()
