@@ -124,7 +124,7 @@ def header(**over: Any) -> dict[str, Any]:
 
 
 def decoded_header(h: dict[str, Any]) -> dict[str, Any]:
-    return dict(h, sent_at_us=ts(h["sent_at_us"]))
+    return {"cohort": "default", **h, "sent_at_us": ts(h["sent_at_us"])}
 
 
 def decoded_rows(evs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -446,7 +446,8 @@ HEADER = st.fixed_dictionaries(
         "os": st.sampled_from(["linux", "macos", "windows", "synthetic"]),
         "seq": _INT64,
         "sent_at_us": _TS,
-    }
+    },
+    optional={"cohort": _TEXT},
 )
 
 
@@ -748,3 +749,19 @@ def test_frames_are_polars() -> None:
     got = codec.decode_event_batch(_BATCH)
     assert isinstance(got.events, pl.DataFrame)
     assert got.events["captured_at_us"].dtype == pl.Datetime("us", "UTC")
+
+
+def test_an_older_writer_version_decodes_with_the_newest_header() -> None:
+    """A v1 batch (agents from before the cohort field) decodes fast and slow with cohort
+    `default`; a v2 batch carries its cohort."""
+    h, evs = header(), events_of_every_kind()
+    old = codec.encode_event_batch(h, evs, version=1)
+    new = codec.encode_event_batch(dict(h, cohort="pilot-eng"), evs)
+    assert codec.writer_schema(old, "event_batch").version == 1
+    assert codec.writer_schema(new, "event_batch").version == schemas.latest("event_batch").version
+    assert codec.decode_event_batch(old).header == decoded_header(h)
+    assert codec.decode_event_batch_per_record(old).header == decoded_header(h)
+    assert codec.decode_event_batch(new).header["cohort"] == "pilot-eng"
+    assert codec.decode_event_batch(old).events.equals(codec.decode_event_batch(new).events)
+    with pytest.raises(ValueError, match="no version 99"):
+        codec.encode_event_batch(h, evs, version=99)

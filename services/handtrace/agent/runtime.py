@@ -368,7 +368,8 @@ class Agent:
         def entry(seq: int) -> SpoolEntry:
             # The batch's seq is the spool's: monotonic per device across restarts.
             header = {"batch_id": batch_id, "employee_id": self.employee_id, "device_id": self.device_id,
-                      "agent_version": __version__, "os": self.source.name, "seq": seq, "sent_at_us": now}
+                      "agent_version": __version__, "os": self.source.name, "cohort": self.cfg.cohort,
+                      "seq": seq, "sent_at_us": now}
             payload = codec.encode_event_batch(header, block=block, count=len(events))
             return SpoolEntry("events", self.employee_id.encode(), payload, len(events))
 

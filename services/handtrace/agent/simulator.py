@@ -176,6 +176,7 @@ class SimulatedFleet:
             "device_id": d.device_id,
             "agent_version": __version__,
             "os": "synthetic",
+            "cohort": d.cohort,
             "seq": d.seq,
             "sent_at_us": t1,
         }

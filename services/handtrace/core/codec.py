@@ -216,12 +216,15 @@ def encode_events_block(events: list[dict[str, Any]]) -> bytes:
 
 
 def encode_event_batch(header: dict[str, Any], events: list[dict[str, Any]] | None = None,
-                       *, block: bytes | None = None, count: int | None = None) -> bytes:
+                       *, block: bytes | None = None, count: int | None = None,
+                       version: int | None = None) -> bytes:
     """Encode one EventBatch: header fields, then the events as one size-prefixed block.
 
     Pass ``events`` (dicts per the Event schema), or a pre-encoded ``block`` with its ``count``.
+    ``version`` writes an older schema version (what an old agent sends); default the newest.
+    Header fields with a default may be left out.
     """
-    sv = schemas.latest("event_batch")
+    sv = schemas.latest("event_batch") if version is None else schemas.get("event_batch", version)
     lay = _layout(sv.fingerprint)
     if block is None:
         events = events or []
@@ -295,6 +298,13 @@ class ParsedBatch:
     frame: pl.DataFrame | None = None
 
 
+@cache
+def _header_defaults() -> dict[str, Any]:
+    """Newest header fields with a default: what an older writer's batch reads as (a v1 batch
+    has cohort ``default``)."""
+    return {f["name"]: f["default"] for f in schemas.latest("event_batch").raw["fields"][:-1] if "default" in f}
+
+
 def parse_event_batch(payload: bytes) -> ParsedBatch:
     """Read the header and locate the event blocks (cheap); DecodeError on bad framing."""
     sv = writer_schema(payload, "event_batch")
@@ -302,7 +312,7 @@ def parse_event_batch(payload: bytes) -> ParsedBatch:
     body = io.BytesIO(payload)
     body.seek(PREFIX_LEN)
     try:
-        header = fastavro.schemaless_reader(body, lay.header_schema, None)
+        header = {**_header_defaults(), **fastavro.schemaless_reader(body, lay.header_schema, None)}
     except _READ_ERRORS as e:
         raise _read_error(e, body, "header: ") from e
     view = memoryview(payload)
@@ -364,6 +374,7 @@ def _decode_event_batch_per_record(payload: bytes, sv: SchemaVersion) -> Decoded
     except _READ_ERRORS as e:
         raise _read_error(e, body) from e
     _check_consumed(body)
+    rec = {**_header_defaults(), **rec}
     events = rec.pop("events")
     if not events:
         return DecodedBatch(rec, _empty_events_frame(), sv.version)

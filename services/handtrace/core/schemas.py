@@ -68,6 +68,15 @@ def versions(subject: str) -> tuple[SchemaVersion, ...]:
     return tuple(sorted(found, key=lambda s: s.version))
 
 
+def get(subject: str, version: int) -> SchemaVersion:
+    """One version of a subject; ValueError naming the known versions if it does not exist."""
+    for sv in versions(subject):
+        if sv.version == version:
+            return sv
+    known = ", ".join(f"v{sv.version}" for sv in versions(subject))
+    raise ValueError(f"{subject} has no version {version} (known: {known})")
+
+
 def latest(subject: str) -> SchemaVersion:
     """The version writers use."""
     return versions(subject)[-1]
