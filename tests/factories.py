@@ -42,12 +42,13 @@ def make_event(kind: str, ts_us: int, rng: random.Random) -> dict[str, Any]:
 
 
 def make_batch(employee_id: str, n: int, *, seed: int = 0, t0_us: int | None = None,
-               device_id: str | None = None, seq: int = 1) -> tuple[bytes, list[bytes]]:
+               device_id: str | None = None, seq: int = 1, cohort: str = "default",
+               version: int | None = None) -> tuple[bytes, list[bytes]]:
     """An encoded EventBatch of ``n`` events of all kinds; returns (payload, event ids)."""
     rng = random.Random(seed)
     t0 = t0_us if t0_us is not None else now_us() - 5_000_000
     events = [make_event(KINDS[i % len(KINDS)], t0 + i * 1000, rng) for i in range(n)]
     header = {"batch_id": ids.uuid7_bytes(), "employee_id": employee_id,
               "device_id": device_id or f"dev-{employee_id}", "agent_version": "test",
-              "os": "linux", "seq": seq, "sent_at_us": t0 + n * 1000}
-    return codec.encode_event_batch(header, events), [e["event_id"] for e in events]
+              "os": "linux", "cohort": cohort, "seq": seq, "sent_at_us": t0 + n * 1000}
+    return codec.encode_event_batch(header, events, version=version), [e["event_id"] for e in events]

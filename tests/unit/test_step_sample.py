@@ -275,6 +275,22 @@ def test_works_on_a_decoded_pipeline_frame() -> None:
     assert_rows_untouched(frame, dec.frame)
 
 
+
+def test_cohort_selectors_apply_to_the_batch_header_cohort() -> None:
+    """The agent's cohort (EventBatch v2 header) reaches every row, so ops can sample a canary
+    cohort differently; v1 batches (older agents) are cohort `default`."""
+    parsed = []
+    for i in range(12):
+        cohort = "canary" if i % 3 == 0 else "default"
+        payload, _ = make_batch(f"emp-{i}", 20, seed=i, t0_us=W0 * EPISODE_S * S + 1000, cohort=cohort,
+                                version=1 if i == 11 else None)
+        parsed.append((SourceMessage(payload, 0, i), parse_event_batch(payload)))
+    frame = BatchPipeline([])._frame(parsed)
+    assert frame.get_column("cohort").value_counts(sort=True).rows() == [("default", 160), ("canary", 80)]
+    res = run(SampleStep(key=KEY), frame, {"cohort:canary": 0.0, "*": 1.0})
+    assert res.frame.height == 160 and set(res.frame.get_column("cohort")) == {"default"}
+    assert res.dropped == {SAMPLED_OUT: 80}
+
 # ------------------------------------------------------------------------- PointerDecimateStep
 
 def moves_frame(times: dict[str, list[int]], *, batch_us: int | None = None) -> pl.DataFrame:

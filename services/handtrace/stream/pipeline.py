@@ -62,7 +62,7 @@ class BatchOutcome:
 
 _HEADER_COLUMNS = {
     "employee_id": pl.String, "device_id": pl.String, "batch_id": pl.Binary,
-    "agent_version": pl.String, "os": pl.String, "sent_at_us": pl.Int64,
+    "agent_version": pl.String, "os": pl.String, "cohort": pl.String, "sent_at_us": pl.Int64,
     "source_partition": pl.Int32, "source_offset": pl.Int64,
 }
 
@@ -211,6 +211,8 @@ class BatchPipeline:
                 "batch_id": [pb.header["batch_id"] for _, pb in order],
                 "agent_version": [pb.header["agent_version"] for _, pb in order],
                 "os": [pb.header["os"] for _, pb in order],
+                # v2 header; the codec reads older batches with cohort "default".
+                "cohort": [pb.header["cohort"] for _, pb in order],
                 "sent_at_us": [_sent_at_us(pb.header["sent_at_us"]) for _, pb in order],
                 "source_partition": [m.partition for m, _ in order],
                 "source_offset": [m.offset for m, _ in order],
