@@ -244,7 +244,10 @@ def agent_run(
 
     try:
         agent = run_agent(s, on_started=started)
-    except (AgentError, CaptureUnavailable, SpoolFormatError) as e:
+    except CaptureUnavailable as e:
+        raise _fail(f"{e}\n  (agent settings: HANDTRACE_AGENT__SOURCE={s.agent.source}, "
+                    "HANDTRACE_AGENT__DISPLAY; `--source synthetic` runs without a display)") from None
+    except (AgentError, SpoolFormatError) as e:
         raise _fail(str(e)) from None
     st = agent.status()
     console.print(f"stopped: {st.events_captured:,} events captured, {st.events_sent:,} sent, "

@@ -418,3 +418,18 @@ def test_what_the_spool_bound_drops_is_reported_in_heartbeats(tmp_path: Path) ->
     agent.wakeup()
     hbs = spooled(spool, "heartbeats")
     assert hbs and hbs[-1]["events_dropped"]["spool_full"] == spool.stats().dropped_events["spool_full"]
+
+
+def test_a_backend_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> None:
+    from handtrace.agent.capture import CaptureUnavailable
+
+    agent, src, *_ = make_agent(tmp_path)
+
+    def refuse(_emit: Emit) -> None:
+        raise CaptureUnavailable("no X display")
+
+    src.start = refuse  # type: ignore[method-assign]
+    with pytest.raises(CaptureUnavailable, match="no X display"):
+        agent.start()
+    agent.stop()  # must not fail on threads that never started
+    assert not any(t.is_alive() for t in agent._threads)

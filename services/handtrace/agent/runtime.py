@@ -440,11 +440,11 @@ class Agent:
     def start(self) -> None:
         """Start capture and the tick and wakeup threads."""
         self._stop.clear()
+        if self._mode != "exempt":
+            self.source.start(self.on_event)  # CaptureUnavailable: nothing started, nothing to undo
+            self._source_running = True
         self._threads = [threading.Thread(target=self._tick_loop, name="agent-tick", daemon=True),
                          threading.Thread(target=self._wakeup_loop, name="agent-wakeup", daemon=True)]
-        if self._mode != "exempt":
-            self.source.start(self.on_event)
-            self._source_running = True
         for t in self._threads:
             t.start()
 
@@ -455,7 +455,8 @@ class Agent:
             self.source.stop()
             self._source_running = False
         for t in self._threads:
-            t.join(timeout=30)
+            if t.ident is not None:
+                t.join(timeout=30)
         self._threads = []
         self.tick()
         self.seal()
