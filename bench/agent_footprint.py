@@ -156,6 +156,7 @@ class ReplaySource:
         self.key: Any = None
         self.focus_changes = 0
         self.scroll = 0
+        self.polls = 0
 
     def set(self, key: Any) -> None:
         if key != self.key:
@@ -172,6 +173,7 @@ class ReplaySource:
         pass
 
     def focused_window(self) -> Any:
+        self.polls += 1
         return self.window
 
 
@@ -291,6 +293,7 @@ def child(config: str, workload: Path, bootstrap: str, prefix: str, minutes: int
         "dropped": dict(agent.counters.events_dropped), "batches": agent.counters.batches_sealed,
         "screenshots": shooter.counters.__dict__ if shooter else None,
         "screenshots_deferred": st.screenshots_deferred, "spool_pending_entries": spool_st.depth_entries,
+        "focus_polls": src.polls,
         "spool_pending_by_role": spool_st.depth_by_role,
     }
     shipper.close()
@@ -392,7 +395,29 @@ def x11_child(display: str, expect: int, out: Path) -> dict[str, Any]:
     cpu = _cpu_s() - cpu0
     wall = time.perf_counter() - t0
     src.stop()
-    return {"events": got["n"], "cpu_s": cpu, "wall_s": wall, "rss_mb": _peak_rss_mb()}
+    # What one focus poll costs: a real top-level window with WM_CLASS and a title, focused.
+    import Xlib.display
+    import Xlib.X
+
+    d = Xlib.display.Display(display)
+    screen = d.screen()
+    win = screen.root.create_window(100, 100, 640, 400, 0, screen.root_depth)
+    win.set_wm_class("code", "Code")
+    win.set_wm_name(b"main.py - Code")
+    win.map()
+    d.sync()
+    time.sleep(0.2)
+    win.set_input_focus(Xlib.X.RevertToParent, Xlib.X.CurrentTime)
+    d.sync()
+    polls = 1000
+    found = src.focused_window()
+    cpu0 = _cpu_s()
+    for _ in range(polls):
+        src.focused_window()
+    poll_s = (_cpu_s() - cpu0) / polls
+    d.close()
+    return {"events": got["n"], "cpu_s": cpu, "wall_s": wall, "rss_mb": _peak_rss_mb(), "poll_cpu_s": poll_s,
+            "poll_found": found.app_id if found else None}
 
 
 def inject(display: str, moves: int, keys: int) -> None:
@@ -509,10 +534,16 @@ def report(results: list[dict[str, Any]], info: str, wl: dict[str, Any], x11: di
         ]
     lines += checks
     if x11 is not None:
+        polls = (hs or hn or {}).get("focus_polls", 0)
+        poll_pct = 100 * polls * x11["poll_cpu_s"] / wl["minutes"] / CHUNK_S
+        lines.append(f"X11 focus polls: {polls:,} in the hour (busy ticks every 0.25 s, idle every 2 s), "
+                     f"{1e6 * x11['poll_cpu_s']:.0f} us CPU each ({x11['poll_found']} window) -> "
+                     f"{poll_pct:.3f}% of a core")
+        x11["cpu_pct_for_workload"] += poll_pct
         total = x11["cpu_pct_for_workload"] + (100 * hs["cpu_s"] / hs["sim_s"] if hs else 0.0)
         lines.append(f"X11 capture path (pynput RECORD -> emit, Xvfb, XTEST input from another process): "
                      f"{x11['events']:,}/{x11['injected']:,} events captured, {x11['us_per_event']:.1f} us CPU per "
-                     f"event -> {x11['cpu_pct_for_workload']:.3f}% of a core for this workload's "
+                     f"event + focus polls -> {x11['cpu_pct_for_workload']:.3f}% of a core for this workload's "
                      f"{wl['events']:,} events; capture + handtrace with screenshots {total:.3f}% "
                      f"(target <= {TARGETS['cpu_pct']}%): {'met' if total <= TARGETS['cpu_pct'] else 'NOT met'}; "
                      f"capture process peak RSS {x11['rss_mb']:.1f} MB")

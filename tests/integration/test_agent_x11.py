@@ -47,7 +47,9 @@ def test_agent_on_real_x11_input(xvfb: XvfbServer, windows: WindowFactory, tmp_p
                    focus=False)
     slack = windows(wm_class=("slack", "Slack"), title="#team - Slack", geometry=(50, 400, 500, 300), focus=False)
     spool = Spool(tmp_path / "spool", max_bytes=64 << 20, fsync=False)
+    # Focus is moved programmatically here (no input): poll it as often when idle as when busy.
     cfg = AgentSettings(employee_id="emp-x11", device_id="dev-x11", screenshots=False, focus_poll_s=0.1,
+                        focus_idle_poll_s=0.1,
                         batch_interval_s=3600)
     agent = Agent(cfg, X11Source(display=xvfb.display), spool, policy=POLICY, battery_fn=lambda: False)
     server = ControlServer(agent, tmp_path / "sock" / "agent.sock")

@@ -60,6 +60,7 @@ class FakeSource:
         self.running = False
 
     def focused_window(self) -> WindowInfo | None:
+        self.polls = getattr(self, "polls", 0) + 1
         return self.window
 
 
@@ -433,3 +434,24 @@ def test_a_backend_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> N
         agent.start()
     agent.stop()  # must not fail on threads that never started
     assert not any(t.is_alive() for t in agent._threads)
+
+
+
+def test_idle_ticks_skip_focus_polls_but_never_misattribute(tmp_path: Path) -> None:
+    """With no input the focused window is read only every focus_idle_poll_s (X round trips
+    cost CPU); input after a focus change nobody saw is dropped, not given to the old window."""
+    agent, src, clock, spool = make_agent(tmp_path)
+    settle(agent, clock)
+    src.polls = 0
+    for _ in range(40):  # 10 s of idle ticks at 0.25 s
+        clock.t += 250_000
+        agent.tick()
+    assert src.polls == 5  # every 2 s
+    # A focus change the backend cannot report (polling-only, like X11 without a WM):
+    src._window = PERSONAL
+    agent.on_event(key(clock.t + 1, "x", ord("x")))
+    clock.t += 250_000
+    agent.tick()
+    agent.seal()
+    assert [r for r in spooled(spool) if r["kind"] == "key_down"] == []
+    assert agent.counters.events_dropped["ambiguous_focus"] == 1

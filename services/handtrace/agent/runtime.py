@@ -139,6 +139,8 @@ class Agent:
         self._exemption_requested = False
         self._last_window: WindowInfo | None = None
         self._last_key: tuple[Any, ...] | None = ("<start>",)
+        self._last_poll_us = -(1 << 62)
+        self._last_key_changes: int | None = None
         self._last_allowed: bool | None = None
         self._next_heartbeat_us = self.started_at_us
         self._stop = threading.Event()
@@ -266,11 +268,34 @@ class Agent:
                 self.counters.drop(self._mode, len(raw))
                 return
         self.counters.add(events_captured=len(raw))
+        kept: list[Event] = []
+        notified = getattr(self.source, "focus_changes", 0) != self._last_key_changes
+        if raw or notified or now - self._last_poll_us >= self.cfg.focus_idle_poll_s * _US:
+            kept = self._attribute(raw, now)
+        # else: no input and no focus notification since the last poll, nothing to attribute:
+        # skip the X round trips (the next input after an unseen change is dropped as ambiguous).
+        with self._lock:
+            if kept and self._mode == "capturing":
+                self._pending.extend(kept)
+            elif kept:
+                self.counters.drop(self._mode, len(kept))
+            due = bool(self._pending) and (
+                len(self._pending) >= self.cfg.max_batch_events
+                or now - self._pending[0]["captured_at_us"] >= self.cfg.durable_after_s * _US)
+        if due:
+            # Sealed batches are durable (kill -9 loses at most durable_after_s of capture);
+            # they wait in the spool for the next wakeup, so this costs no radio use.
+            self.seal(now)
+
+    def _attribute(self, raw: list[Event], now: int) -> list[Event]:
+        """Read the focused window once and keep what of ``raw`` the local policy allows."""
         w = self.source.focused_window()
+        self._last_poll_us = now
         decision = self.local.window(w)
         # A backend that sees focus changes as they happen (not only by polling) counts them in
         # ``focus_changes``: then a switch away and back within one tick is caught too.
-        key = (_window_key(w), getattr(self.source, "focus_changes", 0))
+        self._last_key_changes = getattr(self.source, "focus_changes", 0)
+        key = (_window_key(w), self._last_key_changes)
         kept: list[Event] = []
         if key != self._last_key:
             # Focus moved since the last tick: which window got these events is unknowable.
@@ -286,18 +311,7 @@ class Agent:
             kept.extend(self._admit(raw, w, decision, now))
         self._last_window = w
         self._last_allowed = decision.allowed
-        with self._lock:
-            if kept and self._mode == "capturing":
-                self._pending.extend(kept)
-            elif kept:
-                self.counters.drop(self._mode, len(kept))
-            due = bool(self._pending) and (
-                len(self._pending) >= self.cfg.max_batch_events
-                or now - self._pending[0]["captured_at_us"] >= self.cfg.durable_after_s * _US)
-        if due:
-            # Sealed batches are durable (kill -9 loses at most durable_after_s of capture);
-            # they wait in the spool for the next wakeup, so this costs no radio use.
-            self.seal(now)
+        return kept
 
     def _admit(self, raw: list[Event], w: WindowInfo, decision: Any, now: int) -> list[Event]:
         out: list[Event] = []

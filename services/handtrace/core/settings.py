@@ -341,6 +341,10 @@ class AgentSettings(BaseModel):
     focus_poll_s: float = Field(default=0.25, ge=0.02, le=5, description="How often the focused window "
                                 "is checked; events whose window is ambiguous (focus changed within "
                                 "one poll) are dropped, fail closed.")
+    focus_idle_poll_s: float = Field(default=2.0, ge=0.02, le=60, description="With no input since the "
+                                     "last check, the focused window is checked only this often (each "
+                                     "check costs X round trips); input after an unseen focus change "
+                                     "is then dropped as ambiguous, never misattributed.")
 
 
 class Settings(BaseSettings):
