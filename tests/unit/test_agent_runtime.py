@@ -114,7 +114,7 @@ def test_events_of_an_allowlisted_window_are_stamped_and_spooled(tmp_path: Path)
         agent.on_event(move(clock.t + i * 50_000, 10 + i, 20))
     clock.t += 300_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     rows = spooled(spool)
     kinds = [r["kind"] for r in rows]
     assert kinds.count("focus_change") == 1 and kinds.count("pointer_move") == 5
@@ -128,7 +128,7 @@ def test_no_policy_captures_nothing(tmp_path: Path) -> None:
     agent.on_event(move(clock.t))
     clock.t += 300_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     assert spooled(spool) == []
     assert agent.counters.events_dropped["no_policy"] == 1
 
@@ -147,7 +147,7 @@ def test_non_allowlisted_windows_never_reach_the_spool(tmp_path: Path, window: W
     agent.on_event(key(clock.t + 1, "x", ord("x")))
     clock.t += 300_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     assert spooled(spool) == []
     assert agent.counters.events_dropped[reason] == 2
 
@@ -156,7 +156,7 @@ def test_url_is_stored_without_query_and_fragment(tmp_path: Path) -> None:
     agent, src, clock, spool = make_agent(tmp_path)
     src.window = CHROME_OK
     settle(agent, clock)
-    agent.seal()
+    agent.seal(force=True)
     [focus] = spooled(spool)
     assert focus["url"] == "https://docs.google.com/d/1"
 
@@ -172,7 +172,7 @@ def test_focus_change_within_a_tick_drops_its_events(tmp_path: Path) -> None:
     agent.on_event(key(clock.t + 1, "k", ord("k")))  # typed in telegram or in code
     clock.t += 250_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     assert [r for r in spooled(spool) if r["kind"] == "key_down"] == []
     assert agent.counters.events_dropped["ambiguous_focus"] == 2
 
@@ -189,7 +189,7 @@ def test_keystroke_masking_per_app_and_shortcuts(tmp_path: Path) -> None:
         agent.on_event(key(clock.t + 4, "c", ord("c"), mods=2))  # ctrl+c
         clock.t += 250_000
         agent.tick()
-        agent.seal()
+        agent.seal(force=True)
         out[name] = [r for r in spooled(spool) if r["kind"] == "key_down"]
         spool.ack_through(spool.next_seq)
     code = out["code"]
@@ -209,7 +209,7 @@ def test_masked_mode_keeps_only_character_classes(tmp_path: Path) -> None:
         agent.on_event(key(clock.t + i, ch, ord(ch)))
     clock.t += 250_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     rows = [r for r in spooled(spool) if r["kind"] == "key_down"]
     assert "".join(r["text"] for r in rows) == "aa0 ."
     assert all(r["key_code"] is None and r["text_masked"] for r in rows)
@@ -224,7 +224,7 @@ def test_nothing_typed_into_a_password_field(tmp_path: Path) -> None:
     agent.on_event(key(clock.t + 10, "v", ord("v"), mods=2))
     clock.t += 250_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     assert [r for r in spooled(spool) if r["kind"].startswith("key")] == []
     assert agent.counters.events_dropped["password_field"] == 8
 
@@ -249,7 +249,7 @@ def test_pause_drops_everything_inside_and_auto_resumes(tmp_path: Path) -> None:
     agent.on_event(move(clock.t, 9, 9))
     clock.t += 250_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     moves = [r for r in spooled(spool) if r["kind"] == "pointer_move"]
     times = [r["captured_at_us"] for r in moves]
     assert all(not (before < t < until) for t in times)
@@ -279,7 +279,7 @@ def test_exemption_grant_stops_capture_entirely(tmp_path: Path) -> None:
         agent.on_event(move(clock.t + 1, 4, 4))
         clock.t += S
         agent.tick()
-        agent.seal()
+        agent.seal(force=True)
         assert [r for r in spooled(spool) if r["kind"] == "pointer_move"] == []
         assert agent.status().mode == "exempt"
         with pytest.raises(AgentError, match="exemption"):
@@ -355,7 +355,7 @@ def test_invariant_nothing_excluded_reaches_the_spool(tmp_path_factory: pytest.T
             agent.tick()
         clock.t += 10
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     allowed = {id(CODE), id(CHROME_OK), id(PASSWORD)}
     for r in spooled(spool):
         if r["kind"] == "focus_change":
@@ -378,7 +378,7 @@ def test_switch_away_and_back_within_one_tick_is_caught(tmp_path: Path) -> None:
     src.window = CODE
     clock.t += 250_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     assert [r for r in spooled(spool) if r["kind"] == "key_down"] == []
     assert agent.counters.events_dropped["ambiguous_focus"] == 1
 
@@ -413,7 +413,7 @@ def test_what_the_spool_bound_drops_is_reported_in_heartbeats(tmp_path: Path) ->
             agent.on_event(move(clock.t + i * 5_000, i, i))
         clock.t += 600_000
         agent.tick()
-        agent.seal()
+        agent.seal(force=True)
     dropped = spool.stats().dropped_events.get("spool_full", 0)
     assert dropped > 0
     agent.wakeup()
@@ -452,6 +452,41 @@ def test_idle_ticks_skip_focus_polls_but_never_misattribute(tmp_path: Path) -> N
     agent.on_event(key(clock.t + 1, "x", ord("x")))
     clock.t += 250_000
     agent.tick()
-    agent.seal()
+    agent.seal(force=True)
     assert [r for r in spooled(spool) if r["kind"] == "key_down"] == []
     assert agent.counters.events_dropped["ambiguous_focus"] == 1
+
+
+def test_a_typing_burst_is_never_cut_between_two_batches(tmp_path: Path) -> None:
+    """The stream redacts PII per batch: an address typed while a batch is sealed must travel
+    whole in the next batch, not in halves."""
+    agent, _src, clock, spool = make_agent(tmp_path)
+    settle(agent, clock)
+    text = "mail john.doe@example.com now"
+    for i, ch in enumerate(text):
+        agent.on_event(key(clock.t + i * 150_000, ch, ord(ch)))  # 150 ms between keys
+        if i == 12:  # a seal falls in the middle of the address
+            clock.t += 13 * 150_000
+            agent.tick()
+            agent.seal()
+    clock.t += len(text) * 150_000 + 3 * S  # the burst ended 3 s ago
+    agent.tick()
+    agent.seal()
+    batches = []
+    for _seq, e in spool.pending(100, 1 << 30, roles=["events"]):
+        rows = codec.decode_event_batch(e.value).events
+        batches.append("".join(t for t in rows.get_column("text").to_list() if t))
+    assert "" in batches or batches == [text]  # the first seal held every key back ...
+    assert text in batches  # ... and the whole burst travelled in one batch
+
+
+def test_a_burst_is_held_back_at_most_30_seconds(tmp_path: Path) -> None:
+    agent, _src, clock, spool = make_agent(tmp_path)
+    settle(agent, clock)
+    t = clock.t
+    for i in range(400):  # 40 s of uninterrupted typing, 10 keys per second
+        agent.on_event(key(t + i * 100_000, "a", ord("a")))
+    clock.t = t + 400 * 100_000
+    agent.tick()  # pending is older than durable_after_s: the tick seals
+    keys = [r for r in spooled(spool) if r["kind"] == "key_down"]
+    assert len(keys) == 400  # the burst is older than 30 s: sealed anyway (durability wins)

@@ -47,6 +47,27 @@ AMBIGUOUS_FOCUS = "ambiguous_focus"
 _US = 1_000_000
 
 
+_BURST_GAP_US = 2 * _US
+_BURST_HOLD_MAX_US = 30 * _US
+_KEY_KINDS = ("key_down", "key_up")
+
+
+def _burst_start(events: list[Event], now: int) -> int | None:
+    """Index of the first event of the typing burst still going on at ``now`` (sorted events),
+    or None when the last keystroke is ``_BURST_GAP_US`` old or more."""
+    last: int | None = None
+    start: int | None = None
+    for i in range(len(events) - 1, -1, -1):
+        e = events[i]
+        if e["kind"] not in _KEY_KINDS:
+            continue
+        t = e["captured_at_us"]
+        if (now if last is None else last) - t >= _BURST_GAP_US:
+            break
+        last, start = t, i
+    return start
+
+
 class AgentError(ValueError):
     """A request the agent refuses; the message says why (shown to the employee)."""
 
@@ -363,14 +384,26 @@ class Agent:
         self.counters.add(screenshots_taken=1)
 
     # ---------------------------------------------------------------- batches
-    def seal(self, now: int | None = None) -> int:
-        """Seal the buffered events into one EventBatch in the spool; returns its event count."""
+    def seal(self, now: int | None = None, *, force: bool = False) -> int:
+        """Seal the buffered events into one EventBatch in the spool; returns its event count.
+
+        A typing burst still going on at ``now`` (keys less than 2 s apart, the last one less
+        than 2 s ago) is held back for the next batch, unless ``force`` or it is older than 30 s:
+        the stream redacts PII per batch, and an address typed across two batches would reach
+        it in halves."""
         now = self.clock() if now is None else now
         with self._lock:
             events, self._pending = self._pending, []
         if not events:
             return 0
         events.sort(key=lambda e: e["captured_at_us"])
+        start = None if force else _burst_start(events, now)
+        if start is not None and now - events[start]["captured_at_us"] < _BURST_HOLD_MAX_US:
+            events, held = events[:start], events[start:]
+            with self._lock:
+                self._pending = held + self._pending
+            if not events:
+                return 0
         events = coalesce_moves(events, max_hz=self.cfg.pointer_max_hz,
                                 epsilon_px=self.cfg.pointer_simplify_px)
         for ev in events:
@@ -473,7 +506,7 @@ class Agent:
                 t.join(timeout=30)
         self._threads = []
         self.tick()
-        self.seal()
+        self.seal(force=True)
         if self.shipper is not None:
             try:
                 self.shipper.ship_once(final_ship_timeout_s)
