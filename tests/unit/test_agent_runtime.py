@@ -490,3 +490,23 @@ def test_a_burst_is_held_back_at_most_30_seconds(tmp_path: Path) -> None:
     agent.tick()  # pending is older than durable_after_s: the tick seals
     keys = [r for r in spooled(spool) if r["kind"] == "key_down"]
     assert len(keys) == 400  # the burst is older than 30 s: sealed anyway (durability wins)
+
+
+def test_titles_and_urls_leave_the_laptop_redacted_and_password_prompts_are_guarded(tmp_path: Path) -> None:
+    agent, src, clock, spool = make_agent(tmp_path)
+    src.window = WindowInfo("google-chrome", "Inbox (3) - ada@acme.com - Mail",
+                            url="https://mail.google.com/u/ada@acme.com/inbox?x=1", window_id=5)
+    settle(agent, clock)
+    src.window = WindowInfo("code", "sudo password for ada", window_id=6)  # no backend flag
+    settle(agent, clock)
+    for i, ch in enumerate("hunter2"):
+        agent.on_event(key(clock.t + i, ch, ord(ch)))
+    clock.t += 250_000
+    agent.tick()
+    agent.seal(force=True)
+    rows = spooled(spool)
+    focus = [r for r in rows if r["kind"] == "focus_change"]
+    assert focus[0]["window_title"] == "Inbox (3) - [REDACTED:email] - Mail"
+    assert focus[0]["url"] == "https://mail.google.com/u/[REDACTED:email]/inbox"
+    assert not [r for r in rows if r["kind"].startswith("key")]
+    assert agent.counters.events_dropped["password_field"] == 7

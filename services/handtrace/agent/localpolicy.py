@@ -11,7 +11,10 @@ to disk or sent. Same rules as the stream's enforcement (the stream proves them 
   (``a`` letter, ``0`` digit, `` `` space, ``.`` other) and drops the keysym; ``none`` keeps only
   the timing. Shortcuts (a key with ctrl, alt or meta held) are always kept as shortcuts (keysym
   and modifiers, no text). Non-printing keys (Return, BackSpace, arrows, modifiers) keep their
-  keysym. In a password field nothing of a keystroke is kept: the event is dropped;
+  keysym. In a password field (the backend says so, or the window looks like a password prompt
+  or manager: ``handtrace.core.pii.password_context``) nothing of a keystroke is kept;
+- window titles and URLs are stamped with PII and secrets redacted (the stream's detectors,
+  ``handtrace.core.pii``), so they never leave the laptop;
 - source-side sampling: policy selectors prefixed ``agent:`` (``agent:kind:pointer_move``,
   ``agent:app:slack``, ``agent:*``) thin events on the laptop, where it saves battery and
   bandwidth. The stream ignores ``agent:`` selectors (unknown prefixes are forward compatible), so
@@ -28,6 +31,7 @@ from functools import lru_cache
 
 from handtrace.agent.capture import Event, WindowInfo
 from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
+from handtrace.core.pii import password_context, redact_text
 from handtrace.core.policy import Policy, TextCapture
 
 CTRL, ALT, META = 2, 4, 8
@@ -50,7 +54,7 @@ class WindowDecision:
     reason: str | None
     text: TextCapture = "none"
     url: str | None = None
-    """The URL to stamp (query, fragment and userinfo removed)."""
+    """The URL to stamp (query, fragment and userinfo removed, PII redacted)."""
 
 
 def char_class(ch: str) -> str:
@@ -101,8 +105,21 @@ class LocalPolicy:
                 return WindowDecision(False, INVALID_URL)
             if not host_allowed(host, self._domains):
                 return WindowDecision(False, NOT_ALLOWLISTED_DOMAIN)
-            clean = stored_url(url)
+            clean = redact_text(stored_url(url))[0]
         return WindowDecision(True, None, p.text_capture_for(app_id), clean)
+
+    @staticmethod
+    @lru_cache(maxsize=512)
+    def clean_title(title: str | None) -> str | None:
+        """A window title with PII and secrets replaced by ``[REDACTED:kind]`` (the stream's
+        detectors): addresses in a mail client's title never leave the laptop."""
+        return redact_text(title)[0] if title else title
+
+    @staticmethod
+    def password_context(w: WindowInfo) -> bool:
+        """The backend says the focus is in a password field, or the window looks like a
+        password prompt or manager (title / app heuristics shared with the stream)."""
+        return w.password_field or password_context(w.app_id, w.title)
 
     def mask_key(self, ev: Event, text_mode: TextCapture, *, password_field: bool) -> Event | None:
         """``ev`` (a key event) as it may be kept under ``text_mode``; None when it must go."""

@@ -323,7 +323,7 @@ class Agent:
             self.counters.drop(AMBIGUOUS_FOCUS, len(raw))
             if decision.allowed and w is not None:
                 kept.append({"kind": "focus_change", "captured_at_us": now, "app_id": w.app_id,
-                             "window_title": w.title, "url": decision.url})
+                             "window_title": self.local.clean_title(w.title), "url": decision.url})
                 self._screenshot(w, "focus_change", now, kept)
             self._last_key = key
         elif not decision.allowed:
@@ -338,16 +338,17 @@ class Agent:
         out: list[Event] = []
         clicked = False
         sampled_out = 0
-        password = 0
+        dropped_password = 0
+        password = self.local.password_context(w)
         for ev in raw:
             ev["app_id"] = w.app_id
             if decision.url is not None:
                 ev["url"] = decision.url
             kind = ev["kind"]
             if kind in ("key_down", "key_up"):
-                masked = self.local.mask_key(ev, decision.text, password_field=w.password_field)
+                masked = self.local.mask_key(ev, decision.text, password_field=password)
                 if masked is None:
-                    password += 1
+                    dropped_password += 1
                     continue
             if not self.local.keep_sampled(ev, self.device_id):
                 sampled_out += 1
@@ -355,7 +356,7 @@ class Agent:
             if kind == "click" and ev.get("pressed"):
                 clicked = True
             out.append(ev)
-        self.counters.drop("password_field", password)
+        self.counters.drop("password_field", dropped_password)
         self.counters.drop(SAMPLED_OUT, sampled_out)
         if clicked:
             self._screenshot(w, "click", now, out)
