@@ -16,6 +16,7 @@ from handtrace.agent.localsock import ControlServer
 from handtrace.agent.runtime import Agent, AgentError
 from handtrace.agent.spool import Spool
 from handtrace.core import codec
+from handtrace.core.pii import MASKED_KEYSYM
 from handtrace.core.policy import Policy
 from handtrace.core.settings import AgentSettings
 
@@ -197,11 +198,11 @@ def test_keystroke_masking_per_app_and_shortcuts(tmp_path: Path) -> None:
     assert [r["key_code"] for r in code] == [ord("a"), ord("7"), 0xFF0D, ord("c")]
     chrome = out["chrome"]  # none: timing only, nothing of the characters
     assert [r["text"] for r in chrome] == [None, None, None, None]
-    assert [r["key_code"] for r in chrome] == [None, None, 0xFF0D, ord("c")]
+    assert [r["key_code"] for r in chrome] == [MASKED_KEYSYM, MASKED_KEYSYM, 0xFF0D, ord("c")]
     assert chrome[3]["modifiers"] == 2 and chrome[0]["text_masked"] is True
 
 
-def test_masked_mode_keeps_only_character_classes(tmp_path: Path) -> None:
+def test_masked_mode_keeps_only_bullets(tmp_path: Path) -> None:
     agent, src, clock, spool = make_agent(tmp_path, policy=Policy.from_record({
         "version": 1, "allowed_apps": ["code"], "text_capture": {"*": "masked"}}))
     settle(agent, clock)
@@ -211,8 +212,8 @@ def test_masked_mode_keeps_only_character_classes(tmp_path: Path) -> None:
     agent.tick()
     agent.seal(force=True)
     rows = [r for r in spooled(spool) if r["kind"] == "key_down"]
-    assert "".join(r["text"] for r in rows) == "aa0 ."
-    assert all(r["key_code"] is None and r["text_masked"] for r in rows)
+    assert "".join(r["text"] for r in rows) == "•••••"
+    assert all(r["key_code"] == MASKED_KEYSYM and r["text_masked"] for r in rows)
 
 
 def test_nothing_typed_into_a_password_field(tmp_path: Path) -> None:
@@ -365,7 +366,7 @@ def test_invariant_nothing_excluded_reaches_the_spool(tmp_path_factory: pytest.T
         assert id(truth[t]) in allowed, f"event from {truth[t]} was spooled"
         assert not (r["kind"].startswith("key") and truth[t] is PASSWORD), "keystroke of a password field"
         if r["kind"].startswith("key") and r["app_id"] != "code":
-            assert r["text"] is None or set(r["text"]) <= set("a0 .")
+            assert r["text"] is None or set(r["text"]) <= {"•"}
 
 
 def test_switch_away_and_back_within_one_tick_is_caught(tmp_path: Path) -> None:
@@ -510,3 +511,39 @@ def test_titles_and_urls_leave_the_laptop_redacted_and_password_prompts_are_guar
     assert focus[0]["url"] == "https://mail.google.com/u/[REDACTED:email]/inbox"
     assert not [r for r in rows if r["kind"].startswith("key")]
     assert agent.counters.events_dropped["password_field"] == 7
+
+
+def test_what_the_agent_sends_passes_the_streams_rules(tmp_path: Path) -> None:
+    """The contract between the two ends: every event the agent spools under a policy is valid
+    for the stream and allowed by the same policy there -- nothing the agent masked or
+    stamped is rejected (a masked key still has a key code), and masked text stays masked."""
+    from handtrace.core.settings import Settings
+    from handtrace.stream.app import build_pipeline
+    from handtrace.stream.pipeline import SourceMessage
+
+    agent, src, clock, spool = make_agent(tmp_path)
+    for window in (CODE, CHROME_OK, WindowInfo("code", "t", window_id=9)):
+        src.window = window
+        settle(agent, clock)
+        for i, ch in enumerate("ab 7"):
+            agent.on_event(key(clock.t + 10 * i, ch, ord(ch)))
+            agent.on_event(key(clock.t + 10 * i + 5, ch, ord(ch), kind="key_up"))
+        agent.on_event(key(clock.t + 100, "c", ord("c"), mods=2))
+        agent.on_event(move(clock.t + 200, 3, 4))
+        agent.on_event({"kind": "click", "captured_at_us": clock.t + 300, "x": 3, "y": 4, "button": "left",
+                        "pressed": True})
+        agent.on_event({"kind": "scroll", "captured_at_us": clock.t + 400, "x": 3, "y": 4, "scroll_dx": 0,
+                        "scroll_dy": 1})
+        clock.t += 250_000
+        agent.tick()
+    agent.seal(force=True)
+    sent = spooled(spool)
+    msgs = [SourceMessage(e.value, 0, i, key=e.key)
+            for i, (_seq, e) in enumerate(spool.pending(1000, 1 << 30, roles=["events"]))]
+    pipe = build_pipeline(Settings(state_dir=tmp_path / "state", stream={"pseudonym_key": "k" * 40}))
+    out = pipe.process_many(msgs, clock.t + S, policy=POLICY, controls={})
+    assert not out.deadletters and not out.dropped, (out.deadletters, out.dropped)
+    assert out.stored == len(sent)
+    stored = pl.concat([pl.from_arrow(t) for t in out.rows.values()])
+    chrome_text = stored.filter((pl.col("app_id") == "google-chrome") & pl.col("kind").is_in(["key_down"]))
+    assert chrome_text.get_column("text").null_count() == chrome_text.height  # `none` stays none

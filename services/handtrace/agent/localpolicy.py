@@ -7,12 +7,14 @@ to disk or sent. Same rules as the stream's enforcement (the stream proves them 
   (``handtrace.core.domains``: ``docs.google.com.evil.net`` is not ``google.com``); the stored URL
   keeps scheme, host and path only;
 - typed content per app (``Policy.text_capture``, ``*`` default, none when unset):
-  ``full`` keeps the character; ``masked`` keeps the typing rhythm and a character *class*
-  (``a`` letter, ``0`` digit, `` `` space, ``.`` other) and drops the keysym; ``none`` keeps only
-  the timing. Shortcuts (a key with ctrl, alt or meta held) are always kept as shortcuts (keysym
-  and modifiers, no text). Non-printing keys (Return, BackSpace, arrows, modifiers) keep their
-  keysym. In a password field (the backend says so, or the window looks like a password prompt
-  or manager: ``handtrace.core.pii.password_context``) nothing of a keystroke is kept;
+  ``full`` keeps the character; ``masked`` keeps the typing rhythm with every character as
+  ``•``; ``none`` keeps only the timing. In both the keysym of a character key becomes
+  ``MASKED_KEYSYM`` (a keysym spells the character): the stream's own representation of masked
+  keys, which its validation accepts (a key event needs a key code). Shortcuts (a key with
+  ctrl, alt or meta held) are always kept as shortcuts (keysym and modifiers, no text).
+  Non-printing keys (Return, BackSpace, arrows, modifiers) keep their keysym. In a password
+  field (the backend says so, or the window looks like a password prompt or manager:
+  ``handtrace.core.pii.password_context``) nothing of a keystroke is kept;
 - window titles and URLs are stamped with PII and secrets redacted (the stream's detectors,
   ``handtrace.core.pii``), so they never leave the laptop;
 - source-side sampling: policy selectors prefixed ``agent:`` (``agent:kind:pointer_move``,
@@ -31,7 +33,7 @@ from functools import lru_cache
 
 from handtrace.agent.capture import Event, WindowInfo
 from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
-from handtrace.core.pii import password_context, redact_text
+from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM, password_context, redact_text
 from handtrace.core.policy import Policy, TextCapture
 
 CTRL, ALT, META = 2, 4, 8
@@ -55,17 +57,6 @@ class WindowDecision:
     text: TextCapture = "none"
     url: str | None = None
     """The URL to stamp (query, fragment and userinfo removed, PII redacted)."""
-
-
-def char_class(ch: str) -> str:
-    """The masked stand-in for a typed character."""
-    if ch.isalpha():
-        return "a"
-    if ch.isdigit():
-        return "0"
-    if ch.isspace():
-        return " "
-    return "."
 
 
 class LocalPolicy:
@@ -132,9 +123,9 @@ class LocalPolicy:
         text = ev.get("text")
         if text is None or text_mode == "full":
             return ev
-        ev["key_code"] = None
+        ev["key_code"] = MASKED_KEYSYM
         ev["text_masked"] = True
-        ev["text"] = "".join(char_class(c) for c in text) if text_mode == "masked" else None
+        ev["text"] = MASK_CHAR * len(text) if text_mode == "masked" else None
         return ev
 
     def sample_rate(self, kind: str, app_id: str | None) -> float:

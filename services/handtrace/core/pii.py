@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 DETECTORS = ("email", "phone", "card", "national_id", "secret")
+MASK_CHAR = "•"
+MASKED_KEYSYM = 0x01000000 + ord(MASK_CHAR)
+"""The keysym a masked character key carries (X11's Unicode keysym of ``•``)."""
 
 Span = tuple[int, int, str]
 

@@ -69,6 +69,8 @@ import polars as pl
 
 from handtrace.core.pii import (
     DETECTORS,
+    MASK_CHAR,
+    MASKED_KEYSYM,
     PASSWORD_APP,
     PASSWORD_TITLE,
     find_spans,
@@ -77,8 +79,6 @@ from handtrace.core.pii import (
 from handtrace.stream.steps import BatchContext, StepResult
 from handtrace.stream.steps.allowlist import fill_app_context
 
-MASK_CHAR = "•"
-MASKED_KEYSYM = 0x01000000 + ord(MASK_CHAR)
 SHORTCUT_MODIFIERS = 2 | 4 | 8
 _KEY_KINDS = ("key_down", "key_up")
 _MODES = ("none", "masked", "full")
