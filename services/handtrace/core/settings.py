@@ -210,6 +210,11 @@ class StreamSettings(BaseModel):
         default=300.0, ge=0, description="Events captured later than the batch's sent time plus "
         "this are rejected as invalid (agent clock error).",
     )
+    max_distinct_values_per_batch: int = Field(
+        default=2000, ge=10, description="A batch with more distinct window titles or URLs is "
+        "dropped whole (too_many_distinct_values): bounds the per-value work a hostile agent can "
+        "cause; fails closed.",
+    )
     log_level: Literal["crit", "error", "warn", "info", "debug"] = Field(
         default="warn", description="Faust worker log level."
     )

@@ -63,7 +63,7 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     st = settings.stream
     key = pseudonym_key(settings)
     steps: list[Step] = [
-        ValidateStep(st.max_future_skew_s),
+        ValidateStep(st.max_future_skew_s, st.max_distinct_values_per_batch),
         ExemptionStep(skew_margin_s=st.clock_skew_margin_s),
         PauseStep(skew_margin_s=st.clock_skew_margin_s),
         AllowlistStep(),
