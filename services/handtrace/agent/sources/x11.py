@@ -229,7 +229,12 @@ class X11Source:
             opcode = conn.display.get_extension_major("RECORD")
 
             def enabled(lst: Any) -> bool:
-                return bool(_GetRecordContext(display=conn.display, opcode=opcode, context=lst._context).enabled)
+                try:
+                    return bool(_GetRecordContext(display=conn.display, opcode=opcode, context=lst._context).enabled)
+                except Xlib.error.XError:
+                    # RECORD's BadContext: pynput has allocated the id on its own connection but
+                    # the server has not seen the CreateContext yet (seen ~1 in 40 starts): ask again.
+                    return False
 
             self._wait(deadline, enabled, "enable its RECORD context")
 
