@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from handtrace.core.admin import ensure_topics
-from handtrace.core.localbroker import BrokerError, LocalBroker
+from handtrace.core.localbroker import LocalBroker
 from handtrace.core.settings import KafkaSettings, TopicSettings
 from handtrace.core.topics import Topics
 
@@ -67,14 +67,6 @@ CHUNK_S = 60
 TARGETS = {"cpu_pct": 1.0, "rss_mb": 80.0, "mb_per_hour_no_screens": 2.0, "mb_per_hour_screens": 10.0,
            "wakeups_per_hour": 120.0}
 POLICY = Path(__file__).resolve().parent.parent / "deploy" / "policy.example.json"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------- workload
@@ -576,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(x11_child(a.x11_child, a.x11_events, a.tmp)))
         return 0
 
-    from bench.stream_throughput import machine_info
+    from bench.stream_throughput import machine_info, start_broker
 
     info = machine_info()
     print(info, flush=True)
@@ -584,17 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     broker: LocalBroker | None = None
     results: list[dict[str, Any]] = []
     try:
-        for attempt in range(2):
-            port = free_port()
-            broker = LocalBroker(root / f"kafka{attempt}", port, next(p for p in iter(free_port, None) if p != port))
-            try:
-                broker.start(timeout_s=120, echo=False)
-                break
-            except BrokerError as e:
-                print(f"broker start failed ({e}); retrying", flush=True)
-                broker = None
-        if broker is None:
-            raise RuntimeError("could not start the Kafka broker")
+        broker = start_broker(root)
         wl_path = root / "workload.pkl"
         t = time.perf_counter()
         wl = make_workload(wl_path, a.minutes, a.seed)

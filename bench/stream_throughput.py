@@ -112,6 +112,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_broker(root: Path, **kw: Any) -> LocalBroker:
+    """A local broker on free ports under ``root`` (one retry on other ports: another process
+    may take a port between our check and the JVM's bind)."""
+    for attempt in range(2):
+        port = free_port()
+        broker = LocalBroker(root / f"kafka{attempt}", port, next(p for p in iter(free_port, None) if p != port),
+                             **kw)
+        try:
+            broker.start(timeout_s=120, echo=False)
+            return broker
+        except BrokerError as e:
+            print(f"  broker start failed ({e}); retrying on other ports", flush=True)
+    raise RuntimeError("could not start the Kafka broker")
+
+
 def machine_info() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -927,18 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.bootstrap:
             bootstrap = a.bootstrap
         else:
-            for attempt in range(2):
-                port = free_port()
-                broker = LocalBroker(root / f"kafka{attempt}", port,
-                                     next(p for p in iter(free_port, None) if p != port), heap="1g")
-                try:
-                    broker.start(timeout_s=120, echo=False)
-                    break
-                except BrokerError as e:
-                    print(f"  broker start failed ({e}); retrying on other ports", flush=True)
-                    broker = None
-            if broker is None:
-                raise RuntimeError("could not start the Kafka broker")
+            broker = start_broker(root, heap="1g")
             bootstrap = broker.bootstrap
             meter.watch("broker", broker.pid())
             print(f"broker {broker.bootstrap} up", flush=True)

@@ -431,9 +431,7 @@ class Agent:
 
     @property
     def mode(self) -> Mode:
-        return self._mode
-
-    def state_name(self) -> str:
+        """capturing, paused or exempt."""
         return self._mode
 
     # ---------------------------------------------------------------- wakeup
