@@ -378,9 +378,11 @@ class Agent:
                     "screenshot_sha256": shot.sha256, "screenshot_bytes": len(shot.image),
                     "screenshot_format": shot.fmt, "screenshot_width": shot.width,
                     "screenshot_height": shot.height})
+        url = self.local.window(w).url
         headers = (("ht-sha256", shot.sha256.hex().encode()), ("ht-format", shot.fmt.encode()),
-                   ("ht-event-id", event_id.hex().encode()), ("ht-captured-at-us", str(now).encode()),
-                   ("ht-device-id", self.device_id.encode()))
+                   ("ht-event-id", event_id), ("ht-captured-at-us", str(now).encode()),
+                   ("ht-device-id", self.device_id.encode()), ("ht-app-id", (w.app_id or "").encode()),
+                   ("ht-url", (url or "").encode()))
         self.spool.append(SpoolEntry("screenshots", self.employee_id.encode(), shot.image, 0, headers))
         self.counters.add(screenshots_taken=1)
 

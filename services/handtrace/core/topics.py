@@ -32,6 +32,7 @@ class Topics:
     stored: str
     deadletter: str
     screenshots: str
+    screenshots_accepted: str
 
     @classmethod
     def from_settings(cls, s: TopicSettings) -> Topics:
@@ -44,6 +45,7 @@ class Topics:
             stored=f"{p}.events.accepted",
             deadletter=f"{p}.events.deadletter",
             screenshots=f"{p}.screenshots.raw",
+            screenshots_accepted=f"{p}.screenshots.accepted",
         )
 
 
@@ -78,6 +80,13 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
             "Screenshot images from agents (WebP/JPEG of allowlisted windows only), keyed by "
             "employee id; the batch's `screenshot` event carries the sha256 that names the image "
             "(raw: restricted access).",
+        ),
+        TopicSpec(
+            t.screenshots_accepted,
+            s.partitions,
+            {"retention.ms": str(hours), "max.message.bytes": max_msg},
+            "Screenshots that passed the stream's exemption, pause and allowlist rules, keyed and "
+            "labelled by pseudonyms (partition = source partition).",
         ),
         TopicSpec(
             t.heartbeats,

@@ -15,6 +15,7 @@ import os
 import secrets
 import ssl
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import faust
@@ -29,7 +30,9 @@ from handtrace.stream import metrics
 from handtrace.stream.controls import apply_control, dumps, loads
 from handtrace.stream.pipeline import BatchPipeline, SourceMessage, split_by_source
 from handtrace.stream.policy import Policy
-from handtrace.stream.steps import Step
+from handtrace.stream.screenshots import ScreenshotMessage, screenshot_steps
+from handtrace.stream.screenshots import enforce as enforce_screenshot_batch
+from handtrace.stream.steps import BatchContext, Step
 from handtrace.stream.steps.allowlist import AllowlistStep
 from handtrace.stream.steps.exemption import ExemptionStep
 from handtrace.stream.steps.pause import PauseStep
@@ -165,6 +168,7 @@ def create_app(settings: Settings) -> faust.App:
     """Build the Faust app and its agent for these settings."""
     topics = Topics.from_settings(settings.topics)
     parts = settings.topics.partitions
+    settings.state_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         settings.stream.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka.bootstrap().split(",")],
@@ -239,6 +243,31 @@ def create_app(settings: Settings) -> faust.App:
                     headers=[(HEADER_SOURCE_PARTITION, str(partition).encode()),
                              (HEADER_ROWS, str(table.num_rows).encode())],
                 )
+
+    shot_topic = app.topic(topics.screenshots, value_type=bytes, key_type=bytes, partitions=parts)
+    shots_accepted = app.topic(topics.screenshots_accepted, value_type=bytes, key_type=bytes, partitions=parts)
+    shot_steps = screenshot_steps(pipeline.steps)
+
+    @app.agent(shot_topic)
+    async def enforce_screenshots(stream: Any) -> None:
+        # The event pipeline's own steps decide for every image (handtrace.stream.screenshots).
+        async for events in stream.take_events(100, within=0.5):
+            if not policy_state.ready.is_set():
+                await policy_state.ready.wait()
+            batch = [ScreenshotMessage(SourceMessage(e.message.value, e.message.partition, e.message.offset,
+                                                     e.message.key),
+                                       {k: bytes(v) for k, v in (e.message.headers or [])})
+                     for e in events]
+            employees = {m.message.key.decode(errors="replace") for m in batch if m.message.key}
+            controls = {emp: loads(controls_table.get(emp)) for emp in employees}
+            ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls))
+            accepted_shots, dropped = enforce_screenshot_batch(batch, shot_steps, ctx)
+            for reason, count in dropped.items():
+                metrics.EVENTS.labels(reason).inc(count)
+            metrics.EVENTS.labels("screenshot_stored").inc(len(accepted_shots))
+            for a in accepted_shots:
+                await shots_accepted.send(key=a.key, value=a.value, partition=a.partition, force=True,
+                                          headers=a.headers)
 
     @app.agent(control_topic)
     async def fold_controls(stream: Any) -> None:
