@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
-from handtrace.stream.steps import BatchContext, StepResult
+from handtrace.stream.steps import BatchContext, StepResult, latest_row
 
 NO_APP_CONTEXT = "no_app_context"
 NOT_ALLOWLISTED_APP = "not_allowlisted_app"
@@ -48,13 +48,17 @@ NOT_ALLOWLISTED_DOMAIN = "not_allowlisted_domain"
 
 def fill_app_context(frame: pl.DataFrame, columns: Iterable[str] = ("app_id", "url")) -> pl.DataFrame:
     """``frame`` with ``app_id`` (and the other ``columns``) filled, within each batch, from the
-    latest earlier row that has an ``app_id``; a row's own non-null values win."""
+    latest earlier row that has an ``app_id``; a row's own non-null values win. Current agents
+    stamp every event, so the common case is a null count and nothing else."""
     cols = list(columns)
-    seg = pl.col("app_id").is_not_null().cum_sum().over("batch_id").alias("_ctx_seg")
-    tagged = frame.with_columns(seg)
-    return tagged.with_columns(
-        [pl.col(c).forward_fill().over(["batch_id", "_ctx_seg"]) for c in cols]
-    ).drop("_ctx_seg")
+    if frame.get_column("app_id").null_count() == 0:
+        return frame  # every row starts its own context: filling changes nothing
+    has_app = pl.col("app_id").is_not_null()
+    # A column is taken from the latest row that starts a context (has an app_id) or has its own
+    # value of that column, so a context start without a url resets the url to null.
+    return frame.with_columns(
+        [pl.col(c).gather(latest_row(has_app | pl.col(c).is_not_null())) for c in cols]
+    )
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ from handtrace.core.pii import (
     find_spans,
     redact_text,
 )
-from handtrace.stream.steps import BatchContext, StepResult
+from handtrace.stream.steps import BatchContext, StepResult, latest_row
 from handtrace.stream.steps.allowlist import fill_app_context
 
 SHORTCUT_MODIFIERS = 2 | 4 | 8
@@ -126,22 +126,27 @@ class RedactStep:
 
         # App context and title in force per row, within each batch.
         app = (
-            fill_app_context(f.select("_row", "batch_id", "app_id"), ("app_id",))
+            fill_app_context(f.select("batch_id", "app_id"), ("app_id",))
             .get_column("app_id").alias("_app")
         )
         f = f.with_columns(app)
-        changed = (pl.col("_app") != pl.col("_app").shift(1).over("batch_id")).fill_null(True)
+        changed = (pl.col("_app") != pl.col("_app").shift(1)).fill_null(True)
         starts = (pl.col("kind") == "focus_change") | pl.col("window_title").is_not_null() | changed
-        f = f.with_columns(starts.cast(pl.UInt32).cum_sum().over("batch_id").alias("_tseg"))
-        title = pl.col("window_title").forward_fill().over(["batch_id", "_tseg"])
 
+        # Modes and password contexts are worked out per distinct app and title, then mapped to
+        # rows: the title in force is the one of the row that started the row's title segment.
         modes = {}
-        for a in f.get_column("_app").drop_nulls().unique().to_list():
+        apps = f.get_column("_app").drop_nulls().unique()
+        for a in apps.to_list():
             m = ctx.policy.text_capture_for(a)
             modes[a] = m if m in _MODES else "none"
+        titles = f.get_column("window_title").drop_nulls().unique()
+        password_titles = titles.filter(titles.str.contains(PASSWORD_TITLE)).implode()
+        password_apps = apps.filter(apps.str.contains(PASSWORD_APP)).implode()
+        titled_password = pl.col("window_title").is_in(password_titles).fill_null(False)
         password = (
-            title.str.contains(PASSWORD_TITLE).fill_null(False)
-            | pl.col("_app").str.contains(PASSWORD_APP).fill_null(False)
+            titled_password.gather(latest_row(starts))
+            | pl.col("_app").is_in(password_apps).fill_null(False)
         )
         mode = pl.col("_app").replace_strict(modes, default="none", return_dtype=pl.String)
         f = f.with_columns(
@@ -152,12 +157,15 @@ class RedactStep:
 
         # Typed PII: join the stored text of each batch, find spans, map them back to rows.
         pii_rows = self._typed_pii_rows(f, counts)
-        pii = pl.col("_row").is_in(pii_rows.implode())
-        press = (
-            pl.when(pl.col("kind") == "key_down").then(pl.col("_row"))
-            .forward_fill().over(["batch_id", "key_code"])
-        )
-        pii_release = (pl.col("kind") == "key_up") & press.is_in(pii_rows.implode())
+        if pii_rows.len():
+            pii = pl.col("_row").is_in(pii_rows.implode())
+            press = (
+                pl.when(pl.col("kind") == "key_down").then(pl.col("_row"))
+                .forward_fill().over(["batch_id", "key_code"])
+            )
+            pii_release = (pl.col("kind") == "key_up") & press.is_in(pii_rows.implode())
+        else:
+            pii = pii_release = pl.lit(False)
 
         text = pl.col("text")
         has_text = text.is_not_null()
