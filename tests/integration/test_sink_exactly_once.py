@@ -105,18 +105,18 @@ def test_crash_mid_flush_then_restart_stores_each_event_once(settings_factory, c
                 real_commit(p, st)
             first._commit = crash_commit  # type: ignore[method-assign]
         else:
-            real_insert_arrow = client.insert_arrow
+            real_insert = client.raw_insert
 
             class Crashing:
                 def __getattr__(self, name: str) -> Any:
-                    if name == "insert_arrow":
+                    if name == "raw_insert":
                         def boom(*_a: Any, **_k: Any) -> None:
                             raise Crash
                         return boom
                     return getattr(client, name)
 
             first.client = Crashing()
-            assert real_insert_arrow is not None
+            assert real_insert is not None
         # A killed process runs no rebalance callback (that would flush and commit).
         first._on_revoke = lambda *_a: None  # type: ignore[method-assign]
         crashed = _run_until(first, lambda: False)

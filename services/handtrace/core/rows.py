@@ -1,9 +1,11 @@
 """Stored rows: the contract between the stream (producer) and the sink (consumer).
 
-The stream publishes the accepted, pseudonymised rows of one source batch as one Arrow IPC
-stream (zstd-compressed buffers) on the ``events.accepted`` topic, in the same partition number
-as the source message. Arrow IPC is internal to the pipeline (no agent writes it) and needs no
-decoding: the sink concatenates tables and inserts them as Arrow (docs/adr/0002).
+The stream publishes accepted, pseudonymised rows as Arrow IPC streams (lz4-compressed buffers)
+on the ``events.accepted`` topic, in the same partition number as the source message. Arrow IPC
+is internal to the pipeline (no agent writes it). The sink reads each message to check it and to
+deduplicate by source offset, then hands the *received bytes* of a flush to ClickHouse as one
+ArrowStream (``join_ipc``): no re-serialisation, and only compressed bytes cross into the
+engine (docs/adr/0002).
 """
 
 from __future__ import annotations
@@ -68,3 +70,32 @@ def to_ipc(table: pa.Table) -> bytes:
 def from_ipc(payload: bytes) -> pa.Table:
     """Read stored rows back; raises pyarrow.ArrowInvalid on bad bytes."""
     return ipc.open_stream(payload).read_all()
+
+
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def join_ipc(payloads: list[bytes]) -> bytes:
+    """One Arrow IPC stream with the record batches of all ``payloads`` (IPC streams of the same
+    schema), copied as they are -- compressed buffers are not decompressed. The schema is the
+    first stream's; a stream with dictionary batches or another schema is refused."""
+    if not payloads:
+        raise ValueError("nothing to join")
+    out: list[bytes] = []
+    schema: pa.Schema | None = None
+    for payload in payloads:
+        reader = ipc.MessageReader.open_stream(pa.py_buffer(payload))
+        for message in reader:
+            if message.type == "schema":
+                this = ipc.read_schema(message)
+                if schema is None:
+                    schema = this
+                    out.append(message.serialize().to_pybytes())
+                elif not this.equals(schema, check_metadata=False):
+                    raise ValueError("streams of different schemas")
+            elif message.type == "record batch":
+                out.append(message.serialize().to_pybytes())
+            else:
+                raise ValueError(f"unexpected IPC message: {message.type}")
+    out.append(_EOS)
+    return b"".join(out)

@@ -28,13 +28,14 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from handtrace.core.clock import now_us
-from handtrace.core.rows import STORED_SCHEMA, from_ipc
+from handtrace.core.rows import STORED_SCHEMA, from_ipc, join_ipc, to_ipc
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
 from handtrace.sink.schema import migrate
 
 log = logging.getLogger("handtrace.sink")
+_COLUMNS = list(STORED_SCHEMA.names)
 
 _INSERT_SETTINGS = {
     "insert_deduplicate": 1,
@@ -53,13 +54,16 @@ class _Pending:
     """Rows buffered for one flush of one partition."""
 
     tables: list[pa.Table] = field(default_factory=list)
+    # The received IPC bytes of each table when it is a whole message (inserted as they are),
+    # None when rows were filtered out of it (re-serialised at flush).
+    payloads: list[bytes | None] = field(default_factory=list)
     rows: int = 0
     first_source: int = -1
     last_source: int = -1
     last_offset: int = -1
     opened: float = 0.0
 
-    def add(self, table: pa.Table, offset: int) -> None:
+    def add(self, table: pa.Table, offset: int, payload: bytes | None = None) -> None:
         if self.last_offset < 0:
             self.opened = time.monotonic()
         if table.num_rows:
@@ -68,6 +72,7 @@ class _Pending:
             self.first_source = lo if self.first_source < 0 else min(self.first_source, lo)
             self.last_source = max(self.last_source, hi)
             self.tables.append(table)
+            self.payloads.append(payload)
             self.rows += table.num_rows
         self.last_offset = max(self.last_offset, offset)
 
@@ -87,7 +92,10 @@ class _PartitionState:
 class Sink:
     """Consumes the accepted-rows topic and writes ClickHouse. Owns its ClickHouse client."""
 
-    def __init__(self, settings: Settings, client: Any, *, group_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, client: Any, *, group_id: str | None = None,
+                 on_insert: Callable[[list[pa.Table]], None] | None = None) -> None:
+        """``on_insert`` is called with the tables of every insert right after it returned (their
+        rows are queryable from then on; benchmarks time latency with it)."""
         self.settings = settings
         self.client = client
         self.db = settings.clickhouse.database
@@ -95,6 +103,7 @@ class Sink:
         self.group_id = group_id or settings.sink.group_id
         self.rows_inserted = 0
         self.flushes = 0
+        self.on_insert = on_insert
         self._parts: dict[int, _PartitionState] = {}
         self._consumer: Consumer | None = None
         migrate(client, self.db)
@@ -132,10 +141,11 @@ class Sink:
 
     # -------------------------------------------------------------- message handling
 
-    def _handle(self, p: int, offset: int, table: pa.Table) -> None:
+    def _handle(self, p: int, offset: int, table: pa.Table, payload: bytes | None = None) -> None:
         """Route one message's rows: replay range, duplicates (source offset at or below what
         is already stored or buffered), or the buffer. Filtering is per row, so a stream replay
-        that groups source messages differently is still deduplicated exactly."""
+        that groups source messages differently is still deduplicated exactly. ``payload``, the
+        message's IPC bytes, travels on to the insert when no row was filtered out."""
         st = self._parts.setdefault(p, _PartitionState())
         if st.replay is not None:
             lo, hi, _token = st.replay
@@ -144,7 +154,7 @@ class Sink:
             in_range = table.filter(pc.and_(pc.greater(src, floor), pc.less_equal(src, hi)))
             beyond = table.filter(pc.greater(src, hi))
             if beyond.num_rows == 0:
-                st.pending.add(in_range, offset)
+                st.pending.add(in_range, offset, payload if in_range.num_rows == table.num_rows else None)
                 metrics.MESSAGES.labels("replayed").inc()
                 return
             # The message straddles the end of the replayed range: its in-range rows complete the
@@ -154,8 +164,14 @@ class Sink:
                 st.pending.add(in_range, offset - 1)
             self._flush(p, st)  # completes the interrupted flush with its original token
             table = beyond
+            payload = None
         floor = max(st.hwm, st.pending.last_source)
-        fresh = table.filter(pc.greater(table.column("source_offset"), floor)) if floor >= 0 else table
+        src = table.column("source_offset")
+        if floor < 0 or table.num_rows == 0 or pc.min(src).as_py() > floor:
+            fresh = table  # the common case: nothing to filter (a filter copies every column)
+        else:
+            fresh = table.filter(pc.greater(src, floor))
+            payload = payload if fresh.num_rows == table.num_rows else None
         skipped = table.num_rows - fresh.num_rows
         if skipped:
             metrics.DUPLICATE_ROWS.inc(skipped)
@@ -163,7 +179,7 @@ class Sink:
             metrics.MESSAGES.labels("duplicate").inc()
             st.commit_at = max(st.commit_at or 0, offset + 1)
             return
-        st.pending.add(fresh, offset)
+        st.pending.add(fresh, offset, payload)
         metrics.MESSAGES.labels("buffered").inc()
 
     def _due(self, st: _PartitionState) -> bool:
@@ -193,37 +209,45 @@ class Sink:
             lo, hi = pend.first_source, pend.last_source
             token = f"{self.topic}/{p}/{lo}-{hi}"
         if pend.rows:
-            table = pa.concat_tables(pend.tables) if len(pend.tables) > 1 else pend.tables[0]
-            self._write(p, lo, hi, token, table)
+            data = join_ipc([b if b is not None else to_ipc(t)
+                             for t, b in zip(pend.tables, pend.payloads, strict=True)])
+            self._write(p, lo, hi, token, data, pend.tables)
             st.hwm = max(st.hwm, hi)
         st.replay = None
         st.commit_at = max(st.commit_at or 0, pend.last_offset + 1)
         st.pending = _Pending()
         self._commit(p, st)
 
-    def _write(self, p: int, lo: int, hi: int, token: str, table: pa.Table) -> None:
+    def _write(self, p: int, lo: int, hi: int, token: str, data: bytes, tables: list[pa.Table]) -> None:
+        """Ledger row, then the insert of ``data`` (one ArrowStream holding ``tables``' rows)."""
+        rows = sum(t.num_rows for t in tables)
         delay = 0.2
         while True:
             try:
                 self.client.insert(
                     f"{self.db}.sink_ledger",
-                    [[self.topic, p, lo, hi, table.num_rows, token]],
+                    [[self.topic, p, lo, hi, rows, token]],
                     column_names=["topic", "partition", "first_source_offset", "last_source_offset", "rows", "token"],
                 )
                 with metrics.INSERT_SECONDS.time():
-                    self.client.insert_arrow(f"{self.db}.events", table, settings=_INSERT_SETTINGS | {
-                        "insert_deduplication_token": token})
+                    # The received bytes as they are (lz4 buffers): clickhouse-connect's
+                    # insert_arrow would re-serialise the table and, embedded, spool it
+                    # uncompressed to a temporary file -- ~60 % of the sink's CPU (BENCHMARKS.md).
+                    self.client.raw_insert(f"{self.db}.events", _COLUMNS, data, fmt="ArrowStream",
+                                           settings=_INSERT_SETTINGS | {"insert_deduplication_token": token})
                 break
             except Exception as e:  # noqa: BLE001 -- ClickHouse outage: retry, never drop rows
                 metrics.INSERT_ERRORS.inc()
-                log.warning("insert of %s rows failed (%s); retrying in %.1fs", table.num_rows, e, delay)
+                log.warning("insert of %s rows failed (%s); retrying in %.1fs", rows, e, delay)
                 self._keep_alive(delay)
                 delay = min(delay * 2, 30.0) * (0.8 + 0.4 * random.random())  # noqa: S311
-        self.rows_inserted += table.num_rows
+        self.rows_inserted += rows
         self.flushes += 1
-        metrics.ROWS_INSERTED.inc(table.num_rows)
-        metrics.INSERT_ROWS.observe(table.num_rows)
-        self._observe_latency(table)
+        metrics.ROWS_INSERTED.inc(rows)
+        metrics.INSERT_ROWS.observe(rows)
+        self._observe_latency(tables)
+        if self.on_insert is not None:
+            self.on_insert(tables)
 
     def _keep_alive(self, seconds: float) -> None:
         """Wait while staying in the consumer group (paused partitions, polling)."""
@@ -238,9 +262,10 @@ class Sink:
             c.poll(0.1)
         c.resume(assignment)
 
-    def _observe_latency(self, table: pa.Table) -> None:
+    def _observe_latency(self, tables: list[pa.Table]) -> None:
         # Histogram.observe is per value; a bounded sample per flush keeps this off the hot path.
-        cap = pc.cast(table.column("captured_at"), pa.int64()).to_numpy()
+        cap = np.concatenate([pc.cast(t.column("captured_at"), pa.int64()).to_numpy() for t in tables]) \
+            if tables else np.empty(0, np.int64)
         if len(cap) == 0:
             return
         idx = np.linspace(0, len(cap) - 1, num=min(len(cap), 64)).astype(int)
@@ -318,7 +343,7 @@ class Sink:
             st = self._parts.setdefault(m.partition(), _PartitionState())
             st.commit_at = max(st.commit_at or 0, m.offset() + 1)
             return
-        self._handle(m.partition(), m.offset(), table)
+        self._handle(m.partition(), m.offset(), table, m.value())
 
     def _update_lag(self, c: Consumer) -> None:
         lag = 0
