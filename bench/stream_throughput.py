@@ -512,7 +512,7 @@ def _rows_table(msgs: list[Any]) -> pa.Table:
     parsed = [codec.parse_event_batch(m.value()) for m in msgs]
     fp = parsed[0].fingerprint
     assert all(p.fingerprint == fp and p.frame is None for p in parsed)
-    events = codec.decode_blocks(fp, [b for p in parsed for b in p.blocks], sum(p.count for p in parsed))
+    events = codec.decode_batches(fp, parsed)  # the stream's own decoder
     idx = np.repeat(np.arange(len(parsed), dtype=np.uint32), [p.count for p in parsed])
     hdr = pl.DataFrame({"employee_id": [p.header["employee_id"] for p in parsed],
                         "device_id": [p.header["device_id"] for p in parsed],

@@ -765,3 +765,45 @@ def test_an_older_writer_version_decodes_with_the_newest_header() -> None:
     assert codec.decode_event_batch(old).events.equals(codec.decode_event_batch(new).events)
     with pytest.raises(ValueError, match="no version 99"):
         codec.encode_event_batch(h, evs, version=99)
+
+
+# ---------------------------------------------------------------- many batches in one block
+
+def _parsed(evs_per_batch: list[list[dict[str, Any]]], counts: list[int] | None = None) -> list[codec.ParsedBatch]:
+    out = []
+    for i, evs in enumerate(evs_per_batch):
+        n = len(evs) if counts is None else counts[i]
+        blk = codec.encode_events_block(evs)
+        out.append(codec.parse_event_batch(codec.encode_event_batch(header(employee_id=f"emp-{i}"), block=blk,
+                                                                    count=n)))
+    return out
+
+
+@HYPOTHESIS
+@given(st.lists(event_lists(), min_size=1, max_size=6))
+def test_decode_batches_equals_block_by_block(batches: list[list[dict[str, Any]]]) -> None:
+    parsed = _parsed(batches)
+    fp = parsed[0].fingerprint
+    total = sum(len(b) for b in batches)
+    merged = codec.decode_batches(fp, parsed)
+    assert_frame_equal(merged, codec.decode_blocks(fp, [blk for p in parsed for blk in p.blocks], total))
+
+
+@pytest.mark.parametrize("shift", [-1, 1])
+def test_decode_batches_never_moves_records_between_batches(shift: int) -> None:
+    """A batch whose count lies by one would, in one shared block, give a record to (or take one
+    from) the next employee's batch; the event-id check sends it back to per-block decoding,
+    which refuses it."""
+    a = [event("click", i, x=1, y=2, button="left", pressed=True) for i in range(5)]
+    b = [event("key_down", i, key_code=65) for i in range(5)]
+    parsed = _parsed([a, b], counts=[5 + shift, 5 - shift])
+    fp = parsed[0].fingerprint
+    # The hazard: one shared block decodes "fine" -- 10 records, split 4/6 or 6/4.
+    data = b"".join(p.records for p in parsed)
+    lay = codec._layout(fp)
+    shared = pl.read_avro(io.BytesIO(lay.container_header + _zz(10) + _zz(len(data)) + data + codec._SYNC))
+    assert shared.height == 10
+    assert shared.get_column("event_id")[5 + shift] != b[0]["event_id"]
+    # Block by block the lie is refused, and so it is by decode_batches.
+    expect_error("malformed", codec.decode_blocks, fp, [blk for p in parsed for blk in p.blocks], 10)
+    expect_error("malformed", codec.decode_batches, fp, parsed)

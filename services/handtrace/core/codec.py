@@ -14,8 +14,10 @@ counts, several blocks) still decodes, through the per-record fallback.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -140,6 +142,7 @@ class _BatchLayout:
     event_schema: Any
     container_schema: dict[str, Any]
     container_header: bytes
+    id_first: bool  # every Event record starts with its 16-byte event_id (decode_batches checks it)
 
 
 def _event_record(raw_batch: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +189,10 @@ def _layout(fp: int) -> _BatchLayout:
         head.write(_zz(len(k)) + k.encode() + _zz(len(v)) + v)
     head.write(_zz(0))
     head.write(_SYNC)
-    return _BatchLayout(sv, header_schema, event_schema, container_schema, head.getvalue())
+    first = event_raw["fields"][0]
+    id_first = (first["name"] == "event_id" and isinstance(first["type"], dict)
+                and first["type"].get("type") == "fixed" and first["type"].get("size") == 16)
+    return _BatchLayout(sv, header_schema, event_schema, container_schema, head.getvalue(), id_first)
 
 
 def container_event_schema() -> dict[str, Any]:
@@ -288,14 +294,25 @@ def _conform(df: pl.DataFrame) -> pl.DataFrame:
 @dataclass(frozen=True)
 class ParsedBatch:
     """An EventBatch split without decoding its events: the header, and either the events'
-    container blocks (fast path) or, for foreign encodings, the already-decoded frame."""
+    array blocks as (count, record bytes) (fast path) or, for foreign encodings, the
+    already-decoded frame."""
 
     header: dict[str, Any]
     fingerprint: int
     schema_version: int
     count: int
-    blocks: tuple[bytes, ...] = ()
+    chunks: tuple[tuple[int, bytes], ...] = ()
     frame: pl.DataFrame | None = None
+
+    @property
+    def blocks(self) -> tuple[bytes, ...]:
+        """The array blocks as Avro container blocks, one per array block."""
+        return tuple(_zz(n) + _zz(len(data)) + data + _SYNC for n, data in self.chunks)
+
+    @property
+    def records(self) -> bytes:
+        """All Event records of the batch, back to back."""
+        return self.chunks[0][1] if len(self.chunks) == 1 else b"".join(d for _, d in self.chunks)
 
 
 @cache
@@ -317,7 +334,7 @@ def parse_event_batch(payload: bytes) -> ParsedBatch:
         raise _read_error(e, body, "header: ") from e
     view = memoryview(payload)
     pos = body.tell()
-    blocks: list[bytes] = []
+    chunks: list[tuple[int, bytes]] = []
     total = 0
     while True:
         count, pos = _read_zz(view, pos)
@@ -331,12 +348,12 @@ def parse_event_batch(payload: bytes) -> ParsedBatch:
         if size < 0 or pos + size > len(view):
             raise DecodeError("truncated", f"block of {size} bytes runs past the message")
         # Array blocks count negatively; container blocks count positively.
-        blocks.append(_zz(-count) + _zz(size) + bytes(view[pos : pos + size]) + _SYNC)
+        chunks.append((-count, bytes(view[pos : pos + size])))
         total += -count
         pos += size
     if pos != len(view):
         raise DecodeError("malformed", f"{len(view) - pos} trailing bytes after the batch")
-    return ParsedBatch(header, sv.fingerprint, sv.version, total, tuple(blocks))
+    return ParsedBatch(header, sv.fingerprint, sv.version, total, tuple(chunks))
 
 
 def decode_blocks(fingerprint: int, blocks: list[bytes], expected_rows: int) -> pl.DataFrame:
@@ -356,6 +373,39 @@ def decode_blocks(fingerprint: int, blocks: list[bytes], expected_rows: int) -> 
     if df.height != expected_rows:
         raise DecodeError("malformed", f"blocks say {expected_rows} events, decoded {df.height}")
     return _conform(_normalise(df))
+
+
+def decode_batches(fingerprint: int, batches: Sequence[ParsedBatch]) -> pl.DataFrame:
+    """The events of ``batches`` (one writer version), in order, in ONE call with their records
+    as ONE container block: polars decodes one block of 185k records ~35 % faster than 500
+    blocks of 370.
+
+    One block loses the per-block framing that keeps a batch's records to itself: a batch whose
+    count lies would pull records from, or push records into, its neighbour -- another
+    employee's batch. So the decoded event_id at each batch's first row must equal the first 16
+    bytes of that batch's records (where its first record starts); an attacker would have to
+    know another agent's random event id to pass. On any mismatch or error the batches are
+    decoded block by block (``decode_blocks``), exactly as before."""
+    import polars as pl
+
+    total = sum(b.count for b in batches)
+    lay = _layout(fingerprint)
+    nonempty = [b for b in batches if b.count]
+    if lay.id_first and nonempty:
+        data = b"".join(b.records for b in nonempty)
+        container = lay.container_header + _zz(total) + _zz(len(data)) + data + _SYNC
+        try:
+            df = pl.read_avro(io.BytesIO(container))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # noqa: BLE001 -- polars panics on bad bytes; decode block by block
+            df = None
+        if df is not None and df.height == total:
+            starts = list(itertools.accumulate((b.count for b in nonempty[:-1]), initial=0))
+            first_ids = df.get_column("event_id").gather(starts).to_list()
+            if first_ids == [b.records[:16] for b in nonempty]:
+                return _conform(_normalise(df))
+    return decode_blocks(fingerprint, [blk for b in batches for blk in b.blocks], total)
 
 
 def decode_event_batch(payload: bytes) -> DecodedBatch:

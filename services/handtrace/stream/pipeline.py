@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from handtrace.core.codec import DecodeError, ParsedBatch, decode_blocks, parse_event_batch
+from handtrace.core.codec import DecodeError, ParsedBatch, decode_batches, parse_event_batch
 from handtrace.core.rows import STORED_SCHEMA
 from handtrace.stream.policy import EmployeeControls, Policy
 from handtrace.stream.steps import BatchContext, Step
@@ -210,8 +210,7 @@ class BatchPipeline:
         order: list[tuple[SourceMessage, ParsedBatch]] = []
         for fp in sorted(fps):
             group = [(m, pb) for m, pb in parsed if pb.frame is None and pb.fingerprint == fp]
-            blocks = [b for _, pb in group for b in pb.blocks]
-            frames.append(decode_blocks(fp, blocks, sum(pb.count for _, pb in group)))
+            frames.append(decode_batches(fp, [pb for _, pb in group]))
             order += group
         for m, pb in parsed:
             if pb.frame is not None:
