@@ -828,7 +828,8 @@ def _cpu(r: dict[str, Any]) -> float:
 
 
 NAMES = {
-    "raw_rows": "raw limit: consume → decode to Arrow → insert as Arrow (fastest of three ways), no processing (**reference**)",
+    "raw_rows": ("raw limit: consume → decode to Arrow → insert as Arrow (fastest of three ways), "
+                 "no processing (**reference**)"),
     "raw_bytes": "raw, opaque bytes: consume → payloads as binary rows → insert_arrow",
     "handtrace": "**handtrace end to end**: Faust worker → accepted topic → sink → ClickHouse",
     "baseline": "per-event Faust baseline: fastavro dicts → Python rules → client.insert rows",

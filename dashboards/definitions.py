@@ -255,6 +255,13 @@ sampling = Dashboard(
                 f'sum(rate(handtrace_stream_events_total{{decision=~"stored|decimated|sampled_out|invalid_sampling_rate"}}[{RI}]))',
                 "effective"),), unit="percentunit", min=0, max=1,
                   description="Events past sampling over events that reached it."),
+            Panel("Effective keep rate by selector", "timeseries", (Prom(
+                f'sum by (selector) (rate(handtrace_stream_sampling_rows_total{{outcome="kept"}}[{RI}])) / '
+                f'sum by (selector) (rate(handtrace_stream_sampling_rows_total[{RI}]))',
+                "{{selector}}"),), unit="percentunit", min=0, max=1,
+                  description="Per selector, rows kept over rows it decided (the stream's count). Compare "
+                  "with the configured rate: episodes are the sampling unit, so a short window with few "
+                  "episodes strays further from the rate."),
             Panel("Sampled out, decimated, invalid rate", "timeseries", (Prom(
                 rate_by("decision", "handtrace_stream_events_total",
                         'decision=~"sampled_out|decimated|invalid_sampling_rate"'),

@@ -179,6 +179,40 @@ def test_precedence_app_over_kind_over_cohort_over_default() -> None:
     assert res.frame.get_column("employee_id").to_list() == ["b", "c", "e", "f", "g"]
 
 
+def test_each_row_is_counted_once_under_the_selector_that_decided_it() -> None:
+    t = W0 * EPISODE_S * S
+    rows = [
+        {"employee_id": "a", "device_id": "d", "ts_us": t, "kind": "focus_change", "app_id": "slack", "cohort": "eng"},
+        {"employee_id": "b", "device_id": "d", "ts_us": t, "kind": "focus_change", "app_id": "code", "cohort": "eng"},
+        {"employee_id": "c", "device_id": "d", "ts_us": t, "kind": "pointer_move", "cohort": "eng"},
+        {"employee_id": "e", "device_id": "d", "ts_us": t, "kind": "key_down", "cohort": "eng"},
+        {"employee_id": "f", "device_id": "d", "ts_us": t, "kind": "key_down", "cohort": "ops"},
+        {"employee_id": "g", "device_id": "d", "ts_us": t, "kind": "key_down"},
+    ]
+    frame = make_frame(rows, cohort=True)
+    sampling = {"*": 0.0, "cohort:eng": 1.0, "kind:focus_change": 1.0, "kind:pointer_move": 0.0, "app:slack": 0.0}
+    res = run(SampleStep(key=KEY), frame, sampling)
+    assert res.sampling == {("app:slack", "dropped"): 1, ("kind:focus_change", "kept"): 1,
+                            ("kind:pointer_move", "dropped"): 1, ("cohort:eng", "kept"): 1, ("*", "dropped"): 2}
+    # All rates 1: still counted (an effective rate of 1 is a rate too); rows no selector
+    # decides are not counted.
+    res = run(SampleStep(key=KEY), frame, {"kind:key_down": 1.0})
+    assert res.sampling == {("kind:key_down", "kept"): 3}
+
+
+@FAST
+@given(rate=st.floats(0.05, 0.95), seed=st.integers(0, 2**32))
+def test_selector_counts_add_up_to_the_rows_kept_and_dropped(rate: float, seed: int) -> None:
+    frame = episodes_frame(n_emp=30, n_win=4)
+    res = SampleStep(key=seed.to_bytes(8, "big") * 2, episode_s=EPISODE_S)(
+        frame, BatchContext(received_at_us=0, policy=Policy(sampling={"*": rate, "kind:click": 1.0})))
+    kept = sum(n for (_, o), n in res.sampling.items() if o == "kept")
+    dropped = sum(n for (_, o), n in res.sampling.items() if o == "dropped")
+    assert kept == res.frame.height and dropped == frame.height - res.frame.height
+    clicks = frame.filter(pl.col("kind") == "click").height
+    assert res.sampling[("kind:click", "kept")] == clicks and ("kind:click", "dropped") not in res.sampling
+
+
 @FAST
 @given(seed=st.integers(0, 2**32), n_parts=st.integers(1, 8), rate=st.floats(0.1, 0.9))
 def test_replay_decides_identically_across_splits_and_orders(seed: int, n_parts: int, rate: float) -> None:

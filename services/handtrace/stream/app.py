@@ -223,6 +223,8 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.EVENTS.labels(reason).inc(count)
             for kind, count in outcome.redacted.items():
                 metrics.REDACTED.labels(kind).inc(count)
+            for (selector, decision), count in outcome.sampling.items():
+                metrics.SAMPLING_ROWS.labels(metrics.selector_label(selector), decision).inc(count)
             for d in outcome.deadletters:
                 metrics.MESSAGES.labels("deadlettered").inc()
                 metrics.DEADLETTERS.labels(d.reason).inc()

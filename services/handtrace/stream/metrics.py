@@ -21,13 +21,13 @@ DEADLETTERS = Counter(
 )
 BATCH_EVENTS = Histogram(
     "handtrace_stream_batch_events",
-    "Events per consumed batch message.",
-    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000),
+    "Events per micro-batch (the messages enforced together).",
+    buckets=(1, 10, 100, 1000, 5000, 10000, 25000, 50000, 100000, 200000, 500000),
 )
 PROCESS_SECONDS = Histogram(
     "handtrace_stream_batch_process_seconds",
-    "Time to decode, check and re-encode one batch message.",
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    "Time to decode, enforce and re-encode one micro-batch.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 CONTROLS = Counter(
     "handtrace_stream_controls_total",
@@ -38,6 +38,26 @@ PAUSES_CLAMPED = Counter(
     "handtrace_stream_pauses_clamped_total", "Pause requests longer than 30 minutes, clamped to 30."
 )
 POLICY_VERSION = Gauge("handtrace_stream_policy_version", "Version of the global policy in force.")
+SAMPLING_ROWS = Counter(
+    "handtrace_stream_sampling_rows_total",
+    "Rows decided by each sampling selector of the policy, kept or dropped (effective rate = kept / "
+    "all); at most MAX_SELECTORS selector values, the rest as 'other'.",
+    ["selector", "outcome"],
+)
+MAX_SELECTORS = 50
+_selectors_seen: set[str] = set()
+
+
+def selector_label(selector: str) -> str:
+    """``selector``, or ``other`` once MAX_SELECTORS distinct ones have been exported."""
+    if selector in _selectors_seen:
+        return selector
+    if len(_selectors_seen) < MAX_SELECTORS:
+        _selectors_seen.add(selector)
+        return selector
+    return "other"
+
+
 REDACTED = Counter(
     "handtrace_stream_fields_redacted_total",
     "Values redacted or masked in stored rows, by kind (email, phone, card, national_id, secret, "

@@ -54,6 +54,7 @@ class BatchOutcome:
     events_in: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     redacted: Counter[str] = field(default_factory=Counter)
+    sampling: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def stored(self) -> int:
@@ -175,12 +176,12 @@ class BatchPipeline:
             return out
         try:
             frame = self._frame(parsed)
-            kept, dropped, redacted = self._run_steps(frame, ctx)
+            kept, dropped, redacted, sampling = self._run_steps(frame, ctx)
         except Exception:  # noqa: BLE001 -- isolate the culprit message by message
             if len(parsed) == 1:
                 m, pb = parsed[0]
                 try:
-                    kept, dropped, redacted = self._run_steps(self._frame(parsed), ctx)
+                    kept, dropped, redacted, sampling = self._run_steps(self._frame(parsed), ctx)
                 except DecodeError as e:
                     out.deadletters.append(DeadLetter(m, e.reason, e.detail, pb.count))
                     return out
@@ -193,11 +194,13 @@ class BatchPipeline:
                     out.deadletters += sub.deadletters
                     out.dropped.update(sub.dropped)
                     out.redacted.update(sub.redacted)
+                    out.sampling.update(sub.sampling)
                     for p, t in sub.rows.items():
                         out.rows[p] = pa.concat_tables([out.rows[p], t]) if p in out.rows else t
                 return out
         out.dropped.update(dropped)
         out.redacted.update(redacted)
+        out.sampling.update(sampling)
         if kept.height:
             out.rows = by_partition(to_stored(kept, received_at_us))
         return out
@@ -236,16 +239,19 @@ class BatchPipeline:
         )
         return events.with_columns(headers.select(pl.all().gather(idx)))
 
-    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, Counter[str], Counter[str]]:
+    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext
+                   ) -> tuple[pl.DataFrame, Counter[str], Counter[str], Counter[tuple[str, str]]]:
         dropped: Counter[str] = Counter()
         redacted: Counter[str] = Counter()
+        sampling: Counter[tuple[str, str]] = Counter()
         for step in self.steps:
             result = step(frame, ctx)
             frame = result.frame
             dropped.update(result.dropped)
             redacted.update(result.redacted)
+            sampling.update(result.sampling)
         to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
-        return frame, dropped, redacted
+        return frame, dropped, redacted, sampling
 
     def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
         """One message (convenience for tests and tools)."""

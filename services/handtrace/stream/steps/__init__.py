@@ -39,6 +39,8 @@ class StepResult:
     frame: pl.DataFrame
     dropped: dict[str, int] = field(default_factory=dict)
     redacted: dict[str, int] = field(default_factory=dict)
+    # Rows a sampling selector decided, by (selector, "kept" | "dropped"): effective rates.
+    sampling: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class Step(Protocol):

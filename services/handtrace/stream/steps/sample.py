@@ -129,6 +129,17 @@ class _Rules:
         fallback = 1.0 if self.default is None else self.default
         return pl.coalesce(*parts, pl.lit(fallback, dtype=pl.Float64))
 
+    def selector_expr(self) -> pl.Expr:
+        """Per-row selector that decides its rate (as written in the policy); null when none
+        does (rate 1.0)."""
+        parts = [
+            pl.when(pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String).is_in(list(m)))
+            .then(pl.lit(f"{lvl}:") + pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String))
+            for lvl, m in self.levels.items()
+        ]
+        fallback = pl.lit(None, dtype=pl.String) if self.default is None else pl.lit("*")
+        return pl.coalesce(*parts, fallback)
+
     @property
     def trivial(self) -> bool:
         return not self.levels and (self.default is None or self.default == 1.0)
@@ -175,10 +186,11 @@ class SampleStep:
             return StepResult(frame)
         emp, dev = _id_columns(frame)
         window = pl.col("captured_at_us").dt.epoch("us") // (self.episode_s * _US)
-        t = frame.select(pl.col(emp), pl.col(dev), window.alias("_ep"), rules.rate_expr().alias("_rate"))
+        t = frame.select(pl.col(emp), pl.col(dev), window.alias("_ep"), rules.rate_expr().alias("_rate"),
+                         rules.selector_expr().alias("_selector"))
         rate = pl.col("_rate")
         if t.get_column("_rate").min() >= 1.0:  # type: ignore[operator]
-            return StepResult(frame)
+            return StepResult(frame, sampling=_decided(t.get_column("_selector"), None))
         keys = [emp, dev, "_ep"]
         drawn = t.filter((rate > 0.0) & (rate < 1.0) & pl.col("_ep").is_not_null()).select(keys).unique()
         if drawn.height:
@@ -195,10 +207,19 @@ class SampleStep:
         )
         rejected = t.select(reason.alias("_why")).get_column("_why")
         drop = rejected.is_not_null()
+        decided = _decided(t.get_column("_selector"), drop)
         if not drop.any():
-            return StepResult(frame)
+            return StepResult(frame, sampling=decided)
         counts = {str(k): int(v) for k, v in rejected.drop_nulls().value_counts().iter_rows()}
-        return StepResult(frame.filter(~drop), counts)
+        return StepResult(frame.filter(~drop), counts, sampling=decided)
+
+
+def _decided(selector: pl.Series, drop: pl.Series | None) -> dict[tuple[str, str], int]:
+    """Rows per (deciding selector, kept|dropped); rows no selector decides are not counted."""
+    outcome = (pl.Series("_o", ["kept"] * selector.len()) if drop is None
+               else pl.Series("_o", drop).replace_strict({True: "dropped", False: "kept"}, return_dtype=pl.String))
+    df = pl.DataFrame({"s": selector, "o": outcome}).drop_nulls("s").group_by("s", "o").len()
+    return {(s, o): int(n) for s, o, n in df.iter_rows()}
 
 
 def _bin_fraction(max_hz: float | int) -> Fraction:
