@@ -92,6 +92,7 @@ from handtrace.core.admin import ensure_topics
 from handtrace.core.clock import now_us
 from handtrace.core.localbroker import KAFKA_VERSION, BrokerError, LocalBroker
 from handtrace.core.producer import producer_config
+from handtrace.core.rows import ipc_stream
 from handtrace.core.settings import Settings, settings_env
 from handtrace.core.topics import Topics
 from handtrace.sink.schema import migrate
@@ -522,13 +523,6 @@ def _rows_table(msgs: list[Any]) -> pa.Table:
     return t.cast(pa.schema([pa.field(f.name, pa.binary(16) if f.name in fixed else f.type) for f in t.schema]))
 
 
-def _ipc_stream(t: pa.Table, compression: str | None) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, t.schema, options=pa.ipc.IpcWriteOptions(compression=compression)) as w:
-        w.write_table(t)
-    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
-
-
 RAW_INSERTS = ("arrow", "stream", "stream-lz4")
 
 
@@ -555,7 +549,7 @@ def phase_raw(s: Settings, client: Any, meter: CpuMeter, topic: str, n_msgs: int
                 if insert == "arrow":
                     client.insert_arrow(table, t)
                 else:
-                    data = _ipc_stream(t, "lz4" if insert == "stream-lz4" else None)
+                    data = ipc_stream(t, "lz4" if insert == "stream-lz4" else None)
                     client.raw_insert(table, t.schema.names, data, fmt="ArrowStream")
             except BaseException as e:  # noqa: BLE001 -- reported by the consuming thread
                 failed.append(e)

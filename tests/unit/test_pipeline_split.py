@@ -5,12 +5,11 @@ without losing or reordering rows; and the sink's joined ArrowStream holds every
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handtrace.core.rows import from_ipc, join_ipc
+from handtrace.core.rows import from_ipc, ipc_stream, join_ipc
 from handtrace.stream.pipeline import by_partition, split_by_source
 
 
@@ -43,10 +42,7 @@ def test_by_partition_keeps_every_row_in_order(partitions: list[int]) -> None:
 
 
 def _stream(table: pa.Table, compression: str | None = "lz4") -> bytes:
-    sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression=compression)) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
+    return ipc_stream(table, compression)
 
 
 @settings(max_examples=50, deadline=None)

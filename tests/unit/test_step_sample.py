@@ -152,19 +152,23 @@ def test_mixed_rates_in_an_episode_are_nested() -> None:
         assert abs(got / n_eps - r) < 0.05
 
 
+# Each row its own episode (different employees), so only its own rate decides.
+PRECEDENCE_FRAME = make_frame([
+    {"employee_id": "a", "device_id": "d", "ts_us": W0 * EPISODE_S * S, "kind": "focus_change", "app_id": "slack",
+     "cohort": "eng"},
+    {"employee_id": "b", "device_id": "d", "ts_us": W0 * EPISODE_S * S, "kind": "focus_change", "app_id": "code",
+     "cohort": "eng"},
+    {"employee_id": "c", "device_id": "d", "ts_us": W0 * EPISODE_S * S, "kind": "pointer_move", "cohort": "eng"},
+    {"employee_id": "e", "device_id": "d", "ts_us": W0 * EPISODE_S * S, "kind": "key_down", "cohort": "eng"},
+    {"employee_id": "f", "device_id": "d", "ts_us": W0 * EPISODE_S * S, "kind": "key_down", "cohort": "ops"},
+    {"employee_id": "g", "device_id": "d", "ts_us": W0 * EPISODE_S * S, "kind": "key_down"},
+], cohort=True)
+PRECEDENCE_SAMPLING = {"*": 0.0, "cohort:eng": 1.0, "kind:focus_change": 1.0, "kind:pointer_move": 0.0,
+                       "app:slack": 0.0}
+
+
 def test_precedence_app_over_kind_over_cohort_over_default() -> None:
-    t = W0 * EPISODE_S * S
-    rows = [
-        # each row its own episode (different employees), so only its own rate decides
-        {"employee_id": "a", "device_id": "d", "ts_us": t, "kind": "focus_change", "app_id": "slack", "cohort": "eng"},
-        {"employee_id": "b", "device_id": "d", "ts_us": t, "kind": "focus_change", "app_id": "code", "cohort": "eng"},
-        {"employee_id": "c", "device_id": "d", "ts_us": t, "kind": "pointer_move", "cohort": "eng"},
-        {"employee_id": "e", "device_id": "d", "ts_us": t, "kind": "key_down", "cohort": "eng"},
-        {"employee_id": "f", "device_id": "d", "ts_us": t, "kind": "key_down", "cohort": "ops"},
-        {"employee_id": "g", "device_id": "d", "ts_us": t, "kind": "key_down"},
-    ]
-    frame = make_frame(rows, cohort=True)
-    sampling = {"*": 0.0, "cohort:eng": 1.0, "kind:focus_change": 1.0, "kind:pointer_move": 0.0, "app:slack": 0.0}
+    frame, sampling = PRECEDENCE_FRAME, PRECEDENCE_SAMPLING
     res = run(SampleStep(key=KEY), frame, sampling)
     # a: app:slack 0 beats kind:focus_change 1; b: kind:focus_change 1 (app:code unset);
     # c: kind:pointer_move 0 beats cohort:eng 1; e: cohort:eng 1 beats *; f, g: * = 0
@@ -180,17 +184,7 @@ def test_precedence_app_over_kind_over_cohort_over_default() -> None:
 
 
 def test_each_row_is_counted_once_under_the_selector_that_decided_it() -> None:
-    t = W0 * EPISODE_S * S
-    rows = [
-        {"employee_id": "a", "device_id": "d", "ts_us": t, "kind": "focus_change", "app_id": "slack", "cohort": "eng"},
-        {"employee_id": "b", "device_id": "d", "ts_us": t, "kind": "focus_change", "app_id": "code", "cohort": "eng"},
-        {"employee_id": "c", "device_id": "d", "ts_us": t, "kind": "pointer_move", "cohort": "eng"},
-        {"employee_id": "e", "device_id": "d", "ts_us": t, "kind": "key_down", "cohort": "eng"},
-        {"employee_id": "f", "device_id": "d", "ts_us": t, "kind": "key_down", "cohort": "ops"},
-        {"employee_id": "g", "device_id": "d", "ts_us": t, "kind": "key_down"},
-    ]
-    frame = make_frame(rows, cohort=True)
-    sampling = {"*": 0.0, "cohort:eng": 1.0, "kind:focus_change": 1.0, "kind:pointer_move": 0.0, "app:slack": 0.0}
+    frame, sampling = PRECEDENCE_FRAME, PRECEDENCE_SAMPLING
     res = run(SampleStep(key=KEY), frame, sampling)
     assert res.sampling == {("app:slack", "dropped"): 1, ("kind:focus_change", "kept"): 1,
                             ("kind:pointer_move", "dropped"): 1, ("cohort:eng", "kept"): 1, ("*", "dropped"): 2}

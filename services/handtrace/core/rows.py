@@ -54,15 +54,19 @@ HEADER_SOURCE_PARTITION = "ht-source-partition"
 HEADER_SOURCE_OFFSET = "ht-source-offset"
 HEADER_ROWS = "ht-rows"
 
-_WRITE_OPTIONS = ipc.IpcWriteOptions(compression="lz4")
-
 
 def to_ipc(table: pa.Table) -> bytes:
     """Serialise stored rows (must match STORED_SCHEMA exactly)."""
     if not table.schema.equals(STORED_SCHEMA, check_metadata=False):
         raise ValueError(f"rows do not match STORED_SCHEMA:\n{table.schema}")
+    return ipc_stream(table, "lz4")
+
+
+def ipc_stream(table: pa.Table, compression: str | None) -> bytes:
+    """``table`` as one Arrow IPC stream, its buffers compressed with ``compression`` (lz4, zstd
+    or None)."""
     sink = pa.BufferOutputStream()
-    with ipc.new_stream(sink, STORED_SCHEMA, options=_WRITE_OPTIONS) as writer:
+    with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression=compression)) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()  # type: ignore[no-any-return]
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from handtrace.core.codec import DecodeError, ParsedBatch, decode_batches, parse_event_batch
 from handtrace.core.rows import STORED_SCHEMA
 from handtrace.stream.policy import EmployeeControls, Policy
-from handtrace.stream.steps import BatchContext, Step
+from handtrace.stream.steps import BatchContext, Step, StepResult
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,12 @@ class BatchOutcome:
     @property
     def stored(self) -> int:
         return sum(t.num_rows for t in self.rows.values())
+
+    def add_counts(self, other: BatchOutcome | StepResult) -> None:
+        """Add ``other``'s drop, redaction and sampling counts to this outcome's."""
+        self.dropped.update(other.dropped)
+        self.redacted.update(other.redacted)
+        self.sampling.update(other.sampling)
 
 
 _HEADER_COLUMNS = {
@@ -176,12 +182,12 @@ class BatchPipeline:
             return out
         try:
             frame = self._frame(parsed)
-            kept, dropped, redacted, sampling = self._run_steps(frame, ctx)
+            kept, counts = self._run_steps(frame, ctx)
         except Exception:  # noqa: BLE001 -- isolate the culprit message by message
             if len(parsed) == 1:
                 m, pb = parsed[0]
                 try:
-                    kept, dropped, redacted, sampling = self._run_steps(self._frame(parsed), ctx)
+                    kept, counts = self._run_steps(self._frame(parsed), ctx)
                 except DecodeError as e:
                     out.deadletters.append(DeadLetter(m, e.reason, e.detail, pb.count))
                     return out
@@ -192,15 +198,11 @@ class BatchPipeline:
                 for one in parsed:
                     sub = self.process_many([one[0]], received_at_us, policy=ctx.policy, controls=ctx.controls)
                     out.deadletters += sub.deadletters
-                    out.dropped.update(sub.dropped)
-                    out.redacted.update(sub.redacted)
-                    out.sampling.update(sub.sampling)
+                    out.add_counts(sub)
                     for p, t in sub.rows.items():
                         out.rows[p] = pa.concat_tables([out.rows[p], t]) if p in out.rows else t
                 return out
-        out.dropped.update(dropped)
-        out.redacted.update(redacted)
-        out.sampling.update(sampling)
+        out.add_counts(counts)
         if kept.height:
             out.rows = by_partition(to_stored(kept, received_at_us))
         return out
@@ -239,19 +241,15 @@ class BatchPipeline:
         )
         return events.with_columns(headers.select(pl.all().gather(idx)))
 
-    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext
-                   ) -> tuple[pl.DataFrame, Counter[str], Counter[str], Counter[tuple[str, str]]]:
-        dropped: Counter[str] = Counter()
-        redacted: Counter[str] = Counter()
-        sampling: Counter[tuple[str, str]] = Counter()
+    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, BatchOutcome]:
+        """The rows every step kept, and the steps' counts (applied only if all steps succeed)."""
+        counts = BatchOutcome()
         for step in self.steps:
             result = step(frame, ctx)
             frame = result.frame
-            dropped.update(result.dropped)
-            redacted.update(result.redacted)
-            sampling.update(result.sampling)
+            counts.add_counts(result)
         to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
-        return frame, dropped, redacted, sampling
+        return frame, counts
 
     def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
         """One message (convenience for tests and tools)."""

@@ -120,25 +120,23 @@ class _Rules:
                 levels[prefix][rest] = rate
         return cls({k: v for k, v in levels.items() if v}, default)
 
-    def rate_expr(self) -> pl.Expr:
-        """Per-row rate: the first matching level, then ``*``, then 1.0."""
-        parts = [
-            pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String).replace_strict(m, default=None, return_dtype=pl.Float64)
-            for lvl, m in self.levels.items()  # dict keeps _LEVELS order: most specific first
-        ]
-        fallback = 1.0 if self.default is None else self.default
-        return pl.coalesce(*parts, pl.lit(fallback, dtype=pl.Float64))
-
     def selector_expr(self) -> pl.Expr:
-        """Per-row selector that decides its rate (as written in the policy); null when none
-        does (rate 1.0)."""
+        """Per-row selector that decides its rate (as written in the policy): the first matching
+        level, then ``*``; null when none matches (rate 1.0)."""
         parts = [
             pl.when(pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String).is_in(list(m)))
             .then(pl.lit(f"{lvl}:") + pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String))
-            for lvl, m in self.levels.items()
+            for lvl, m in self.levels.items()  # dict keeps _LEVELS order: most specific first
         ]
         fallback = pl.lit(None, dtype=pl.String) if self.default is None else pl.lit("*")
         return pl.coalesce(*parts, fallback)
+
+    def rate_of(self, selector: pl.Expr) -> pl.Expr:
+        """The rate of a deciding selector (1.0 for none)."""
+        rates = {f"{lvl}:{v}": r for lvl, m in self.levels.items() for v, r in m.items()}
+        if self.default is not None:
+            rates["*"] = self.default
+        return selector.replace_strict(rates, default=None, return_dtype=pl.Float64).fill_null(1.0)
 
     @property
     def trivial(self) -> bool:
@@ -186,11 +184,12 @@ class SampleStep:
             return StepResult(frame)
         emp, dev = _id_columns(frame)
         window = pl.col("captured_at_us").dt.epoch("us") // (self.episode_s * _US)
-        t = frame.select(pl.col(emp), pl.col(dev), window.alias("_ep"), rules.rate_expr().alias("_rate"),
-                         rules.selector_expr().alias("_selector"))
+        t = frame.select(pl.col(emp), pl.col(dev), window.alias("_ep"), rules.selector_expr().alias("_selector"))
+        t = t.with_columns(rules.rate_of(pl.col("_selector")).alias("_rate"))
         rate = pl.col("_rate")
         if t.get_column("_rate").min() >= 1.0:  # type: ignore[operator]
-            return StepResult(frame, sampling=_decided(t.get_column("_selector"), None))
+            kept_all = pl.repeat(False, t.height, eager=True)
+            return StepResult(frame, sampling=_decided(t.get_column("_selector"), kept_all))
         keys = [emp, dev, "_ep"]
         drawn = t.filter((rate > 0.0) & (rate < 1.0) & pl.col("_ep").is_not_null()).select(keys).unique()
         if drawn.height:
@@ -214,12 +213,10 @@ class SampleStep:
         return StepResult(frame.filter(~drop), counts, sampling=decided)
 
 
-def _decided(selector: pl.Series, drop: pl.Series | None) -> dict[tuple[str, str], int]:
+def _decided(selector: pl.Series, drop: pl.Series) -> dict[tuple[str, str], int]:
     """Rows per (deciding selector, kept|dropped); rows no selector decides are not counted."""
-    outcome = (pl.Series("_o", ["kept"] * selector.len()) if drop is None
-               else pl.Series("_o", drop).replace_strict({True: "dropped", False: "kept"}, return_dtype=pl.String))
-    df = pl.DataFrame({"s": selector, "o": outcome}).drop_nulls("s").group_by("s", "o").len()
-    return {(s, o): int(n) for s, o, n in df.iter_rows()}
+    df = pl.DataFrame({"s": selector, "d": drop}).drop_nulls("s").group_by("s", "d").len()
+    return {(s, "dropped" if d else "kept"): int(n) for s, d, n in df.iter_rows()}
 
 
 def _bin_fraction(max_hz: float | int) -> Fraction:
