@@ -52,31 +52,37 @@ class Topics:
 def topic_specs(s: TopicSettings) -> list[TopicSpec]:
     """Every topic with partitions and configs (compaction for state, retention for events)."""
     t = Topics.from_settings(s)
+    # The broker stamps what agents and the control plane write with its own clock at append
+    # (LogAppendTime): the stream compares it with the sender's ``ht-sent-at`` header to place
+    # every sender's clock on one timeline (handtrace.core.clock.clock_offset_us).
+    broker_time = {"message.timestamp.type": "LogAppendTime"}
     hours = s.events_retention_hours * 3600 * 1000
     max_msg = str(s.max_message_bytes)
     return [
         TopicSpec(
             t.events,
             s.partitions,
-            {"retention.ms": str(hours), "max.message.bytes": max_msg, "compression.type": "producer"},
+            {"retention.ms": str(hours), "max.message.bytes": max_msg, "compression.type": "producer",
+             **broker_time},
             "EventBatch messages from agents, keyed by employee id (raw: restricted access).",
         ),
         TopicSpec(
             t.controls,
             s.partitions,
-            {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * 24 * 3600 * 1000)},
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * 24 * 3600 * 1000), **broker_time},
             "ControlEvent (pause, exemption) keyed by employee id; compacted, co-partitioned.",
         ),
         TopicSpec(
             t.policy,
             1,
-            {"cleanup.policy": "compact"},
+            {"cleanup.policy": "compact", **broker_time},
             "Global policy (allowlists, sampling, masking), keyed by scope; compacted.",
         ),
         TopicSpec(
             t.screenshots,
             s.partitions,
-            {"retention.ms": str(hours), "max.message.bytes": max_msg, "compression.type": "producer"},
+            {"retention.ms": str(hours), "max.message.bytes": max_msg, "compression.type": "producer",
+             **broker_time},
             "Screenshot images from agents (WebP/JPEG of allowlisted windows only), keyed by "
             "employee id; the batch's `screenshot` event carries the sha256 that names the image "
             "(raw: restricted access).",

@@ -60,6 +60,18 @@ def pseudonym_key(settings: Settings) -> bytes:
     return Path(path).read_text().strip().encode()
 
 
+_LOG_APPEND_TIME = 1  # Kafka's timestamp type of a record stamped by the broker at append
+
+
+def source_message(message: Any) -> SourceMessage:
+    """A consumed Faust message as the pipeline sees it: the broker's append time only when the
+    topic stamps it (LogAppendTime; a producer's own CreateTime proves nothing), headers kept."""
+    ts = message.timestamp
+    appended = int(ts * 1_000_000) if ts and message.timestamp_type == _LOG_APPEND_TIME else None
+    headers = tuple((k, bytes(v)) for k, v in (message.headers or ()))
+    return SourceMessage(message.value, message.partition, message.offset, message.key, appended, headers)
+
+
 def build_pipeline(settings: Settings) -> BatchPipeline:
     """The steps in order, from settings. Order matters: drop what must not be stored
     (exempt, paused) before anything else looks at it; pseudonymise last."""
@@ -210,8 +222,7 @@ def create_app(settings: Settings) -> faust.App:
                 # iteration, not before it: a Faust agent that has not started iterating when
                 # table recovery completes was seen to never receive messages after a restart.
                 await policy_state.ready.wait()
-            msgs = [SourceMessage(e.message.value, e.message.partition, e.message.offset, e.message.key)
-                    for e in events]
+            msgs = [source_message(e.message) for e in events]
             employees = {m.key.decode(errors="replace") for m in msgs if m.key}
             controls = {emp: loads(controls_table.get(emp)) for emp in employees}
             with metrics.PROCESS_SECONDS.time():
@@ -256,10 +267,7 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(100, within=0.5):
             if not policy_state.ready.is_set():
                 await policy_state.ready.wait()
-            batch = [ScreenshotMessage(SourceMessage(e.message.value, e.message.partition, e.message.offset,
-                                                     e.message.key),
-                                       {k: bytes(v) for k, v in (e.message.headers or [])})
-                     for e in events]
+            batch = [ScreenshotMessage(m := source_message(e.message), dict(m.headers)) for e in events]
             employees = {m.message.key.decode(errors="replace") for m in batch if m.message.key}
             controls = {emp: loads(controls_table.get(emp)) for emp in employees}
             ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls))

@@ -27,12 +27,15 @@ from handtrace.stream.steps import BatchContext, Step, StepResult
 
 @dataclass(frozen=True)
 class SourceMessage:
-    """One consumed Kafka message (key: the employee id the agent keyed it by)."""
+    """One consumed Kafka message (key: the employee id the agent keyed it by; timestamp_us: the
+    broker's append time when the topic uses LogAppendTime; headers as received)."""
 
     payload: bytes
     partition: int
     offset: int
     key: bytes | None = None
+    timestamp_us: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
