@@ -206,6 +206,18 @@ class StreamSettings(BaseModel):
         default=2.0, ge=0, le=300, description="Pause windows and exemptions are widened by this "
         "on both sides (agent clock drift); widening only ever drops more (fails closed).",
     )
+    max_clock_offset_s: float = Field(
+        default=86_400.0, ge=1, le=7 * 86_400, description="Largest difference between a sender's "
+        "clock (its `ht-sent-at` header) and the broker's append time that the stream corrects "
+        "for; a batch or control whose sender's clock is further off cannot be placed in time and "
+        "is rejected (fails closed).",
+    )
+    max_event_age_s: float = Field(
+        default=7 * 86_400.0, ge=3600, le=30 * 86_400, description="Events captured longer ago "
+        "than this (on the stream's clock, after clock correction) are rejected as invalid_time: "
+        "bounds how far back one batch can reach (and how many ClickHouse partitions one insert "
+        "touches); keep it below the raw topic's retention.",
+    )
     max_future_skew_s: float = Field(
         default=300.0, ge=0, description="Events captured later than the batch's sent time plus "
         "this are rejected as invalid (agent clock error).",
@@ -360,6 +372,12 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(default_factory=default_state_dir, description="Local state root.")
+    dev_mode: bool = Field(
+        default=False, description="Development mode (the demo and the tests set it): missing "
+        "secrets -- the pseudonym key, the control-plane signing key -- are generated once under "
+        "<state_dir>/secrets. Off (production): a service that lacks a secret refuses to start "
+        "(fails closed).",
+    )
     metrics_host: str = Field(
         default="127.0.0.1", description="Address the services' /metrics endpoints bind to "
         "(0.0.0.0 in containers)."
