@@ -65,28 +65,59 @@ def make_frame(batches: list[list[dict[str, Any]]]) -> pl.DataFrame:
 
 # ------------------------------------------------------------------ urls with a known host
 
-BASE = ("google.com", "github.com", "atlassian.net", "acme.io")
-OTHER = ("youtube.com", "reddit.com", "com", "io")
+# Allowlistable domains, as an operator may write them -> the A-label (ASCII) form a browser
+# connects to. The A-labels are written out here (RFC 3492 vectors checked by hand), not computed
+# by the code under test.
+ACE = {"google.com": "google.com", "github.com": "github.com", "atlassian.net": "atlassian.net",
+       "acme.io": "acme.io", "fass.de": "fass.de", "bücher.de": "xn--bcher-kva.de",
+       "例え.jp": "xn--r8jz45g.jp"}
+BASE = tuple(ACE)
+# Public suffixes (ICANN and private sections of the Public Suffix List): as entries they admit
+# nothing, whatever they look like.
+PUBLIC = ("com", "io", "co.uk", "github.io", "s3.amazonaws.com")
+OTHER = ("youtube.com", "reddit.com", "com", "io", "evil.github.io", "bucket.s3.amazonaws.com",
+         "shop.co.uk")
+# Hosts a browser reaches that the IDNA 2003 folding (Python's "idna" codec) would take for an
+# allowlisted domain: ß is kept (faß.de is not fass.de).
+IDNA2008_LOOKALIKES = {"fass.de": [("faß.de", "xn--fa-hia.de"), ("docs.faß.de", "docs.xn--fa-hia.de")]}
 
 
 @dataclass(frozen=True)
 class UrlSpec:
     url: str
-    host: str | None  # lowercased, no trailing dot; None when the url is broken
+    host: str | None  # A-label form, lowercase, no trailing dot; None when the url is broken
     stored: str | None  # what the step must store when it keeps the row
     evil: bool = False  # built to look like an allowed domain without being one
 
 
-def _lookalikes(d: str) -> list[str]:
+def _both(d: str) -> list[tuple[str, str]]:
+    """(shown, A-label) spellings of a domain: its Unicode and its ASCII form."""
+    return sorted({(d, ACE[d]), (ACE[d], ACE[d])})
+
+
+def _lookalikes(d: str) -> list[tuple[str, str]]:
+    """(shown host, host as compared) pairs that are not ``d`` nor under it. The compared form is
+    only used to judge, so for a Unicode label it may stay Unicode: it never equals an A-label."""
     name, _, tld = d.partition(".")
-    return [f"{d}.evil.net", f"docs.{d}.evil.net", f"evil{d}", f"{name}-{tld}.com",
-            f"{name}.{tld}x", f"{d}evil.net", f"{name}{tld}"]
+    out = [(h, h.lower()) for h in (f"{d}.evil.net", f"docs.{d}.evil.net", f"evil{d}", f"{name}-{tld}.com",
+                                    f"{name}.{tld}x", f"{d}evil.net", f"{name}{tld}")]
+    a = ACE[d]
+    if a != d:
+        out += [(f"{a}.evil.net", f"{a}.evil.net"), (f"evil{a}", f"evil{a}")]
+    return out + IDNA2008_LOOKALIKES.get(d, [])
 
 
 def _broken(d: str) -> list[str]:
     return [f"https://evil.com\\@{d}/", f"{d}/no-scheme", f"https://{d}%2eevil.net/", "https://",
             "javascript:alert(1)", "http://[::1/", f"https://{d}:99999/", "", f"https://a..{d}/",
-            f"https://{d} x/", f"https://{d}\t/", "file:///etc/passwd", "not a url"]
+            f"https://{d} x/", f"https://{d}\t/", "file:///etc/passwd", "not a url",
+            # IDNA 2008 refuses a joiner outside its context; IDNA 2003 deleted it (google.com).
+            f"https://x\u200d{d}/", f"https://{d[0]}\u200c{d[1:]}/", "https://xn--bcher-kv.de/"]  # truncated punycode
+
+
+def _case_variants(host: str) -> list[str]:
+    """Spellings of ``host`` in other letter cases that are still the same host (no ß -> SS)."""
+    return [v for v in (host, host.upper(), host.title()) if v.lower() == host.lower()]
 
 
 @st.composite
@@ -95,14 +126,16 @@ def url_specs(draw: st.DrawFn) -> UrlSpec:
     form = draw(st.sampled_from(["exact", "sub", "sub", "lookalike", "other", "broken"]))
     if form == "broken":
         return UrlSpec(draw(st.sampled_from(_broken(d))), None, None)
-    host = {
-        "exact": d,
-        "sub": f"{draw(st.sampled_from(['docs', 'mail', 'a.b', 'x-1']))}.{d}",
-        "lookalike": draw(st.sampled_from(_lookalikes(d))),
-        "other": draw(st.sampled_from(OTHER)),
-    }[form]
+    if form in ("exact", "sub"):
+        shown_d, ace_d = draw(st.sampled_from(_both(d)))
+        sub = "" if form == "exact" else draw(st.sampled_from(["docs", "mail", "a.b", "x-1", "my_app"])) + "."
+        host, ace = sub + shown_d, sub + ace_d
+    elif form == "lookalike":
+        host, ace = draw(st.sampled_from(_lookalikes(d)))
+    else:
+        host = ace = draw(st.sampled_from(OTHER))
     scheme = draw(st.sampled_from(["https", "http"]))
-    shown = draw(st.sampled_from([host, host.upper(), host.title()]))
+    shown = draw(st.sampled_from(_case_variants(host)))
     dot = draw(st.sampled_from(["", "."]))
     port = draw(st.sampled_from(["", ":8443", ":80"]))
     userinfo = draw(st.sampled_from(["", "ada@", "ada:hunter2@", f"{d}@"]))
@@ -110,8 +143,9 @@ def url_specs(draw: st.DrawFn) -> UrlSpec:
     query = draw(st.sampled_from(["", "?x=1", "?q=a&b=c#", "?"]))
     frag = draw(st.sampled_from(["", "#h", "#/x?y"]))
     url = f"{scheme}://{userinfo}{shown}{dot}{port}{path}{query}{frag}"
-    stored = f"{scheme}://{(host + dot).lower()}{port}{path}"
-    return UrlSpec(url, host.lower(), stored, evil=form == "lookalike")
+    # Stored: the host as a browser connects to it (A-label, lowercase, no trailing dot).
+    stored = f"{scheme}://{ace.lower()}{port}{path}"
+    return UrlSpec(url, ace.lower(), stored, evil=form == "lookalike")
 
 
 def suffix_allowed(host: str, domains: list[str]) -> bool:
@@ -140,15 +174,28 @@ def scenarios(draw: st.DrawFn) -> tuple[list[list[tuple[dict[str, Any], UrlSpec 
             rows.append((event(kind, app_id=app, url=spec.url if spec else None), spec))
         batches.append(rows)
     allowed_apps = draw(st.frozensets(st.sampled_from(APPS)))
-    domains = draw(st.lists(st.sampled_from(BASE), unique=True))
-    shown = tuple(draw(st.sampled_from([d, d.upper(), f".{d}", f"{d}."])) for d in domains)
-    return batches, Policy(allowed_apps=allowed_apps, allowed_domains=shown)
+    domains = draw(st.lists(st.sampled_from(BASE + PUBLIC), unique=True))
+    shown = []
+    for d in domains:
+        spelling = draw(st.sampled_from(_both(d) if d in ACE else [(d, d)]))[0]
+        shown.append(draw(st.sampled_from([*_case_variants(spelling), f".{spelling}", f"{spelling}."])))
+    return batches, Policy(allowed_apps=allowed_apps, allowed_domains=tuple(shown))
+
+
+def reference_domains(policy: Policy) -> list[str]:
+    """The entries that admit anything, in A-label form: the known public suffixes admit nothing."""
+    out = []
+    for entry in policy.allowed_domains:
+        d = entry.lower().strip(".")
+        if d not in PUBLIC:
+            out.append(ACE.get(d, d))
+    return out
 
 
 def reference(batches: list[list[tuple[dict[str, Any], UrlSpec | None]]],
               policy: Policy) -> tuple[list[tuple[str, str | None, UrlSpec | None]], Counter[str]]:
     """Per row: kept (app, stored url, spec) or the drop reason, computed the simple way."""
-    domains = [d.lower().strip(".") for d in policy.allowed_domains]
+    domains = reference_domains(policy)
     kept: list[tuple[str, str | None, UrlSpec | None]] = []
     dropped: Counter[str] = Counter()
     for rows in batches:
@@ -196,7 +243,7 @@ def test_only_allowlisted_apps_and_domains_survive(scenario) -> None:  # type: i
         zip(out.get_column("app_id").to_list(), out.get_column("url").to_list(), strict=True)
     )
 
-    domains = [d.lower().strip(".") for d in policy.allowed_domains]
+    domains = reference_domains(policy)
     for (app, url), (_, _, spec) in zip(out.select("app_id", "url").iter_rows(), want, strict=True):
         assert app in policy.allowed_apps
         if url is not None:
@@ -211,7 +258,7 @@ def test_only_allowlisted_apps_and_domains_survive(scenario) -> None:  # type: i
     assert out.select(rest).equals(frame.filter(pl.col("event_id").is_in(kept_ids)).select(rest))
 
 
-@pytest.mark.parametrize("host", [h for d in BASE for h in _lookalikes(d)])
+@pytest.mark.parametrize("host", [h for d in BASE for h, _ in _lookalikes(d)])
 def test_lookalike_domains_never_pass(host: str) -> None:
     policy = Policy(allowed_apps=frozenset({"firefox"}), allowed_domains=BASE)
     frame = make_frame([[event("focus_change", app_id="firefox", url=f"https://{host}/x")]])

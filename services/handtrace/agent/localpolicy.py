@@ -3,9 +3,11 @@ to disk or sent. Same rules as the stream's enforcement (the stream proves them 
 
 - no policy yet -> nothing is captured (fails closed);
 - the focused window must belong to an allowlisted app (exact ``app_id``), and when the window
-  shows a URL its host must be an allowlisted registrable domain with suffix semantics
-  (``handtrace.core.domains``: ``docs.google.com.evil.net`` is not ``google.com``); the stored URL
-  keeps scheme, host and path only;
+  shows a URL its host, as a browser connects to it (UTS-46/IDNA 2008), must be within an
+  allowlisted registrable domain by the Public Suffix List (``handtrace.core.domains``, shared
+  with the stream: ``docs.google.com.evil.net`` is not ``google.com``, ``faß.de`` is not
+  ``fass.de``, a public-suffix entry admits nothing); the stored URL keeps scheme, host, port and
+  path only;
 - typed content per app (``Policy.text_capture``, ``*`` default, none when unset):
   ``full`` keeps the character; ``masked`` keeps the typing rhythm with every character as
   ``•``; ``none`` keeps only the timing. In both the keysym of a character key becomes
@@ -32,7 +34,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from handtrace.agent.capture import Event, WindowInfo
-from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
+from handtrace.core.domains import INVALID_URL as INVALID_URL  # re-exported: the drop reasons are shared
+from handtrace.core.domains import NOT_ALLOWLISTED_DOMAIN as NOT_ALLOWLISTED_DOMAIN
+from handtrace.core.domains import normalised_domains, url_verdict
 from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM, password_context, redact_text
 from handtrace.core.policy import Policy, TextCapture
 
@@ -42,8 +46,6 @@ SHORTCUT_MODIFIERS = CTRL | ALT | META
 NO_POLICY = "no_policy"
 NO_APP_CONTEXT = "no_app_context"
 NOT_ALLOWLISTED_APP = "not_allowlisted_app"
-NOT_ALLOWLISTED_DOMAIN = "not_allowlisted_domain"
-INVALID_URL = "invalid_url"
 PASSWORD_FIELD = "password_field"  # noqa: S105 -- a drop reason, not a secret
 SAMPLED_OUT = "sampled_out"
 
@@ -91,12 +93,10 @@ class LocalPolicy:
             return WindowDecision(False, NOT_ALLOWLISTED_APP)
         clean = None
         if url is not None:
-            host = url_host(url)
-            if host is None:
-                return WindowDecision(False, INVALID_URL)
-            if not host_allowed(host, self._domains):
-                return WindowDecision(False, NOT_ALLOWLISTED_DOMAIN)
-            clean = redact_text(stored_url(url))[0]
+            reason, stored = url_verdict(url, self._domains)
+            if stored is None:
+                return WindowDecision(False, reason)
+            clean = redact_text(stored)[0]
         return WindowDecision(True, None, p.text_capture_for(app_id), clean)
 
     @staticmethod

@@ -10,6 +10,7 @@ from typing import Any
 
 from handtrace.core import ids
 from handtrace.core.clock import now_us
+from handtrace.core.domains import domain_entry_problems, normalised_domains
 
 POLICY_KEY = b"global"
 MAX_PAUSE_MINUTES = 30
@@ -50,6 +51,8 @@ def policy_record(path: Path, *, actor: str, reason: str = "") -> dict[str, Any]
     for name in ("allowed_apps", "allowed_domains"):
         if not all(isinstance(x, str) and x for x in doc.get(name, [])):
             problems.append(f"{name} must be a list of non-empty strings")
+        elif name == "allowed_domains":
+            problems += [f"allowed_domains: {p}" for p in domain_entry_problems(doc.get(name, []))]
     for sel, rate in (doc.get("sampling") or {}).items():
         if not isinstance(rate, int | float) or not 0 <= rate <= 1:
             problems.append(f"sampling[{sel!r}] must be a number in [0, 1]")
@@ -62,7 +65,7 @@ def policy_record(path: Path, *, actor: str, reason: str = "") -> dict[str, Any]
     if problems:
         raise ControlError(f"{path}: " + "; ".join(problems))
     policy = {"version": doc["version"], "allowed_apps": doc.get("allowed_apps", []),
-              "allowed_domains": doc.get("allowed_domains", []),
+              "allowed_domains": list(normalised_domains(doc.get("allowed_domains", []))),
               "sampling": {k: float(v) for k, v in (doc.get("sampling") or {}).items()},
               "text_capture": doc.get("text_capture") or {}}
     return control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason, policy=policy)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from handtrace.core.domains import normalised_domains
+
 TextCapture = Literal["none", "masked", "full"]
 MAX_PAUSE_US = 30 * 60 * 1_000_000
 
@@ -29,7 +31,9 @@ class Policy:
         return cls(
             version=int(rec["version"]),
             allowed_apps=frozenset(rec.get("allowed_apps") or ()),
-            allowed_domains=tuple(d.lower().strip(".") for d in rec.get("allowed_domains") or ()),
+            # Normalised as hosts are (handtrace.core.domains); an entry the control plane would
+            # refuse (a public suffix, an old policy's wildcard) is dropped: it admits nothing.
+            allowed_domains=normalised_domains(rec.get("allowed_domains") or ()),
             sampling=MappingProxyType(dict(rec.get("sampling") or {})),
             text_capture=MappingProxyType(dict(rec.get("text_capture") or {})),
         )

@@ -16,18 +16,26 @@ Rules, the first failing one naming the reason a row is dropped:
   nothing);
 - ``invalid_url``: the row has a url whose host cannot be determined safely: not absolute
   (``scheme://host...``), unparsable, no host, control characters or backslashes (browsers and
-  Python disagree about those, the classic allowlist bypass), percent-encoded or otherwise
-  non-DNS host names (IDN hosts are compared in their punycode form);
-- ``not_allowlisted_domain``: the host (lowercased, userinfo and port removed, one trailing dot
-  removed) is neither equal to an allowed domain ``d`` nor ends with ``"." + d``; so
-  ``docs.google.com`` passes ``google.com``, ``docs.google.com.evil.net`` and
-  ``evilgoogle.com`` do not. IP-literal hosts only match an identical entry.
+  Python disagree about those, the classic allowlist bypass), percent-encoded, IDNA-invalid under
+  UTS-46/IDNA 2008 (``goo\u200dgle.com``), or number-like hosts that are not a dotted-quad IPv4
+  (``127.1``);
+- ``not_allowlisted_domain``: the host, as a browser connects to it (UTS-46/IDNA 2008
+  non-transitional A-label, lowercase, userinfo and port removed, one trailing dot removed), is
+  neither equal to an allowed domain ``d`` nor ends with ``"." + d``, or ``d`` lies outside the
+  host's own site by the Public Suffix List. So ``docs.google.com`` passes ``google.com``;
+  ``docs.google.com.evil.net``, ``evilgoogle.com`` and ``faß.de`` (not ``fass.de``: browsers keep
+  the ß) do not pass; ``bücher.de`` matches ``xn--bcher-kva.de`` either way round; an entry
+  ``amazonaws.com`` does not admit ``bucket.s3.amazonaws.com``. Entries that are public suffixes
+  (``com``, ``co.uk``, ``github.io``) or otherwise invalid admit nothing (the control plane refuses
+  them; one that slips in is dropped and logged once per policy). IP-literal hosts only match an
+  identical entry. The rules are ``handtrace.core.domains``, shared with the agent.
 
 A browser row with a url must pass both the app and the domain test. The stored url keeps
-scheme, host, port and path only: userinfo, query string and fragment are removed
-(``https://docs.google.com/d/1?x=1#h`` -> ``https://docs.google.com/d/1``).
+scheme, normalised host, port and path only: userinfo, query string and fragment are removed
+(``https://Docs.Google.com/d/1?x=1#h`` -> ``https://docs.google.com/d/1``; ``https://bücher.de/``
+-> ``https://xn--bcher-kva.de/``).
 
-Hosts are parsed once per distinct url in the frame (``urllib``), then mapped back to rows by a
+Hosts are parsed and judged once per distinct url in the frame, then mapped back to rows by a
 vectorised replace; there is no Python work per event.
 """
 
@@ -38,13 +46,15 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
+from handtrace.core.domains import INVALID_URL, NOT_ALLOWLISTED_DOMAIN, normalised_domains, url_verdict
 from handtrace.stream.steps import BatchContext, StepResult, latest_row
+
+__all__ = ["INVALID_URL", "NOT_ALLOWLISTED_APP", "NOT_ALLOWLISTED_DOMAIN", "NO_APP_CONTEXT", "AllowlistStep",
+           "fill_app_context"]
 
 NO_APP_CONTEXT = "no_app_context"
 NOT_ALLOWLISTED_APP = "not_allowlisted_app"
-INVALID_URL = "invalid_url"
-NOT_ALLOWLISTED_DOMAIN = "not_allowlisted_domain"
+
 
 def fill_app_context(frame: pl.DataFrame, columns: Iterable[str] = ("app_id", "url")) -> pl.DataFrame:
     """``frame`` with ``app_id`` (and the other ``columns``) filled, within each batch, from the
@@ -79,14 +89,9 @@ class AllowlistStep:
         verdict: dict[str, str | None] = {}
         cleaned: dict[str, str] = {}
         for url in filled.get_column("url").drop_nulls().unique().to_list():
-            host = url_host(url)
-            if host is None:
-                verdict[url] = INVALID_URL
-            elif not host_allowed(host, domains):
-                verdict[url] = NOT_ALLOWLISTED_DOMAIN
-            else:
-                verdict[url] = None
-                cleaned[url] = stored_url(url)
+            verdict[url], stored = url_verdict(url, domains)
+            if stored is not None:
+                cleaned[url] = stored
 
         app = pl.col("app_id")
         apps = pl.Series(sorted(policy.allowed_apps), dtype=pl.String).implode()
