@@ -59,7 +59,7 @@ _LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
 _NUMBERISH_RE = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _UNSAFE_RE = re.compile(r"[\x00-\x20\x7f\\]")
-_MAX_HOST = 253
+_MAX_HOST, _MAX_LABEL = 253, 63  # DNS limits (RFC 1035): no such name resolves
 
 
 class DomainError(ValueError):
@@ -85,10 +85,10 @@ def host_to_ascii(name: str) -> str:
             if idna.alabel(idna.ulabel(label)).decode("ascii") != label:
                 raise ValueError(f"{label!r} is not a canonical A-label")
             labels.append(label)
-        elif _LABEL_RE.fullmatch(label):
+        elif len(label) <= _MAX_LABEL and _LABEL_RE.fullmatch(label):
             labels.append(label)
         else:
-            raise ValueError(f"label {label!r} has characters a host name cannot have")
+            raise ValueError(f"label {label!r} is too long or has characters a host name cannot have")
     if _NUMBERISH_RE.fullmatch(labels[-1]):
         raise ValueError("a number-like name that is not a dotted-quad IPv4 address")
     host = ".".join(labels)
@@ -117,11 +117,11 @@ def url_host(url: str) -> str | None:
     hostinfo = parts.netloc.rpartition("@")[2]
     if hostinfo.startswith("["):
         inner, _, after = hostinfo[1:].partition("]")
-        if after and not after.startswith(":"):
+        if (after and not after.startswith(":")) or "%" in inner:  # browsers refuse zone ids
             return None
         try:
             return str(ipaddress.IPv6Address(inner))
-        except ValueError:  # also zone ids (fe80::1%eth0), which browsers refuse
+        except ValueError:
             return None
     # The raw host, not urlsplit's .hostname: str.lower() applies the final-sigma rule
     # ("ΧΑΣ" -> "χας") where UTS-46 maps every capital sigma to σ, as browsers do.
