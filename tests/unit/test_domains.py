@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from handtrace.agent.capture import WindowInfo
 from handtrace.agent.localpolicy import LocalPolicy
 from handtrace.cli import app
-from handtrace.core.controls import ControlError, policy_record
+from handtrace.core.codec import decode_record, encode_record
+from handtrace.core.controls import ControlError, control_record, policy_record
 from handtrace.core.domains import (
     DomainError,
     domain_entry_problems,
@@ -214,6 +215,7 @@ HOSTS = [
     ("http://[fe80::1%25eth0]/", None),
     ("https://-google.com/", None),
     ("https://" + "a" * 64 + ".com/", None),
+    ("https://" + "\u00ad" * 2000 + "google.com/", None),  # padded past any real host name
 ]
 
 
@@ -289,6 +291,25 @@ def test_a_bad_entry_that_slips_in_is_logged_once_per_policy(caplog: pytest.LogC
     # Policy.from_record normalises the same way: an old policy already on the topic.
     policy = Policy.from_record({"version": 1, "allowed_domains": list(entries)})
     assert policy.allowed_domains == ("google.com", "unique-for-this-test.github.io")
+
+
+def test_an_old_policy_on_the_topic_with_public_suffixes_admits_nothing_under_them() -> None:
+    """A policy published before validation existed, as the stream and the agents decode it from
+    the policy topic: its public-suffix, wildcard and url entries admit nothing; the rest works."""
+    rec = control_record("policy_update", employee_id=None, actor="ops-old", role="ops", policy={
+        "version": 4, "allowed_apps": ["firefox"], "sampling": {}, "text_capture": {},
+        "allowed_domains": ["com", "github.io", "s3.amazonaws.com", "*.evil.net", "https://co.uk/",
+                            "acme.io"]})
+    policy = Policy.from_record(decode_record(encode_record("control_event", rec), "control_event")["policy"])
+    assert policy.allowed_domains == ("acme.io",)
+    urls = ["https://google.com/", "https://alice.github.io/", "https://b.s3.amazonaws.com/k",
+            "https://x.evil.net/", "https://shop.co.uk/", "https://docs.acme.io/d"]
+    frame = make_frame([[event("focus_change", app_id="firefox", url=u)] for u in urls])
+    out = AllowlistStep()(frame, BatchContext(T0, policy=policy))
+    assert out.frame.get_column("url").to_list() == ["https://docs.acme.io/d"]
+    assert out.dropped == {"not_allowlisted_domain": 5}
+    local = LocalPolicy(policy)
+    assert [local.window(WindowInfo("firefox", None, u)).allowed for u in urls] == [False] * 5 + [True]
 
 
 # ------------------------------------------------------------------ properties

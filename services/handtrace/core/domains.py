@@ -31,7 +31,9 @@ topic) admits nothing: such entries are dropped, logged once per distinct entry 
 hosts only match an identical entry.
 
 The Public Suffix List is the copy shipped with the pinned ``publicsuffixlist`` package, parsed
-once per process; it is never fetched at run time.
+once per process; it is never fetched at run time. Work is bounded: callers judge each distinct
+url once (the stream once per frame), each distinct host is mapped and looked up once (bounded
+caches), and a raw host longer than 1024 characters is invalid before any mapping.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import logging
 import re
 from collections.abc import Iterable
 from functools import lru_cache
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import idna
 from publicsuffixlist import PublicSuffixList
@@ -60,16 +62,20 @@ _NUMBERISH_RE = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _SCHEME_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://")
 _UNSAFE_RE = re.compile(r"[\x00-\x20\x7f\\]")
 _MAX_HOST, _MAX_LABEL = 253, 63  # DNS limits (RFC 1035): no such name resolves
+_MAX_RAW_HOST = 1024
 
 
 class DomainError(ValueError):
     """An allowlist entry that is refused; the message names the entry and says why."""
 
 
+@lru_cache(maxsize=8192)  # urls are many, hosts few: each distinct host is mapped once
 def host_to_ascii(name: str) -> str:
     """The ASCII (A-label) form of a DNS name as a browser maps it (UTS-46, IDNA 2008,
     non-transitional), lowercase, one trailing dot removed; raises ValueError when the name is
     not one a browser would connect to (see the module docstring)."""
+    if len(name) > _MAX_RAW_HOST:  # before mapping (and caching): ignorable characters could pad it
+        raise ValueError(f"longer than {_MAX_RAW_HOST} characters")
     mapped = name.lower() if name.isascii() else idna.uts46_remap(name, std3_rules=False, transitional=False)
     if mapped.endswith("."):
         mapped = mapped[:-1]
@@ -107,6 +113,12 @@ def _ipv4(name: str) -> str | None:
 def url_host(url: str) -> str | None:
     """The host a browser would connect to for ``url``, normalised (A-label, lowercase; IPv6
     compressed, without brackets); None when that cannot be determined safely."""
+    split = _split(url)
+    return split[1] if split else None
+
+
+def _split(url: str) -> tuple[SplitResult, str] | None:
+    """``url`` split, with its normalised host; None when the host cannot be determined safely."""
     if _UNSAFE_RE.search(url) or not _SCHEME_RE.match(url):
         return None
     try:
@@ -120,7 +132,7 @@ def url_host(url: str) -> str | None:
         if (after and not after.startswith(":")) or "%" in inner:  # browsers refuse zone ids
             return None
         try:
-            return str(ipaddress.IPv6Address(inner))
+            return parts, str(ipaddress.IPv6Address(inner))
         except ValueError:
             return None
     # The raw host, not urlsplit's .hostname: str.lower() applies the final-sigma rule
@@ -128,28 +140,32 @@ def url_host(url: str) -> str | None:
     raw = hostinfo.partition(":")[0]
     if not raw:
         return None
-    ip = _ipv4(raw)
+    ip = _ipv4(raw) if raw[-1].isdigit() else None
     if ip is not None:
-        return ip
+        return parts, ip
     try:
-        return host_to_ascii(raw)
+        return parts, host_to_ascii(raw)
     except ValueError:  # idna.IDNAError is a ValueError
         return None
 
 
-def stored_url(url: str) -> str:
-    """``url`` as stored: scheme, normalised host (as :func:`url_host`), port and path; userinfo,
-    query string and fragment removed (call on urls with a valid host)."""
-    parts = urlsplit(url)
-    host = url_host(url)
-    if host is None:
-        raise ValueError("stored_url needs a url with a valid host")
+def _stored(parts: SplitResult, host: str) -> str:
     netloc = f"[{host}]" if ":" in host else host
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def stored_url(url: str) -> str:
+    """``url`` as stored: scheme, normalised host (as :func:`url_host`), port and path; userinfo,
+    query string and fragment removed (call on urls with a valid host)."""
+    split = _split(url)
+    if split is None:
+        raise ValueError("stored_url needs a url with a valid host")
+    return _stored(*split)
+
+
+@lru_cache(maxsize=8192)
 def _site(host: str) -> str | None:
     """The registrable domain of a normalised host (None: it is a public suffix itself)."""
     return _PSL.privatesuffix(host)
@@ -262,7 +278,9 @@ def host_allowed(host: str, domains: Iterable[str]) -> bool:
     """Whether the normalised ``host`` (from :func:`url_host`) is one of the normalised
     ``domains`` or a subdomain of one that lies within the host's own site; an IP address only
     equals an entry."""
-    if ":" in host or _ipv4(host) is not None:
+    if not host:
+        return False
+    if ":" in host or (host[-1].isdigit() and _ipv4(host) is not None):
         return host in domains
     matching = [d for d in domains if host == d or host.endswith("." + d)]
     if not matching:
@@ -276,12 +294,12 @@ def host_allowed(host: str, domains: Iterable[str]) -> bool:
 def url_verdict(url: str, domains: Iterable[str]) -> tuple[str | None, str | None]:
     """``(reason, stored)`` for a url under the normalised ``domains``: reason ``invalid_url`` or
     ``not_allowlisted_domain`` with no stored url, or ``None`` and the url as stored."""
-    host = url_host(url)
-    if host is None:
+    split = _split(url)
+    if split is None:
         return INVALID_URL, None
-    if not host_allowed(host, domains):
+    if not host_allowed(split[1], domains):
         return NOT_ALLOWLISTED_DOMAIN, None
-    return None, stored_url(url)
+    return None, _stored(*split)
 
 
 def url_allowed(url: str, domains: Iterable[str]) -> bool:
