@@ -160,8 +160,8 @@ earlier policy (BatchPipeline._apply_past_policies)."""
 
 
 def past_policy_rows(frame: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame | None:
-    """Marks, in a ``_era`` column, the rows captured (on the broker's clock: capture time plus
-    the message's clock offset) before the current policy was published, with the index in
+    """Marks, in a ``_era`` column, the rows captured (the earlier of their own time and their
+    time on the broker's clock) before the current policy was published, with the index in
     ``ctx.policy_history`` of the policy in force at their capture: the latest one published at
     or before it, or the oldest one known for rows older than all of them (before the first
     policy there is no record of what was in force; the policy topic keeps history for longer
@@ -172,8 +172,11 @@ def past_policy_rows(frame: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame | N
     if len(hist) < 2 or frame.height == 0:
         return None
     current_since = hist[-1][0]
-    offset = pl.col("clock_offset_us") if "clock_offset_us" in frame.columns else pl.lit(0)
-    at = pl.col("captured_at_us").dt.epoch("us") + offset
+    # The earlier of the row's own time and its time on the broker's clock: an offset taken from
+    # an old agent's seal-time stamp also holds the time the batch waited in the spool, which
+    # would make backlog look recent -- judging by the earlier one only ever applies more policies.
+    own = pl.col("captured_at_us").dt.epoch("us")
+    at = pl.min_horizontal(own, own + pl.col("clock_offset_us")) if "clock_offset_us" in frame.columns else own
     earliest = frame.select(at.min()).item()
     if earliest is None or earliest >= current_since:
         return None
