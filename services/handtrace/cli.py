@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from handtrace.core.settings import Settings
 
 app = typer.Typer(help="handtrace: consent-first capture of computer-use activity.",
                   no_args_is_help=True, add_completion=False)
@@ -463,12 +467,43 @@ def schemas_list() -> None:
 
 @app.command()
 def settings() -> None:
-    """Print the settings in force (secrets masked)."""
-    import re
+    """Print the settings in force (secrets masked, DSN credentials included)."""
+    console.print_json(json.dumps(masked_settings(_settings())))
 
-    text = _settings().model_dump_json()
-    # Passwords inside DSNs are secrets too.
-    console.print_json(re.sub(r"(://[^:/@\"]+:)[^@\"]+@", r"\1**********@", text))
+
+_MASK = "**********"
+_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SECRET_QUERY_RE = re.compile(r"(?i)([?&;](?:password|passwd|pwd|pass|secret|token|key|access_key|"
+                              r"secret_key|api_key|apikey|auth)[^=&;]*=)[^&;#]*")
+
+
+def mask_url_credentials(value: str) -> str:
+    """``value`` with any credentials of a URL masked: the password of its userinfo (everything
+    after the first ``:`` before the LAST ``@`` of the authority-or-more, so a password holding
+    ``@``, ``:`` or ``/`` is masked whole) and secret-looking query parameters. Not a URL: as is."""
+    m = _URL_RE.match(value)
+    if not m:
+        return value
+    scheme, rest = value[:m.end()], value[m.end():]
+    if "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}{colon}{_MASK if colon else ''}@{host}"
+    return scheme + _SECRET_QUERY_RE.sub(lambda q: q.group(1) + _MASK, rest)
+
+
+def masked_settings(s: Settings) -> Any:
+    """Settings as JSON-able data with every secret masked: SecretStr fields (pydantic's own
+    mask) and credentials inside any URL-valued setting (DSNs, bootstrap lists)."""
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return mask_url_credentials(v) if isinstance(v, str) else v
+
+    return walk(json.loads(s.model_dump_json()))
 
 
 

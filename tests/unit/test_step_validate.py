@@ -36,7 +36,7 @@ def test_a_flooding_batch_is_dropped_whole_and_others_kept() -> None:
     normal = [make_batch(f"emp-{i}", 50, seed=i)[0] for i in range(3)]
     for column in ("window_title", "url"):
         frame = frame_of([*normal, flood_batch(300, 250, column)])
-        res = ValidateStep(max_distinct_per_batch=200)(frame, BatchContext(0))
+        res = ValidateStep(max_distinct_per_batch=200)(frame, BatchContext(now_us()))
         assert res.dropped == {"too_many_distinct_values": 300}
         assert res.frame.height == 150
         assert set(res.frame.get_column("employee_id")) == {"emp-0", "emp-1", "emp-2"}
@@ -44,5 +44,5 @@ def test_a_flooding_batch_is_dropped_whole_and_others_kept() -> None:
 
 def test_at_the_bound_nothing_is_dropped() -> None:
     frame = frame_of([flood_batch(300, 200, "window_title"), flood_batch(300, 200, "url")])
-    res = ValidateStep(max_distinct_per_batch=200)(frame, BatchContext(0))
+    res = ValidateStep(max_distinct_per_batch=200)(frame, BatchContext(now_us()))
     assert res.dropped == {} and res.frame.height == 600

@@ -49,6 +49,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from handtrace.agent.spool import ROLES, Spool, SpoolEntry
+from handtrace.core.clock import HEADER_SENT_AT, now_us
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +333,10 @@ class Shipper:
         topic = self.topics[entry.topic_role]
         for _attempt in range(3):
             try:
-                self._producer.produce(topic, value=entry.value, key=entry.key,
-                                       headers=list(entry.headers) or None,
+                # The send-time stamp lets the stream place this laptop's clock on the broker's
+                # (handtrace.core.clock.clock_offset_us): taken now, not when the batch was sealed.
+                headers = [*entry.headers, (HEADER_SENT_AT, str(now_us()).encode())]
+                self._producer.produce(topic, value=entry.value, key=entry.key, headers=headers,
                                        on_delivery=partial(self._on_delivery, seq))
                 self._outstanding[seq] = entry
                 return

@@ -20,7 +20,7 @@ from confluent_kafka import KafkaError, Producer
 from handtrace import __version__
 from handtrace.agent.synthetic import SyntheticActivity
 from handtrace.core import codec, ids
-from handtrace.core.clock import now_us
+from handtrace.core.clock import HEADER_SENT_AT, now_us
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
@@ -279,7 +279,8 @@ class SimulatedFleet:
     def _produce(self, producer: Producer, topic: str, key: str, value: bytes) -> None:
         while True:
             try:
-                producer.produce(topic, key=key.encode(), value=value, on_delivery=self._on_delivery)
+                producer.produce(topic, key=key.encode(), value=value, on_delivery=self._on_delivery,
+                                 headers=[(HEADER_SENT_AT, str(now_us()).encode())])
                 return
             except BufferError:  # local queue full: wait for deliveries, never drop
                 producer.poll(0.1)

@@ -75,7 +75,9 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
         TopicSpec(
             t.policy,
             1,
-            {"cleanup.policy": "compact", **broker_time},
+            # History kept for 8 days (longer than the stream accepts late events): a widened
+            # policy is judged against the one in force when backlog was captured.
+            {"cleanup.policy": "compact", "min.compaction.lag.ms": str(8 * 24 * 3600 * 1000), **broker_time},
             "Global policy (allowlists, sampling, masking), keyed by scope; compacted.",
         ),
         TopicSpec(

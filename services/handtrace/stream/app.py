@@ -78,7 +78,7 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     st = settings.stream
     key = pseudonym_key(settings)
     steps: list[Step] = [
-        ValidateStep(st.max_future_skew_s, st.max_distinct_values_per_batch),
+        ValidateStep(st.max_future_skew_s, st.max_distinct_values_per_batch, st.max_event_age_s),
         ExemptionStep(skew_margin_s=st.clock_skew_margin_s),
         PauseStep(skew_margin_s=st.clock_skew_margin_s),
         AllowlistStep(),
@@ -89,7 +89,8 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     if st.pointer_max_hz:
         steps.append(PointerDecimateStep(max_hz=st.pointer_max_hz))
     steps += [RedactStep(), PseudonymiseStep(key)]
-    return BatchPipeline(steps, max_batch_events=st.max_batch_events)
+    return BatchPipeline(steps, max_batch_events=st.max_batch_events,
+                         max_clock_offset_us=int(st.max_clock_offset_s * 1_000_000))
 
 
 class PolicyState:

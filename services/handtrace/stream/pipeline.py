@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from handtrace.core.clock import HEADER_SENT_AT, clock_offset_us
 from handtrace.core.codec import DecodeError, ParsedBatch, decode_batches, parse_event_batch
 from handtrace.core.rows import STORED_SCHEMA
 from handtrace.stream.policy import EmployeeControls, Policy
 from handtrace.stream.steps import BatchContext, Step, StepResult
+from handtrace.stream.steps.allowlist import fill_app_context
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class BatchOutcome:
 _HEADER_COLUMNS = {
     "employee_id": pl.String, "device_id": pl.String, "batch_id": pl.Binary,
     "agent_version": pl.String, "os": pl.String, "cohort": pl.String, "sent_at_us": pl.Int64,
-    "source_partition": pl.Int32, "source_offset": pl.Int64,
+    "source_partition": pl.Int32, "source_offset": pl.Int64, "clock_offset_us": pl.Int64,
 }
 
 _STORED_SELECT = [
@@ -92,6 +94,24 @@ def _sent_at_us(value: object) -> int:
     if isinstance(value, int):
         return value
     return int(value.timestamp() * 1_000_000)  # type: ignore[attr-defined]
+
+
+def message_clock_offset(m: SourceMessage, pb: ParsedBatch, max_offset_us: int) -> int | None:
+    """How far the sending agent's clock is behind the broker's for this message
+    (:func:`handtrace.core.clock.clock_offset_us`): the agent's send-time stamp is its
+    ``ht-sent-at`` header, or, for agents that do not set it, the batch header's ``sent_at_us``
+    (the time the batch was sealed: a batch that waited in the spool then looks further behind,
+    which only ever shifts its events later on the broker's clock). None: beyond the bound."""
+    sent: int | None = None
+    for k, v in m.headers:
+        if k == HEADER_SENT_AT:
+            try:
+                sent = int(v)
+            except ValueError:
+                return None  # a send stamp that is not a number: cannot be placed in time
+    if sent is None:
+        sent = _sent_at_us(pb.header["sent_at_us"])
+    return clock_offset_us(sent, m.timestamp_us, max_offset_us)
 
 
 def split_by_source(table: pa.Table, max_rows: int) -> list[pa.Table]:
@@ -134,6 +154,38 @@ def by_partition(table: pa.Table) -> dict[int, pa.Table]:
     return {int(parts[lo]): table.slice(lo, hi - lo) for lo, hi in zip(bounds, bounds[1:], strict=False)}
 
 
+POLICY_STEPS = frozenset({"allowlist", "sample", "redact"})
+"""Steps whose decision depends on the policy: they run once more for rows captured under an
+earlier policy (BatchPipeline._apply_past_policies)."""
+
+
+def past_policy_rows(frame: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame | None:
+    """Marks, in a ``_era`` column, the rows captured (the earlier of their own time and their
+    time on the broker's clock) before the current policy was published, with the index in
+    ``ctx.policy_history`` of the policy in force at their capture: the latest one published at
+    or before it, or the oldest one known for rows older than all of them (before the first
+    policy there is no record of what was in force; the policy topic keeps history for longer
+    than the stream accepts late events, so this only happens before a deployment's first
+    policy). None, and nothing to do, when every row was captured under the current policy --
+    the common case, one min() over a column."""
+    hist = ctx.policy_history
+    if len(hist) < 2 or frame.height == 0:
+        return None
+    current_since = hist[-1][0]
+    # The earlier of the row's own time and its time on the broker's clock: an offset taken from
+    # an old agent's seal-time stamp also holds the time the batch waited in the spool, which
+    # would make backlog look recent -- judging by the earlier one only ever applies more policies.
+    own = pl.col("captured_at_us").dt.epoch("us")
+    at = pl.min_horizontal(own, own + pl.col("clock_offset_us")) if "clock_offset_us" in frame.columns else own
+    earliest = frame.select(at.min()).item()
+    if earliest is None or earliest >= current_since:
+        return None
+    starts = pl.Series([h[0] for h in hist], dtype=pl.Int64)
+    era = (starts.search_sorted(frame.select(at).to_series(), side="right").cast(pl.Int64) - 1).clip(lower_bound=0)
+    current = len(hist) - 1
+    return frame.with_columns(pl.when(era < current).then(era).otherwise(None).alias("_era"))
+
+
 def to_stored(frame: pl.DataFrame, received_at_us: int) -> pa.Table:
     """Shape accepted rows as STORED_SCHEMA. Refuses rows that still carry raw ids."""
     raw = {"employee_id", "device_id"} & set(frame.columns)
@@ -146,16 +198,22 @@ def to_stored(frame: pl.DataFrame, received_at_us: int) -> pa.Table:
 class BatchPipeline:
     """Parse → decode all events at once → steps in order → stored rows by partition."""
 
-    def __init__(self, steps: Sequence[Step], max_batch_events: int = 100_000) -> None:
+    def __init__(self, steps: Sequence[Step], max_batch_events: int = 100_000,
+                 max_clock_offset_us: int = 86_400_000_000) -> None:
         self.steps = list(steps)
         self.max_batch_events = max_batch_events
+        self.max_clock_offset_us = max_clock_offset_us
 
     def process_many(self, messages: Sequence[SourceMessage], received_at_us: int, *,
                      policy: Policy | None = None,
-                     controls: Mapping[str, EmployeeControls] | None = None) -> BatchOutcome:
+                     controls: Mapping[str, EmployeeControls] | None = None,
+                     policy_history: Sequence[tuple[int, Policy]] = ()) -> BatchOutcome:
         """Process a micro-batch under ``policy`` and the employees' ``controls``; never raises
-        for bad input."""
-        ctx = BatchContext(received_at_us, policy or Policy(), MappingProxyType(dict(controls or {})))
+        for bad input. ``policy_history``: (published at on the broker's clock, policy) of the
+        policies recently in force, oldest first, for rows captured before ``policy``
+        (:meth:`_apply_past_policies`)."""
+        ctx = BatchContext(received_at_us, policy or Policy(), MappingProxyType(dict(controls or {})),
+                           tuple(policy_history))
         out = BatchOutcome()
         parsed: list[tuple[SourceMessage, ParsedBatch]] = []
         for m in messages:
@@ -175,6 +233,12 @@ class BatchPipeline:
             elif pb.count > self.max_batch_events:
                 detail = f"{pb.count} events > {self.max_batch_events}"
                 out.deadletters.append(DeadLetter(m, "oversized", detail, pb.count))
+            elif message_clock_offset(m, pb, self.max_clock_offset_us) is None:
+                # The agent's clock is too far from the broker's (or its send stamp is garbage):
+                # its capture times cannot be placed against pauses and exemptions of the
+                # person's other devices, so nothing of it is judged (fails closed).
+                detail = f"sender clock more than {self.max_clock_offset_us // 1_000_000} s from the broker's"
+                out.deadletters.append(DeadLetter(m, "clock_offset", detail, pb.count))
             else:
                 parsed.append((m, pb))
         out.events_in = sum(pb.count for _, pb in parsed) + sum(d.events for d in out.deadletters)
@@ -199,7 +263,8 @@ class BatchPipeline:
                     return out
             else:
                 for one in parsed:
-                    sub = self.process_many([one[0]], received_at_us, policy=ctx.policy, controls=ctx.controls)
+                    sub = self.process_many([one[0]], received_at_us, policy=ctx.policy, controls=ctx.controls,
+                                            policy_history=ctx.policy_history)
                     out.deadletters += sub.deadletters
                     out.add_counts(sub)
                     for p, t in sub.rows.items():
@@ -239,6 +304,8 @@ class BatchPipeline:
                 "sent_at_us": [_sent_at_us(pb.header["sent_at_us"]) for _, pb in order],
                 "source_partition": [m.partition for m, _ in order],
                 "source_offset": [m.offset for m, _ in order],
+                # Rows of a message whose offset is out of bounds never get here (dead-lettered).
+                "clock_offset_us": [message_clock_offset(m, pb, self.max_clock_offset_us) or 0 for m, pb in order],
             },
             schema=_HEADER_COLUMNS,
         )
@@ -247,12 +314,42 @@ class BatchPipeline:
     def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, BatchOutcome]:
         """The rows every step kept, and the steps' counts (applied only if all steps succeed)."""
         counts = BatchOutcome()
+        eras = past_policy_rows(frame, ctx)
+        if eras is not None:
+            frame = eras
         for step in self.steps:
+            if eras is not None and step.name in POLICY_STEPS:
+                frame = self._apply_past_policies(step, frame, ctx, counts)
             result = step(frame, ctx)
             frame = result.frame
             counts.add_counts(result)
+        if eras is not None:
+            frame = frame.drop("_era")
         to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
         return frame, counts
+
+    def _apply_past_policies(self, step: Step, frame: pl.DataFrame, ctx: BatchContext,
+                             counts: BatchOutcome) -> pl.DataFrame:
+        """Run a policy step over the rows captured while an earlier policy was in force, under
+        that policy, before the step runs over the whole frame under the current one: a row is
+        kept only if BOTH allow it (a widening policy admits nothing captured before it was
+        published; a narrowing one applies at once). Row order is kept (batches stay contiguous
+        and in capture order)."""
+        if step.name == "allowlist":
+            # The app context is filled over the whole frame first, so rows split off from the
+            # rest of their batch keep the context their batch gave them.
+            frame = fill_app_context(frame)
+        for era in frame.get_column("_era").drop_nulls().unique().sort().to_list():
+            past = ctx.policy_history[era][1]
+            if past == ctx.policy:
+                continue
+            indexed = frame.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_pos"))
+            mine = (pl.col("_era") == era).fill_null(False)
+            result = step(indexed.filter(mine), replace(ctx, policy=past))
+            counts.add_counts(result)
+            frame = (pl.concat([indexed.filter(~mine), result.frame.select(indexed.columns)])
+                     .sort("_pos").drop("_pos"))
+        return frame
 
     def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
         """One message (convenience for tests and tools)."""

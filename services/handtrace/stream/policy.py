@@ -13,10 +13,12 @@ __all__ = ["MAX_PAUSE_US", "EmployeeControls", "Exemption", "PauseWindow", "Poli
 
 @dataclass(frozen=True)
 class PauseWindow:
-    """[starts_at_us, ends_at_us) on the agent's clock, at most 30 minutes long."""
+    """[starts_at_us, ends_at_us) on the issuer's clock, at most 30 minutes long; ``offset_us``
+    places that clock on the broker's (handtrace.core.clock.clock_offset_us)."""
 
     starts_at_us: int
     ends_at_us: int
+    offset_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Exemption:
 
     from_us: int
     until_us: int | None = None
+    offset_us: int = 0
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,13 @@ from handtrace.stream.policy import EmployeeControls, Policy
 @dataclass(frozen=True)
 class BatchContext:
     """What a step may know besides the rows: when the stream received them, the global policy
-    in force, and the controls (pauses, exemption) of the employees in the frame, by raw id."""
+    in force, the controls (pauses, exemption) of the employees in the frame, by raw id, and
+    the recent policies as (published at on the broker's clock, policy), oldest first."""
 
     received_at_us: int
     policy: Policy = field(default_factory=Policy)
     controls: Mapping[str, EmployeeControls] = field(default_factory=lambda: MappingProxyType({}))
+    policy_history: tuple[tuple[int, Policy], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,17 @@
 """Shared by the pause and exemption steps: drop rows that fall inside an employee's time spans,
-widened by a clock-skew margin (widening only ever drops more: fails closed)."""
+widened by a clock-skew margin (widening only ever drops more: fails closed).
+
+Clocks: a span is stamped by whoever issued it (the employee's device for their own pause, the
+control plane for HR's and ops' controls), a row by the device that captured it -- for a person
+with two laptops, possibly another device with another clock. Each message's clock offset to
+the broker's append time is known (``clock_offset_us`` per row, ``offset_us`` per span: see
+handtrace.core.clock.clock_offset_us), so a row is dropped when it falls in the span on EITHER
+timeline: its own clock against the span as stamped (exact when one device stamped both), or
+both placed on the broker's clock (a pause taken on one device covers the person's other
+devices however far their clocks drift, up to ``stream.max_clock_offset_s``; beyond it the
+stream refuses the message). Checking both only ever drops more. The broker-clock comparison
+is off by the two messages' produce latencies (usually milliseconds; more during a broker
+outage), which the margin covers."""
 
 from __future__ import annotations
 
@@ -10,21 +22,31 @@ import polars as pl
 
 from handtrace.stream.steps import StepResult
 
+Span = tuple[str, int, int, int]
+"""(employee_id, from_us, to_us, offset_us): [from, to) on the issuer's clock, and that clock's
+offset to the broker's."""
 
-def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[tuple[str, int, int]]) -> pl.DataFrame:
-    """``frame`` without rows whose capture time lies in [from, to) of a span of their employee.
+
+def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[Span]) -> pl.DataFrame:
+    """``frame`` without rows whose capture time lies in [from, to) of a span of their employee,
+    on either timeline (module docstring).
 
     Vectorised: rows are joined with their employee's spans (a handful per employee).
     """
     if not spans or frame.height == 0:
         return frame
-    table = pl.DataFrame(list(spans), schema={"employee_id": pl.String, "_from": pl.Int64, "_to": pl.Int64},
-                         orient="row")
+    table = pl.DataFrame(list(spans), schema={"employee_id": pl.String, "_from": pl.Int64, "_to": pl.Int64,
+                                              "_off": pl.Int64}, orient="row")
     row = pl.int_range(pl.len(), dtype=pl.UInt32)
+    row_offset = pl.col("clock_offset_us") if "clock_offset_us" in frame.columns else pl.lit(0, pl.Int64)
+    ts, off = pl.col("_ts"), pl.col("_row_off")
+    on_own_clock = (ts >= pl.col("_from")) & (ts < pl.col("_to"))
+    on_broker_clock = (ts + off >= pl.col("_from") + pl.col("_off")) & (ts + off < pl.col("_to") + pl.col("_off"))
     hits = (
-        frame.select(pl.col("captured_at_us").dt.epoch("us").alias("_ts"), pl.col("employee_id"), row.alias("_row"))
+        frame.select(pl.col("captured_at_us").dt.epoch("us").alias("_ts"), pl.col("employee_id"), row.alias("_row"),
+                     row_offset.alias("_row_off"))
         .join(table, on="employee_id", how="inner")
-        .filter((pl.col("_ts") >= pl.col("_from")) & (pl.col("_ts") < pl.col("_to")))
+        .filter(on_own_clock | on_broker_clock)
         .get_column("_row")
         .unique()
     )
@@ -47,7 +69,7 @@ class SpanStep:
     def margin_us(self) -> int:
         return int(self.skew_margin_s * 1_000_000)
 
-    def drop(self, frame: pl.DataFrame, spans: Sequence[tuple[str, int, int]], reason: str) -> StepResult:
+    def drop(self, frame: pl.DataFrame, spans: Sequence[Span], reason: str) -> StepResult:
         """Rows outside ``spans``; the dropped ones counted under ``reason``."""
         kept = drop_rows_in_spans(frame, spans)
         dropped = frame.height - kept.height

@@ -22,6 +22,6 @@ class ExemptionStep(SpanStep):
 
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
         m = self.margin_us
-        spans = [(employee, e.from_us - m, _FOREVER if e.until_us is None else e.until_us + m)
+        spans = [(employee, e.from_us - m, _FOREVER if e.until_us is None else e.until_us + m, e.offset_us)
                  for employee, c in ctx.controls.items() for e in c.exemptions]
         return self.drop(frame, spans, "exempt")

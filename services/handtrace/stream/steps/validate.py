@@ -1,8 +1,14 @@
 """Validation: rows that violate the Event contract's per-kind rules are dropped and counted.
 
 Avro guarantees types; this step checks meaning: a pointer event has coordinates, a key event a
-key code, a focus change an app, a screenshot a hash; capture time is not implausibly far in the
-future of its batch's send time; an event id appears once.
+key code, a focus change an app, a screenshot a hash; an event id appears once; and its capture
+time is plausible (``invalid_time``): not before 2020, not later than its batch's send time plus
+``max_future_skew_s``, and -- placed on the broker's clock with its message's clock offset
+(``clock_offset_us``, handtrace.core.clock.clock_offset_us) -- neither more than
+``max_future_skew_s`` after the stream received it nor more than ``max_event_age_s`` before.
+The last bound is the stream's own clock: an agent's send time alone bounds nothing (a batch
+stamped with a send time months back could carry events spanning months, which would also make
+one ClickHouse insert touch too many partitions).
 
 And a bound on hostile input: a batch with more than ``max_distinct_per_batch`` distinct window
 titles or URLs is dropped whole (``too_many_distinct_values``). Later steps do Python work per
@@ -31,6 +37,7 @@ class ValidateStep:
 
     max_future_skew_s: float = 300.0
     max_distinct_per_batch: int = 2000
+    max_event_age_s: float = 7 * 86_400.0
     name: str = "validate"
 
     def _flooded_batches(self, frame: pl.DataFrame) -> pl.Series | None:
@@ -47,7 +54,12 @@ class ValidateStep:
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult:
         kind = pl.col("kind")
         ts_us = pl.col("captured_at_us").dt.epoch("us")
-        latest = pl.col("sent_at_us") + int(self.max_future_skew_s * 1_000_000)
+        future_us = int(self.max_future_skew_s * 1_000_000)
+        latest = pl.col("sent_at_us") + future_us
+        # Capture time on the broker's clock against the stream's receive time.
+        at = ts_us + (pl.col("clock_offset_us") if "clock_offset_us" in frame.columns else 0)
+        received = ctx.received_at_us
+        implausible_now = (at > received + future_us) | (at < received - int(self.max_event_age_s * 1_000_000))
         flooded = self._flooded_batches(frame)
         rules: dict[str, pl.Expr] = {
             "too_many_distinct_values": pl.col("batch_id").is_in(flooded.implode()) if flooded is not None
@@ -57,7 +69,7 @@ class ValidateStep:
             "invalid_key": kind.is_in(_KEYS) & pl.col("key_code").is_null(),
             "invalid_focus": (kind == "focus_change") & pl.col("app_id").is_null(),
             "invalid_screenshot": (kind == "screenshot") & pl.col("screenshot_sha256").is_null(),
-            "invalid_time": (ts_us < EARLIEST_CAPTURE_US) | (ts_us > latest),
+            "invalid_time": (ts_us < EARLIEST_CAPTURE_US) | (ts_us > latest) | implausible_now,
             "duplicate_event_id": ~pl.col("event_id").is_first_distinct(),
         }
         # First failing rule names the reason, so each dropped row is counted once.
