@@ -263,47 +263,56 @@ _PREFIXED_TOKENS = (
     r"AGE-SECRET-KEY-1[0-9A-Z]{58}",  # age
 )
 
-_PATTERNS: dict[str, list[tuple[str, Callable[[re.Match[str]], list[tuple[int, int]]] | None]]] = {
+_Check = Callable[[re.Match[str]], list[tuple[int, int]]]
+_DIGITS = tuple("0123456789")
+_KEY_STEMS = ("pass", "pw", "pin", "mot de", "contrase", "senha", "wachtwoord", "hasło", "haslo",
+              "пароль", "otp", "cvv", "cvc", "secret", "token", "key", "auth", "session")
+
+# Per kind: (pattern, validator, needs). ``needs``: substrings of which at least one must be in
+# the lower-cased view for the pattern to be tried at all (empty: always tried) -- a cheap gate
+# that keeps the per-distinct-value cost of many patterns low on ordinary titles and urls.
+_PATTERNS: dict[str, list[tuple[str, _Check | None, tuple[str, ...]]]] = {
     "email": [
-        (r"(?<![\w.%+-])[\w.%+-]+@[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_]{2,}", None),
+        (r"(?<![\w.%+-])[\w.%+-]+@[^\W_](?:[\w-]*[^\W_])?(?:\.[^\W_](?:[\w-]*[^\W_])?)*\.[^\W\d_]{2,}", None, ("@",)),
     ],
     "phone": [
-        (r"(?<![\d+])(?:\+|(?<!\w)00)[1-9](?:[ .-]?\(?\d{1,5}\)?){1,8}", _intl_phone),
-        (r"(?<![\w+])(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\d)", None),
-        (r"(?<![\w+])0\d{1,4}([ .-])\d{2,8}(?:\1\d{2,8}){0,3}(?!\d)", _digit_groups_spans(10, 11)),
-        (r"(?<![\w+])0\d{9,10}(?!\d)", None),
+        (r"(?<![\d+])(?:\+|(?<!\w)00)[1-9](?:[ .-]?\(?\d{1,5}\)?){1,8}", _intl_phone, _DIGITS),
+        (r"(?<![\w+])(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\d)", None, _DIGITS),
+        (r"(?<![\w+])0\d{1,4}([ .-])\d{2,8}(?:\1\d{2,8}){0,3}(?!\d)", _digit_groups_spans(10, 11), _DIGITS),
+        (r"(?<![\w+])0\d{9,10}(?!\d)", None, _DIGITS),
     ],
     "card": [
-        (r"(?<!\d)\d(?:[ -]?\d){12,}(?!\d)", _card_spans),
+        (r"(?<!\d)\d(?:[ -]?\d){12,}(?!\d)", _card_spans, _DIGITS),
     ],
     "iban": [
-        (r"(?i)(?<![a-z0-9])(?P<cc>[a-z]{2})\d{2}(?=[ -]?[a-z0-9])", _iban_spans),
+        (r"(?i)(?<![a-z0-9])(?P<cc>[a-z]{2})\d{2}(?=[ -]?[a-z0-9])", _iban_spans, _DIGITS),
     ],
     "national_id": [
-        (r"(?<!\d)\d{3}([- ])\d{2}\1\d{4}(?!\d)", None),
+        (r"(?<!\d)\d{3}([- ])\d{2}\1\d{4}(?!\d)", None, _DIGITS),
         (r"(?i)(?<![a-z0-9])[a-ceghj-pr-tw-z][a-ceghj-npr-tw-z]"
-         r" ?\d{2} ?\d{2} ?\d{2} ?[a-d](?![a-z0-9])", None),
+         r" ?\d{2} ?\d{2} ?\d{2} ?[a-d](?![a-z0-9])", None, _DIGITS),
     ],
     "secret": [
-        (r"(?<![A-Z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}(?![A-Z0-9])", None),
-        (r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", None),
-        (r"(?<![A-Za-z0-9])xox[abposer]-[A-Za-z0-9-]{10,}", None),
-        (r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", None),
-        (r"(?<![A-Za-z0-9_-])(?:" + "|".join(_PREFIXED_TOKENS) + ")", None),
+        (r"(?<![A-Z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}(?![A-Z0-9])", None, ()),
+        (r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})", None, ("gh", "github_pat_")),
+        (r"(?<![A-Za-z0-9])xox[abposer]-[A-Za-z0-9-]{10,}", None, ("xox",)),
+        (r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*", None, ("eyj",)),
+        (r"(?<![A-Za-z0-9_-])(?:" + "|".join(_PREFIXED_TOKENS) + ")", None, ()),
         # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-api03-) keys.
-        (r"(?<![A-Za-z0-9_-])sk-(?:[a-z0-9]{2,10}-){0,2}(?P<body>[A-Za-z0-9_-]{20,})", _mixed_body),
-        (r"(?<!\d)\d{8,10}:AA[A-Za-z0-9_-]{33}", None),  # Telegram bot token
-        (r"(?i)hooks\.slack\.com/(?:services|workflows|triggers)/(?P<v>[A-Za-z0-9+/_-]{20,})", _value),
+        (r"(?<![A-Za-z0-9_-])sk-(?:[a-z0-9]{2,10}-){0,2}(?P<body>[A-Za-z0-9_-]{20,})", _mixed_body, ("sk-",)),
+        (r"(?<!\d)\d{8,10}:AA[A-Za-z0-9_-]{33}", None, (":aa",)),  # Telegram bot token
+        (r"(?i)hooks\.slack\.com/(?:services|workflows|triggers)/(?P<v>[A-Za-z0-9+/_-]{20,})", _value, ("hooks.slack",)),
         # Credentials in a URL: scheme://user:password@host (the password).
-        (r"(?i)(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^/\s:@]*:(?P<v>[^/\s@]+)@", _value),
-        (r"(?i:(?<![a-z])bearer)\s+(?P<v>[A-Za-z0-9._~+/=-]{12,})", _token_like),
-        (r"(?i:(?<![a-z])basic)\s+(?P<v>[A-Za-z0-9+/]{12,}={0,2})", _token_like),
+        (r"(?i)(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^/\s:@]*:(?P<v>[^/\s@]+)@", _value, ("://",)),
+        (r"(?i:(?<![a-z])bearer)\s+(?P<v>[A-Za-z0-9._~+/=-]{12,})", _token_like, ("bearer",)),
+        (r"(?i:(?<![a-z])basic)\s+(?P<v>[A-Za-z0-9+/]{12,}={0,2})", _token_like, ("basic",)),
         (r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
-         r"(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|.*)", None),
+         r"(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|.*)", None, ("-----begin",)),
         (r"(?i)(?<![a-z0-9])(?:" + "|".join(_SECRET_KEYS) + ")" + _KEY_TAIL
-         + r"(?P<v>\"[^\"\n]*\"?|'[^'\n]*'?|[^\s\"'&;,]+)", _value),
+         + r"(?P<v>\"[^\"\n]*\"?|'[^'\n]*'?|[^\s\"'&;,]+)", _value, _KEY_STEMS),
         (r"(?i)(?<![a-z0-9])(?:" + "|".join(_WEAK_KEYS) + ")" + _KEY_TAIL
-         + r"(?P<v>\"?[A-Za-z0-9._~+/=%-]{16,}\"?)", _random_value),
+         + r"(?P<v>\"?[A-Za-z0-9._~+/=%-]{16,}\"?)", _random_value,
+         ("key", "cred", "sig", "sid", "cookie")),
     ],
 }
 
@@ -312,7 +321,8 @@ _PATTERNS: dict[str, list[tuple[str, Callable[[re.Match[str]], list[tuple[int, i
 class _Detector:
     kind: str
     pattern: re.Pattern[str]
-    check: Callable[[re.Match[str]], list[tuple[int, int]]] | None
+    check: _Check | None
+    needs: tuple[str, ...]
 
     def spans(self, text: str) -> Iterable[Span]:
         """Matches; after a validator accepted a shorter span, the search resumes at its end."""
@@ -328,7 +338,7 @@ class _Detector:
             pos = max((e for _, e in got), default=m.end())
 
 
-_ALL = {k: tuple(_Detector(k, re.compile(p), c) for p, c in v) for k, v in _PATTERNS.items()}
+_ALL = {k: tuple(_Detector(k, re.compile(p), c, n) for p, c, n in v) for k, v in _PATTERNS.items()}
 
 
 def find_spans(text: str, detectors: Iterable[str] = DETECTORS) -> list[Span]:
@@ -336,7 +346,9 @@ def find_spans(text: str, detectors: Iterable[str] = DETECTORS) -> list[Span]:
     of the earlier span). Found in the folded view (``fold``), reported in ``text``'s indices:
     a span covers the original characters, invisible ones inside it included."""
     view, index = fold(text)
-    found = sorted(s for k in detectors for d in _ALL[k] for s in d.spans(view))
+    low = view.lower()
+    found = sorted(s for k in detectors for d in _ALL[k]
+                   if not d.needs or any(n in low for n in d.needs) for s in d.spans(view))
     if index is not None:
         found = [(index[s], index[e - 1] + 1, k) for s, e, k in found if e > s]
     merged: list[Span] = []
