@@ -301,7 +301,8 @@ _PATTERNS: dict[str, list[tuple[str, _Check | None, tuple[str, ...]]]] = {
         # OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-api03-) keys.
         (r"(?<![A-Za-z0-9_-])sk-(?:[a-z0-9]{2,10}-){0,2}(?P<body>[A-Za-z0-9_-]{20,})", _mixed_body, ("sk-",)),
         (r"(?<!\d)\d{8,10}:AA[A-Za-z0-9_-]{33}", None, (":aa",)),  # Telegram bot token
-        (r"(?i)hooks\.slack\.com/(?:services|workflows|triggers)/(?P<v>[A-Za-z0-9+/_-]{20,})", _value, ("hooks.slack",)),
+        (r"(?i)hooks\.slack\.com/(?:services|workflows|triggers)/(?P<v>[A-Za-z0-9+/_-]{20,})", _value,
+         ("hooks.slack",)),
         # Credentials in a URL: scheme://user:password@host (the password).
         (r"(?i)(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://[^/\s:@]*:(?P<v>[^/\s@]+)@", _value, ("://",)),
         (r"(?i:(?<![a-z])bearer)\s+(?P<v>[A-Za-z0-9._~+/=-]{12,})", _token_like, ("bearer",)),
