@@ -33,7 +33,7 @@ from functools import lru_cache
 
 from handtrace.agent.capture import Event, WindowInfo
 from handtrace.core.domains import host_allowed, normalised_domains, stored_url, url_host
-from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM, password_context, redact_text
+from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM, password_context, redact_text, redact_url
 from handtrace.core.policy import Policy, TextCapture
 
 CTRL, ALT, META = 2, 4, 8
@@ -96,7 +96,7 @@ class LocalPolicy:
                 return WindowDecision(False, INVALID_URL)
             if not host_allowed(host, self._domains):
                 return WindowDecision(False, NOT_ALLOWLISTED_DOMAIN)
-            clean = redact_text(stored_url(url))[0]
+            clean = redact_url(stored_url(url))[0]
         return WindowDecision(True, None, p.text_capture_for(app_id), clean)
 
     @staticmethod

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from urllib.parse import unquote
 
 DETECTORS = ("email", "phone", "card", "iban", "national_id", "secret")
 DETECTOR_VERSION = 2
@@ -387,6 +388,26 @@ def unredacted_spans(text: str, detectors: Iterable[str] = DETECTORS,
     marks = [m.span() for m in re.finditer(f"(?:{'|'.join(DETECTORS)})".join(parts), text)] if token else []
     return [s for s in find_spans(text, detectors)
             if not any(ms <= s[0] and s[1] <= me for ms, me in marks)]
+
+
+_FORM_PLUS = re.compile(r"(?<=[^\W_])\+")  # ``+`` for a space in a form-encoded query
+
+
+def redact_url(url: str, detectors: Iterable[str] = DETECTORS,
+               token: str = DEFAULT_TOKEN) -> tuple[str, Counter[str]]:
+    """``redact_text`` for a url, which may hide a value behind its encodings: it is checked
+    percent-decoded (``ada%40acme.com``) and with ``+`` after a letter or digit read as a space
+    (``4111+1111+1111+1111``), and returned so decoded when that found something."""
+    new, counts = url, Counter[str]()
+    if "%" in url:
+        new, counts = redact_text(unquote(url), detectors, token)
+    if not counts:
+        new, counts = redact_text(url, detectors, token)
+    if "+" in new:
+        plus, more = redact_text(_FORM_PLUS.sub(" ", new), detectors, token)
+        if more:
+            new, counts = plus, counts + more
+    return new, counts
 
 
 DETAIL_LIMIT = 1000

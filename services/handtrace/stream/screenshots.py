@@ -16,7 +16,7 @@ Fails closed:
   claim (an event id of 16 bytes, a sha256 of 64 hex digits, a known image format), is dropped
   (``screenshot_invalid``): no free text of the agent's is forwarded unexamined;
 - a url the redaction step could not process (it raised), or in which a detector still finds
-  something after redaction (raw or percent-decoded), drops its image
+  something after redaction (raw, percent- or form-decoded), drops its image
   (``screenshot_unredactable``).
 """
 
@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 import polars as pl
 
@@ -139,10 +139,10 @@ def enforce(batch: Sequence[ScreenshotMessage], steps: Sequence[Any],
 
 
 def _drop_unredacted(frame: pl.DataFrame, token: str, dropped: Counter[str]) -> pl.DataFrame:
-    """``frame`` without the rows whose redacted url a detector still finds something in, raw or
-    percent-decoded (once per distinct url)."""
+    """``frame`` without the rows whose redacted url a detector still finds something in, raw,
+    percent-decoded or form-decoded (once per distinct url)."""
     bad = [u for u in frame.get_column("url").drop_nulls().unique().to_list()
-           if unredacted_spans(u, token=token) or ("%" in u and unredacted_spans(unquote(u), token=token))]
+           if any(unredacted_spans(view, token=token) for view in {u, unquote(u), unquote_plus(u)})]
     if not bad:
         return frame
     keep = ~pl.col("url").is_in(pl.Series(bad, dtype=pl.String).implode()).fill_null(False)

@@ -84,10 +84,8 @@ the app's mode.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 import numpy as np
 import polars as pl
@@ -101,6 +99,7 @@ from handtrace.core.pii import (
     PASSWORD_TITLE,
     find_spans,
     redact_text,
+    redact_url,
 )
 from handtrace.stream.steps import BatchContext, StepResult, latest_row
 from handtrace.stream.steps.allowlist import fill_app_context
@@ -108,7 +107,6 @@ from handtrace.stream.steps.allowlist import fill_app_context
 __all__ = ["DETECTOR_VERSION", "DETECTORS", "MASKED_KEYSYM", "RedactStep", "find_spans", "redact_text"]
 
 SHORTCUT_MODIFIERS = 2 | 4 | 8
-_FORM_PLUS = re.compile(r"(?<=[^\W_])\+")  # ``+`` for a space in a form-encoded query
 _KEY_KINDS = ("key_down", "key_up")
 _MODES = ("none", "masked", "full")
 
@@ -275,15 +273,7 @@ class RedactStep:
         per_value: dict[str, Counter[str]] = {}
         if kinds:
             for v in f.get_column(column).drop_nulls().unique().to_list():
-                new, c = v, Counter[str]()
-                if decode and "%" in v:
-                    new, c = redact_text(unquote(v), kinds, self.token)
-                if not c:
-                    new, c = redact_text(v, kinds, self.token)
-                if decode and "+" in new:
-                    plus, more = redact_text(_FORM_PLUS.sub(" ", new), kinds, self.token)
-                    if more:
-                        new, c = plus, c + more
+                new, c = redact_url(v, kinds, self.token) if decode else redact_text(v, kinds, self.token)
                 if c:
                     mapping[v] = new
                     per_value[v] = c
