@@ -45,7 +45,8 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @pytest.mark.parametrize("text,kind,value", [
     # Cloud and API keys (formats from gitleaks / trufflehog / detect-secrets).
     ("key AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI in", "secret", "AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI"),
-    ("OPENAI_KEY sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0f", "secret", "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0f"),
+    ("OPENAI_KEY sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0f", "secret",
+     "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0f"),
     ("sk-4fG7hJ2kL9mN3pQ6rS8tU1vW5xY0zA2bC4dE", "secret", "sk-4fG7hJ2kL9mN3pQ6rS8tU1vW5xY0zA2bC4dE"),
     ("sk-ant-api03-Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe", "secret", "sk-ant-api03-Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe"),
     ("clone with glpat-x7Yz9AbCdEf1GhIjKlMn", "secret", "glpat-x7Yz9AbCdEf1GhIjKlMn"),
