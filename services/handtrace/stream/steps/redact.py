@@ -42,7 +42,8 @@ characters, so separators and invisible characters cannot hide a value (issue #1
   A git commit hash, a UUID or a document id standing alone is not a secret here (they name
   things in ordinary titles and urls); after a key word it is redacted.
 
-Where: ``window_title`` and ``url`` are redacted value by value (once per distinct value in the
+Where: ``window_title``, ``url`` and the batch header's free text that is stored with every row
+(``agent_version``, ``os``) are redacted value by value (once per distinct value in the
 frame; a url is also checked percent-decoded, and with ``+`` after a letter or digit read as a
 space (form encoding), and stored so decoded when that found something);
 each found span becomes the token, ``[REDACTED:email]`` by default. Typed text arrives one
@@ -109,6 +110,7 @@ __all__ = ["DETECTOR_VERSION", "DETECTORS", "MASKED_KEYSYM", "RedactStep", "find
 SHORTCUT_MODIFIERS = 2 | 4 | 8
 _KEY_KINDS = ("key_down", "key_up")
 _MODES = ("none", "masked", "full")
+_HEADER_TEXT = ("agent_version", "os")
 
 # ------------------------------------------------------------------ the step
 
@@ -227,6 +229,8 @@ class RedactStep:
             pl.col("_key_code").alias("key_code"),
             self._field(f, "window_title", counts, decode=False),
             self._field(f, "url", counts, decode=True),
+            # Free text the agent writes in every batch header and the sink stores.
+            *(self._field(f, c, counts, decode=False) for c in _HEADER_TEXT if c in f.columns),
         ).select(frame.columns)
         return StepResult(out, redacted=dict(counts))
 
