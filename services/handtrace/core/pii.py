@@ -201,28 +201,23 @@ def iban_ok(compact: str) -> bool:
     return int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
 
 
+@lru_cache(maxsize=64)
+def _iban_body(length: int) -> re.Pattern[str]:
+    """``length`` letters and digits, single spaces or dashes between them."""
+    return re.compile(rf"[A-Za-z0-9](?:[ -]?[A-Za-z0-9]){{{length - 1}}}(?![A-Za-z0-9])")
+
+
 def _iban_spans(m: re.Match[str]) -> list[tuple[int, int]]:
     """From a country code and check digits, the country's number of letters and digits
     (single spaces or dashes between them allowed), not followed by another letter or digit,
     passing MOD 97-10."""
-    text, want = m.string, _IBAN_LENGTHS.get(m.group("cc").upper())
+    want = _IBAN_LENGTHS.get(m.group("cc").upper())
     if want is None:
         return []
-    sig: list[str] = []
-    i, n, after_sep = m.start(), len(m.string), False
-    while i < n and len(sig) < want:
-        c = text[i]
-        if c.isascii() and c.isalnum():
-            sig.append(c.upper())
-            after_sep = False
-        elif c in " -" and not after_sep:
-            after_sep = True
-        else:
-            break
-        i += 1
-    if len(sig) < want or (i < n and text[i].isascii() and text[i].isalnum()):
+    body = _iban_body(want).match(m.string, m.start())
+    if body is None:
         return []
-    return [(m.start(), i)] if iban_ok("".join(sig)) else []
+    return [body.span()] if iban_ok(re.sub(r"[ -]", "", body.group()).upper()) else []
 
 
 # Key words whose value is a secret whatever it looks like (passwords in many languages, PINs,
