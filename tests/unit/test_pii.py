@@ -419,3 +419,12 @@ def test_every_detector_has_vectors_here() -> None:
     # A new detector kind must come with vectors in this file.
     assert set(pii._ALL) == set(DETECTORS)
     assert luhn("4111111111111111")
+
+
+@pytest.mark.parametrize("title,want", [
+    ("Enter password", True), ("Pass\u200bword required", True), ("ＰＩＮ eingeben", True),
+    ("Contrasen\u0303a", True), ("Pinned messages", False), ("Passage", False),
+])
+def test_password_titles_are_read_in_the_folded_view(title: str, want: bool) -> None:
+    assert pii.password_title(title) is want
+    assert pii.password_context(None, title) is want

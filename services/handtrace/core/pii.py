@@ -416,7 +416,8 @@ def redact_detail(text: str, limit: int = DETAIL_LIMIT, token: str = DEFAULT_TOK
     return redact_text(text[: 2 * limit], DETECTORS, token)[0][:limit]
 
 
-PASSWORD_TITLE = r"(?i)\b(?:password|passwort|passphrase|passcode|kennwort|contraseña|mot de passe|pin)\b"  # noqa: S105
+_PASSWORD_WORDS = r"password|passwort|passphrase|passcode|kennwort|contrase(?:ñ|n)a|mot de passe|pin"  # noqa: S105
+PASSWORD_TITLE = rf"(?i)\b(?:{_PASSWORD_WORDS})\b"
 PASSWORD_APP = r"(?i)(?:password|passwd|keepass|bitwarden|lastpass|1password|keychain|pinentry|seahorse)"  # noqa: S105
 _PASSWORD_TITLE_RE = re.compile(PASSWORD_TITLE)
 _PASSWORD_APP_RE = re.compile(PASSWORD_APP)
@@ -425,4 +426,10 @@ _PASSWORD_APP_RE = re.compile(PASSWORD_APP)
 def password_context(app_id: str | None, title: str | None) -> bool:
     """Whether a window looks like a password prompt: a title with a word such as ``password``
     or ``PIN``, or a password manager / PIN entry app."""
-    return bool((title and _PASSWORD_TITLE_RE.search(title)) or (app_id and _PASSWORD_APP_RE.search(app_id)))
+    return bool((title and password_title(title)) or (app_id and _PASSWORD_APP_RE.search(app_id)))
+
+
+def password_title(title: str) -> bool:
+    """Whether a window title has a password word, read in the folded view (``Pass\u200bword``
+    and ``ＰＩＮ`` count)."""
+    return _PASSWORD_TITLE_RE.search(fold(title)[0]) is not None

@@ -62,7 +62,8 @@ the three, count as ``none`` -- fail closed):
 
 Password fields count as ``none`` whatever the app's mode: the window title in force (of the
 latest focus change in the batch) has a word such as ``password``, ``passphrase``, ``passcode``,
-``passwort``, ``kennwort``, ``PIN``, or the app is a password manager or PIN entry.
+``passwort``, ``kennwort``, ``PIN`` (read in the folded view, once per distinct title), or the
+app is a password manager or PIN entry.
 
 Meaning of the columns afterwards: ``text_masked`` is true when the row had text and the stored
 ``text`` is not what was typed (bullets, or removed: null). Shortcuts (``modifiers`` with ctrl,
@@ -97,8 +98,8 @@ from handtrace.core.pii import (
     MASK_CHAR,
     MASKED_KEYSYM,
     PASSWORD_APP,
-    PASSWORD_TITLE,
     find_spans,
+    password_title,
     redact_text,
     redact_url,
 )
@@ -170,7 +171,7 @@ class RedactStep:
             m = ctx.policy.text_capture_for(a)
             modes[a] = m if m in _MODES else "none"
         titles = f.get_column("window_title").drop_nulls().unique()
-        password_titles = titles.filter(titles.str.contains(PASSWORD_TITLE)).implode()
+        password_titles = pl.Series([t for t in titles.to_list() if password_title(t)], dtype=pl.String).implode()
         password_apps = apps.filter(apps.str.contains(PASSWORD_APP)).implode()
         titled_password = pl.col("window_title").is_in(password_titles).fill_null(False)
         password = (
