@@ -344,8 +344,16 @@ def find_spans(text: str, detectors: Iterable[str] = DETECTORS) -> list[Span]:
     a span covers the original characters, invisible ones inside it included."""
     view, index = fold(text)
     low = view.lower()
-    found = sorted(s for k in detectors for d in _ALL[k]
-                   if not d.needs or any(n in low for n in d.needs) for s in d.spans(view))
+    gates: dict[tuple[str, ...], bool] = {(): True}  # detectors share gates: each is tested once
+    found: list[Span] = []
+    for k in detectors:
+        for d in _ALL[k]:
+            ok = gates.get(d.needs)
+            if ok is None:
+                ok = gates[d.needs] = any(n in low for n in d.needs)
+            if ok:
+                found.extend(d.spans(view))
+    found.sort()
     if index is not None:
         found = [(index[s], index[e - 1] + 1, k) for s, e, k in found if e > s]
     merged: list[Span] = []
