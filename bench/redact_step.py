@@ -5,7 +5,9 @@ Compare detector versions by running it against two checkouts."""
 
 import random
 import time
+from typing import Any
 
+import polars as pl
 from tests.unit.test_step_allowlist import T0, event, make_frame
 
 from handtrace.stream.policy import Policy
@@ -23,10 +25,10 @@ URLS = [f"https://github.com/acme/handtrace/pull/{i}" for i in range(20)] + [
     "https://mail.example.com/u/ada%40acme.com/inbox", "https://jira.acme.com/browse/HT-123"]
 
 
-def realistic(n_batches: int = 200, per: int = 1000):  # type: ignore[no-untyped-def]
-    batches = []
+def realistic(n_batches: int = 200, per: int = 1000) -> pl.DataFrame:
+    batches: list[list[dict[str, Any]]] = []
     for _ in range(n_batches):
-        rows = []
+        rows: list[dict[str, Any]] = []
         while len(rows) < per:
             rows.append(event("focus_change", app_id="code", window_title=random.choice(TITLES),  # noqa: S311
                               url=random.choice(URLS)))  # noqa: S311
@@ -38,11 +40,11 @@ def realistic(n_batches: int = 200, per: int = 1000):  # type: ignore[no-untyped
         batches.append(rows[:per])
     return make_frame(batches)
 
-def distinct(n_batches: int = 100, per: int = 2000, n_distinct: int = 2000):  # type: ignore[no-untyped-def]
-    batches = []
+def distinct(n_batches: int = 100, per: int = 2000, n_distinct: int = 2000) -> pl.DataFrame:
+    batches: list[list[dict[str, Any]]] = []
     k = 0
     for _ in range(n_batches):
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i in range(per):
             if i % (per // (n_distinct // n_batches)) == 0:
                 k += 1
@@ -54,7 +56,7 @@ def distinct(n_batches: int = 100, per: int = 2000, n_distinct: int = 2000):  # 
         batches.append(rows)
     return make_frame(batches)
 
-def best(step, frame, policy):  # type: ignore[no-untyped-def]
+def best(step: RedactStep, frame: pl.DataFrame, policy: Policy) -> float:
     ctx = BatchContext(received_at_us=T0, policy=policy)
     ts = []
     for _ in range(5):
