@@ -50,6 +50,7 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
     ("sk-4fG7hJ2kL9mN3pQ6rS8tU1vW5xY0zA2bC4dE", "secret", "sk-4fG7hJ2kL9mN3pQ6rS8tU1vW5xY0zA2bC4dE"),
     ("sk-ant-api03-Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe", "secret", "sk-ant-api03-Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe"),
     ("clone with glpat-x7Yz9AbCdEf1GhIjKlMn", "secret", "glpat-x7Yz9AbCdEf1GhIjKlMn"),
+    ("routable glpat-x7Yz9AbCdEf1GhIjKlMnOpQrStUvW.01a2b3c4d x", "secret", "01a2b3c4d"),
     ("stripe sk_live_4eC39HqLyjWDarjtT1zdp7dc ok", "secret", "sk_live_4eC39HqLyjWDarjtT1zdp7dc"),
     ("stripe rk_live_51H8abcDEF0123456789xyz", "secret", "rk_live_51H8abcDEF0123456789xyz"),
     ("GitHub ghp_abcdefghijklmnopqrstuvwxyz0123456789", "secret", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),

@@ -242,7 +242,8 @@ _PREFIXED_TOKENS = (
     r"ya29\.[0-9A-Za-z_-]{20,}",  # Google OAuth access token
     r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}",  # Stripe secret / restricted key
     r"whsec_[A-Za-z0-9+/=]{20,}",  # Stripe webhook secret
-    r"gl(?:pat|dt|rt|ptt|cbt|imt|soat|ft|ffct|agent|oas|wt)-[A-Za-z0-9_-]{20,}",  # GitLab
+    # GitLab (a routable token ends in ``.<version><crc>``)
+    r"gl(?:pat|dt|rt|ptt|cbt|imt|soat|ft|ffct|agent|oas|wt)-[A-Za-z0-9_-]{20,}(?:\.[0-9a-z]{2,12})?",
     r"GR1348941[A-Za-z0-9_-]{20,}",  # GitLab runner registration token
     r"npm_[A-Za-z0-9]{36}",  # npm
     r"pypi-AgE[A-Za-z0-9_-]{50,}",  # PyPI
