@@ -1,7 +1,13 @@
 """Screenshots through the real Faust worker: only images an event would be stored for reach the
-accepted topic, under pseudonyms; paused, exempt and non-allowlisted ones never do."""
+accepted topic, under pseudonyms and with their url redacted; paused, exempt and
+non-allowlisted ones never do."""
 
 from __future__ import annotations
+
+import time
+import uuid
+
+from confluent_kafka import Consumer, TopicPartition
 
 from handtrace.control.publish import control_record, pause_record, publish
 from handtrace.core import ids
@@ -11,6 +17,26 @@ from tests.integration.conftest import producer, topics_of, wait_for
 from tests.integration.test_agent_outage import topic_records
 
 S = 1_000_000
+# The url an image is sent with carries an address (percent-encoded, fullwidth) and a token in its
+# path: the accepted topic's ht-url must not (issue #10).
+SECRET_URL = TEST_URL + "/ada%40acme.com/\uff42ob\uff20acme.com/glpat-x7Yz9AbCdEf1GhIjKlMn/edit"
+
+
+def url_headers(bootstrap: str, topic: str, n: int) -> list[bytes]:
+    """The ``ht-url`` headers of the first ``n`` records of ``topic``."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    c.assign([TopicPartition(topic, p, 0) for p in parts])
+    urls: list[bytes] = []
+    deadline = time.monotonic() + 60
+    while len(urls) < n and time.monotonic() < deadline:
+        m = c.poll(0.5)
+        if m is None or m.error():
+            continue
+        urls.append(dict(m.headers() or ())["ht-url"])
+    c.close()
+    return urls
 
 
 def test_worker_publishes_only_allowed_screenshots_under_pseudonyms(  # type: ignore[no-untyped-def]
@@ -32,7 +58,7 @@ def test_worker_publishes_only_allowed_screenshots_under_pseudonyms(  # type: ig
         sent[eid] = name
         p.produce(t.screenshots, key=emp.encode(), value=f"image {name}".encode(), headers=[
             ("ht-event-id", eid), ("ht-captured-at-us", str(at).encode()), ("ht-device-id", f"dev-{emp}".encode()),
-            ("ht-app-id", app.encode()), ("ht-url", TEST_URL.encode()), ("ht-sha256", b"00" * 32),
+            ("ht-app-id", app.encode()), ("ht-url", SECRET_URL.encode()), ("ht-sha256", b"00" * 32),
             ("ht-format", b"webp")])
     p.flush(30)
 
@@ -42,3 +68,9 @@ def test_worker_publishes_only_allowed_screenshots_under_pseudonyms(  # type: ig
     wait_for(lambda: len(accepted()) >= 2, 90, "the worker to publish the allowed screenshots", worker.tail)
     got = sorted(v.decode() for v in accepted())
     assert got == ["image after-pause", "image ok"]
+    urls = url_headers(s.kafka.bootstrap(), t.screenshots_accepted, 2)
+    assert len(urls) == 2
+    for u in urls:
+        assert u.startswith(TEST_URL.encode() + b"/") and u.count(b"[REDACTED:") == 3, u
+        for gone in (b"ada", b"acme", "\uff20".encode(), b"glpat", b"x7Yz9AbCdEf1GhIjKlMn"):
+            assert gone not in u, u

@@ -381,3 +381,30 @@ def test_pipeline_frames_go_through_all_steps_to_stored_rows() -> None:
     assert frame.height == 140  # every factory event carries its app (none lack context)
     assert set(frame.get_column("text").drop_nulls().to_list()) == {"•"}
     assert to_stored(frame, T0).schema.equals(STORED_SCHEMA)
+
+
+def test_header_free_text_stored_with_every_row_is_redacted() -> None:
+    frame = make_frame([[event("focus_change", app_id="code", window_title="Editor"),
+                         event("pointer_move", x=1, y=2)]])
+    frame = frame.with_columns(pl.lit("1.0 ada@acme.com").alias("agent_version"),
+                               pl.lit("linux pw: hunter2").alias("os"))
+    result = RedactStep()(frame, BatchContext(received_at_us=T0, policy=FULL))
+    out = result.frame
+    assert out.get_column("agent_version").to_list() == ["1.0 [REDACTED:email]"] * 2
+    assert out.get_column("os").to_list() == ["linux pw: [REDACTED:secret]"] * 2
+    assert result.redacted == {"email": 2, "secret": 2}
+
+
+@pytest.mark.parametrize("title,url,gone", [
+    ("Überweisung DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000", None, "0532"),
+    ("Mail ａｄａ＠acme.com", None, "acme.com"),
+    ("Key AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI", None, "AIza"),
+    ("Pay", "https://shop.example.com/p/4111+1111+1111+1111", "4111"),
+    ("Pay", "https://shop.example.com/p/ada%EF%BC%A0acme.com", "acme"),
+])
+def test_unicode_and_encoded_forms_in_titles_and_urls(title: str, url: str | None, gone: str) -> None:
+    frame = make_frame([[event("focus_change", app_id="code", window_title=title, url=url)]])
+    out, result = run(frame)
+    stored = [v for v in out.row(0, named=True).values() if isinstance(v, str)]
+    assert not any(gone in v for v in stored), stored
+    assert result.redacted

@@ -37,7 +37,7 @@ from handtrace.agent.capture import Event, WindowInfo
 from handtrace.core.domains import INVALID_URL as INVALID_URL  # re-exported: the drop reasons are shared
 from handtrace.core.domains import NOT_ALLOWLISTED_DOMAIN as NOT_ALLOWLISTED_DOMAIN
 from handtrace.core.domains import normalised_domains, url_verdict
-from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM, password_context, redact_text
+from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM, password_context, redact_text, redact_url
 from handtrace.core.policy import Policy, TextCapture
 
 CTRL, ALT, META = 2, 4, 8
@@ -96,7 +96,7 @@ class LocalPolicy:
             reason, stored = url_verdict(url, self._domains)
             if stored is None:
                 return WindowDecision(False, reason)
-            clean = redact_text(stored)[0]
+            clean = redact_url(stored)[0]
         return WindowDecision(True, None, p.text_capture_for(app_id), clean)
 
     @staticmethod

@@ -1,9 +1,14 @@
 """Redaction: PII and secrets are removed from window titles, urls and typed text, and typed text
 is masked per app as the policy says. Rows are never dropped here, only rewritten.
 
-Detectors (each can be switched off):
+Detectors (each can be switched off; ``handtrace.core.pii``, version ``DETECTOR_VERSION``).
+They all run on a folded view of the text -- NFKC (fullwidth ``４`` and ``＠`` read as ASCII),
+every Unicode space as a space, every dash and minus sign as ``-``, every decimal digit as its
+ASCII digit, zero-width and other invisible characters (soft hyphen, joiners, BOM, bidi
+controls, combining marks) removed -- and a span found there replaces the *original*
+characters, so separators and invisible characters cannot hide a value (issue #10):
 
-- ``email``: ``local@domain.tld``;
+- ``email``: ``local@domain.tld`` (letters of any script);
 - ``phone``: international (``+`` or ``00``, country code, 8-15 digits in all, spaces, dots,
   dashes and parentheses allowed), North American ``(415) 555-2671`` / ``415-555-2671`` /
   ``1 415 555 2671`` (separators required), and national numbers with a trunk ``0``:
@@ -12,15 +17,35 @@ Detectors (each can be switched off):
 - ``card``: 13-19 digits, optionally grouped by single spaces or dashes, passing the Luhn check
   (the check runs in Python on regex candidates only; a run of groups is also tried group-window
   by group-window, so a card followed by more digits is still found);
+- ``iban``: a country code, check digits and the country's number of letters and digits (any
+  case, single spaces or dashes between them), passing ISO 7064 MOD 97-10 -- a random string of
+  that shape passes one time in 97 and must also have the country's exact length;
 - ``national_id``: US SSN ``ddd-dd-dddd`` (or with spaces), UK National Insurance numbers
   ``AB 12 34 56 C`` (any case, spaces optional);
 - ``secret``: AWS access key ids (``AKIA...``), GitHub tokens (``ghp_``, ``gho_``, ``ghu_``,
-  ``ghs_``, ``ghr_``, ``github_pat_``), Slack tokens (``xoxb-`` ...), JWTs (``eyJ...``),
-  ``Bearer <token>``, PEM private keys (header to footer, or to the end), and assignments such
-  as ``password=...``, ``api_key: ...``, ``DB_PASSWORD="..."`` (the value only).
+  ``ghs_``, ``ghr_``, ``github_pat_``), Slack tokens (``xoxb-``, ``xapp-``, webhook urls), JWTs
+  (``eyJ...``), Google API keys (``AIza`` + 35), OAuth client secrets and access tokens
+  (``GOCSPX-``, ``ya29.``), OpenAI and Anthropic keys (``sk-``, ``sk-proj-``, ``sk-ant-``...,
+  with a digit and a letter in the body), GitLab (``glpat-`` and the other ``gl*-`` prefixes),
+  Stripe (``sk_live_``, ``rk_live_``, ``whsec_``), npm, PyPI, Hugging Face, SendGrid, Docker Hub,
+  DigitalOcean, Shopify, Atlassian, Databricks, Grafana, Square, Telegram bot tokens, age keys;
+  ``Bearer <token>``, ``Basic <base64>``, the password in ``scheme://user:password@host``, PEM
+  private keys (header to footer, or to the end), and the value after a key word and ``:``,
+  ``=``, ``:=`` or ``=>``: ``password``, ``passwd``, ``pwd``, ``pw``, ``pass``, ``pin``,
+  ``passcode``, ``passphrase``, ``Passwort``, ``Kennwort``, ``mot de passe``, ``contraseña``,
+  ``senha``, ``wachtwoord``, ``hasło``, ``пароль``, ``otp``, ``cvv``/``cvc``, ``secret``,
+  ``token``, ``api key``, ``access key``, ``secret access key``, ``account key``,
+  ``private key``, ``client secret``, ``auth``, ``session id`` (also as parts of longer names:
+  ``DB_PASSWORD="..."``, ``aws_secret_access_key = ...``); after the weaker words ``key``,
+  ``credentials``, ``creds``, ``sig``, ``signature``, ``sid``, ``cookie`` only a value that
+  looks generated (16+ characters with a digit and a letter, 3+ bits of entropy per character).
+  A git commit hash, a UUID or a document id standing alone is not a secret here (they name
+  things in ordinary titles and urls); after a key word it is redacted.
 
-Where: ``window_title`` and ``url`` are redacted value by value (once per distinct value in the
-frame; a url is also checked percent-decoded, and stored decoded when that found something);
+Where: ``window_title``, ``url`` and the batch header's free text that is stored with every row
+(``agent_version``, ``os``) are redacted value by value (once per distinct value in the
+frame; a url is also checked percent-decoded, and with ``+`` after a letter or digit read as a
+space (form encoding), and stored so decoded when that found something);
 each found span becomes the token, ``[REDACTED:email]`` by default. Typed text arrives one
 character (or a few) per key event, so PII spans many rows: per batch, the stored ``text`` of
 the rows (in frame order, which is capture order) is joined, PII spans are found in the joined
@@ -37,7 +62,8 @@ the three, count as ``none`` -- fail closed):
 
 Password fields count as ``none`` whatever the app's mode: the window title in force (of the
 latest focus change in the batch) has a word such as ``password``, ``passphrase``, ``passcode``,
-``passwort``, ``kennwort``, ``PIN``, or the app is a password manager or PIN entry.
+``passwort``, ``kennwort``, ``PIN`` (read in the folded view, once per distinct title), or the
+app is a password manager or PIN entry.
 
 Meaning of the columns afterwards: ``text_masked`` is true when the row had text and the stored
 ``text`` is not what was typed (bullets, or removed: null). Shortcuts (``modifiers`` with ctrl,
@@ -62,26 +88,30 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 import numpy as np
 import polars as pl
 
 from handtrace.core.pii import (
+    DETECTOR_VERSION,
     DETECTORS,
     MASK_CHAR,
     MASKED_KEYSYM,
     PASSWORD_APP,
-    PASSWORD_TITLE,
     find_spans,
+    password_title,
     redact_text,
+    redact_url,
 )
 from handtrace.stream.steps import BatchContext, StepResult, latest_row
 from handtrace.stream.steps.allowlist import fill_app_context
 
+__all__ = ["DETECTOR_VERSION", "DETECTORS", "MASKED_KEYSYM", "RedactStep", "find_spans", "redact_text"]
+
 SHORTCUT_MODIFIERS = 2 | 4 | 8
 _KEY_KINDS = ("key_down", "key_up")
 _MODES = ("none", "masked", "full")
+_HEADER_TEXT = ("agent_version", "os")
 
 # ------------------------------------------------------------------ the step
 
@@ -141,7 +171,7 @@ class RedactStep:
             m = ctx.policy.text_capture_for(a)
             modes[a] = m if m in _MODES else "none"
         titles = f.get_column("window_title").drop_nulls().unique()
-        password_titles = titles.filter(titles.str.contains(PASSWORD_TITLE)).implode()
+        password_titles = pl.Series([t for t in titles.to_list() if password_title(t)], dtype=pl.String).implode()
         password_apps = apps.filter(apps.str.contains(PASSWORD_APP)).implode()
         titled_password = pl.col("window_title").is_in(password_titles).fill_null(False)
         password = (
@@ -200,6 +230,8 @@ class RedactStep:
             pl.col("_key_code").alias("key_code"),
             self._field(f, "window_title", counts, decode=False),
             self._field(f, "url", counts, decode=True),
+            # Free text the agent writes in every batch header and the sink stores.
+            *(self._field(f, c, counts, decode=False) for c in _HEADER_TEXT if c in f.columns),
         ).select(frame.columns)
         return StepResult(out, redacted=dict(counts))
 
@@ -246,11 +278,7 @@ class RedactStep:
         per_value: dict[str, Counter[str]] = {}
         if kinds:
             for v in f.get_column(column).drop_nulls().unique().to_list():
-                new, c = v, Counter[str]()
-                if decode and "%" in v:
-                    new, c = redact_text(unquote(v), kinds, self.token)
-                if not c:
-                    new, c = redact_text(v, kinds, self.token)
+                new, c = redact_url(v, kinds, self.token) if decode else redact_text(v, kinds, self.token)
                 if c:
                     mapping[v] = new
                     per_value[v] = c
@@ -259,6 +287,6 @@ class RedactStep:
         keys = pl.Series(list(mapping), dtype=pl.String).implode()
         hits = f.filter(pl.col(column).is_in(keys)).group_by(column).len()
         for v, n in hits.iter_rows():
-            for k, c in per_value[v].items():
-                counts[k] += c * n
+            for k, found in per_value[v].items():
+                counts[k] += found * n
         return pl.col(column).replace(mapping)
