@@ -81,7 +81,8 @@ def stored_ids(s: Settings) -> tuple[int, set[bytes]]:
 def set_max_message_bytes(s: Settings, topic: str, value: int) -> None:
     res = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
         ConfigEntry("max.message.bytes", str(value), incremental_operation=AlterConfigOpType.SET)])
-    for fut in admin_client(s.kafka).incremental_alter_configs([res]).values():
+    admin = admin_client(s.kafka)  # kept alive until the result arrives
+    for fut in admin.incremental_alter_configs([res]).values():
         fut.result(30)
 
 

@@ -281,10 +281,10 @@ class Delivery:
                 await asyncio.gather(*futures)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 -- any unconfirmed send stops the worker
-            fail_stop(f"a send of a micro-batch of {len(self.events)} messages", e)
-        for e in self.events:
-            e.ack()
+        except Exception as exc:  # noqa: BLE001 -- any unconfirmed send stops the worker
+            fail_stop(f"a send of a micro-batch of {len(self.events)} messages", exc)
+        for event in self.events:
+            event.ack()
 
 
 class Sender:
@@ -349,7 +349,11 @@ class RawIdsOutOfLogs(logging.Filter):
             return True
         if record.levelno < logging.INFO:
             return False
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a filter must never raise into the caller
+            record.msg, record.args = f"[unformattable {record.name} record withheld]", None
+            return True
         if (m := _CONTENTS.search(text)) is not None:
             record.msg, record.args = text[:m.start()] + "[message contents withheld]", None
         return True
