@@ -199,6 +199,7 @@ def test_worker_exits_within_10s_of_sigterm_with_the_broker_gone(  # type: ignor
     payload, _ = make_batch("emp-1", PER_BATCH)
     p.produce(t.events, key=b"emp-1", value=payload)
     assert p.flush(30) == 0
+    del p  # no client of ours left retrying the stopped broker
     worker = stream_worker(s)
     assert worker.proc is not None
     wait_for(lambda: group_lag(s.kafka, s.stream.app_id, t.events) == 0, 120, "the worker to run", worker.tail)

@@ -28,10 +28,11 @@ from handtrace.core.settings import Settings
 from handtrace.stream import app as stream_app
 from handtrace.stream.deadletter import RESERVED, deadletter_record, message_budget, record_size
 from handtrace.stream.pipeline import BatchPipeline, DeadLetter, SourceMessage, pack_by_source, transport_problem
+from handtrace.stream.policy import Policy
 from handtrace.stream.steps import BatchContext
 from handtrace.stream.steps.pseudonymise import PseudonymiseStep
 from handtrace.stream.steps.validate import MAX_LABEL_CHARS, ValidateStep
-from tests.factories import make_batch, make_event
+from tests.factories import TEST_POLICY, make_batch, make_event
 
 # ------------------------------------------------------------------ accepted rows cut by bytes
 
@@ -346,3 +347,40 @@ def test_the_pipeline_logs_no_id_at_debug(caplog: pytest.LogCaptureFixture, tmp_
     assert secret not in caplog.text
     for d in out.deadletters:
         assert secret not in deadletter_record(d, s.topics.max_message_bytes).headers[3][1].decode()
+
+
+def test_outbound_dead_letters_rows_too_large_and_sends_partitions_in_rounds(tmp_path: Path) -> None:
+    s = Settings(state_dir=tmp_path, topics={"max_message_bytes": 65_536, "partitions": 2},
+                 stream={"pseudonym_key": "k" * 40, "max_rows_per_message": 100})
+    pipe = stream_app.worker_pipeline(s)
+    msgs = []
+    for i, emp in enumerate(["emp-a", "emp-b", "emp-c", "emp-d"]):
+        part = partition_for_key(emp.encode(), 2)
+        msgs += [SourceMessage(make_batch(emp, 60, seed=i * 10 + j)[0], part, i * 10 + j, emp.encode())
+                 for j in range(3)]
+    whale = "emp-whale"
+    big = make_batch(whale, 8000, seed=99)[0]
+    # the first line (payload_too_large) off, to reach the second: rows that alone do not fit
+    pipe.max_payload_bytes = None
+    msgs.append(SourceMessage(big, partition_for_key(whale.encode(), 2), 500, whale.encode()))
+    policy = Policy.from_record(TEST_POLICY)
+    out = pipe.process_many(msgs, now_us(), policy=policy, controls={})
+    assert not out.deadletters and out.stored == 12 * 60 + 8000, (out.deadletters, out.dropped)
+    rounds, stored, deadletters = stream_app.outbound(out, msgs, s, "accepted", "deadletter")
+    assert [(d.reason, d.message.offset) for d in deadletters] == [("row_too_large", 500)]
+    assert stored == out.stored - 8000
+    budget = message_budget(s.topics.max_message_bytes)
+    seen: dict[int, list[int]] = {}
+    for i, batch in enumerate(rounds):
+        partitions = [r.partition for topic, r in batch if topic == "accepted"]
+        assert len(partitions) == len(set(partitions)), "two messages of a partition in one round"
+        for topic, r in batch:
+            assert record_size(r.key, r.value, r.headers) <= budget
+            if topic == "deadletter":
+                assert i == 0 and r.key == whale.encode()
+            else:
+                rows = pa.ipc.open_stream(r.value).read_all()
+                seen.setdefault(r.partition, []).extend(rows.column("source_offset").to_pylist())
+    assert sum(len(v) for v in seen.values()) == stored
+    for offsets in seen.values():
+        assert offsets == sorted(offsets), "a partition's messages went out of source order"
