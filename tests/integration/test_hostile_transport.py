@@ -17,6 +17,7 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
 import zstandard
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
@@ -95,13 +96,17 @@ def test_poison_in_a_micro_batch_loses_no_good_batch_and_logs_no_id(  # type: ig
     sink = sink_factory(s)
     p = big_producer(s)
     good: list[bytes] = []
+    limit = s.topics.max_message_bytes
     for b in range(60):
         emp = SECRET_IDS[b % len(SECRET_IDS)]
         payload, event_ids = make_batch(emp, PER_BATCH, seed=b, seq=b)
         p.produce(t.events, key=emp.encode(), value=payload)
         good += event_ids
         if b == 20:  # the poison in the middle of the good traffic, one micro-batch
-            poison = batch_with_title(SECRET_IDS[0], "A" * (s.topics.max_message_bytes + (1 << 20)), n=1)
+            # As in the issue: zstd (the agent's producer) packs it under the topic's limit, lz4
+            # (accepted rows) would not -- the send that used to fail and take the others along.
+            letters = np.frombuffer(b"ACGT", np.uint8)[np.random.default_rng(1).integers(0, 4, 2 * limit)]
+            poison = batch_with_title(SECRET_IDS[0], letters.tobytes().decode(), n=1)
             p.produce(t.events, key=SECRET_IDS[0].encode(), value=poison, headers=[("x-agent", b"evil")])
             long_title = batch_with_title(SECRET_IDS[1], "B" * 100_000)
             p.produce(t.events, key=SECRET_IDS[1].encode(), value=long_title)
@@ -136,6 +141,7 @@ def test_poison_in_a_micro_batch_loses_no_good_batch_and_logs_no_id(  # type: ig
     h = dict(big.headers())
     assert big.key() == SECRET_IDS[0].encode() and h["x-agent"] == b"evil"
     assert h["ht-encoding"] == b"zstd"
+    assert len(big.value()) < limit < len(poison)
     assert zstandard.ZstdDecompressor().decompress(big.value(), max_output_size=64 << 20) == poison
     forged = dead["key_mismatch"]
     assert forged.key() == SECRET_IDS[4].encode() and dict(forged.headers())["x-agent"] == b"forger"

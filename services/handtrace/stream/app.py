@@ -252,7 +252,13 @@ def fail_stop(what: str, exc: BaseException) -> NoReturn:
     """Stop the process NOW, committing nothing more: the micro-batch's events stay pinned (never
     acked), so a restart replays them. No await between the failure and the exit, so no commit
     can run in between."""
-    text = redact_text(f"{type(exc).__name__}: {exc}"[:300])[0]
+    # Only the broker's and the clients' own errors are described (they never quote a record);
+    # any other exception's text might quote a value (a raw id): its type only.
+    from aiokafka.errors import KafkaError
+    from faust.exceptions import ProducerSendError
+
+    described = isinstance(exc, KafkaError | ProducerSendError)
+    text = redact_text(f"{type(exc).__name__}: {exc}"[:300])[0] if described else type(exc).__name__
     log.critical("stopping: %s failed (%s); its source offsets are not committed and will be replayed", what, text)
     for h in logging.getLogger().handlers:
         h.flush()

@@ -130,7 +130,7 @@ def transport_problem(m: SourceMessage, employee_id: str, partitions: int | None
     partitioner every producer uses (``wrong_partition``). With ``partitions`` set, a message
     without a key is refused too (``missing_key``); unset (tools and tests that feed the pipeline
     directly), only a key that is present is checked. Details name no id."""
-    if not m.key:
+    if m.key is None:
         return ("missing_key", "message has no key") if partitions is not None else None
     if m.key != employee_id.encode():
         # Controls are looked up (and co-partitioned) by key: a batch keyed by someone else could
