@@ -117,10 +117,14 @@ def test_poison_in_a_micro_batch_loses_no_good_batch_and_logs_no_id(  # type: ig
             misplaced_key = SECRET_IDS[5].encode()
             wrong = (partition_for_key(misplaced_key, parts) + 1) % parts
             p.produce(t.events, key=misplaced_key, value=make_batch(SECRET_IDS[5], 10, seed=997)[0], partition=wrong)
+    # screenshots are verified the same way (no key; not in the key's partition)
+    p.produce(t.screenshots, value=b"image-without-key", partition=0)
+    p.produce(t.screenshots, key=misplaced_key, value=b"misplaced-image", partition=wrong)
     assert p.flush(60) == 0
     worker = stream_worker(s)
 
-    wait_for(lambda: group_lag(s.kafka, s.stream.app_id, t.events) == 0, 120, "the stream to consume everything",
+    wait_for(lambda: group_lag(s.kafka, s.stream.app_id, t.events) == 0
+             and group_lag(s.kafka, s.stream.app_id, t.screenshots) == 0, 120, "the stream to consume everything",
              worker.tail)
     wait_for(lambda: stored_ids(s)[0] >= len(good) + 5, 90, "every good event stored", worker.tail)
     time.sleep(2)  # anything extra (a duplicate) would arrive now
@@ -135,7 +139,12 @@ def test_poison_in_a_micro_batch_loses_no_good_batch_and_logs_no_id(  # type: ig
         f"SELECT DISTINCT length(window_title) FROM {db}.events WHERE startsWith(window_title, 'BBB')").result_rows
     assert titles == [(s.stream.max_field_chars,)]
 
-    dead = {dict(m.headers())["ht-reason"].decode(): m for m in read_all(s, t.deadletter, 4)}
+    dead_all = read_all(s, t.deadletter, 6)
+    shots = {dict(m.headers())["ht-reason"].decode(): m.value() for m in dead_all
+             if dict(m.headers())["ht-source-topic"] == t.screenshots.encode()}
+    assert shots == {"missing_key": b"image-without-key", "wrong_partition": b"misplaced-image"}
+    dead = {dict(m.headers())["ht-reason"].decode(): m for m in dead_all
+            if dict(m.headers())["ht-source-topic"] == t.events.encode()}
     assert set(dead) == {"payload_too_large", "missing_key", "key_mismatch", "wrong_partition"}
     big = dead["payload_too_large"]
     h = dict(big.headers())

@@ -306,8 +306,11 @@ class Sender:
         self.inflight = asyncio.ensure_future(delivery.send(rounds))
 
 
+Rounds = list[list[tuple[Any, OutRecord]]]  # (topic, record) sent together; each round confirmed before the next
+
+
 def outbound(outcome: BatchOutcome, msgs: Sequence[SourceMessage], settings: Settings,
-             accepted: Any, deadletter: Any) -> tuple[list[list[tuple[Any, OutRecord]]], int, list[DeadLetter]]:
+             accepted: Any, deadletter: Any, source_topic: str = "") -> tuple[Rounds, int, list[DeadLetter]]:
     """The micro-batch's records in send rounds (dead letters and each partition's first message,
     then each partition's next, ...), the rows they store, and all dead letters -- including the
     source messages whose rows alone exceed the message limit (row_too_large)."""
@@ -328,8 +331,8 @@ def outbound(outcome: BatchOutcome, msgs: Sequence[SourceMessage], settings: Set
             n = int((table.column("source_offset").to_numpy() == off).sum())
             deadletters.append(DeadLetter(by_source[(p, off)], "row_too_large",
                                           f"{n} accepted rows exceed the {budget} byte message limit", n))
-    rounds: list[list[tuple[Any, OutRecord]]] = [
-        [(deadletter, deadletter_record(d, settings.topics.max_message_bytes)) for d in deadletters]]
+    rounds: Rounds = [
+        [(deadletter, deadletter_record(d, settings.topics.max_message_bytes, source_topic)) for d in deadletters]]
     for i in range(max((len(r) for r in per_partition), default=0)):
         batch = [r[i] for r in per_partition if i < len(r)]
         if i == 0:
@@ -480,7 +483,8 @@ def create_app(settings: Settings) -> faust.App:
                 controls = {emp: loads(controls_table.get(emp)) for emp in employees}
                 with metrics.PROCESS_SECONDS.time():
                     outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls)
-                    rounds, stored, deadletters = outbound(outcome, msgs, settings, accepted, deadletter)
+                    rounds, stored, deadletters = outbound(outcome, msgs, settings, accepted, deadletter,
+                                                          topics.events)
                 export_counts(outcome, stored, deadletters, len(msgs))
                 await sender.submit(delivery, rounds)
             except asyncio.CancelledError:
@@ -529,7 +533,8 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.EVENTS.labels("screenshot_stored").inc(len(records))
                 for d in refused:
                     metrics.DEADLETTERS.labels(f"screenshot_{d.reason}").inc()
-                records += [(deadletter, deadletter_record(d, settings.topics.max_message_bytes)) for d in refused]
+                records += [(deadletter, deadletter_record(d, settings.topics.max_message_bytes, topics.screenshots))
+                            for d in refused]
                 await shot_sender.submit(delivery, [records] if records else [])
             except asyncio.CancelledError:
                 raise

@@ -2,7 +2,7 @@
 
 A rejected source message is copied to the dead-letter topic with its original key and headers
 (so it can be replayed by key) plus the stream's ``ht-*`` headers: source partition and offset,
-reason, and a short detail run through PII redaction (details name no ids by construction; the
+reason, source topic, and a short detail run through PII redaction (details name no ids by construction; the
 redaction is a second line). Nothing a hostile message contains may make this send fail:
 
 - raw payloads arrive zstd-compressed by the agents' producers and decompressed by the consumer,
@@ -34,6 +34,7 @@ MAX_DETAIL_CHARS = 200
 RESERVED = frozenset({
     HEADER_SOURCE_PARTITION, HEADER_SOURCE_OFFSET, "ht-reason", "ht-detail", "ht-encoding", "ht-truncated",
     "ht-original-bytes", "ht-original-sha256", "ht-headers-dropped", "ht-key-sha256", "ht-key-bytes",
+    "ht-source-topic",
 })
 _RECORD_OVERHEAD = 128  # Kafka record + record-batch framing of a record alone in its batch, rounded up
 
@@ -65,11 +66,12 @@ def short_detail(detail: str) -> str:
     return redact_text(detail[:4 * MAX_DETAIL_CHARS])[0][:MAX_DETAIL_CHARS]
 
 
-def deadletter_record(d: DeadLetter, max_message_bytes: int) -> OutRecord:
-    """The dead-letter copy of ``d``'s message, within ``message_budget(max_message_bytes)``."""
+def deadletter_record(d: DeadLetter, max_message_bytes: int, source_topic: str = "") -> OutRecord:
+    """The dead-letter copy of ``d``'s message, within ``message_budget(max_message_bytes)``;
+    ``source_topic`` (header ``ht-source-topic``) says where it came from (events, screenshots)."""
     m = d.message
     budget = message_budget(max_message_bytes)
-    ours: list[tuple[str, bytes]] = [
+    ours: list[tuple[str, bytes]] = [("ht-source-topic", source_topic.encode()),
         (HEADER_SOURCE_PARTITION, str(m.partition).encode()), (HEADER_SOURCE_OFFSET, str(m.offset).encode()),
         ("ht-reason", d.reason[:64].encode()), ("ht-detail", short_detail(d.detail).encode("utf-8", "replace")),
     ]
