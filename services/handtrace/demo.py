@@ -117,7 +117,8 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         with open(log_path, "ab") as log:
             stream_proc = subprocess.Popen(
                 [sys.executable, "-m", "handtrace.stream"], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ),
+                # the demo relies on a generated pseudonym key unless one is configured
+                stdin=subprocess.DEVNULL, start_new_session=True, env={"HANDTRACE_DEV_MODE": "true", **os.environ},
             )
         console.print(f"[green]✓[/] stream worker started (pid {stream_proc.pid}, log {log_path})")
         if settings.fleet.metrics_port:

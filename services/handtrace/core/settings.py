@@ -186,9 +186,9 @@ class StreamSettings(BaseModel):
     pseudonym_key: SecretStr | None = Field(
         default=None,
         min_length=32,
-        description="HMAC key that turns employee and device ids into pseudonyms. Unset: a key "
-        "generated once under <state_dir>/secrets (development only; set it in production and "
-        "keep it stable, or every pseudonym changes).",
+        description="HMAC key that turns employee and device ids into pseudonyms; keep it stable, "
+        "or every pseudonym changes. Unset: the worker refuses to start (fails closed), except in "
+        "dev_mode, where a key is generated once under <state_dir>/secrets.",
     )
     session_timeout_s: float = Field(
         default=10.0, ge=6, le=300, description="Kafka group session timeout: how soon a dead "
@@ -227,8 +227,20 @@ class StreamSettings(BaseModel):
         "dropped whole (too_many_distinct_values): bounds the per-value work a hostile agent can "
         "cause; fails closed.",
     )
+    max_field_chars: int = Field(
+        default=2048, ge=64, le=65_536, description="Free strings of an event (window title, URL, "
+        "text, app id) longer than this many characters are truncated in validation and counted "
+        "(handtrace_stream_fields_truncated_total): bounds every accepted message's size, so no "
+        "agent-sent value can make a send fail.",
+    )
+    stop_deadline_s: float = Field(
+        default=8.0, ge=1, le=120, description="After SIGTERM/SIGINT the worker stops gracefully "
+        "within this many seconds, else exits at once (e.g. broker unreachable); either way only "
+        "offsets whose sends were confirmed are ever committed, so a hard stop replays, never loses.",
+    )
     log_level: Literal["crit", "error", "warn", "info", "debug"] = Field(
-        default="warn", description="Faust worker log level."
+        default="warn", description="Faust worker log level. Faust, aiokafka and mode never log "
+        "below info (their debug lines carry message keys and values: raw ids).",
     )
 
 

@@ -2,8 +2,46 @@
 to ``events.accepted`` in the SAME partition number (the sink's exactly-once bookkeeping relies
 on it), and set rejected messages aside on the dead-letter topic with reason headers.
 
-At-least-once: Faust flushes the producer before committing source offsets, so a crash replays
-messages; the sink drops replays by source offset (services/handtrace/sink/writer.py).
+At-least-once, and a send that fails never lets an offset advance (issue #10, class 1). What
+this relies on in faust-streaming (0.15, read from its source):
+
+- ``Stream.take_events`` acks the events of a micro-batch in the ``finally`` of its generator,
+  i.e. when the agent asks for the next micro-batch -- and ALSO when the generator is closed:
+  after the agent raised (the asyncio async-generator finaliser runs ``aclose()``) or at stop
+  (``Stream.on_stop`` closes it explicitly). An ack is ``Message.ack``: the message's refcount
+  drops, and at zero the offset is marked committable (``Consumer.ack``).
+- The consumer commits marked offsets every ``broker_commit_interval``, on stop, on rebalance
+  and on an agent's error (``App._on_agent_error`` -> ``Consumer.on_task_error`` -> commit);
+  before committing it only *flushes* the producer (``Consumer._commit_offsets``), which waits
+  for the aiokafka accumulator to drain but does not fail when a send failed. A send's failure
+  surfaces only on the future ``Topic.send`` returns (aiokafka's delivery future; Faust merely
+  logs it in ``Topic._on_published``) -- or as ``ProducerSendError`` from ``send`` itself when
+  aiokafka refuses a record before sending (``MessageSizeTooLargeError``).
+- So before this change an oversized send crashed the agent, the finaliser acked the whole
+  micro-batch, the error handler committed it: other employees' good batches were lost.
+
+Hence ``Delivery``: every event of a micro-batch is *pinned* (``Message.incref``) before
+anything is sent, so no ack -- from take_events, a crash or a stop -- can reach zero; its sends
+are gathered (delivery confirmed by the broker: acks=all) and only then are the pins released
+(``Event.ack``). Any failure (a send, or a bug while processing) stops the process at once with
+``os._exit`` (EXIT_UNDELIVERED): the pins are never released, nothing past them is committed,
+a restart replays the micro-batch, and the sink drops what it already stored by source offset.
+Micro-batch N+1 is processed while N's sends are in flight, but sent only once N's are
+confirmed; within one micro-batch a partition's messages go out in rounds, one per partition
+per round. So a partition's accepted messages are produced strictly in source-offset order and
+never one past a failed one: the sink skips rows at or below the highest source offset it has
+stored, so a later message stored before an earlier failed one would hide the earlier rows'
+replay.
+
+Sizes are bounded so that no hostile message can make a send fail: raw payloads larger than the
+topic's limit, and rows of one source message that alone do not fit, are dead-lettered; accepted
+rows are cut into messages by rows and measured bytes (pipeline.pack_by_source); dead-letter
+copies are compressed or truncated to fit (stream/deadletter.py).
+
+After SIGTERM/SIGINT the worker stops gracefully within ``stream.stop_deadline_s`` or exits at
+once (a broker that is gone blocks Faust's stop); since only confirmed offsets are ever marked,
+that hard exit replays, never loses. Faust, aiokafka and mode never log below INFO, and their
+log lines are cut before message contents (raw ids): see ``RawIdsOutOfLogs``.
 """
 
 from __future__ import annotations
@@ -12,23 +50,37 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import secrets
+import signal
 import ssl
+import sys
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import faust
 from prometheus_client import start_http_server
 
 from handtrace.core.clock import now_us
 from handtrace.core.codec import DecodeError, decode_record
-from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, to_ipc
+from handtrace.core.pii import redact_text
+from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_PARTITION, to_ipc
 from handtrace.core.settings import SecurityProtocol, Settings, load_settings
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
 from handtrace.stream.controls import apply_control, dumps, loads
-from handtrace.stream.pipeline import BatchPipeline, SourceMessage, split_by_source
+from handtrace.stream.deadletter import OutRecord, deadletter_record, message_budget, record_size
+from handtrace.stream.pipeline import (
+    BatchOutcome,
+    BatchPipeline,
+    DeadLetter,
+    SourceMessage,
+    pack_by_source,
+    transport_problem,
+)
 from handtrace.stream.policy import Policy
 from handtrace.stream.screenshots import ScreenshotMessage, screenshot_steps
 from handtrace.stream.screenshots import enforce as enforce_screenshot_batch
@@ -44,19 +96,26 @@ from handtrace.stream.steps.validate import ValidateStep
 log = logging.getLogger("handtrace.stream")
 
 
+class MissingSecret(RuntimeError):
+    """A secret the worker needs is not configured (and dev_mode is off)."""
+
+
 def pseudonym_key(settings: Settings) -> bytes:
-    """The configured HMAC key, or (development) one generated once under state_dir/secrets."""
+    """The configured HMAC key; only in dev_mode, one generated once under state_dir/secrets.
+    Raises MissingSecret otherwise: two workers with their own generated keys would give one
+    person two pseudonyms (issue #10, class 7)."""
     if settings.stream.pseudonym_key is not None:
         return settings.stream.pseudonym_key.get_secret_value().encode()
+    if not settings.dev_mode:
+        raise MissingSecret("no pseudonym key: set HANDTRACE_STREAM__PSEUDONYM_KEY (32+ characters, the same "
+                            "on every worker), or HANDTRACE_DEV_MODE=true for a generated development key")
     path = settings.state_dir / "secrets" / "pseudonym.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
-        log.warning(
-            "generated a development pseudonym key at %s; set HANDTRACE_STREAM__PSEUDONYM_KEY in production", path
-        )
+        log.warning("dev_mode: generated a pseudonym key at %s", path)
     return Path(path).read_text().strip().encode()
 
 
@@ -78,7 +137,8 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     st = settings.stream
     key = pseudonym_key(settings)
     steps: list[Step] = [
-        ValidateStep(st.max_future_skew_s, st.max_distinct_values_per_batch, st.max_event_age_s),
+        ValidateStep(st.max_future_skew_s, st.max_distinct_values_per_batch, st.max_event_age_s,
+                     max_field_chars=st.max_field_chars),
         ExemptionStep(skew_margin_s=st.clock_skew_margin_s),
         PauseStep(skew_margin_s=st.clock_skew_margin_s),
         AllowlistStep(),
@@ -91,6 +151,15 @@ def build_pipeline(settings: Settings) -> BatchPipeline:
     steps += [RedactStep(), PseudonymiseStep(key)]
     return BatchPipeline(steps, max_batch_events=st.max_batch_events,
                          max_clock_offset_us=int(st.max_clock_offset_s * 1_000_000))
+
+
+def worker_pipeline(settings: Settings) -> BatchPipeline:
+    """build_pipeline as the worker runs it: transport verified (key present, equal to the
+    batch's employee id, in the key's partition) and raw payloads bounded by the topic limit."""
+    pipe = build_pipeline(settings)
+    pipe.partitions = settings.topics.partitions
+    pipe.max_payload_bytes = settings.topics.max_message_bytes
+    return pipe
 
 
 class PolicyState:
@@ -177,6 +246,190 @@ def _broker_credentials(settings: Settings) -> Any:
     return None
 
 
+EXIT_UNDELIVERED = 75  # EX_TEMPFAIL: a send was not confirmed; a restart replays the micro-batch
+EXIT_STOP_DEADLINE = 128 + signal.SIGTERM
+
+
+def fail_stop(what: str, exc: BaseException) -> NoReturn:
+    """Stop the process NOW, committing nothing more: the micro-batch's events stay pinned (never
+    acked), so a restart replays them. No await between the failure and the exit, so no commit
+    can run in between."""
+    # Only the broker's and the clients' own errors are described (they never quote a record);
+    # any other exception's text might quote a value (a raw id): its type only.
+    from aiokafka.errors import KafkaError
+    from faust.exceptions import ProducerSendError
+
+    described = isinstance(exc, KafkaError | ProducerSendError)
+    text = redact_text(f"{type(exc).__name__}: {exc}"[:300])[0] if described else type(exc).__name__
+    log.critical("stopping: %s failed (%s); its source offsets are not committed and will be replayed", what, text)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_UNDELIVERED)
+
+
+class Delivery:
+    """The sends of one micro-batch and the source events they came from: the events are pinned
+    (refcount +1) from construction until every send is confirmed, so no ack can make their
+    offsets committable before (module docstring)."""
+
+    def __init__(self, events: Sequence[Any]) -> None:
+        self.events = list(events)
+        for e in self.events:
+            e.message.incref()
+
+    async def send(self, rounds: Sequence[Sequence[tuple[Any, OutRecord]]]) -> None:
+        """Send round by round, each confirmed before the next; then release the pins. A failure
+        stops the process (fail_stop); a cancellation (stop) leaves the pins in place."""
+        try:
+            for batch in rounds:
+                futures = [await topic.send(key=r.key, value=r.value, partition=r.partition, headers=r.headers,
+                                            force=True) for topic, r in batch]
+                await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- any unconfirmed send stops the worker
+            fail_stop(f"a send of a micro-batch of {len(self.events)} messages", exc)
+        for event in self.events:
+            event.ack()
+
+
+class Sender:
+    """At most one micro-batch's sends in flight, in order (survives an agent restart)."""
+
+    def __init__(self) -> None:
+        self.inflight: asyncio.Future[None] | None = None
+
+    async def submit(self, delivery: Delivery, rounds: Sequence[Sequence[tuple[Any, OutRecord]]]) -> None:
+        """Wait until the previous micro-batch's sends are confirmed, then start this one's."""
+        if self.inflight is not None:
+            await asyncio.shield(self.inflight)
+        self.inflight = asyncio.ensure_future(delivery.send(rounds))
+
+
+Rounds = list[list[tuple[Any, OutRecord]]]  # (topic, record) sent together; each round confirmed before the next
+
+
+def outbound(outcome: BatchOutcome, msgs: Sequence[SourceMessage], settings: Settings,
+             accepted: Any, deadletter: Any, source_topic: str = "") -> tuple[Rounds, int, list[DeadLetter]]:
+    """The micro-batch's records in send rounds (dead letters and each partition's first message,
+    then each partition's next, ...), the rows they store, and all dead letters -- including the
+    source messages whose rows alone exceed the message limit (row_too_large)."""
+    budget = message_budget(settings.topics.max_message_bytes)
+    by_source = {(m.partition, m.offset): m for m in msgs}
+    deadletters = list(outcome.deadletters)
+    per_partition: list[list[tuple[Any, OutRecord]]] = []
+    stored = 0
+    for p, table in outcome.rows.items():
+        packed = pack_by_source(table, settings.stream.max_rows_per_message, budget - 256, to_ipc)
+        records = []
+        for rows, payload in packed.messages:
+            headers = [(HEADER_SOURCE_PARTITION, str(p).encode()), (HEADER_ROWS, str(rows.num_rows).encode())]
+            records.append((accepted, OutRecord(p, None, payload, headers)))
+            stored += rows.num_rows
+        per_partition.append(records)
+        for off in packed.too_large:
+            n = int((table.column("source_offset").to_numpy() == off).sum())
+            deadletters.append(DeadLetter(by_source[(p, off)], "row_too_large",
+                                          f"{n} accepted rows exceed the {budget} byte message limit", n))
+    rounds: Rounds = [
+        [(deadletter, deadletter_record(d, settings.topics.max_message_bytes, source_topic)) for d in deadletters]]
+    for i in range(max((len(r) for r in per_partition), default=0)):
+        batch = [r[i] for r in per_partition if i < len(r)]
+        if i == 0:
+            rounds[0] += batch
+        else:
+            rounds.append(batch)
+    return [r for r in rounds if r], stored, deadletters
+
+
+# Where third-party log lines start to show message contents (keys and values are raw ids).
+_CONTENTS = re.compile(r"\bk=|\bkey=|\bv=|\bvalue=|\bheaders=|message <|<Event\b|<\w*Message\b|ConsumerRecord\(")
+_THIRD_PARTY = ("faust", "aiokafka", "mode", "kafka")
+
+
+class RawIdsOutOfLogs(logging.Filter):
+    """Keeps message contents out of the logs: Faust, aiokafka and mode records below INFO are
+    dropped (Faust logs every send's key and value at debug, ``Topic.publish_message``), and
+    their other records are cut where message contents would start (``Topic._on_published``
+    prints the whole pending message on a send error). Installed on the root handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in _THIRD_PARTY:
+            return True
+        if record.levelno < logging.INFO:
+            return False
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 -- a filter must never raise into the caller
+            record.msg, record.args = f"[unformattable {record.name} record withheld]", None
+            return True
+        if (m := _CONTENTS.search(text)) is not None:
+            record.msg, record.args = text[:m.start()] + "[message contents withheld]", None
+        return True
+
+
+def quiet_third_party_loggers(root: logging.Logger) -> None:
+    """RawIdsOutOfLogs on every root handler; third-party loggers no lower than INFO."""
+    for h in root.handlers:
+        if not any(isinstance(f, RawIdsOutOfLogs) for f in h.filters):
+            h.addFilter(RawIdsOutOfLogs())
+    for name in _THIRD_PARTY:
+        lg = logging.getLogger(name)
+        if lg.getEffectiveLevel() < logging.INFO:
+            lg.setLevel(logging.INFO)
+
+
+class Worker(faust.Worker):
+    """Faust's worker with the logs kept free of raw ids and a hard stop deadline."""
+
+    stop_deadline_s: float = 8.0
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        """Faust's own set-up, then RawIdsOutOfLogs on the handlers it created."""
+        super().on_setup_root_logger(logger, level)
+        quiet_third_party_loggers(logger)
+
+    def _schedule_shutdown(self, signum: signal.Signals) -> None:
+        # mode stops the services one by one; with the broker gone the consumer's commit and the
+        # producer's flush wait for request timeouts (minutes). Only confirmed offsets are ever
+        # marked committable, so exiting without them loses nothing (issue #10, class 8).
+        if not self._signal_stop_time:
+            timer = threading.Timer(self.stop_deadline_s, _stop_deadline_passed, args=(self.stop_deadline_s,))
+            timer.daemon = True
+            timer.start()
+        super()._schedule_shutdown(signum)
+
+
+def _stop_deadline_passed(deadline_s: float) -> None:
+    sys.stderr.write(f"handtrace.stream: not stopped {deadline_s:g}s after the signal; exiting now "
+                     "(unconfirmed offsets were never committed: they are replayed)\n")
+    sys.stderr.flush()
+    os._exit(EXIT_STOP_DEADLINE)
+
+
+def export_counts(outcome: BatchOutcome, stored: int, deadletters: Sequence[DeadLetter], messages: int) -> None:
+    """A micro-batch's counts into the metrics (the one place, so every path counts alike)."""
+    metrics.BATCH_EVENTS.observe(outcome.events_in)
+    for reason, count in outcome.dropped.items():
+        metrics.EVENTS.labels(reason).inc(count)
+    for kind, count in outcome.redacted.items():
+        if kind.startswith("truncated_"):
+            metrics.FIELDS_TRUNCATED.labels(kind.removeprefix("truncated_")).inc(count)
+        else:
+            metrics.REDACTED.labels(kind).inc(count)
+    for (selector, decision), count in outcome.sampling.items():
+        metrics.SAMPLING_ROWS.labels(metrics.selector_label(selector), decision).inc(count)
+    for d in deadletters:
+        metrics.DEADLETTERS.labels(d.reason).inc()
+        metrics.EVENTS.labels(f"deadlettered_{d.reason}").inc(d.events)
+    refused = len({(d.message.partition, d.message.offset) for d in deadletters})
+    metrics.MESSAGES.labels("deadlettered").inc(refused)
+    metrics.MESSAGES.labels("accepted").inc(messages - refused)
+    metrics.EVENTS.labels("stored").inc(stored)
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app and its agent for these settings."""
     topics = Topics.from_settings(settings.topics)
@@ -200,6 +453,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_compression_type=None,  # accepted rows are lz4-compressed Arrow IPC already
         producer_linger_ms=5,
         datadir=str(settings.state_dir / "faust"),
+        Worker=type("Worker", (Worker,), {"stop_deadline_s": settings.stream.stop_deadline_s}),
     )
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
     control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
@@ -210,7 +464,8 @@ def create_app(settings: Settings) -> faust.App:
     policy_state = PolicyState()
     accepted = app.topic(topics.stored, value_type=bytes, key_type=bytes, partitions=parts)
     deadletter = app.topic(topics.deadletter, value_type=bytes, key_type=bytes, partitions=parts)
-    pipeline = build_pipeline(settings)
+    pipeline = worker_pipeline(settings)
+    sender = Sender()
 
     @app.agent(source)
     async def enforce(stream: Any) -> None:
@@ -218,67 +473,75 @@ def create_app(settings: Settings) -> faust.App:
         # batches, so whole groups of messages are decoded and enforced at once.
         async for events in stream.take_events(settings.stream.micro_batch_messages,
                                                within=settings.stream.micro_batch_wait_s):
-            if not policy_state.ready.is_set():
-                # Never enforce before the policy in force is known. Waiting here, inside the
-                # iteration, not before it: a Faust agent that has not started iterating when
-                # table recovery completes was seen to never receive messages after a restart.
-                await policy_state.ready.wait()
-            msgs = [source_message(e.message) for e in events]
-            employees = {m.key.decode(errors="replace") for m in msgs if m.key}
-            controls = {emp: loads(controls_table.get(emp)) for emp in employees}
-            with metrics.PROCESS_SECONDS.time():
-                outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls)
-                payloads = [(p, to_ipc(chunk), chunk) for p, t in outcome.rows.items()
-                            for chunk in split_by_source(t, settings.stream.max_rows_per_message)]
-            metrics.BATCH_EVENTS.observe(outcome.events_in)
-            for reason, count in outcome.dropped.items():
-                metrics.EVENTS.labels(reason).inc(count)
-            for kind, count in outcome.redacted.items():
-                metrics.REDACTED.labels(kind).inc(count)
-            for (selector, decision), count in outcome.sampling.items():
-                metrics.SAMPLING_ROWS.labels(metrics.selector_label(selector), decision).inc(count)
-            for d in outcome.deadletters:
-                metrics.MESSAGES.labels("deadlettered").inc()
-                metrics.DEADLETTERS.labels(d.reason).inc()
-                metrics.EVENTS.labels(f"deadlettered_{d.reason}").inc(d.events)
-                await deadletter.send(
-                    key=None, value=d.message.payload, partition=d.message.partition, force=True,
-                    headers=[(HEADER_SOURCE_PARTITION, str(d.message.partition).encode()),
-                             (HEADER_SOURCE_OFFSET, str(d.message.offset).encode()),
-                             ("ht-reason", d.reason.encode()), ("ht-detail", d.detail[:1000].encode())],
-                )
-            metrics.MESSAGES.labels("accepted").inc(len(msgs) - len(outcome.deadletters))
-            metrics.EVENTS.labels("stored").inc(outcome.stored)
-            for partition, payload, table in payloads:
-                # Same partition number as the source: the sink's per-partition offset
-                # bookkeeping (writer.py) relies on it.
-                await accepted.send(
-                    key=None, value=payload, partition=partition, force=True,
-                    headers=[(HEADER_SOURCE_PARTITION, str(partition).encode()),
-                             (HEADER_ROWS, str(table.num_rows).encode())],
-                )
+            delivery = Delivery(events)  # pinned before anything can fail (module docstring)
+            try:
+                if not policy_state.ready.is_set():
+                    # Never enforce before the policy in force is known. Waiting here, inside the
+                    # iteration, not before it: a Faust agent that has not started iterating when
+                    # table recovery completes was seen to never receive messages after a restart.
+                    await policy_state.ready.wait()
+                msgs = [source_message(e.message) for e in events]
+                employees = {m.key.decode(errors="replace") for m in msgs if m.key}
+                controls = {emp: loads(controls_table.get(emp)) for emp in employees}
+                with metrics.PROCESS_SECONDS.time():
+                    outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls)
+                    rounds, stored, deadletters = outbound(outcome, msgs, settings, accepted, deadletter,
+                                                          topics.events)
+                export_counts(outcome, stored, deadletters, len(msgs))
+                await sender.submit(delivery, rounds)
+            except asyncio.CancelledError:
+                raise  # stopping: the pins keep these offsets uncommitted
+            except Exception as e:  # noqa: BLE001 -- a crash here would let Faust ack and commit them
+                fail_stop("enforcing a micro-batch", e)
 
     shot_topic = app.topic(topics.screenshots, value_type=bytes, key_type=bytes, partitions=parts)
     shots_accepted = app.topic(topics.screenshots_accepted, value_type=bytes, key_type=bytes, partitions=parts)
     shot_steps = screenshot_steps(pipeline.steps)
+    shot_sender = Sender()
+    budget = message_budget(settings.topics.max_message_bytes)
 
     @app.agent(shot_topic)
     async def enforce_screenshots(stream: Any) -> None:
         # The event pipeline's own steps decide for every image (handtrace.stream.screenshots).
         async for events in stream.take_events(100, within=0.5):
-            if not policy_state.ready.is_set():
-                await policy_state.ready.wait()
-            batch = [ScreenshotMessage(m := source_message(e.message), dict(m.headers)) for e in events]
-            employees = {m.message.key.decode(errors="replace") for m in batch if m.message.key}
-            controls = {emp: loads(controls_table.get(emp)) for emp in employees}
-            ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls))
-            accepted_shots, dropped = enforce_screenshot_batch(batch, shot_steps, ctx)
-            for reason, count in dropped.items():
-                metrics.EVENTS.labels(reason).inc(count)
-            metrics.EVENTS.labels("screenshot_stored").inc(len(accepted_shots))
-            for a in accepted_shots:
-                await shots_accepted.send(key=a.key, value=a.value, partition=a.partition, force=True,
-                                          headers=a.headers)
+            delivery = Delivery(events)
+            try:
+                if not policy_state.ready.is_set():
+                    await policy_state.ready.wait()
+                batch, refused = [], []
+                for e in events:
+                    m = source_message(e.message)
+                    problem = transport_problem(m, (m.key or b"").decode(errors="replace"), parts)
+                    if problem is None and record_size(m.key, m.payload, m.headers) * 2 > budget:
+                        # accepted headers are derived from these (redaction may lengthen them)
+                        problem = ("payload_too_large", f"{len(m.payload)} byte image, message limit {budget}")
+                    if problem is not None:
+                        refused.append(DeadLetter(m, *problem, 1))
+                    else:
+                        batch.append(ScreenshotMessage(m, dict(m.headers)))
+                employees = {m.message.key.decode(errors="replace") for m in batch if m.message.key}
+                controls = {emp: loads(controls_table.get(emp)) for emp in employees}
+                ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls))
+                accepted_shots, dropped = enforce_screenshot_batch(batch, shot_steps, ctx) if batch else ([], {})
+                records: list[tuple[Any, OutRecord]] = []
+                for a in accepted_shots:
+                    r = OutRecord(a.partition, a.key, a.value, a.headers)
+                    if record_size(r.key, r.value, r.headers) > budget:
+                        dropped["screenshot_too_large"] = dropped.get("screenshot_too_large", 0) + 1
+                    else:
+                        records.append((shots_accepted, r))
+                for reason, count in dropped.items():
+                    metrics.EVENTS.labels(reason).inc(count)
+                metrics.EVENTS.labels("screenshot_stored").inc(len(records))
+                for d in refused:
+                    metrics.DEADLETTERS.labels(f"screenshot_{d.reason}").inc()
+                records += [(deadletter, deadletter_record(d, settings.topics.max_message_bytes, topics.screenshots))
+                            for d in refused]
+                await shot_sender.submit(delivery, [records] if records else [])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                fail_stop("enforcing a micro-batch of screenshots", e)
 
     @app.agent(control_topic)
     async def fold_controls(stream: Any) -> None:
@@ -312,13 +575,17 @@ def create_app(settings: Settings) -> faust.App:
 
 def run_worker(app: faust.App, settings: Settings) -> None:
     """Run ``app`` as a Faust worker with our log level and no Faust web server (blocks)."""
-    import sys
-
     sys.argv = [sys.argv[0], "worker", "-l", settings.stream.log_level, "--without-web"]
     app.main()
 
 
 def main() -> None:
-    """Run one stream worker (blocks until stopped by SIGTERM/SIGINT)."""
+    """Run one stream worker (blocks until stopped by SIGTERM/SIGINT); exits 2 with one line
+    naming what to set when a secret is missing."""
     settings = load_settings()
-    run_worker(create_app(settings), settings)
+    try:
+        app = create_app(settings)
+    except MissingSecret as e:
+        sys.stderr.write(f"handtrace.stream: {e}\n")
+        raise SystemExit(2) from None
+    run_worker(app, settings)

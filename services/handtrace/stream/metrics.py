@@ -64,3 +64,9 @@ REDACTED = Counter(
     "policy_none, policy_masked, password_field, key_code_masked).",
     ["kind"],
 )
+FIELDS_TRUNCATED = Counter(
+    "handtrace_stream_fields_truncated_total",
+    "Values cut to their bound in validation (stream.max_field_chars; 128 for the batch's labels), by "
+    "field (window_title, url, text, app_id, agent_version, os, cohort): bounds accepted message sizes.",
+    ["field"],
+)

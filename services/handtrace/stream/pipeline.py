@@ -11,7 +11,7 @@ message by message, so one bad message never holds back the others.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from handtrace.core.clock import HEADER_SENT_AT, clock_offset_us
 from handtrace.core.codec import DecodeError, ParsedBatch, decode_batches, parse_event_batch
+from handtrace.core.partitioning import partition_for_key
 from handtrace.core.rows import STORED_SCHEMA
 from handtrace.stream.policy import EmployeeControls, Policy
 from handtrace.stream.steps import BatchContext, Step, StepResult
@@ -140,6 +141,69 @@ def split_by_source(table: pa.Table, max_rows: int) -> list[pa.Table]:
     return chunks
 
 
+def transport_problem(m: SourceMessage, employee_id: str, partitions: int | None) -> tuple[str, str] | None:
+    """Why ``m`` did not arrive the way its employee's messages must, or None (issue #10, class 4).
+
+    Pauses and exemptions are looked up by key in the worker that holds the key's partition (the
+    controls table is co-partitioned), so a message is judged correctly only if it is keyed by its
+    batch's employee id (``key_mismatch``) and sits in that key's partition under the murmur2
+    partitioner every producer uses (``wrong_partition``). With ``partitions`` set, a message
+    without a key is refused too (``missing_key``); unset (tools and tests that feed the pipeline
+    directly), only a key that is present is checked. Details name no id."""
+    if m.key is None:
+        return ("missing_key", "message has no key") if partitions is not None else None
+    if m.key != employee_id.encode():
+        # Controls are looked up (and co-partitioned) by key: a batch keyed by someone else could
+        # dodge its employee's pause or exemption.
+        return "key_mismatch", "message key is not the batch's employee_id"
+    if partitions is not None and m.partition != (want := partition_for_key(m.key, partitions)):
+        return "wrong_partition", f"in partition {m.partition}, its key's partition is {want} of {partitions}"
+    return None
+
+
+@dataclass
+class Packed:
+    """Accepted rows of one partition as messages: (rows, encoded payload) in source-offset order,
+    and the source offsets whose rows alone do not fit in one message (row_too_large)."""
+
+    messages: list[tuple[pa.Table, bytes]] = field(default_factory=list)
+    too_large: list[int] = field(default_factory=list)
+
+
+def pack_by_source(table: pa.Table, max_rows: int, max_bytes: int,
+                   encode: Callable[[pa.Table], bytes]) -> Packed:
+    """Encode one partition's stored rows as messages of at most ``max_rows`` rows (split_by_source)
+    AND at most ``max_bytes`` encoded bytes, cut only between source messages.
+
+    The encoded size is measured, not estimated (lz4 makes any estimate loose): a chunk whose
+    payload is too large is halved at the source boundary nearest its middle row and both halves
+    are encoded again, so the common case encodes each chunk once. The rows of a single source
+    message that alone exceed ``max_bytes`` are not produced (their offset is returned in
+    ``too_large``: the caller dead-letters the source message). Rows are put in source-offset
+    order first if they are not (the sink skips rows at or below the highest offset it has seen).
+    """
+    src = table.column("source_offset").to_numpy()
+    if len(src) > 1 and bool((np.diff(src) < 0).any()):
+        order = np.argsort(src, kind="stable")
+        table, src = table.take(order), src[order]
+    out = Packed()
+    todo = list(reversed(split_by_source(table, max_rows)))
+    while todo:
+        chunk = todo.pop()
+        payload = encode(chunk)
+        if len(payload) <= max_bytes:
+            out.messages.append((chunk, payload))
+            continue
+        offs = chunk.column("source_offset").to_numpy()
+        starts = np.flatnonzero(np.diff(offs)) + 1
+        if not len(starts):
+            out.too_large.append(int(offs[0]))
+            continue
+        cut = int(starts[np.argmin(np.abs(starts - len(offs) // 2))])
+        todo += [chunk.slice(cut), chunk.slice(0, cut)]  # popped first half first
+    return out
+
+
 def by_partition(table: pa.Table) -> dict[int, pa.Table]:
     """Stored rows split by ``source_partition``, keeping row order within each partition:
     zero-copy slices when each partition's rows are contiguous (the pipeline orders messages
@@ -198,10 +262,18 @@ def to_stored(frame: pl.DataFrame, received_at_us: int) -> pa.Table:
 class BatchPipeline:
     """Parse → decode all events at once → steps in order → stored rows by partition."""
 
-    def __init__(self, steps: Sequence[Step], max_batch_events: int = 100_000,
+    def __init__(self, steps: Sequence[Step], max_batch_events: int = 100_000, *,
+                 partitions: int | None = None, max_payload_bytes: int | None = None,
                  max_clock_offset_us: int = 86_400_000_000) -> None:
+        """``partitions``: the source topic's partition count; set (as the worker does), every
+        message must carry its employee's key in that key's partition (transport_problem).
+        ``max_payload_bytes``: larger payloads are dead-lettered (payload_too_large).
+        ``max_clock_offset_us``: a sender whose clock is further from the broker's is
+        dead-lettered (clock_offset)."""
         self.steps = list(steps)
         self.max_batch_events = max_batch_events
+        self.partitions = partitions
+        self.max_payload_bytes = max_payload_bytes
         self.max_clock_offset_us = max_clock_offset_us
 
     def process_many(self, messages: Sequence[SourceMessage], received_at_us: int, *,
@@ -217,17 +289,21 @@ class BatchPipeline:
         out = BatchOutcome()
         parsed: list[tuple[SourceMessage, ParsedBatch]] = []
         for m in messages:
+            if self.max_payload_bytes is not None and len(m.payload) > self.max_payload_bytes:
+                # No conforming agent sends this (librdkafka refuses a message larger than its
+                # message.max.bytes before compression); its rows could not be bounded either.
+                detail = f"{len(m.payload)} bytes > {self.max_payload_bytes}"
+                out.deadletters.append(DeadLetter(m, "payload_too_large", detail))
+                continue
             try:
                 pb = parse_event_batch(m.payload)
             except DecodeError as e:
                 out.deadletters.append(DeadLetter(m, e.reason, e.detail))
                 continue
             h = pb.header
-            if m.key is not None and m.key != h["employee_id"].encode():
-                # Controls are looked up (and co-partitioned) by key: a batch keyed by someone
-                # else could dodge its employee's pause or exemption.
-                detail = "message key is not the batch's employee_id"
-                out.deadletters.append(DeadLetter(m, "key_mismatch", detail, pb.count))
+            problem = transport_problem(m, h["employee_id"], self.partitions)
+            if problem is not None:
+                out.deadletters.append(DeadLetter(m, *problem, pb.count))
             elif not h["employee_id"] or not h["device_id"]:
                 out.deadletters.append(DeadLetter(m, "invalid_header", "empty employee_id or device_id", pb.count))
             elif pb.count > self.max_batch_events:

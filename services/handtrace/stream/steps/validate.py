@@ -15,6 +15,12 @@ titles or URLs is dropped whole (``too_many_distinct_values``). Later steps do P
 distinct title and URL (URL parsing, PII regexes); a person produces a few dozen in a batch, an
 agent sending a new one with every event could otherwise slow every worker (32k rows/s measured
 when every title differs, docs/BENCHMARKS.md). Fails closed: the batch's rows are not stored.
+
+And a bound on size (issue #10, class 1): free strings longer than ``max_field_chars`` (window
+title, URL, text, app id) or ``MAX_LABEL_CHARS`` (the batch's agent version, OS, cohort, repeated
+on every row) are truncated to it, counted per field as ``truncated_<field>`` in the redacted
+tally -- so no agent-sent string can make an accepted message outgrow the broker's limit. Later
+steps (allowlist, redaction) see the truncated value. A screenshot hash must be 32 bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from handtrace.stream.steps import BatchContext, StepResult
 
 EARLIEST_CAPTURE_US = 1_577_836_800_000_000  # 2020-01-01: older timestamps are clock garbage
 
+MAX_LABEL_CHARS = 128  # agent_version, os, cohort: short labels by contract
+FREE_TEXT = ("window_title", "url", "text", "app_id")
+LABELS = ("agent_version", "os", "cohort")
+SHA256_BYTES = 32
+
 _POINTER = ("pointer_move", "click", "scroll")
 _KEYS = ("key_down", "key_up")
 
@@ -38,7 +49,25 @@ class ValidateStep:
     max_future_skew_s: float = 300.0
     max_distinct_per_batch: int = 2000
     max_event_age_s: float = 7 * 86_400.0
+    max_field_chars: int = 2048
     name: str = "validate"
+
+    def _truncate(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
+        """Free strings cut to their bound (characters), and how many values were cut per field.
+        Vectorised; the common case reads only the byte lengths (no string is touched)."""
+        limits = {c: self.max_field_chars for c in FREE_TEXT if c in frame.columns}
+        limits |= {c: MAX_LABEL_CHARS for c in LABELS if c in frame.columns}
+        # bytes >= chars: only a column with a value over the bound in bytes needs a closer look
+        over_bytes = frame.select([(pl.col(c).str.len_bytes() > n).any().alias(c) for c, n in limits.items()])
+        suspects = [c for c in limits if over_bytes.get_column(c)[0]]
+        if not suspects:
+            return frame, {}
+        counts = frame.select([(pl.col(c).str.len_chars() > limits[c]).sum().alias(c) for c in suspects]).row(0)
+        cut = {c: int(n) for c, n in zip(suspects, counts, strict=True) if n}
+        if not cut:
+            return frame, {}
+        frame = frame.with_columns([pl.col(c).str.slice(0, limits[c]) for c in cut])
+        return frame, {f"truncated_{c}": n for c, n in cut.items()}
 
     def _flooded_batches(self, frame: pl.DataFrame) -> pl.Series | None:
         """batch_ids with too many distinct titles or urls (None: none; the common case costs two
@@ -68,7 +97,8 @@ class ValidateStep:
             "invalid_click": (kind == "click") & (pl.col("pressed").is_null() | (pl.col("button") == "none")),
             "invalid_key": kind.is_in(_KEYS) & pl.col("key_code").is_null(),
             "invalid_focus": (kind == "focus_change") & pl.col("app_id").is_null(),
-            "invalid_screenshot": (kind == "screenshot") & pl.col("screenshot_sha256").is_null(),
+            "invalid_screenshot": ((kind == "screenshot") & pl.col("screenshot_sha256").is_null())
+            | (pl.col("screenshot_sha256").bin.size() != SHA256_BYTES).fill_null(False),
             "invalid_time": (ts_us < EARLIEST_CAPTURE_US) | (ts_us > latest) | implausible_now,
             "duplicate_event_id": ~pl.col("event_id").is_first_distinct(),
         }
@@ -80,7 +110,9 @@ class ValidateStep:
         tagged = frame.with_columns(reason.otherwise(None).alias("_reject"))
         bad = tagged.filter(pl.col("_reject").is_not_null())
         if bad.height == 0:
-            return StepResult(frame)
-        counts = dict(bad.group_by("_reject").len().iter_rows())
-        kept = tagged.filter(pl.col("_reject").is_null()).drop("_reject")
-        return StepResult(kept, counts)
+            kept, counts = frame, {}
+        else:
+            counts = dict(bad.group_by("_reject").len().iter_rows())
+            kept = tagged.filter(pl.col("_reject").is_null()).drop("_reject")
+        kept, truncated = self._truncate(kept)
+        return StepResult(kept, counts, truncated)
