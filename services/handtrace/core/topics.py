@@ -28,6 +28,7 @@ class Topics:
     events: str
     controls: str
     policy: str
+    devices: str
     heartbeats: str
     stored: str
     deadletter: str
@@ -41,6 +42,7 @@ class Topics:
             events=f"{p}.events.raw",
             controls=f"{p}.controls",
             policy=f"{p}.policy",
+            devices=f"{p}.devices",
             heartbeats=f"{p}.heartbeats",
             stored=f"{p}.events.accepted",
             deadletter=f"{p}.events.deadletter",
@@ -77,6 +79,13 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
             1,
             {"cleanup.policy": "compact", **broker_time},
             "Global policy (allowlists, sampling, masking), keyed by scope; compacted.",
+        ),
+        TopicSpec(
+            t.devices,
+            1,
+            {"cleanup.policy": "compact", **broker_time},
+            "DeviceEnrollment (a laptop's public key bound to one employee, or revoked), keyed by "
+            "device id, signed by the control plane; compacted, read to its end by every worker.",
         ),
         TopicSpec(
             t.screenshots,
