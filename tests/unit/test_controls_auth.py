@@ -387,3 +387,91 @@ def test_forgeries_interleaved_with_genuine_records_change_nothing(genuine: list
         mixed += [forgeries(m, rec, v) for v in after]
     assert fold_all(mixed) == fold_all(genuine)
     assert any(s != EmployeeControls() for s in fold_all(genuine).values()) or not genuine
+
+
+# ---------------------------------------------------------------- the agent's side
+
+
+class _KafkaMsg:
+    """The parts of a confluent_kafka.Message the agent's follower reads."""
+
+    def __init__(self, m: ControlMessage, offset: int) -> None:
+        self.m, self.off = m, offset
+
+    def value(self) -> bytes:
+        return self.m.value
+
+    def key(self) -> bytes | None:
+        return self.m.key
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return list(self.m.headers)
+
+    def timestamp(self) -> tuple[int, int]:
+        return (2, (self.m.appended_us or 0) // 1000)  # TIMESTAMP_LOG_APPEND_TIME, ms
+
+    def offset(self) -> int:
+        return self.off
+
+
+def test_the_agent_honours_only_control_plane_grants_and_increasing_signed_policies(tmp_path: Any) -> None:
+    from handtrace.agent.controlplane import ControlPlaneFollower
+
+    f = ControlPlaneFollower({}, policy_topic="p", controls_topic="c", employee_id="emp-a",
+                             state_path=tmp_path / "cp.json", verifier=VERIFIER)
+    for i, m in enumerate([msg(grant("emp-a"), None), msg(grant("emp-a"), DEV_A),
+                           msg(grant("emp-a"), Signer("cp:k1", ATTACKER)),
+                           msg(grant("emp-a"), sent=T0 - 3 * DAY)]):
+        f._on_control(_KafkaMsg(m, i))
+    assert f.state.exempt_from_us is None
+    assert f.state.refused == {"unsigned": 1, "device_not_enrolled": 1, "bad_signature": 1, "clock_offset": 1}
+    genuine_revoke = msg(revoke("emp-a", T0 + MIN), at=T0 + MIN)
+    f._on_control(_KafkaMsg(msg(grant("emp-a")), 10))
+    f._on_control(_KafkaMsg(genuine_revoke, 11))
+    f._on_control(_KafkaMsg(msg(grant("emp-a", T0 + 2 * MIN), at=T0 + 2 * MIN), 12))
+    f._on_control(_KafkaMsg(replace(genuine_revoke, appended_us=T0 + 3 * MIN), 13))  # replayed revoke
+    assert f.state.exempt_from_us == T0 + 2 * MIN and f.state.refused["replay"] == 1
+
+    f._on_policy(_KafkaMsg(policy_msg(2**63 - 1, None), 0))
+    f._on_policy(_KafkaMsg(policy_msg(2**63 - 1, Signer("cp:k1", ATTACKER)), 1))
+    assert f.state.policy is None
+    f._on_policy(_KafkaMsg(policy_msg(5), 2))
+    f._on_policy(_KafkaMsg(policy_msg(5), 3))
+    f._on_policy(_KafkaMsg(policy_msg(4), 4))
+    assert f.policy is not None and f.policy.version == 5 and f.state.refused["stale_version"] == 2
+
+
+def test_the_shipper_signs_controls_with_the_device_key_at_produce_time(tmp_path: Any) -> None:
+    from handtrace.agent.shipper import Shipper
+    from handtrace.agent.spool import Spool, SpoolEntry
+
+    produced: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]] = []
+
+    class Recorder:
+        def __init__(self, conf: dict[str, Any]) -> None:
+            self.cbs: list[Any] = []
+
+        def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+            produced.append((topic, key, value, list(headers or [])))
+            self.cbs.append(on_delivery)
+
+        def flush(self, timeout: float = 0) -> int:
+            cbs, self.cbs = self.cbs, []
+            for cb in cbs:
+                cb(None, None)
+            return 0
+
+        poll = flush
+
+    spool = Spool(tmp_path, max_bytes=1 << 22, segment_bytes=64 << 10, fsync=False)
+    value = codec.encode_record("control_event", pause("emp-a"))
+    spool.append(SpoolEntry("controls", b"emp-a", value, 0))
+    spool.append(SpoolEntry("events", b"emp-a", b"batch", 1))
+    sh = Shipper(spool, {}, {"events": "ev", "controls": "ct"}, producer_factory=Recorder,  # type: ignore[arg-type]
+                 stats_interval_s=None, control_signer=DEV_A)
+    sh.ship_once(1.0)
+    by_topic = {t: (k, v, h) for t, k, v, h in produced}
+    k, v, h = by_topic["ct"]
+    assert VERIFIER.verify(h, "controls", k, v, devices={"dev-a": DEV_A_KEY.public_key()}).signer == "dev-a"
+    assert by_topic["ev"][2] == []  # only controls are signed
+    spool.close()
