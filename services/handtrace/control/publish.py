@@ -45,7 +45,8 @@ def _send(settings: Settings, topic: str, role: str, key: bytes, value: bytes, t
     errors: list[str] = []
     p = Producer(producer_config(settings.kafka))
     # Signed as late as possible: ht-sent-at is compared with the broker's append time.
-    p.produce(topic, key=key, value=value, headers=signer.headers(role, key, value),
+    headers: list[tuple[str, str | bytes | None]] = list(signer.headers(role, key, value))
+    p.produce(topic, key=key, value=value, headers=headers,
               on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
     remaining = p.flush(timeout_s)
     if remaining or errors:
@@ -117,20 +118,24 @@ def current_policy_version(settings: Settings, timeout_s: float = 15.0) -> int:
             msg = c.poll(timeout_s)
             if msg is None:
                 raise ControlError(f"timed out reading {topic}")
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     break
-                raise ControlError(f"{topic}: {msg.error().str()}")
+                raise ControlError(f"{topic}: {err.str()}")
             value = msg.value() or b""
+            raw_headers = msg.headers() or []
+            headers = [(k, v if isinstance(v, bytes) else (v or "").encode())
+                       for k, v in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)]
             try:
-                check.verify(msg.headers() or (), "policy", msg.key(), value)
+                check.verify(headers, "policy", msg.key(), value)
                 rec = codec.decode_record(value, "control_event")
             except (Refused, codec.DecodeError):
                 pass  # a forged or broken record sets no version
             else:
                 if rec.get("policy"):
                     version = max(version, int(rec["policy"]["version"]))
-            if msg.offset() + 1 >= high:
+            if (msg.offset() or 0) + 1 >= high:
                 break
     except Exception as e:
         if isinstance(e, ControlError):

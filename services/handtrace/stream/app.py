@@ -211,7 +211,10 @@ class PolicyState:
                 for tp, records in batch.items():
                     for r in records:
                         m = message_of(r)
-                        self.apply(m) if tp.topic == topic else self.apply_device(m)
+                        if tp.topic == topic:
+                            self.apply(m)
+                        else:
+                            self.apply_device(m)
                 positions = {tp: await consumer.position(tp) for tp in tps}
                 caught_up = all(positions[tp] >= end[tp] for tp in tps)
                 if caught_up:

@@ -191,7 +191,7 @@ def admit(msg: ControlMessage, auth: ControlAuth) -> Admitted:
         raise Refused("not_permitted")
     if msg.key != employee.encode():
         raise Refused("key_mismatch")
-    if msg.partition != partition_for_key(msg.key, auth.partitions):
+    if msg.partition != partition_for_key(employee.encode(), auth.partitions):
         raise Refused("wrong_partition")
     sig = auth.verifier.verify(msg.headers, "controls", msg.key, msg.value, devices=auth.devices.public_keys())
     if sig.kind == DEVICE:
