@@ -338,9 +338,10 @@ class Shipper:
 
     def _produce(self, seq: int, entry: SpoolEntry, res: ShipResult) -> None:
         topic = self.topics[entry.topic_role]
-        headers = list(entry.headers)
+        signed = entry.headers
         if entry.topic_role == "controls" and self.control_signer is not None:
-            headers = self.control_signer.resign("controls", entry.key, entry.value, headers)
+            signed = tuple(self.control_signer.resign("controls", entry.key, entry.value, entry.headers))
+        headers: list[tuple[str, str | bytes | None]] = list(signed)
         for _attempt in range(3):
             try:
                 self._producer.produce(topic, value=entry.value, key=entry.key,
