@@ -6,8 +6,13 @@ enrolled device's pause for its own employee) apply."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
+import subprocess
+import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -19,7 +24,9 @@ from handtrace.core import clickhouse, codec, ids
 from handtrace.core.admin import group_lag
 from handtrace.core.clock import now_us
 from handtrace.core.partitioning import partition_for_key
-from handtrace.core.signing import DEV_KEY_ID, Signer, issuer_signer
+from handtrace.core.settings import settings_env
+from handtrace.core.signing import DEV_KEY_ID, Signer, issuer_signer, public_key_b64
+from handtrace.stream.app import PolicyState
 from handtrace.stream.steps.pseudonymise import pseudonym
 from tests.factories import make_event
 from tests.integration.conftest import enroll_device, producer, topics_of, wait_for
@@ -154,3 +161,61 @@ def test_forged_controls_change_nothing_and_genuine_ones_apply(  # type: ignore[
     for emp, times in expected.items():
         assert sorted(by_key.get(pseudonym(key, "employee", emp), [])) == sorted(times), emp
     assert set(by_key) <= {pseudonym(key, "employee", e) for e in expected}
+
+
+def _cli(s: Any, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}
+    return subprocess.run([sys.executable, "-m", "handtrace.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**base, **settings_env(s), **env})
+
+
+def test_the_cli_signs_refuses_without_a_key_and_keeps_policy_versions_monotonic(  # type: ignore[no-untyped-def]
+    settings_factory, tmp_path
+) -> None:
+    s = settings_factory()
+    t = topics_of(s)
+    policy = {"version": 3, "allowed_apps": ["code"], "allowed_domains": [], "sampling": {}, "text_capture": {}}
+    path = tmp_path / "policy.json"
+
+    def write(version: int) -> None:
+        path.write_text(json.dumps({**policy, "version": version}))
+
+    write(3)
+    r = _cli(s, "control", "policy", "set", str(path), "--actor", "ops-1", HANDTRACE_DEV_MODE="false")
+    assert r.returncode != 0 and "HANDTRACE_CONTROL__SIGNING_KEY" in r.stderr
+    assert _cli(s, "control", "policy", "set", str(path), "--actor", "ops-1").returncode == 0
+    for version in (3, 2):
+        write(version)
+        r = _cli(s, "control", "policy", "set", str(path), "--actor", "ops-1")
+        assert r.returncode != 0 and "use version 4" in r.stderr.replace("\n", " "), r.stderr
+    write(2**53 + 1)
+    r = _cli(s, "control", "policy", "set", str(path), "--actor", "ops-1")
+    text = r.stderr.replace("\n", " ")
+    assert r.returncode != 0 and "2**53" in text and "use version 4" in text, text
+    write(4)
+    assert _cli(s, "control", "policy", "set", str(path), "--actor", "ops-1").returncode == 0
+    # Enrollment through the CLI: a signed record on the devices topic that the worker's registry takes.
+    key = Ed25519PrivateKey.generate()
+    r = _cli(s, "control", "device", "enroll", "emp-1", "dev-1", public_key_b64(key), "--actor", "it-1")
+    assert r.returncode == 0, r.stderr
+    from confluent_kafka import Consumer, TopicPartition
+
+    from handtrace.core.signing import verifier
+    from handtrace.stream.controls import DeviceRegistry, message_of_confluent
+
+    c = Consumer({**s.kafka.librdkafka(), "group.id": "t", "enable.partition.eof": True})
+    c.assign([TopicPartition(t.devices, 0, 0), TopicPartition(t.policy, 0, 0)])
+    got: dict[str, list[Any]] = {t.devices: [], t.policy: []}
+    deadline = time.monotonic() + 30
+    while (len(got[t.devices]) < 1 or len(got[t.policy]) < 2) and time.monotonic() < deadline:
+        m = c.poll(1)
+        if m is not None and not m.error():
+            got[m.topic()].append(message_of_confluent(m))
+    c.close()
+    reg = DeviceRegistry()
+    assert reg.apply(got[t.devices][0], verifier(s), 3_600_000_000) == "enrolled"
+    assert reg.employee_of("dev-1") == "emp-1"
+    # Every policy on the topic is signed; the versions published are 3 then 4.
+    ps = PolicyState(verifier(s))
+    assert [ps.apply(m) for m in got[t.policy]] == ["policy_update", "policy_update"]
+    assert ps.policy.version == 4

@@ -82,6 +82,14 @@ def message_of(message: Any) -> ControlMessage:
                           int(message.partition), headers, appended)
 
 
+def message_of_confluent(message: Any) -> ControlMessage:
+    """A confluent_kafka.Message as a ControlMessage (append time only if LogAppendTime)."""
+    ts_type, ts_ms = message.timestamp()
+    appended = ts_ms * 1000 if ts_type == 2 and ts_ms > 0 else None  # 2: TIMESTAMP_LOG_APPEND_TIME
+    headers = tuple((k, bytes(v) if v is not None else b"") for k, v in (message.headers() or ()))
+    return ControlMessage(message.value() or b"", message.key(), int(message.partition()), headers, appended)
+
+
 def decode(value: bytes, subject: str) -> dict[str, Any]:
     """Decode or refuse as ``invalid``."""
     try:
@@ -119,10 +127,11 @@ class DeviceRegistry:
     """Enrolled devices, followed from the compacted devices topic (every worker reads it all)."""
 
     devices: dict[str, Enrollment] = field(default_factory=dict)
+    _keys: dict[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
 
-    def public_keys(self) -> dict[str, Ed25519PublicKey]:
-        """Device id -> public key, enrolled devices only."""
-        return {d: e.public_key for d, e in self.devices.items() if e.public_key is not None}
+    def public_keys(self) -> Mapping[str, Ed25519PublicKey]:
+        """Device id -> public key, enrolled devices only (kept up to date, not rebuilt per call)."""
+        return self._keys
 
     def employee_of(self, device_id: str) -> str | None:
         """The employee a device is enrolled for (None: not enrolled, or revoked)."""
@@ -148,8 +157,10 @@ class DeviceRegistry:
             except ValueError:
                 raise Refused("invalid", "public_key") from None
             self.devices[device] = Enrollment(rec["employee_id"], pub, sig.sent_at_us)
+            self._keys[device] = pub
             return "enrolled"
         self.devices[device] = Enrollment(rec["employee_id"], None, sig.sent_at_us)
+        self._keys.pop(device, None)
         return "revoked"
 
 
