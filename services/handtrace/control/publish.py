@@ -25,7 +25,7 @@ from handtrace.core.controls import (
 )
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings
-from handtrace.core.signing import KeyConfigError, Refused, Signer, issuer_signer, verifier
+from handtrace.core.signing import KeyConfigError, Refused, Signer, Verifier, issuer_signer, verifier
 from handtrace.core.topics import Topics
 
 __all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "control_record",
@@ -101,10 +101,13 @@ def current_policy_version(settings: Settings, timeout_s: float = 15.0) -> int:
     """The version of the policy in force: the highest control-plane-signed version on the policy
     topic (0 when there is none). What workers honour next must be greater."""
     topic = Topics.from_settings(settings.topics).policy
+    own = _signer(settings)  # the control plane checks with its own key and the configured ones
     try:
-        check = verifier(settings)
-    except KeyConfigError as e:
-        raise ControlError(str(e)) from None
+        configured = verifier(settings)
+    except KeyConfigError:
+        configured = Verifier()
+    check = Verifier({**configured.keys, own.signer_id.split(":", 1)[1]: own.private_key.public_key()},
+                     configured.retired)
     c = Consumer({**settings.kafka.librdkafka(), "group.id": f"handtrace-cli-{ids.uuid7_bytes().hex()}",
                   "enable.auto.commit": False, "enable.partition.eof": True})
     version = 0
