@@ -482,6 +482,22 @@ def _publish_device(employee: str, device: str, public_key: str | None, actor: s
     console.print(f"device {device} {'revoked' if revoke else f'enrolled for {employee}'}")
 
 
+@control_app.command("resign")
+def control_resign(
+    actor: Annotated[str, typer.Option(help="Ops user rotating the key.")],
+    reason: str = "key rotation",
+) -> None:
+    """Key rotation: re-publish the policy in force (version + 1) and every enrolled device, signed
+    with the current HANDTRACE_CONTROL__SIGNING_KEY; then the old key id can be retired."""
+    from handtrace.control.publish import ControlError, resign
+
+    try:
+        version, devices = resign(_settings(), actor=actor, reason=reason)
+    except ControlError as e:
+        raise _fail(str(e)) from None
+    console.print(f"re-signed: policy {'v' + str(version) if version else '(none in force)'}, {devices} devices")
+
+
 @control_app.command("keygen")
 def control_keygen(
     key_id: Annotated[str, typer.Option(help="Key id for the new pair (e.g. the month it starts).")] = "cp1",

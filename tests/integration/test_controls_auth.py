@@ -24,8 +24,8 @@ from handtrace.core import clickhouse, codec, ids
 from handtrace.core.admin import group_lag
 from handtrace.core.clock import now_us
 from handtrace.core.partitioning import partition_for_key
-from handtrace.core.settings import settings_env
-from handtrace.core.signing import DEV_KEY_ID, Signer, issuer_signer, public_key_b64
+from handtrace.core.settings import ControlSettings, settings_env
+from handtrace.core.signing import DEV_KEY_ID, Refused, Signer, generate_key_pair, issuer_signer, public_key_b64
 from handtrace.stream.app import PolicyState
 from handtrace.stream.steps.pseudonymise import pseudonym
 from tests.factories import make_event
@@ -219,3 +219,34 @@ def test_the_cli_signs_refuses_without_a_key_and_keeps_policy_versions_monotonic
     ps = PolicyState(verifier(s))
     assert [ps.apply(m) for m in got[t.policy]] == ["policy_update", "policy_update"]
     assert ps.policy.version == 4
+
+    # Key rotation: the control plane switches to a new key and re-signs the policy in force and
+    # the enrollments; with the old key id retired, workers still have both.
+    old_pub = public_key_b64(issuer_signer(s).private_key)
+    new_priv, new_pub = generate_key_pair()
+    rotated = s.model_copy(update={"dev_mode": False, "control": ControlSettings(
+        signing_key=new_priv, signing_key_id="cp2", public_keys={"dev": old_pub, "cp2": new_pub})})
+    r = _cli(rotated, "control", "resign", "--actor", "ops-1")
+    assert r.returncode == 0 and "policy v5, 1 devices" in r.stdout.replace("\n", " "), r.stdout + r.stderr
+    retired = rotated.model_copy(update={"control": ControlSettings(
+        public_keys={"dev": old_pub, "cp2": new_pub}, retired_key_ids=["dev"])})
+    c = Consumer({**s.kafka.librdkafka(), "group.id": "t2", "enable.partition.eof": True})
+    c.assign([TopicPartition(t.devices, 0, 0), TopicPartition(t.policy, 0, 0)])
+    got = {t.devices: [], t.policy: []}
+    deadline = time.monotonic() + 30
+    while (len(got[t.devices]) < 2 or len(got[t.policy]) < 3) and time.monotonic() < deadline:
+        m = c.poll(1)
+        if m is not None and not m.error():
+            got[m.topic()].append(message_of_confluent(m))
+    c.close()
+    ps = PolicyState(verifier(retired))
+    assert [ps.apply(m) for m in got[t.policy]] == ["retired_key", "retired_key", "policy_update"]
+    assert ps.policy.version == 5 and ps.policy.allowed_apps == frozenset({"code"})
+    reg = DeviceRegistry()
+    outcomes = []
+    for m in got[t.devices]:
+        try:
+            outcomes.append(reg.apply(m, verifier(retired), 3_600_000_000))
+        except Refused as e:
+            outcomes.append(e.reason)
+    assert outcomes == ["retired_key", "enrolled"] and reg.employee_of("dev-1") == "emp-1"

@@ -25,11 +25,21 @@ from handtrace.core.controls import (
 )
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings
-from handtrace.core.signing import KeyConfigError, Refused, Signer, Verifier, issuer_signer, verifier
+from handtrace.core.signing import (
+    CONTROL_PLANE,
+    KeyConfigError,
+    Refused,
+    Signature,
+    Signer,
+    Verifier,
+    issuer_signer,
+    verifier,
+)
 from handtrace.core.topics import Topics
 
 __all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "control_record",
-           "current_policy_version", "device_record", "pause_record", "policy_record", "publish", "publish_device"]
+           "current_policy", "current_policy_version", "device_record", "enrolled_devices", "pause_record",
+           "policy_record", "publish", "publish_device", "resign"]
 
 
 def _signer(settings: Settings) -> Signer:
@@ -97,25 +107,30 @@ def publish_device(settings: Settings, record: dict[str, Any], timeout_s: float 
           codec.encode_record("device_enrollment", record), timeout_s, signer)
 
 
-def current_policy_version(settings: Settings, timeout_s: float = 15.0) -> int:
-    """The version of the policy in force: the highest control-plane-signed version on the policy
-    topic (0 when there is none). What workers honour next must be greater."""
-    topic = Topics.from_settings(settings.topics).policy
-    own = _signer(settings)  # the control plane checks with its own key and the configured ones
+def _control_plane_verifier(settings: Settings) -> Verifier:
+    """The configured public keys plus the control plane's own (it needs no verifier settings)."""
+    own = _signer(settings)
     try:
         configured = verifier(settings)
     except KeyConfigError:
         configured = Verifier()
-    check = Verifier({**configured.keys, own.signer_id.split(":", 1)[1]: own.private_key.public_key()},
-                     configured.retired)
+    return Verifier({**configured.keys, own.signer_id.split(":", 1)[1]: own.private_key.public_key()},
+                    configured.retired)
+
+
+def _signed_records(settings: Settings, topic: str, role: str, subject: str,
+                    timeout_s: float) -> list[tuple[Signature, dict[str, Any]]]:
+    """Every record of single-partition ``topic`` that a current control-plane key signed, in
+    order (forged or broken ones are skipped)."""
+    check = _control_plane_verifier(settings)
     c = Consumer({**settings.kafka.librdkafka(), "group.id": f"handtrace-cli-{ids.uuid7_bytes().hex()}",
                   "enable.auto.commit": False, "enable.partition.eof": True})
-    version = 0
+    out: list[tuple[Signature, dict[str, Any]]] = []
     try:
         tp = TopicPartition(topic, 0)
         low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
         if high <= low:
-            return 0
+            return out
         c.assign([TopicPartition(topic, 0, low)])
         while True:
             msg = c.poll(timeout_s)
@@ -131,20 +146,66 @@ def current_policy_version(settings: Settings, timeout_s: float = 15.0) -> int:
             headers = [(k, v if isinstance(v, bytes) else (v or "").encode())
                        for k, v in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)]
             try:
-                check.verify(headers, "policy", msg.key(), value)
-                rec = codec.decode_record(value, "control_event")
+                sig = check.verify(headers, role, msg.key(), value)
+                if sig.kind == CONTROL_PLANE:
+                    out.append((sig, codec.decode_record(value, subject)))
             except (Refused, codec.DecodeError):
-                pass  # a forged or broken record sets no version
-            else:
-                if rec.get("policy"):
-                    version = max(version, int(rec["policy"]["version"]))
+                pass  # a forged or broken record counts for nothing
             if (msg.offset() or 0) + 1 >= high:
                 break
+    except ControlError:
+        raise
     except Exception as e:
-        if isinstance(e, ControlError):
-            raise
-        raise ControlError(f"cannot read the policy in force from {topic}: {e}") from e
+        raise ControlError(f"cannot read {topic}: {e}") from e
     finally:
         c.close()
-    return version
+    return out
 
+
+def current_policy(settings: Settings, timeout_s: float = 15.0) -> dict[str, Any] | None:
+    """The policy in force: the highest control-plane-signed version on the policy topic."""
+    topic = Topics.from_settings(settings.topics).policy
+    best: dict[str, Any] | None = None
+    for _sig, rec in _signed_records(settings, topic, "policy", "control_event", timeout_s):
+        pol = rec.get("policy")
+        if rec.get("kind") == "policy_update" and pol and (best is None or pol["version"] > best["version"]):
+            best = pol
+    return best
+
+
+def current_policy_version(settings: Settings, timeout_s: float = 15.0) -> int:
+    """The version of the policy in force (0 when there is none). What workers honour next must
+    be greater."""
+    pol = current_policy(settings, timeout_s)
+    return int(pol["version"]) if pol else 0
+
+
+def enrolled_devices(settings: Settings, timeout_s: float = 15.0) -> dict[str, dict[str, Any]]:
+    """Device id -> its current DeviceEnrollment (control-plane-signed, newest per device), enrolled
+    devices only."""
+    topic = Topics.from_settings(settings.topics).devices
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    for sig, rec in _signed_records(settings, topic, "devices", "device_enrollment", timeout_s):
+        d = rec["device_id"]
+        if d not in latest or sig.sent_at_us > latest[d][0]:
+            latest[d] = (sig.sent_at_us, rec)
+    return {d: rec for d, (_t, rec) in latest.items() if rec["status"] == "enrolled"}
+
+
+def resign(settings: Settings, *, actor: str, reason: str = "key rotation") -> tuple[int | None, int]:
+    """Key rotation: re-publish the policy in force as version + 1 and every enrolled device, signed
+    with the current signing key, so that the old key id can then be retired. Returns (new policy
+    version or None, devices re-enrolled)."""
+    pol = current_policy(settings)
+    devices = enrolled_devices(settings)
+    version = None
+    if pol is not None:
+        version = int(pol["version"]) + 1
+        if version > MAX_POLICY_VERSION:
+            raise ControlError(f"the policy in force has version {pol['version']}: no room above it")
+        publish(settings, control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason,
+                                         policy={**pol, "version": version}))
+    for rec in devices.values():
+        publish_device(settings, device_record(rec["employee_id"], rec["device_id"], bytes(rec["public_key"]),
+                                               actor=actor, reason=reason))
+    return version, len(devices)
