@@ -278,14 +278,17 @@ def test_policy_versions_only_from_the_control_plane_and_only_upwards() -> None:
     assert [(t, p.version) for t, p in ps.history] == [(T0, 3), (T0 + 3 * S, 4)]
 
 
-def test_policy_history_keeps_recent_policies_and_always_the_current_one() -> None:
+def test_policy_history_keeps_recent_policies_and_the_one_in_force_at_the_horizon() -> None:
     ps = PolicyState(VERIFIER, max_clock_offset_s=86_400, max_event_age_s=7 * 86_400)
     for v in range(1, 4):
         ps.apply(policy_msg(v, at=T0 + v * DAY), T0 + v * DAY)
     ps.apply(policy_msg(9, at=T0 + 20 * DAY), T0 + 20 * DAY)
-    assert [p.version for _, p in ps.history] == [9]
-    ps.apply(policy_msg(10, at=T0 + 21 * DAY), T0 + 21 * DAY)
+    # v3 was in force 7 days before now (the oldest capture time accepted): kept; v1, v2 not.
+    assert [p.version for _, p in ps.history] == [3, 9]
+    ps.apply(policy_msg(10, at=T0 + 28 * DAY), T0 + 28 * DAY)
     assert [p.version for _, p in ps.history] == [9, 10]
+    ps.apply(policy_msg(11, at=T0 + 40 * DAY), T0 + 40 * DAY)
+    assert [(t, p.version) for t, p in ps.history] == [(T0 + 28 * DAY, 10), (T0 + 40 * DAY, 11)]
 
 
 # ---------------------------------------------------------------- keys from settings
@@ -475,3 +478,35 @@ def test_the_shipper_signs_controls_with_the_device_key_at_produce_time(tmp_path
     assert VERIFIER.verify(h, "controls", k, v, devices={"dev-a": DEV_A_KEY.public_key()}).signer == "dev-a"
     assert by_topic["ev"][2] == []  # only controls are signed
     spool.close()
+
+
+def test_consumed_messages_carry_the_brokers_append_time_only_when_it_stamped_them() -> None:
+    from types import SimpleNamespace
+
+    from handtrace.stream.controls import message_of, message_of_confluent
+
+    faust_msg = SimpleNamespace(value=b"v", key=b"k", partition=2, headers=[("h", b"x")], timestamp=1.5,
+                                timestamp_type=1)
+    assert message_of(faust_msg) == ControlMessage(b"v", b"k", 2, (("h", b"x"),), 1_500_000)
+    aiokafka_record = SimpleNamespace(value=b"v", key=None, partition=0, headers=(), timestamp=1500,
+                                      timestamp_type=1)
+    assert message_of(aiokafka_record).appended_us == 1_500_000
+    assert message_of(SimpleNamespace(**{**aiokafka_record.__dict__, "timestamp_type": 0})).appended_us is None
+
+    class Confluent:
+        def timestamp(self) -> tuple[int, int]:
+            return (2, 1500)
+
+        def value(self) -> bytes:
+            return b"v"
+
+        def key(self) -> bytes:
+            return b"k"
+
+        def headers(self) -> None:
+            return None
+
+        def partition(self) -> int:
+            return 1
+
+    assert message_of_confluent(Confluent()) == ControlMessage(b"v", b"k", 1, (), 1_500_000)

@@ -113,7 +113,9 @@ class PolicyState:
 
     Only control-plane-signed records count (docs/adr/0009-authentic-controls.md): a policy is
     honoured when its version is greater than the one in force; ``history`` keeps recent
-    policies as (broker append time, policy), newest last."""
+    policies as (broker append time µs, policy), newest last: those published within
+    ``max_event_age_s`` of the stream's clock, the one in force at that horizon, and always the
+    current one."""
 
     def __init__(self, verifier: Verifier, *, max_clock_offset_s: float = 86_400.0,
                  max_event_age_s: float = 7 * 86_400.0) -> None:
@@ -156,9 +158,12 @@ class PolicyState:
             return r.reason
         self.policy = new
         at = msg.appended_us if msg.appended_us is not None else sig.sent_at_us + offset
+        # Kept: every policy published within max_event_age (the oldest capture time accepted)
+        # and the one in force at that horizon -- all an accepted event's capture time can need.
+        entries = (*self.history, (at, new))
         horizon = now - self.max_age_us
-        older = tuple(h for h in self.history if h[0] >= horizon)
-        self.history = (*older, (at, new))
+        at_horizon = [i for i, (t, _) in enumerate(entries) if t <= horizon]
+        self.history = entries[at_horizon[-1] if at_horizon else 0:]
         metrics.POLICY_VERSION.set(new.version)
         metrics.CONTROLS.labels("policy_update").inc()
         return "policy_update"
