@@ -183,9 +183,13 @@ def topics_list() -> None:
 @stream_app.command("worker")
 def stream_worker() -> None:
     """Run one Faust stream worker (until SIGTERM/SIGINT)."""
+    from handtrace.core.signing import KeyConfigError
     from handtrace.stream.app import main
 
-    main()
+    try:
+        main()
+    except KeyConfigError as e:  # no control-plane public keys outside dev mode (ADR 0009)
+        raise _fail(str(e)) from None
 
 
 @sink_app.command("run")
