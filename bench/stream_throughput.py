@@ -805,6 +805,7 @@ def phase_baseline(s: Settings, meter: CpuMeter, msgs: list[Message], policy_pat
 def make_settings(root: Path, bootstrap: str, tag: str, partitions: int, name: str) -> Settings:
     return Settings(
         state_dir=root / f"state-{name}",
+        dev_mode=True,  # a generated control-plane key pair signs the policy (ADR 0009)
         kafka={"bootstrap_servers": bootstrap},
         topics={"prefix": f"bench{tag}{name}", "partitions": partitions},
         stream={"app_id": f"bench-{name}-{tag}", "metrics_port": 0,

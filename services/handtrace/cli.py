@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,8 +29,11 @@ control_app = typer.Typer(help="Controls: pauses and exemptions (HR, employees),
                           no_args_is_help=True)
 exemption_app = typer.Typer(help="Exemptions from capture.", no_args_is_help=True)
 policy_app = typer.Typer(help="The global capture policy.", no_args_is_help=True)
+device_app = typer.Typer(help="Laptops whose own key may pause and resume capture for one employee.",
+                         no_args_is_help=True)
 control_app.add_typer(exemption_app, name="exemption")
 control_app.add_typer(policy_app, name="policy")
+control_app.add_typer(device_app, name="device")
 app.add_typer(control_app, name="control")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
@@ -81,6 +85,9 @@ def demo(
 
     # SIGTERM (e.g. `timeout`, a supervisor) cleans up like Ctrl-C: no orphaned broker or worker.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # The demo is development by definition: its control-plane key pair (and other secrets) are
+    # generated under the state dir, and the worker it starts (same environment) uses them.
+    os.environ.setdefault("HANDTRACE_DEV_MODE", "true")
     s = _settings()
     try:
         r = run_demo(s, agents=agents, duration_s=duration, speedup=speedup,
@@ -180,9 +187,13 @@ def topics_list() -> None:
 @stream_app.command("worker")
 def stream_worker() -> None:
     """Run one Faust stream worker (until SIGTERM/SIGINT)."""
+    from handtrace.core.signing import KeyConfigError
     from handtrace.stream.app import main
 
-    main()
+    try:
+        main()
+    except KeyConfigError as e:  # no control-plane public keys outside dev mode (ADR 0009)
+        raise _fail(str(e)) from None
 
 
 @sink_app.command("run")
@@ -256,6 +267,22 @@ def agent_run(
     st = agent.status()
     console.print(f"stopped: {st.events_captured:,} events captured, {st.events_sent:,} sent, "
                   f"{st.spool_events:,} waiting in the spool")
+
+
+@agent_app.command("device-key")
+def agent_device_key() -> None:
+    """This laptop's device id and public key, for enrollment by the control plane (the key is
+    generated here on first use and never leaves the laptop)."""
+    from handtrace.agent.service import device_id_of, device_key_path
+    from handtrace.core.signing import load_or_create_key, public_key_b64
+
+    s = _settings()
+    key = load_or_create_key(device_key_path(s))
+    device = device_id_of(s)
+    pub = public_key_b64(key)
+    console.print(f"device id:  {device}\npublic key: {pub}")
+    console.print(f"enroll it:  handtrace control device enroll EMPLOYEE {device} {pub} --actor YOU --reason ...",
+                  soft_wrap=True)
 
 
 def _parse_duration(text: str) -> float:
@@ -410,14 +437,87 @@ def policy_set(
     actor: Annotated[str, typer.Option(help="Ops user making the change.")],
     reason: str = "",
 ) -> None:
-    """Publish a new global policy (allowlists, sampling, masking); workers apply it live."""
-    from handtrace.control.publish import ControlError, policy_record
+    """Publish a new global policy (allowlists, sampling, masking); workers apply it live. Its
+    version must be greater than the one in force (workers ignore anything else)."""
+    from handtrace.control.publish import ControlError, current_policy_version, policy_record
 
+    s = _settings()
     try:
+        current = current_policy_version(s)
         rec = policy_record(path, actor=actor, reason=reason)
     except ControlError as e:
-        raise _fail(str(e)) from None
+        hint = f" (the policy in force is v{current}: use version {current + 1})" if "version" in str(e) else ""
+        raise _fail(f"{e}{hint}") from None
+    if rec["policy"]["version"] <= current:
+        raise _fail(f"{path}: version {rec['policy']['version']} is not greater than the policy in force "
+                    f"(v{current}); workers and agents would ignore it: use version {current + 1}")
     _publish(rec)
+
+
+@device_app.command("enroll")
+def device_enroll(
+    employee: Annotated[str, typer.Argument(help="Employee id the laptop captures for.")],
+    device: Annotated[str, typer.Argument(help="Device id (from `handtrace agent device-key` on the laptop).")],
+    public_key: Annotated[str, typer.Argument(help="The laptop's public key (same command).")],
+    actor: Annotated[str, typer.Option(help="IT/ops user enrolling it.")],
+    reason: str = "",
+) -> None:
+    """Enroll a laptop: its own key may then pause, resume and ask for an exemption -- for this
+    employee only."""
+    _publish_device(employee, device, public_key, actor, reason, revoke=False)
+
+
+@device_app.command("revoke")
+def device_revoke(
+    employee: Annotated[str, typer.Argument(help="Employee id the laptop was enrolled for.")],
+    device: Annotated[str, typer.Argument(help="Device id.")],
+    actor: Annotated[str, typer.Option(help="IT/ops user revoking it.")],
+    reason: str = "",
+) -> None:
+    """Withdraw a laptop's enrollment: nothing it signs is honoured any more (lost or replaced)."""
+    _publish_device(employee, device, None, actor, reason, revoke=True)
+
+
+def _publish_device(employee: str, device: str, public_key: str | None, actor: str, reason: str, *,
+                    revoke: bool) -> None:
+    from handtrace.control.publish import ControlError, device_record, publish_device
+
+    try:
+        publish_device(_settings(), device_record(employee, device, public_key, actor=actor, reason=reason,
+                                                  revoke=revoke))
+    except ControlError as e:
+        raise _fail(str(e)) from None
+    console.print(f"device {device} {'revoked' if revoke else f'enrolled for {employee}'}")
+
+
+@control_app.command("resign")
+def control_resign(
+    actor: Annotated[str, typer.Option(help="Ops user rotating the key.")],
+    reason: str = "key rotation",
+) -> None:
+    """Key rotation: re-publish the policy in force (version + 1) and every enrolled device, signed
+    with the current HANDTRACE_CONTROL__SIGNING_KEY; then the old key id can be retired."""
+    from handtrace.control.publish import ControlError, resign
+
+    try:
+        version, devices = resign(_settings(), actor=actor, reason=reason)
+    except ControlError as e:
+        raise _fail(str(e)) from None
+    console.print(f"re-signed: policy {'v' + str(version) if version else '(none in force)'}, {devices} devices")
+
+
+@control_app.command("keygen")
+def control_keygen(
+    key_id: Annotated[str, typer.Option(help="Key id for the new pair (e.g. the month it starts).")] = "cp1",
+) -> None:
+    """Print a new control-plane key pair as settings: the private key for the control plane only,
+    the public key for every worker and agent (add it next to the old one when rotating)."""
+    from handtrace.core.signing import generate_key_pair
+
+    priv, pub = generate_key_pair()
+    console.print(f"# control plane only (secret):\nHANDTRACE_CONTROL__SIGNING_KEY={priv}\n"
+                  f"HANDTRACE_CONTROL__SIGNING_KEY_ID={key_id}\n# workers and agents (add to the existing ones):\n"
+                  f"HANDTRACE_CONTROL__PUBLIC_KEYS='{{\"{key_id}\": \"{pub}\"}}'", soft_wrap=True, markup=False)
 
 
 @app.command()

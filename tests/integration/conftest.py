@@ -16,13 +16,15 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from handtrace.control.publish import control_record, publish
+from handtrace.control.publish import control_record, device_record, publish, publish_device
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import BrokerError, LocalBroker
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings, settings_env
+from handtrace.core.signing import Signer, device_signer, public_key_b64
 from handtrace.core.topics import Topics
 from handtrace.sink.writer import Sink
 from tests.conftest import free_port
@@ -73,6 +75,9 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Sett
         tag = uuid.uuid4().hex[:10]
         base: dict[str, Any] = {
             "state_dir": tmp_path / f"state-{tag}",
+            # Development mode: the control-plane key pair is generated once under the test's
+            # state dir; publish() signs with it and the worker (same state dir) verifies with it.
+            "dev_mode": True,
             "kafka": {"bootstrap_servers": kafka_bootstrap},
             "topics": {"prefix": f"t{tag}", "partitions": 3},
             "stream": {"app_id": f"stream-{tag}", "metrics_port": free_port(),
@@ -125,8 +130,17 @@ class StreamWorker:
 
 
 def publish_policy(s: Settings, policy: dict[str, Any]) -> None:
-    """Publish a global policy (workers read the policy topic to its end before enforcing)."""
+    """Publish a global policy, signed by the control plane's (development) key (workers read
+    the policy topic to its end before enforcing)."""
     publish(s, control_record("policy_update", employee_id=None, actor="test", role="ops", policy=policy))
+
+
+def enroll_device(s: Settings, employee: str, device: str) -> Signer:
+    """Enroll a new device key for ``employee`` (signed by the control plane); its signer signs
+    that employee's own pauses as the agent's shipper does."""
+    key = Ed25519PrivateKey.generate()
+    publish_device(s, device_record(employee, device, public_key_b64(key), actor="it-test"))
+    return device_signer(device, key)
 
 
 @pytest.fixture

@@ -84,29 +84,31 @@ def _rec(kind: str, at: int, **kw: object) -> dict[str, object]:
 
 
 def test_pause_longer_than_30_minutes_is_clamped_and_counted() -> None:
-    state, clamped = apply_control(EmployeeControls(), _rec("pause_start", T0, pause_ends_at_us=T0 + 45 * MIN))
+    state, clamped = apply_control(EmployeeControls(), _rec("pause_start", T0, pause_ends_at_us=T0 + 45 * MIN),
+                                   now_us=T0)
     assert clamped
     assert state.pauses == (PauseWindow(T0, T0 + MAX_PAUSE_US),)
 
 
 def test_pause_without_end_lasts_30_minutes_and_early_resume_shortens_it() -> None:
-    state, clamped = apply_control(EmployeeControls(), _rec("pause_start", T0))
+    state, clamped = apply_control(EmployeeControls(), _rec("pause_start", T0), now_us=T0)
     assert not clamped and state.pauses == (PauseWindow(T0, T0 + MAX_PAUSE_US),)
-    state, _ = apply_control(state, _rec("pause_end", T0 + 5 * MIN))
+    state, _ = apply_control(state, _rec("pause_end", T0 + 5 * MIN), now_us=T0)
     assert state.pauses == (PauseWindow(T0, T0 + 5 * MIN),)
 
 
 def test_exemption_grant_then_revoke_and_state_round_trips() -> None:
-    state, _ = apply_control(EmployeeControls(), _rec("exemption_grant", T0, exemption_effective_at_us=T0 + MIN))
+    state, _ = apply_control(EmployeeControls(), _rec("exemption_grant", T0, exemption_effective_at_us=T0 + MIN),
+                             now_us=T0)
     assert state.exemptions == (Exemption(T0 + MIN, None),)
-    state, _ = apply_control(state, _rec("exemption_revoke", T0 + 9 * MIN))
+    state, _ = apply_control(state, _rec("exemption_revoke", T0 + 9 * MIN), now_us=T0)
     assert state.exemptions == (Exemption(T0 + MIN, T0 + 9 * MIN),)
     assert loads(dumps(state)) == state
     assert loads(None) == EmployeeControls()
 
 
 def test_old_windows_are_pruned_but_recent_ones_kept() -> None:
-    state, _ = apply_control(EmployeeControls(), _rec("pause_start", T0))
+    state, _ = apply_control(EmployeeControls(), _rec("pause_start", T0), now_us=T0)
     later = T0 + 9 * 24 * 3600 * 1_000_000
-    state, _ = apply_control(state, _rec("pause_start", later))
+    state, _ = apply_control(state, _rec("pause_start", later), now_us=later)  # the stream's clock prunes
     assert state.pauses == (PauseWindow(later, later + MAX_PAUSE_US),)

@@ -5,6 +5,13 @@ controls topic, only the partition its key maps to, only records with its key).
 The last policy and exemption state are cached on disk, so a laptop that starts offline applies
 the policy it last had; a laptop that never had one captures nothing (fails closed).
 
+Only what the control plane signed is honoured (docs/adr/0009-authentic-controls.md): a policy
+must carry a valid control-plane signature and a version greater than the one in force; an
+exemption grant or revoke must be control-plane-signed, from a sender clock within the offset
+bound of the broker's append time, and new (by control id). Refused records are counted by reason
+in ``ControlState.refused`` (an unsigned grant would only make the laptop capture less, but it is
+still not the control plane's word).
+
 Reading the whole controls partition filters other employees' records on the laptop: fine for a
 pilot, but production deployments should serve each agent its own controls through a small
 authenticated endpoint (ACLs cannot restrict Kafka reads by key) -- recorded in docs/adr.
@@ -20,12 +27,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, TopicPartition
 
 from handtrace.core import codec
+from handtrace.core.clock import clock_offset_us
 from handtrace.core.codec import DecodeError
+from handtrace.core.controls import POLICY_KEY
 from handtrace.core.partitioning import partition_for_key
 from handtrace.core.policy import Policy
+from handtrace.core.signing import CONTROL_PLANE, Refused, Verifier
+
+_SEEN_MAX = 256
 
 
 @dataclass
@@ -37,6 +49,10 @@ class ControlState:
     policy_offset: int = 0
     controls_offset: int = 0
     undecodable: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    """Records not honoured, by reason (unsigned, bad_signature, unknown_key, stale_version, ...)."""
+    seen: list[str] = field(default_factory=list)
+    """Control ids of the last grants and revokes applied (a replay is applied once)."""
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -47,7 +63,7 @@ class ControlState:
     def from_json(cls, text: str) -> ControlState:
         d = json.loads(text)
         return cls(**{k: d[k] for k in ("policy", "exempt_from_us", "policy_offset", "controls_offset",
-                                         "undecodable") if k in d})
+                                         "undecodable", "refused", "seen") if k in d})
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -74,13 +90,16 @@ class ControlPlaneFollower:
     """Reads new policy and controls up to the end of their partitions, on demand."""
 
     def __init__(self, consumer_conf: dict[str, Any], *, policy_topic: str, controls_topic: str,
-                 employee_id: str, state_path: Path) -> None:
+                 employee_id: str, state_path: Path, verifier: Verifier,
+                 max_clock_offset_s: float = 86_400.0) -> None:
         self._conf = {**consumer_conf, "group.id": f"handtrace-agent-{os.getpid()}",
                       "enable.auto.commit": False, "enable.partition.eof": True,
                       "auto.offset.reset": "earliest"}
         self.policy_topic = policy_topic
         self.controls_topic = controls_topic
         self.key = employee_id.encode()
+        self.verifier = verifier
+        self.max_offset_us = int(max_clock_offset_s * 1_000_000)
         self.state_path = state_path
         self.state = ControlState()
         if state_path.exists():
@@ -153,28 +172,61 @@ class ControlPlaneFollower:
                 break
         c.unassign()
 
-    def _on_policy(self, msg: Any) -> None:
-        self.state.policy_offset = msg.offset() + 1
+    def _refuse(self, reason: str) -> None:
+        self.state.refused[reason] = self.state.refused.get(reason, 0) + 1
+
+    def _verified(self, msg: Any, role: str) -> dict[str, Any] | None:
+        """The decoded record if the control plane signed it (from a clock within bounds), else
+        None (counted by reason)."""
+        value = msg.value() or b""
         try:
-            rec = codec.decode_record(msg.value(), "control_event")
+            sig = self.verifier.verify(msg.headers() or (), role, msg.key(), value)
+            if sig.kind != CONTROL_PLANE:
+                raise Refused("not_permitted")
+            ts_type, ts_ms = msg.timestamp()
+            appended = ts_ms * 1000 if ts_type == TIMESTAMP_LOG_APPEND_TIME and ts_ms > 0 else None
+            if clock_offset_us(sig.sent_at_us, appended, self.max_offset_us) is None:
+                raise Refused("clock_offset")
+        except Refused as r:
+            self._refuse(r.reason)
+            return None
+        try:
+            return codec.decode_record(value, "control_event")
         except DecodeError:
             self.state.undecodable += 1
+            return None
+
+    def _on_policy(self, msg: Any) -> None:
+        self.state.policy_offset = msg.offset() + 1
+        if msg.key() != POLICY_KEY:
+            self._refuse("key_mismatch")
+            return
+        rec = self._verified(msg, "policy")
+        if rec is None:
             return
         pol = rec.get("policy")
-        if rec.get("kind") == "policy_update" and pol is not None:
-            if self.state.policy is None or int(pol["version"]) >= int(self.state.policy["version"]):
-                self.state.policy = _jsonable(pol)
+        if rec.get("kind") != "policy_update" or pol is None:
+            self._refuse("not_permitted")
+        elif self.state.policy is None or int(pol["version"]) > int(self.state.policy["version"]):
+            self.state.policy = _jsonable(pol)
+        else:
+            self._refuse("stale_version")
 
     def _on_control(self, msg: Any) -> None:
         self.state.controls_offset = msg.offset() + 1
         if msg.key() != self.key:
             return
-        try:
-            rec = codec.decode_record(msg.value(), "control_event")
-        except DecodeError:
-            self.state.undecodable += 1
+        rec = self._verified(msg, "controls")
+        if rec is None:
             return
         kind = rec.get("kind")
+        if kind not in ("exemption_grant", "exemption_revoke"):
+            return
+        cid = bytes(rec["control_id"]).hex()
+        if cid in self.state.seen:
+            self._refuse("replay")
+            return
+        self.state.seen = [*self.state.seen, cid][-_SEEN_MAX:]
         at = _us(rec.get("exemption_effective_at_us")) or _us(rec.get("occurred_at_us"))
         if kind == "exemption_grant" and at is not None:
             self.state.exempt_from_us = at

@@ -12,13 +12,14 @@ from typing import Any
 from handtrace.agent.capture import CaptureSource
 from handtrace.agent.controlplane import ControlPlaneFollower
 from handtrace.agent.localsock import ControlServer
-from handtrace.agent.runtime import Agent, AgentError
+from handtrace.agent.runtime import Agent, AgentError, default_device_id
 from handtrace.agent.shipper import Shipper, TokenBucket
 from handtrace.agent.spool import Spool
 from handtrace.core.controls import ControlError, policy_record
 from handtrace.core.policy import Policy
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import KafkaSettings, Settings
+from handtrace.core.signing import KeyConfigError, Signer, device_signer, load_or_create_key, verifier
 from handtrace.core.topics import Topics
 
 _MB = 1024 * 1024
@@ -32,6 +33,22 @@ def agent_dir(settings: Settings) -> Path:
 def socket_path(settings: Settings) -> Path:
     """The local control socket path in force."""
     return settings.agent.socket_path or agent_dir(settings) / "agent.sock"
+
+
+def device_key_path(settings: Settings) -> Path:
+    """Where this laptop's device key lives (generated there at first start, 0600)."""
+    return settings.agent.device_key_path or agent_dir(settings) / "device.key"
+
+
+def device_id_of(settings: Settings) -> str:
+    """This laptop's device id in force."""
+    return settings.agent.device_id or default_device_id()
+
+
+def device_key_signer(settings: Settings) -> Signer:
+    """This laptop's signer for the employee's own controls (its key never leaves the laptop;
+    the control plane enrolls its public key: `handtrace agent device-key`)."""
+    return device_signer(device_id_of(settings), load_or_create_key(device_key_path(settings)))
 
 
 def agent_producer_config(kafka: KafkaSettings) -> dict[str, Any]:
@@ -83,12 +100,17 @@ def build_agent(settings: Settings, *, source: CaptureSource | None = None,
                          burst_bytes=int(max(cfg.bandwidth_budget_mb_per_hour * _MB / 12, 256 * 1024)))
     shipper = Shipper(spool, agent_producer_config(settings.kafka), {
         "events": topics.events, "heartbeats": topics.heartbeats, "controls": topics.controls,
-        "screenshots": topics.screenshots}, budget=budget)
+        "screenshots": topics.screenshots}, budget=budget, control_signer=device_key_signer(settings))
     follower = None
     if cfg.follow_control_plane:
+        try:
+            check = verifier(settings)
+        except KeyConfigError as e:
+            raise AgentError(f"{e} (or HANDTRACE_AGENT__FOLLOW_CONTROL_PLANE=false)") from None
         follower = ControlPlaneFollower(settings.kafka.librdkafka(), policy_topic=topics.policy,
                                         controls_topic=topics.controls, employee_id=cfg.employee_id,
-                                        state_path=base / "controlplane.json")
+                                        state_path=base / "controlplane.json", verifier=check,
+                                        max_clock_offset_s=settings.stream.max_clock_offset_s)
     screenshotter = None
     if cfg.screenshots:
         from handtrace.agent.screenshots import ScreenshotConfig, Screenshotter

@@ -32,6 +32,11 @@ otherwise it waits in the spool (never dropped for budget here -- if it waits un
 full, the spool's bound drops screenshots first and counts them as ``spool_full``). Events,
 heartbeats and controls are never held back: they are charged even past empty (the bucket goes
 into debt, counted as ``budget_overdraft_bytes``), which delays the next screenshots.
+
+Signing: with a ``control_signer`` (the laptop's enrolled device key), every controls entry is
+signed when it is handed to librdkafka -- ``ht-signer``/``ht-sent-at``/``ht-sig`` headers over
+the entry's key and value at that moment (docs/adr/0009-authentic-controls.md); a re-send is
+signed again (same control id: the stream applies it once).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from handtrace.agent.spool import ROLES, Spool, SpoolEntry
 from handtrace.core.clock import HEADER_SENT_AT, now_us
+from handtrace.core.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +183,8 @@ class Shipper:
                  backoff_base_s: float = 1.0, backoff_max_s: float = 300.0, idle_delay_s: float = 5.0,
                  stats_interval_s: float | None = 10.0, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
-                 producer_factory: Callable[[dict[str, Any]], Producer] = Producer) -> None:
+                 producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+                 control_signer: Signer | None = None) -> None:
         unknown = sorted(set(topics) - set(ROLES))
         if unknown:
             raise ValueError(f"unknown topic roles {unknown}; roles are {ROLES}")
@@ -192,6 +199,7 @@ class Shipper:
         self.backoff_max_s = backoff_max_s
         self.idle_delay_s = idle_delay_s
         self.stats = ShipperStats()
+        self.control_signer = control_signer
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not security
         self._conf = self._producer_conf(producer_conf, delivery_timeout_s, stats_interval_s)
@@ -331,12 +339,18 @@ class Shipper:
 
     def _produce(self, seq: int, entry: SpoolEntry, res: ShipResult) -> None:
         topic = self.topics[entry.topic_role]
+        signed = entry.headers
+        if entry.topic_role == "controls" and self.control_signer is not None:
+            signed = tuple(self.control_signer.resign("controls", entry.key, entry.value, entry.headers))
+        else:
+            # The send-time stamp lets the stream place this laptop's clock on the broker's
+            # (handtrace.core.clock.clock_offset_us): taken now, not when the batch was sealed.
+            signed = (*(h for h in entry.headers if h[0] != HEADER_SENT_AT), (HEADER_SENT_AT, str(now_us()).encode()))
+        headers: list[tuple[str, str | bytes | None]] = list(signed)
         for _attempt in range(3):
             try:
-                # The send-time stamp lets the stream place this laptop's clock on the broker's
-                # (handtrace.core.clock.clock_offset_us): taken now, not when the batch was sealed.
-                headers = [*entry.headers, (HEADER_SENT_AT, str(now_us()).encode())]
-                self._producer.produce(topic, value=entry.value, key=entry.key, headers=headers,
+                self._producer.produce(topic, value=entry.value, key=entry.key,
+                                       headers=headers or None,
                                        on_delivery=partial(self._on_delivery, seq))
                 self._outstanding[seq] = entry
                 return

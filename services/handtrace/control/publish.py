@@ -1,16 +1,22 @@
-"""The control plane's write side: pause, exemption and policy controls as ControlEvent records
-on Kafka, with who, when and why. Employee controls go to the controls topic keyed by employee
-id (co-partitioned with their events); policy updates to the compacted policy topic."""
+"""The control plane's write side: pause, exemption, policy and device-enrollment records on
+Kafka, with who, when and why -- each signed with the control plane's key at produce time
+(docs/adr/0009-authentic-controls.md). Employee controls go to the controls topic keyed by
+employee id (co-partitioned with their events); policy updates to the compacted policy topic;
+enrollments to the compacted devices topic keyed by device id."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from handtrace.core import codec
+from handtrace.core import codec, ids
+from handtrace.core.clock import now_us
 from handtrace.core.controls import (
     MAX_PAUSE_MINUTES,
+    MAX_POLICY_VERSION,
     POLICY_KEY,
     ControlError,
     control_record,
@@ -19,24 +25,187 @@ from handtrace.core.controls import (
 )
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings
+from handtrace.core.signing import (
+    CONTROL_PLANE,
+    KeyConfigError,
+    Refused,
+    Signature,
+    Signer,
+    Verifier,
+    issuer_signer,
+    verifier,
+)
 from handtrace.core.topics import Topics
 
-__all__ = ["MAX_PAUSE_MINUTES", "POLICY_KEY", "ControlError", "control_record", "pause_record", "policy_record",
-           "publish"]
+__all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "control_record",
+           "current_policy", "current_policy_version", "device_record", "enrolled_devices", "pause_record",
+           "policy_record", "publish", "publish_device", "resign"]
 
-def publish(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0) -> None:
-    """Send one control and wait until the broker has it (acks=all)."""
-    topics = Topics.from_settings(settings.topics)
-    if record["kind"] == "policy_update":
-        topic, key = topics.policy, POLICY_KEY
-    else:
-        if not record.get("employee_id"):
-            raise ControlError(f"{record['kind']} needs an employee id")
-        topic, key = topics.controls, record["employee_id"].encode()
+
+def _signer(settings: Settings) -> Signer:
+    try:
+        return issuer_signer(settings)
+    except KeyConfigError as e:
+        raise ControlError(str(e)) from None
+
+
+def _send(settings: Settings, topic: str, role: str, key: bytes, value: bytes, timeout_s: float,
+          signer: Signer | None = None) -> None:
+    signer = signer or _signer(settings)
     errors: list[str] = []
     p = Producer(producer_config(settings.kafka))
-    p.produce(topic, key=key, value=codec.encode_record("control_event", record),
+    # Signed as late as possible: ht-sent-at is compared with the broker's append time.
+    headers: list[tuple[str, str | bytes | None]] = list(signer.headers(role, key, value))
+    p.produce(topic, key=key, value=value, headers=headers,
               on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
     remaining = p.flush(timeout_s)
     if remaining or errors:
         raise ControlError(f"control not delivered to {topic}: {errors or 'timed out'}")
+
+
+def publish(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0,
+            signer: Signer | None = None) -> None:
+    """Sign one control and send it; wait until the broker has it (acks=all). Refused
+    (ControlError) without a signing key outside dev mode."""
+    topics = Topics.from_settings(settings.topics)
+    if record["kind"] == "policy_update":
+        topic, key, role = topics.policy, POLICY_KEY, "policy"
+    else:
+        if not record.get("employee_id"):
+            raise ControlError(f"{record['kind']} needs an employee id")
+        topic, key, role = topics.controls, record["employee_id"].encode(), "controls"
+    _send(settings, topic, role, key, codec.encode_record("control_event", record), timeout_s, signer)
+
+
+def device_record(employee_id: str, device_id: str, public_key: str | bytes | None, *, actor: str,
+                  reason: str = "", revoke: bool = False) -> dict[str, Any]:
+    """A DeviceEnrollment (schemas/device_enrollment): ``public_key`` is what `handtrace agent
+    device-key` printed (base64 of 32 bytes); a revoke needs none."""
+    if not employee_id or not device_id:
+        raise ControlError("an enrollment needs an employee id and a device id")
+    raw = b""
+    if isinstance(public_key, bytes):
+        raw = public_key
+    elif public_key:
+        try:
+            raw = base64.b64decode(public_key.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ControlError("the device public key is not base64 (copy it from `handtrace agent "
+                               "device-key` on the laptop)") from None
+    if not revoke and len(raw) != 32:
+        raise ControlError(f"a device public key is 32 bytes (Ed25519), got {len(raw)}")
+    return {"enrollment_id": ids.uuid7_bytes(), "device_id": device_id, "employee_id": employee_id,
+            "public_key": raw, "status": "revoked" if revoke else "enrolled", "occurred_at_us": now_us(),
+            "actor": actor, "reason": reason}
+
+
+def publish_device(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0,
+                   signer: Signer | None = None) -> None:
+    """Sign one DeviceEnrollment and send it to the devices topic (keyed by device id)."""
+    topics = Topics.from_settings(settings.topics)
+    _send(settings, topics.devices, "devices", record["device_id"].encode(),
+          codec.encode_record("device_enrollment", record), timeout_s, signer)
+
+
+def _control_plane_verifier(settings: Settings) -> Verifier:
+    """The configured public keys plus the control plane's own (it needs no verifier settings)."""
+    own = _signer(settings)
+    try:
+        configured = verifier(settings)
+    except KeyConfigError:
+        configured = Verifier()
+    return Verifier({**configured.keys, own.signer_id.split(":", 1)[1]: own.private_key.public_key()},
+                    configured.retired)
+
+
+def _signed_records(settings: Settings, topic: str, role: str, subject: str,
+                    timeout_s: float) -> list[tuple[Signature, dict[str, Any]]]:
+    """Every record of single-partition ``topic`` that a current control-plane key signed, in
+    order (forged or broken ones are skipped)."""
+    check = _control_plane_verifier(settings)
+    c = Consumer({**settings.kafka.librdkafka(), "group.id": f"handtrace-cli-{ids.uuid7_bytes().hex()}",
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    out: list[tuple[Signature, dict[str, Any]]] = []
+    try:
+        tp = TopicPartition(topic, 0)
+        low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
+        if high <= low:
+            return out
+        c.assign([TopicPartition(topic, 0, low)])
+        while True:
+            msg = c.poll(timeout_s)
+            if msg is None:
+                raise ControlError(f"timed out reading {topic}")
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    break
+                raise ControlError(f"{topic}: {err.str()}")
+            value = msg.value() or b""
+            raw_headers = msg.headers() or []
+            headers = [(k, v if isinstance(v, bytes) else (v or "").encode())
+                       for k, v in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)]
+            try:
+                sig = check.verify(headers, role, msg.key(), value)
+                if sig.kind == CONTROL_PLANE:
+                    out.append((sig, codec.decode_record(value, subject)))
+            except (Refused, codec.DecodeError):
+                pass  # a forged or broken record counts for nothing
+            if (msg.offset() or 0) + 1 >= high:
+                break
+    except ControlError:
+        raise
+    except Exception as e:
+        raise ControlError(f"cannot read {topic}: {e}") from e
+    finally:
+        c.close()
+    return out
+
+
+def current_policy(settings: Settings, timeout_s: float = 15.0) -> dict[str, Any] | None:
+    """The policy in force: the highest control-plane-signed version on the policy topic."""
+    topic = Topics.from_settings(settings.topics).policy
+    best: dict[str, Any] | None = None
+    for _sig, rec in _signed_records(settings, topic, "policy", "control_event", timeout_s):
+        pol = rec.get("policy")
+        if rec.get("kind") == "policy_update" and pol and (best is None or pol["version"] > best["version"]):
+            best = pol
+    return best
+
+
+def current_policy_version(settings: Settings, timeout_s: float = 15.0) -> int:
+    """The version of the policy in force (0 when there is none). What workers honour next must
+    be greater."""
+    pol = current_policy(settings, timeout_s)
+    return int(pol["version"]) if pol else 0
+
+
+def enrolled_devices(settings: Settings, timeout_s: float = 15.0) -> dict[str, dict[str, Any]]:
+    """Device id -> its current DeviceEnrollment (control-plane-signed, newest per device), enrolled
+    devices only."""
+    topic = Topics.from_settings(settings.topics).devices
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    for sig, rec in _signed_records(settings, topic, "devices", "device_enrollment", timeout_s):
+        d = rec["device_id"]
+        if d not in latest or sig.sent_at_us > latest[d][0]:
+            latest[d] = (sig.sent_at_us, rec)
+    return {d: rec for d, (_t, rec) in latest.items() if rec["status"] == "enrolled"}
+
+
+def resign(settings: Settings, *, actor: str, reason: str = "key rotation") -> tuple[int | None, int]:
+    """Key rotation: re-publish the policy in force as version + 1 and every enrolled device, signed
+    with the current signing key, so that the old key id can then be retired. Returns (new policy
+    version or None, devices re-enrolled)."""
+    pol = current_policy(settings)
+    devices = enrolled_devices(settings)
+    version = None
+    if pol is not None:
+        version = int(pol["version"]) + 1
+        if version > MAX_POLICY_VERSION:
+            raise ControlError(f"the policy in force has version {pol['version']}: no room above it")
+        publish(settings, control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason,
+                                         policy={**pol, "version": version}))
+    for rec in devices.values():
+        publish_device(settings, device_record(rec["employee_id"], rec["device_id"], bytes(rec["public_key"]),
+                                               actor=actor, reason=reason))
+    return version, len(devices)

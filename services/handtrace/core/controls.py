@@ -14,6 +14,9 @@ from handtrace.core.domains import domain_entry_problems, normalised_domains
 
 POLICY_KEY = b"global"
 MAX_PAUSE_MINUTES = 30
+MAX_POLICY_VERSION = 2**53
+"""Policy versions stay exact in every JSON reader (and far from 2**63-1): a version cannot be
+published that leaves no room above it."""
 
 
 class ControlError(ValueError):
@@ -46,8 +49,8 @@ def policy_record(path: Path, *, actor: str, reason: str = "") -> dict[str, Any]
     except (OSError, json.JSONDecodeError) as e:
         raise ControlError(f"{path}: {e}") from e
     problems = []
-    if not isinstance(doc.get("version"), int) or doc["version"] < 1:
-        problems.append("version must be an integer >= 1")
+    if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= MAX_POLICY_VERSION:
+        problems.append(f"version must be an integer from 1 to {MAX_POLICY_VERSION} (2**53)")
     for name in ("allowed_apps", "allowed_domains"):
         if not all(isinstance(x, str) and x for x in doc.get(name, [])):
             problems.append(f"{name} must be a list of non-empty strings")

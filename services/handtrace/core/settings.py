@@ -8,6 +8,7 @@ reference in docs/configuration.md is generated from this file).
 
 from __future__ import annotations
 
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -317,6 +318,53 @@ class FleetSettings(BaseModel):
         return v
 
 
+class ControlSettings(BaseModel):
+    """Authentic controls (docs/adr/0009-authentic-controls.md): the control plane signs what
+    only it may issue (grants, revokes, policies, device enrollments); workers and agents hold
+    public keys only."""
+
+    model_config = ConfigDict(frozen=True)
+
+    signing_key: SecretStr | None = Field(
+        default=None, description="The control plane's Ed25519 private key (base64 of its 32 raw "
+        "bytes; `handtrace control keygen` makes one). Only the control plane (the `handtrace "
+        "control` CLI) holds it. Unset outside dev_mode: the CLI refuses to issue controls.",
+    )
+    signing_key_id: str = Field(
+        default="cp1", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="Key id of signing_key, sent "
+        "with every signature (`ht-signer: cp:<id>`); verifiers look it up in public_keys.",
+    )
+    public_keys: dict[str, str] = Field(
+        default_factory=dict, description="Control-plane public keys by key id (JSON object, "
+        "base64 Ed25519 public keys), held by stream workers and agents. Several at once for "
+        "rotation. A record signed by a key id not listed here is refused. Empty outside dev_mode: "
+        "workers and control-plane-following agents refuse to start (fails closed).",
+    )
+    retired_key_ids: list[str] = Field(
+        default_factory=list, description="Key ids no longer honoured, even if still listed in "
+        "public_keys (fails closed): re-publish the policy and re-enroll devices with the new key "
+        "before retiring the old one.",
+    )
+
+    @field_validator("public_keys")
+    @classmethod
+    def _valid_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        import base64
+        import binascii
+        import re
+
+        for kid, key in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", kid):
+                raise ValueError(f"key id {kid!r}: use letters, digits, '.', '_' or '-'")
+            try:
+                raw = base64.b64decode(key.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(f"public key {kid!r} is not base64") from None
+            if len(raw) != 32:
+                raise ValueError(f"public key {kid!r} must be 32 bytes (Ed25519), got {len(raw)}")
+        return v
+
+
 class AgentSettings(BaseModel):
     """The endpoint agent on a laptop: what it captures, how it batches, spools and ships."""
 
@@ -370,6 +418,10 @@ class AgentSettings(BaseModel):
     focus_poll_s: float = Field(default=0.25, ge=0.02, le=5, description="How often the focused window "
                                 "is checked; events whose window is ambiguous (focus changed within "
                                 "one poll) are dropped, fail closed.")
+    device_key_path: Path | None = Field(default=None, description="This laptop's Ed25519 device "
+                                         "key, generated here at first start (0600) and never "
+                                         "sent; it signs the employee's own pauses and exemption "
+                                         "requests. Unset: <state_dir>/agent/device.key.")
     focus_idle_poll_s: float = Field(default=2.0, ge=0.02, le=60, description="With no input since the "
                                      "last check, the focused window is checked only this often (each "
                                      "check costs X round trips); input after an unseen focus change "
@@ -401,6 +453,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     fleet: FleetSettings = FleetSettings()
     agent: AgentSettings = AgentSettings()
+    control: ControlSettings = ControlSettings()
 
     @model_validator(mode="after")
     def _distinct_metrics_ports(self) -> Settings:
@@ -446,6 +499,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if isinstance(value, BaseModel):
             for name in type(value).model_fields:
                 walk(f"{prefix}__{name.upper()}" if prefix else name.upper(), getattr(value, name))
+        elif isinstance(value, dict | list):
+            if value:
+                env[f"HANDTRACE_{prefix}"] = json.dumps(value)
         elif value is not None:
             v = value.get_secret_value() if isinstance(value, SecretStr) else value
             env[f"HANDTRACE_{prefix}"] = str(v.value if isinstance(v, StrEnum) else v)

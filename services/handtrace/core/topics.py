@@ -28,6 +28,7 @@ class Topics:
     events: str
     controls: str
     policy: str
+    devices: str
     heartbeats: str
     stored: str
     deadletter: str
@@ -41,6 +42,7 @@ class Topics:
             events=f"{p}.events.raw",
             controls=f"{p}.controls",
             policy=f"{p}.policy",
+            devices=f"{p}.devices",
             heartbeats=f"{p}.heartbeats",
             stored=f"{p}.events.accepted",
             deadletter=f"{p}.events.deadletter",
@@ -79,6 +81,13 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
             # policy is judged against the one in force when backlog was captured.
             {"cleanup.policy": "compact", "min.compaction.lag.ms": str(8 * 24 * 3600 * 1000), **broker_time},
             "Global policy (allowlists, sampling, masking), keyed by scope; compacted.",
+        ),
+        TopicSpec(
+            t.devices,
+            1,
+            {"cleanup.policy": "compact", **broker_time},
+            "DeviceEnrollment (a laptop's public key bound to one employee, or revoked), keyed by "
+            "device id, signed by the control plane; compacted, read to its end by every worker.",
         ),
         TopicSpec(
             t.screenshots,

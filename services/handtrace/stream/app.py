@@ -64,14 +64,27 @@ from typing import Any, NoReturn
 import faust
 from prometheus_client import start_http_server
 
+from handtrace.core import signing
 from handtrace.core.clock import now_us
-from handtrace.core.codec import DecodeError, decode_record
+from handtrace.core.controls import POLICY_KEY
 from handtrace.core.pii import redact_text
 from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_PARTITION, to_ipc
 from handtrace.core.settings import SecurityProtocol, Settings, load_settings
+from handtrace.core.signing import Refused, Verifier
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
-from handtrace.stream.controls import apply_control, dumps, loads
+from handtrace.stream.controls import (
+    ControlAuth,
+    ControlMessage,
+    DeviceRegistry,
+    dumps,
+    employee_of_message,
+    fold,
+    loads,
+    message_of,
+    sender_offset,
+)
+from handtrace.stream.controls import decode as decode_controls
 from handtrace.stream.deadletter import OutRecord, deadletter_record, message_budget, record_size
 from handtrace.stream.pipeline import (
     BatchOutcome,
@@ -163,49 +176,129 @@ def worker_pipeline(settings: Settings) -> BatchPipeline:
 
 
 class PolicyState:
-    """The global policy in force, followed from the compacted policy topic by every worker
-    (no consumer group: each worker reads all of it). ``ready`` is set once the topic has been
-    read to its end at start-up, so no batch is judged by a policy older than the latest."""
+    """What every worker follows from the control plane, each reading all of it (no consumer
+    group): the global policy (compacted policy topic) and the enrolled devices (compacted devices
+    topic). ``ready`` is set once both have been read to their end at start-up, so no batch is
+    judged by a policy older than the latest and no control by a stale device list.
 
-    def __init__(self) -> None:
+    Only control-plane-signed records count (docs/adr/0009-authentic-controls.md): a policy is
+    honoured when its version is greater than the one in force; ``history`` keeps recent
+    policies as (broker append time µs, policy), newest last: those published within
+    ``max_event_age_s`` of the stream's clock, the one in force at that horizon, and always the
+    current one."""
+
+    def __init__(self, verifier: Verifier, *, max_clock_offset_s: float = 86_400.0,
+                 max_event_age_s: float = 7 * 86_400.0) -> None:
+        self.verifier = verifier
+        self.max_offset_us = int(max_clock_offset_s * 1_000_000)
+        self.max_age_us = int(max_event_age_s * 1_000_000)
         self.policy = Policy()
+        self.history: tuple[tuple[int, Policy], ...] = ()
+        self.devices = DeviceRegistry()
         self.ready = asyncio.Event()
+        self._sync_waiters: list[asyncio.Future[None]] = []
+        self._last_sync = float("-inf")
 
-    def apply(self, payload: bytes) -> None:
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PolicyState:
+        """From settings; refuses (KeyConfigError, a clear message) without control-plane
+        public keys outside dev_mode: nothing could be verified."""
+        return cls(signing.verifier(settings), max_clock_offset_s=settings.stream.max_clock_offset_s,
+                   max_event_age_s=settings.stream.max_event_age_s)
+
+    def apply(self, msg: ControlMessage | bytes, now: int | None = None) -> str:
+        """Apply one policy-topic record; returns ``policy_update`` or the refusal reason
+        (counted in handtrace_stream_controls_rejected_total)."""
+        if isinstance(msg, bytes):
+            msg = ControlMessage(msg, POLICY_KEY)
+        now = now_us() if now is None else now
         try:
-            rec = decode_record(payload, "control_event")
-        except DecodeError as e:
-            metrics.CONTROLS.labels(f"invalid_{e.reason}").inc()
-            return
-        if rec["kind"] != "policy_update" or rec.get("policy") is None:
-            return
-        new = Policy.from_record(rec["policy"])
-        if new.version >= self.policy.version:
-            self.policy = new
-            metrics.POLICY_VERSION.set(new.version)
+            sig = self.verifier.verify(msg.headers, "policy", msg.key, msg.value)
+            if sig.kind != signing.CONTROL_PLANE:
+                raise Refused("not_permitted")
+            offset = sender_offset(sig, msg, self.max_offset_us)
+            rec = decode_controls(msg.value, "control_event")
+            if rec["kind"] != "policy_update" or rec.get("policy") is None:
+                raise Refused("not_permitted")
+            new = Policy.from_record(rec["policy"])
+            if new.version <= self.policy.version:
+                raise Refused("stale_version")
+        except Refused as r:
+            metrics.CONTROLS_REJECTED.labels("policy", r.reason).inc()
+            return r.reason
+        self.policy = new
+        at = msg.appended_us if msg.appended_us is not None else sig.sent_at_us + offset
+        # Kept: every policy published within max_event_age (the oldest capture time accepted)
+        # and the one in force at that horizon -- all an accepted event's capture time can need.
+        entries = (*self.history, (at, new))
+        horizon = now - self.max_age_us
+        at_horizon = [i for i, (t, _) in enumerate(entries) if t <= horizon]
+        self.history = entries[at_horizon[-1] if at_horizon else 0:]
+        metrics.POLICY_VERSION.set(new.version)
+        metrics.CONTROLS.labels("policy_update").inc()
+        return "policy_update"
+
+    def apply_device(self, msg: ControlMessage) -> str:
+        """Apply one devices-topic record; returns ``enrolled``/``revoked`` or the refusal reason."""
+        try:
+            outcome = self.devices.apply(msg, self.verifier, self.max_offset_us)
+        except Refused as r:
+            metrics.CONTROLS_REJECTED.labels("devices", r.reason).inc()
+            return r.reason
+        metrics.CONTROLS.labels(f"device_{outcome}").inc()
+        return outcome
+
+    async def sync(self, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) until the followers have read what the topics held when called: a
+        device-signed control may arrive just after its device's enrollment."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_sync < 2.0:
+            return  # at most one wait every 2 s: forged device records cannot stall the fold
+        self._last_sync = loop.time()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._sync_waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            pass
 
     async def follow(self, settings: Settings, topic: str) -> None:
+        """Follow the policy ``topic`` and the devices topic of ``settings`` (until cancelled)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        devices_topic = Topics.from_settings(settings.topics).devices
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka.bootstrap(), enable_auto_commit=False, group_id=None,
             **_aiokafka_security(settings),
         )
         await consumer.start()
         try:
-            tps = [TopicPartition(topic, p) for p in (consumer.partitions_for_topic(topic) or {0})]
+            tps = [TopicPartition(t, p) for t in (topic, devices_topic)
+                   for p in (consumer.partitions_for_topic(t) or {0})]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             end = await consumer.end_offsets(tps)
             while True:
+                waiters, self._sync_waiters = self._sync_waiters, []
+                if waiters:
+                    end = await consumer.end_offsets(tps)
                 batch = await consumer.getmany(timeout_ms=500)
-                for records in batch.values():
+                for tp, records in batch.items():
                     for r in records:
-                        self.apply(r.value)
-                if not self.ready.is_set():
-                    positions = {tp: await consumer.position(tp) for tp in tps}
-                    if all(positions[tp] >= end[tp] for tp in tps):
-                        self.ready.set()
+                        m = message_of(r)
+                        if tp.topic == topic:
+                            self.apply(m)
+                        else:
+                            self.apply_device(m)
+                positions = {tp: await consumer.position(tp) for tp in tps}
+                caught_up = all(positions[tp] >= end[tp] for tp in tps)
+                if caught_up:
+                    self.ready.set()
+                    for w in waiters:
+                        if not w.done():
+                            w.set_result(None)
+                else:
+                    self._sync_waiters = waiters + self._sync_waiters
         finally:
             await consumer.stop()
 
@@ -461,7 +554,7 @@ def create_app(settings: Settings) -> faust.App:
     # partition count); a changelog topic rebuilds it after a restart.
     controls_table = app.Table("employee-controls", default=None, partitions=parts,
                                key_type=str, value_type=str, help="pauses and exemptions by employee")
-    policy_state = PolicyState()
+    policy_state = PolicyState.from_settings(settings)
     accepted = app.topic(topics.stored, value_type=bytes, key_type=bytes, partitions=parts)
     deadletter = app.topic(topics.deadletter, value_type=bytes, key_type=bytes, partitions=parts)
     pipeline = worker_pipeline(settings)
@@ -484,7 +577,8 @@ def create_app(settings: Settings) -> faust.App:
                 employees = {m.key.decode(errors="replace") for m in msgs if m.key}
                 controls = {emp: loads(controls_table.get(emp)) for emp in employees}
                 with metrics.PROCESS_SECONDS.time():
-                    outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls)
+                    outcome = pipeline.process_many(msgs, now_us(), policy=policy_state.policy, controls=controls,
+                                                    policy_history=policy_state.history)
                     rounds, stored, deadletters = outbound(outcome, msgs, settings, accepted, deadletter,
                                                           topics.events)
                 export_counts(outcome, stored, deadletters, len(msgs))
@@ -521,7 +615,7 @@ def create_app(settings: Settings) -> faust.App:
                         batch.append(ScreenshotMessage(m, dict(m.headers)))
                 employees = {m.message.key.decode(errors="replace") for m in batch if m.message.key}
                 controls = {emp: loads(controls_table.get(emp)) for emp in employees}
-                ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls))
+                ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls), policy_state.history)
                 accepted_shots, dropped = enforce_screenshot_batch(batch, shot_steps, ctx) if batch else ([], {})
                 records: list[tuple[Any, OutRecord]] = []
                 for a in accepted_shots:
@@ -545,20 +639,26 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(control_topic)
     async def fold_controls(stream: Any) -> None:
+        # Only authentic records change anyone's state (docs/adr/0009-authentic-controls.md);
+        # refusals are counted by reason, never logged with the employee id.
+        max_offset_us = int(settings.stream.max_clock_offset_s * 1_000_000)
         async for event in stream.events():
-            try:
-                rec = decode_record(event.message.value, "control_event")
-            except DecodeError as e:
-                metrics.CONTROLS.labels(f"invalid_{e.reason}").inc()
+            if not policy_state.ready.is_set():
+                await policy_state.ready.wait()  # enrolled devices known before judging anything
+            msg = message_of(event.message)
+            employee = employee_of_message(msg)
+            auth = ControlAuth(policy_state.verifier, policy_state.devices, parts, max_offset_us)
+            state = loads(controls_table.get(employee)) if employee else loads(None)
+            result = fold(state, msg, auth, now_us=now_us())
+            if result.outcome == "device_not_enrolled":
+                await policy_state.sync()  # the enrollment may be just behind: look once more
+                result = fold(state, msg, auth, now_us=now_us())
+            if not result.applied:
+                metrics.CONTROLS_REJECTED.labels("controls", result.outcome).inc()
                 continue
-            employee = rec.get("employee_id")
-            if not employee or rec["kind"] == "policy_update":
-                metrics.CONTROLS.labels("ignored").inc()
-                continue
-            state, clamped = apply_control(loads(controls_table.get(employee)), rec)
-            controls_table[employee] = dumps(state)
-            metrics.CONTROLS.labels(rec["kind"]).inc()
-            if clamped:
+            controls_table[employee] = dumps(result.state)
+            metrics.CONTROLS.labels(result.outcome).inc()
+            if result.clamped:
                 metrics.PAUSES_CLAMPED.inc()
 
     @app.task

@@ -31,8 +31,17 @@ PROCESS_SECONDS = Histogram(
 )
 CONTROLS = Counter(
     "handtrace_stream_controls_total",
-    "Control events folded into employee state, by kind (or invalid_<reason>, ignored).",
+    "Authentic control-plane records applied, by kind (pause_start, pause_end, exemption_request, "
+    "exemption_grant, exemption_revoke, policy_update, device_enrolled, device_revoked).",
     ["kind"],
+)
+CONTROLS_REJECTED = Counter(
+    "handtrace_stream_controls_rejected_total",
+    "Records of the controls, policy and devices topics that were refused and changed nothing, by "
+    "topic role and reason (handtrace.stream.controls.REJECT_REASONS: unsigned, bad_signature, "
+    "unknown_key, retired_key, device_not_enrolled, not_permitted, stale_version, clock_offset, "
+    "wrong_partition, key_mismatch, replay, invalid).",
+    ["topic", "reason"],
 )
 PAUSES_CLAMPED = Counter(
     "handtrace_stream_pauses_clamped_total", "Pause requests longer than 30 minutes, clamped to 30."

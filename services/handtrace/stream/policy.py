@@ -13,8 +13,9 @@ __all__ = ["MAX_PAUSE_US", "EmployeeControls", "Exemption", "PauseWindow", "Poli
 
 @dataclass(frozen=True)
 class PauseWindow:
-    """[starts_at_us, ends_at_us) on the issuer's clock, at most 30 minutes long; ``offset_us``
-    places that clock on the broker's (handtrace.core.clock.clock_offset_us)."""
+    """[starts_at_us, ends_at_us) on the issuer's clock, at most 30 minutes long. ``offset_us``:
+    how far that clock was behind the broker's when the record was sent
+    (handtrace.core.clock.clock_offset_us), so ``t + offset_us`` is on the broker's clock."""
 
     starts_at_us: int
     ends_at_us: int
@@ -28,11 +29,14 @@ class Exemption:
     from_us: int
     until_us: int | None = None
     offset_us: int = 0
+    """The granting record's sender clock offset (see PauseWindow.offset_us)."""
 
 
 @dataclass(frozen=True)
 class EmployeeControls:
-    """Pauses and exemptions of one employee."""
+    """Pauses and exemptions of one employee, and the control ids already applied (with the
+    broker time they were appended at) so that a replayed record is applied once."""
 
     pauses: tuple[PauseWindow, ...] = ()
     exemptions: tuple[Exemption, ...] = ()
+    seen: tuple[tuple[str, int], ...] = ()
