@@ -180,7 +180,10 @@ class LocalBroker:
                f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            fmt = run_owned([*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)])
+            # `--cluster-id=ID`, not `-t ID`: a base64url id may start with "-", which argparse
+            # would take for an option (1 run in 32 failed to format).
+            fmt = run_owned([*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                             f"--config={props}"])
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
         out = open(self.data_dir / "broker.out", "ab")  # noqa: SIM115 -- handed to the child
