@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import secrets
-import ssl
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -23,8 +22,9 @@ from prometheus_client import start_http_server
 
 from handtrace.core.clock import now_us
 from handtrace.core.codec import DecodeError, decode_record
+from handtrace.core.kafka_security import aiokafka_security, faust_credentials
 from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, to_ipc
-from handtrace.core.settings import SecurityProtocol, Settings, load_settings
+from handtrace.core.settings import Settings, load_settings
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
 from handtrace.stream.controls import apply_control, dumps, loads
@@ -119,7 +119,7 @@ class PolicyState:
 
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka.bootstrap(), enable_auto_commit=False, group_id=None,
-            **_aiokafka_security(settings),
+            **aiokafka_security(settings.kafka),
         )
         await consumer.start()
         try:
@@ -140,42 +140,6 @@ class PolicyState:
             await consumer.stop()
 
 
-def _aiokafka_security(settings: Settings) -> dict[str, Any]:
-    k = settings.kafka
-    if k.security_protocol is SecurityProtocol.PLAINTEXT:
-        return {}
-    opts: dict[str, Any] = {"security_protocol": k.security_protocol.value}
-    if k.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL):
-        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        if k.ssl_certfile:
-            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
-        opts["ssl_context"] = ctx
-    if k.sasl_mechanism:
-        opts.update(sasl_mechanism=k.sasl_mechanism.value, sasl_plain_username=k.sasl_username,
-                    sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None)
-    return opts
-
-
-def _broker_credentials(settings: Settings) -> Any:
-    k = settings.kafka
-    if k.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
-        ctx = None
-        if k.security_protocol is SecurityProtocol.SASL_SSL:
-            ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        mech = k.sasl_mechanism.value if k.sasl_mechanism else "PLAIN"
-        pw = k.sasl_password.get_secret_value() if k.sasl_password else ""
-        if mech == "PLAIN":
-            return faust.SASLCredentials(username=k.sasl_username, password=pw, ssl_context=ctx)
-        return faust.SASLCredentials(username=k.sasl_username, password=pw, ssl_context=ctx,
-                                     mechanism=mech)
-    if k.security_protocol is SecurityProtocol.SSL:
-        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        if k.ssl_certfile:
-            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
-        return faust.SSLCredentials(ctx)
-    return None
-
-
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app and its agent for these settings."""
     topics = Topics.from_settings(settings.topics)
@@ -184,7 +148,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.stream.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka.bootstrap().split(",")],
-        broker_credentials=_broker_credentials(settings),
+        broker_credentials=faust_credentials(settings.kafka),
         value_serializer="raw",
         key_serializer="raw",
         web_enabled=False,
