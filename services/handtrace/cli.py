@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from handtrace.core.settings import Settings
 
 app = typer.Typer(help="handtrace: consent-first capture of computer-use activity.",
                   no_args_is_help=True, add_completion=False)
@@ -38,7 +41,7 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from handtrace.core.settings import load_settings, unknown_env_vars
 
     for name in unknown_env_vars():
@@ -265,7 +268,7 @@ def _parse_duration(text: str) -> float:
     return value / 60 if unit == "s" else value * 60 if unit == "h" else value
 
 
-def _agent_request(req: dict) -> dict:  # type: ignore[type-arg]
+def _agent_request(req: dict[str, Any]) -> dict[str, Any]:
     from handtrace.agent.localsock import AgentNotRunning, request
     from handtrace.agent.service import socket_path
 
@@ -337,7 +340,7 @@ def employee_exemption_request(
     console.print("exemption request sent to HR; `handtrace status` shows when it is granted")
 
 
-def _publish(record: dict) -> None:  # type: ignore[type-arg]
+def _publish(record: dict[str, Any]) -> None:
     from handtrace.control.publish import ControlError, publish
 
     try:

@@ -163,7 +163,7 @@ class FleetExporter:
                         if err.code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", err)
                         continue
-                    self.handle(msg.value(), time.time())
+                    self.handle(msg.value() or b"", time.time())  # a tombstone counts as invalid
                     dirty = True
                 if time.monotonic() - last_flush >= interval:
                     last_flush = time.monotonic()
@@ -259,8 +259,9 @@ class FleetExporter:
             c.assign([TopicPartition(self.topics.policy, p, OFFSET_BEGINNING) for p in parts])
             while not stop.is_set():
                 msg = c.poll(0.5)
-                if msg is not None and msg.error() is None and msg.value() is not None:
-                    self.apply_policy(msg.value())
+                value = msg.value() if msg is not None and msg.error() is None else None
+                if value is not None:
+                    self.apply_policy(value)
         except Exception as e:  # noqa: BLE001 -- sampling gauges are optional; metrics go on
             log.warning("not following the policy topic: %s", e)
         finally:

@@ -259,6 +259,6 @@ class RedactStep:
         keys = pl.Series(list(mapping), dtype=pl.String).implode()
         hits = f.filter(pl.col(column).is_in(keys)).group_by(column).len()
         for v, n in hits.iter_rows():
-            for k, c in per_value[v].items():
-                counts[k] += c * n
+            for k, per_row in per_value[v].items():
+                counts[k] += per_row * n
         return pl.col(column).replace(mapping)
