@@ -181,7 +181,7 @@ class LocalBroker:
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             # `--cluster-id=ID`, not `-t ID`: a base64url id may start with "-", which argparse
-            # would take for an option (1 run in 32 failed to format).
+            # would take for an option (1 start in 64 failed to format).
             fmt = run_owned([*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                              f"--config={props}"])
             if fmt.returncode != 0:
