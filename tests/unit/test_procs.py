@@ -117,3 +117,16 @@ def test_spawning_from_a_thread_returns_a_working_popen() -> None:
 def test_a_missing_program_fails_in_the_parent() -> None:
     with pytest.raises(FileNotFoundError):
         spawn_owned(["handtrace-no-such-program-x"])
+
+
+def test_kafka_up_detaches_its_broker_and_every_other_starter_owns_it(tmp_path: Path) -> None:
+    from handtrace.core.localbroker import LocalBroker
+    from handtrace.core.localbroker import main as broker_main
+    from handtrace.core.settings import Settings
+    from handtrace.demo import local_broker
+
+    s = Settings(state_dir=tmp_path, dev_mode=True)
+    assert local_broker(s).owned is False  # `handtrace kafka up|down|status`
+    assert local_broker(s, owned=True).owned is True  # the demo
+    assert LocalBroker(tmp_path / "kafka").owned is True  # fixtures, tests, anything else
+    assert broker_main(["status", "--data-dir", str(tmp_path / "none")]) == 1
