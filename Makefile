@@ -22,8 +22,9 @@ test-unit: setup ## unit tests only (no I/O)
 test-integration: setup ## integration tests only
 	$(BIN)/python -m pytest tests/integration
 
-lint: setup ## ruff
+lint: setup ## ruff, then mypy (pydantic plugin; strict on core/ and stream/, see pyproject.toml)
 	$(BIN)/ruff check services tests bench
+	$(BIN)/python -m mypy
 
 bench: setup ## benchmarks (print ratios against baselines measured in the same run)
 	$(BIN)/python -m bench.wire_format

@@ -1,8 +1,26 @@
-"""Shared test helpers."""
+"""Shared test helpers, and the hook that marks every test under tests/integration.
+
+``pytestmark`` in a conftest applies to nothing, so the ``integration`` marker is applied by path
+here (issue #10): no test under tests/integration can miss it, whatever its module says. A test
+elsewhere that asks for a fixture needing the real broker is refused at collection, so
+``pytest -m "not integration"`` never starts one.
+"""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pytest
+
+INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+BROKER_FIXTURES = frozenset({
+    "kafka_bootstrap", "settings_factory", "stream_worker", "sink_factory", "fleet_exporter",
+    "outage_broker",
+})
+"""Fixtures that start or need the real Kafka broker: integration tests only."""
 
 
 def free_port() -> int:
@@ -10,3 +28,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def is_integration_path(path: Path) -> bool:
+    """Whether a test file lives under tests/integration."""
+    return path.resolve().is_relative_to(INTEGRATION_DIR)
+
+
+def misplaced_broker_tests(items: Iterable[tuple[Path, str, Sequence[str]]]) -> list[str]:
+    """Ids of tests outside tests/integration that use a broker fixture, from
+    ``(path, nodeid, fixture names)`` triples."""
+    return [f"{nodeid} uses {', '.join(sorted(BROKER_FIXTURES & set(names)))}"
+            for path, nodeid, names in items
+            if not is_integration_path(path) and BROKER_FIXTURES & set(names)]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests/integration/** ``integration``; refuse broker fixtures anywhere else."""
+    for item in items:
+        if is_integration_path(item.path):
+            item.add_marker(pytest.mark.integration)
+    bad = misplaced_broker_tests((item.path, item.nodeid, getattr(item, "fixturenames", ()))
+                                 for item in items)
+    if bad:
+        raise pytest.UsageError("tests outside tests/integration use the real broker; move them there:\n  "
+                                + "\n  ".join(bad))

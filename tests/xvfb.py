@@ -9,13 +9,11 @@ A missing Xvfb or xdotool is a test failure with a clear message, never a skip.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +26,8 @@ import Xlib.display
 import Xlib.error
 import Xlib.X
 import Xlib.Xatom
+
+from handtrace.core.procs import spawn_owned
 
 XVFB_START_TIMEOUT_S = 15.0
 
@@ -76,13 +76,6 @@ class XvfbServer:
                 self.proc.wait(10)
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (Linux), so
-    an interrupted run leaves no Xvfb behind despite its own process group."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _require(tool: str, package: str) -> str:
     path = shutil.which(tool)
     if path is None:
@@ -109,11 +102,13 @@ def xvfb_server(
     # -noreset: without it the server resets whenever its last client disconnects, which would
     # wipe windows and properties between two steps of a test.
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        # Owned (core/procs.py): SIGTERM when the test process dies, even by SIGKILL, so an
+        # interrupted run leaves no Xvfb behind despite its own process group.
+        proc = spawn_owned(
             [xvfb, "-displayfd", str(write_fd), "-screen", "0", f"{width}x{height}x{depth}",
              "-nolisten", "tcp", "-noreset", *extra_args],
+            death_signal=signal.SIGTERM,
             pass_fds=(write_fd,), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     os.close(write_fd)
     server: XvfbServer | None = None

@@ -46,7 +46,7 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from handtrace.core.settings import load_settings, unknown_env_vars
 
     for name in unknown_env_vars():
@@ -296,7 +296,7 @@ def _parse_duration(text: str) -> float:
     return value / 60 if unit == "s" else value * 60 if unit == "h" else value
 
 
-def _agent_request(req: dict) -> dict:  # type: ignore[type-arg]
+def _agent_request(req: dict[str, Any]) -> dict[str, Any]:
     from handtrace.agent.localsock import AgentNotRunning, request
     from handtrace.agent.service import socket_path
 
@@ -368,7 +368,7 @@ def employee_exemption_request(
     console.print("exemption request sent to HR; `handtrace status` shows when it is granted")
 
 
-def _publish(record: dict) -> None:  # type: ignore[type-arg]
+def _publish(record: dict[str, Any]) -> None:
     from handtrace.control.publish import ControlError, publish
 
     try:

@@ -10,7 +10,6 @@ Ctrl-C stops everything cleanly (the broker too, if the demo started it).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +28,8 @@ from handtrace.control.publish import policy_record, publish
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics, group_lag
 from handtrace.core.localbroker import LocalBroker
+from handtrace.core.procs import spawn_owned, stop_child
+from handtrace.core.resources import data_file
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink.service import open_sink
@@ -51,10 +52,11 @@ class DemoResult:
     policy_path: Path
 
 
-def local_broker(settings: Settings) -> LocalBroker:
-    """The project's own broker for these settings."""
+def local_broker(settings: Settings, *, owned: bool = False) -> LocalBroker:
+    """The project's own broker for these settings; ``owned``: it dies with this process (the
+    demo), else it runs detached until `handtrace kafka down` (`handtrace kafka up`)."""
     return LocalBroker(settings.state_dir.resolve() / "kafka", settings.kafka.local_port,
-                       settings.kafka.local_controller_port)
+                       settings.kafka.local_controller_port, owned=owned)
 
 
 def _progress_table(fleet: FleetStats, sink: Sink, phase: str) -> Table:
@@ -67,7 +69,8 @@ def _progress_table(fleet: FleetStats, sink: Sink, phase: str) -> Table:
     return t
 
 
-DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.example.json"
+DEFAULT_POLICY = data_file("deploy", "policy.example.json")
+"""The example policy: shipped in the wheel (handtrace/_deploy), or the checkout's deploy/."""
 
 
 def stream_decisions(settings: Settings) -> dict[str, int]:
@@ -91,7 +94,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
     """Run the demo; always cleans up what it started."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     topics = Topics.from_settings(settings.topics)
-    broker = local_broker(settings) if settings.kafka.uses_local_broker else None
+    broker = local_broker(settings, owned=True) if settings.kafka.uses_local_broker else None
     started_broker = False
     stream_proc: subprocess.Popen[bytes] | None = None
     fleet_proc: subprocess.Popen[bytes] | None = None
@@ -115,7 +118,8 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         console.print(f"[green]✓[/] ClickHouse ready at {dsn}")
         log_path = settings.state_dir / "stream-worker.log"
         with open(log_path, "ab") as log:
-            stream_proc = subprocess.Popen(
+            # Owned children: killed by the kernel if the demo itself dies by SIGKILL (issue #10).
+            stream_proc = spawn_owned(
                 [sys.executable, "-m", "handtrace.stream"], stdout=log, stderr=subprocess.STDOUT,
                 # the demo relies on a generated pseudonym key unless one is configured
                 stdin=subprocess.DEVNULL, start_new_session=True, env={"HANDTRACE_DEV_MODE": "true", **os.environ},
@@ -126,7 +130,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
             # docs/adr/0006-fleet-heartbeat-store.md.
             fleet_log = settings.state_dir / "fleet-exporter.log"
             with open(fleet_log, "ab") as log:
-                fleet_proc = subprocess.Popen(
+                fleet_proc = spawn_owned(
                     [sys.executable, "-m", "handtrace.fleet"], stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ),
                 )
@@ -175,18 +179,9 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         stop_sink.set()
         if sink_thread is not None:
             sink_thread.join(60)
-        if stream_proc is not None and stream_proc.poll() is None:
-            stream_proc.send_signal(signal.SIGTERM)
-            try:
-                stream_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                stream_proc.kill()
-        if fleet_proc is not None and fleet_proc.poll() is None:
-            fleet_proc.send_signal(signal.SIGTERM)
-            try:
-                fleet_proc.wait(30)
-            except subprocess.TimeoutExpired:
-                fleet_proc.kill()
+        for child in (stream_proc, fleet_proc):
+            if child is not None:
+                stop_child(child, 30)
         clickhouse.close(dsn)
         if broker is not None and started_broker:
             broker.stop()

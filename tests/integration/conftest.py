@@ -22,6 +22,7 @@ from handtrace.control.publish import control_record, device_record, publish, pu
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import BrokerError, LocalBroker
+from handtrace.core.procs import spawn_owned
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import Settings, settings_env
 from handtrace.core.signing import Signer, device_signer, public_key_b64
@@ -31,7 +32,7 @@ from tests.conftest import free_port
 from tests.factories import TEST_POLICY
 from tests.xvfb import WindowFactory, XvfbServer, open_windows, xvfb_server
 
-pytestmark = pytest.mark.integration
+# The integration marker is applied by path in tests/conftest.py (pytestmark here would not be).
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +98,9 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Sett
 
 
 class StreamWorker:
-    """A real Faust worker subprocess for one test."""
+    """A real Faust worker subprocess for one test (owned: it dies with the test process)."""
+
+    module = "handtrace.stream"
 
     def __init__(self, settings: Settings, log: Path) -> None:
         self.settings = settings
@@ -108,8 +111,9 @@ class StreamWorker:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")},
                **settings_env(self.settings)}
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "handtrace.stream"], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            # Owned: killed by the kernel if the test run dies by SIGKILL (core/procs.py).
+            self.proc = spawn_owned([sys.executable, "-m", self.module], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -222,12 +226,7 @@ class FleetExporterProcess(StreamWorker):
     """The fleet exporter (`python -m handtrace.fleet`) as a subprocess for one test: it opens
     its own embedded ClickHouse dir (<state_dir>/clickhouse-fleet), so the sink can run too."""
 
-    def start(self) -> None:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")},
-               **settings_env(self.settings)}
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "handtrace.fleet"], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    module = "handtrace.fleet"
 
 
 @pytest.fixture

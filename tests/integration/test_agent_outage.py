@@ -23,6 +23,7 @@ from handtrace.agent.spool import Spool
 from handtrace.core import codec
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import LocalBroker
+from handtrace.core.procs import spawn_owned
 from handtrace.core.settings import KafkaSettings, TopicSettings
 from handtrace.core.topics import Topics
 from tests.integration.conftest import start_outage_broker
@@ -53,9 +54,9 @@ class AgentProc:
 
     def start(self) -> None:
         log = (self.state / "agent.log").open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "handtrace.cli", "agent", "run"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = spawn_owned([sys.executable, "-m", "handtrace.cli", "agent", "run"], env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
         log.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -42,7 +40,8 @@ from handtrace.control.publish import publish
 from handtrace.core import clickhouse
 from handtrace.core.admin import group_lag
 from handtrace.core.controls import control_record, pause_record
-from handtrace.core.settings import Settings, settings_env
+from handtrace.core.procs import spawn_owned
+from handtrace.core.settings import Settings
 from handtrace.fleet.grafana import load_dashboards
 from handtrace.fleet.store import fleet_dsn
 from tests.conftest import free_port
@@ -72,12 +71,7 @@ def ch_macros(sql: str) -> str:
 class SinkProcess(StreamWorker):
     """The sink as its own process (`python -m handtrace.sink`), serving /metrics."""
 
-    def start(self) -> None:
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")},
-               **settings_env(self.settings)}
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "handtrace.sink"], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    module = "handtrace.sink"
 
 
 class Prometheus:
@@ -97,7 +91,7 @@ class Prometheus:
                           f"rule_files:\n  - {RULES_DIR}/*.yml\nscrape_configs:\n{jobs}")
         self.log = workdir / "prometheus.log"
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
+            self.proc = spawn_owned(
                 [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -21,6 +21,7 @@ from handtrace.agent.shipper import Shipper
 from handtrace.agent.spool import HEADER_BYTES, RECORD_OVERHEAD, Spool, SpoolEntry
 from handtrace.core import codec
 from handtrace.core.localbroker import LocalBroker
+from handtrace.core.procs import spawn_owned
 from handtrace.core.producer import producer_config
 from handtrace.core.settings import KafkaSettings
 from tests.factories import make_batch
@@ -128,9 +129,9 @@ def test_sigkill_during_outage_every_event_arrives_once(broker: LocalBroker, tmp
     broker.stop()
     log = tmp_path / "child.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, str(CHILD), str(spool_dir), broker.bootstrap, topic, str(log),
-                              "--batches", "40"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=open(tmp_path / "child.err", "wb"), start_new_session=True)  # noqa: SIM115
+    child = spawn_owned([sys.executable, str(CHILD), str(spool_dir), broker.bootstrap, topic, str(log),
+                         "--batches", "40"], env=env, stdout=subprocess.DEVNULL,
+                        stderr=open(tmp_path / "child.err", "wb"), start_new_session=True)  # noqa: SIM115
     try:
         deadline = time.monotonic() + 90
         while True:

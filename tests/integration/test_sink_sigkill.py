@@ -13,6 +13,7 @@ from pathlib import Path
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import group_lag
+from handtrace.core.procs import spawn_owned
 from handtrace.core.settings import settings_env
 from handtrace.sink.schema import migrate
 from tests.factories import make_batch
@@ -25,8 +26,8 @@ PER_BATCH = 250
 def _start_sink(s, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}, **settings_env(s)}
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "handtrace.sink"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return spawn_owned([sys.executable, "-m", "handtrace.sink"], env=env, stdout=out,
+                           stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_sigkilled_sink_stores_every_event_exactly_once(settings_factory, stream_worker, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -125,7 +125,7 @@ class ControlPlaneFollower:
         if not parts:
             raise RuntimeError(f"topic {self.controls_topic} has no partitions")
         # Java-compatible murmur2, as every handtrace producer partitions keys.
-        return parts[partition_for_key(self.key, len(parts))]
+        return int(parts[partition_for_key(self.key, len(parts))])
 
     def refresh(self, timeout_s: float = 5.0) -> bool:
         """Read what is new; True when the policy or exemption changed. Errors (broker down)
@@ -163,12 +163,14 @@ class ControlPlaneFollower:
             msg = c.poll(0.2)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     break
-                raise RuntimeError(msg.error().str())
+                raise RuntimeError(err.str())
             handle(msg)
-            if msg.offset() + 1 >= high:
+            offset = msg.offset()
+            if offset is not None and offset + 1 >= high:
                 break
         c.unassign()
 

@@ -141,7 +141,7 @@ class LocalPolicy:
         """A uniform draw in [0, 1) fixed per (device, episode): the whole episode shares it."""
         window = captured_at_us // (self.episode_s * 1_000_000)
         digest = hashlib.blake2b(f"{device_id}\x00{window}".encode(), digest_size=8).digest()
-        return struct.unpack(">Q", digest)[0] / 2**64
+        return int(struct.unpack(">Q", digest)[0]) / 2**64
 
     def keep_sampled(self, ev: Event, device_id: str) -> bool:
         """Whether source-side sampling keeps ``ev`` (stamped with its app)."""

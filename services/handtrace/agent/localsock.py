@@ -32,7 +32,7 @@ def _peer_uid(conn: socket.socket) -> int | None:
         return None
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", raw)
-    return uid
+    return int(uid)
 
 
 class ControlServer:

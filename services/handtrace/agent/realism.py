@@ -140,7 +140,8 @@ def pointer_stats(
 
 
 def _floats(values: Sequence[float | None] | np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return np.asarray(values)[mask].astype(np.float64)
+    out: np.ndarray = np.asarray(values)[mask].astype(np.float64)
+    return out
 
 
 def _movement_shapes(

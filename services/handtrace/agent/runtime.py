@@ -496,23 +496,32 @@ class Agent:
         for t in self._threads:
             t.start()
 
-    def stop(self, *, final_ship_timeout_s: float = 5.0) -> None:
-        """Stop capture, seal what is buffered into the spool, try one last shipment."""
+    def stop(self, *, final_ship_timeout_s: float = 5.0, deadline: float | None = None) -> bool:
+        """Stop capture, seal what is buffered into the spool, try one last shipment. With
+        ``deadline`` (time.monotonic()), everything here ends by then (a SIGTERM grace period):
+        a wakeup still waiting for an unreachable broker is left behind with the shipper, and
+        there is no last shipment -- sealed batches stay in the spool either way. Returns
+        whether the worker threads ended (the shipper is then free to close)."""
         self._stop.set()
         if self._source_running:
             self.source.stop()
             self._source_running = False
         for t in self._threads:
             if t.ident is not None:
-                t.join(timeout=30)
+                left = 30.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
+                t.join(timeout=left)
+        idle = not any(t.is_alive() for t in self._threads)
         self._threads = []
         self.tick()
         self.seal(force=True)
-        if self.shipper is not None:
+        if deadline is not None:
+            final_ship_timeout_s = min(final_ship_timeout_s, deadline - time.monotonic())
+        if self.shipper is not None and idle and final_ship_timeout_s > 0:
             try:
                 self.shipper.ship_once(final_ship_timeout_s)
             except Exception as e:  # noqa: BLE001 -- whatever is unsent stays in the spool
                 self.last_error = f"{type(e).__name__}: {e}"
+        return idle
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.cfg.focus_poll_s):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,10 @@ def build_agent(settings: Settings, *, source: CaptureSource | None = None,
                  policy=initial_policy(settings), **extra)
 
 
+SHUTDOWN_BUDGET_S = 5.0
+"""Seconds from SIGTERM/SIGINT to a closed spool, whatever the broker does (a 10 s grace period)."""
+
+
 def run_agent(settings: Settings, *, stop: threading.Event | None = None,
               on_started: Callable[[Agent, Path], None] | None = None) -> Agent:
     """Run the agent until SIGINT/SIGTERM (or ``stop``); everything unsent stays in the spool."""
@@ -144,11 +149,14 @@ def run_agent(settings: Settings, *, stop: threading.Event | None = None,
         while not stop.wait(0.5):
             pass
     finally:
+        # Everything below ends within SHUTDOWN_BUDGET_S of the signal, broker or not (issue
+        # #10): what is not delivered by then stays in the spool for the next start.
+        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         server.stop()
-        agent.stop()
-        if agent.follower is not None:
+        idle = agent.stop(deadline=deadline)
+        if agent.follower is not None and idle:
             agent.follower.close()
-        if agent.shipper is not None:
-            agent.shipper.close()
+        if agent.shipper is not None and idle:
+            agent.shipper.close(max(deadline - time.monotonic(), 0.0))
         agent.spool.close()
     return agent

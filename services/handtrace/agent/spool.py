@@ -46,7 +46,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 FORMAT_VERSION = 1
 ROLES = ("events", "heartbeats", "controls", "screenshots")
@@ -653,7 +653,7 @@ class Spool:
         if pos + RECORD_OVERHEAD > len(view):
             return False
         (length,) = struct.unpack_from("<I", view, pos)
-        return pos + RECORD_OVERHEAD + length <= len(view)
+        return bool(pos + RECORD_OVERHEAD + length <= len(view))
 
     @staticmethod
     def _resync(view: memoryview, pos: int, last_seq: int) -> int | None:
@@ -662,7 +662,7 @@ class Spool:
             (length,) = struct.unpack_from("<I", view, pos)
             nxt = pos + RECORD_OVERHEAD + length
             if length <= MAX_RECORD_BYTES and nxt < len(view) and _plausible(view, nxt, last_seq):
-                return nxt
+                return int(nxt)
         for cand in range(pos + 1, len(view) - RECORD_OVERHEAD + 1):
             if _plausible(view, cand, last_seq):
                 return cand
@@ -844,7 +844,8 @@ class Spool:
         screenshot segment, else the oldest main segment."""
         candidates = [seg for lane in ("shot", "main") for seg in self._segs[lane] if seg.size > HEADER_BYTES]
         free = [seg for seg in candidates if seg.live == 0]
-        return (free or candidates or [None])[0]
+        pool = free or candidates
+        return pool[0] if pool else None
 
     def _read(self, rec: _Rec) -> SpoolEntry | None:
         seg = rec.seg
@@ -886,8 +887,8 @@ class Spool:
         lost = sorted(set(was) - seen)
         if lost:  # pending records that the rescan could not keep: done (as quarantined)
             self._log_done(lost, ACK_QUARANTINED)
-        for r in ROLES:
-            self._pending[r] = dict(sorted(self._pending[r].items()))
+        for role in ROLES:
+            self._pending[role] = dict(sorted(self._pending[role].items()))
         if seg.live == 0 and self._segs[seg.lane][-1] is not seg:
             self._delete_segment(seg)
 
@@ -908,8 +909,8 @@ class Spool:
             _atomic_write(qdir / f"{name}.{reason}.bin", bytes(data), self.fsync)
         self._save_counters()
 
-    def _load_counters(self) -> dict:
-        base: dict = {"version": FORMAT_VERSION, "dropped_entries": {}, "dropped_events": {},
+    def _load_counters(self) -> dict[str, Any]:
+        base: dict[str, Any] = {"version": FORMAT_VERSION, "dropped_entries": {}, "dropped_events": {},
                       "dropped_by_role": {}, "deadlettered_entries": {}, "deadlettered_events": 0,
                       "quarantined": 0, "torn_tail_truncated": 0, "ack_log_corrupt": 0}
         path = self.directory / "counters.json"

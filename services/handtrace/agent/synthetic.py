@@ -284,7 +284,8 @@ def _clamp(v: float, lo: float, hi: float) -> float:
 
 
 def _min_jerk(tau: np.ndarray) -> np.ndarray:
-    return tau**3 * (10 - 15 * tau + 6 * tau**2)
+    out: np.ndarray = tau**3 * (10 - 15 * tau + 6 * tau**2)
+    return out
 
 
 @dataclass

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic  # what confluent_kafka.admin re-exports (not in its __all__)
 
 from handtrace.core.settings import KafkaSettings, TopicSettings
 from handtrace.core.topics import TopicSpec, topic_specs

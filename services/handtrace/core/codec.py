@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import fastavro
 
@@ -121,7 +121,7 @@ def decode_record(payload: bytes, subject: str) -> dict[str, Any]:
     except _READ_ERRORS as e:
         raise _read_error(e, body) from e
     _check_consumed(body)
-    return rec  # type: ignore[no-any-return]
+    return cast("dict[str, Any]", rec)
 
 
 def _check_consumed(body: io.BytesIO) -> None:
@@ -329,7 +329,8 @@ def parse_event_batch(payload: bytes) -> ParsedBatch:
     body = io.BytesIO(payload)
     body.seek(PREFIX_LEN)
     try:
-        header = {**_header_defaults(), **fastavro.schemaless_reader(body, lay.header_schema, None)}
+        raw = cast("dict[str, Any]", fastavro.schemaless_reader(body, lay.header_schema, None))
+        header = {**_header_defaults(), **raw}
     except _READ_ERRORS as e:
         raise _read_error(e, body, "header: ") from e
     view = memoryview(payload)
@@ -420,7 +421,7 @@ def decode_event_batch(payload: bytes) -> DecodedBatch:
 def _decode_event_batch_per_record(payload: bytes, sv: SchemaVersion) -> DecodedBatch:
     body = io.BytesIO(payload[PREFIX_LEN:])
     try:
-        rec = fastavro.schemaless_reader(body, sv.parsed, None)
+        rec = cast("dict[str, Any]", fastavro.schemaless_reader(body, sv.parsed, None))
     except _READ_ERRORS as e:
         raise _read_error(e, body) from e
     _check_consumed(body)

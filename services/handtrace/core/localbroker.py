@@ -5,6 +5,11 @@ Provisioning resolves ``org.apache.kafka:kafka_2.13`` and its runtime dependenci
 Central with ``mvn`` (deploy/kafka/pom.xml) into a per-user cache; start formats storage on first
 use, launches the JVM in its own process group, records a pid file and waits until a real
 metadata request succeeds; stop terminates the whole group (no orphans).
+
+A broker started by a parent that owns it (the demo, the test fixtures: ``owned=True``, the
+default) is tied to that parent's life: the JVM itself gets SIGKILL when the parent dies, even by
+SIGKILL (core/procs.py). ``handtrace kafka up`` starts a detached broker on purpose (``owned=False``)
+that runs until ``handtrace kafka down``.
 """
 
 from __future__ import annotations
@@ -20,18 +25,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from handtrace.core.procs import run_owned, spawn_owned
+from handtrace.core.resources import data_file
 
 KAFKA_VERSION = "4.1.1"
 
 
 class BrokerError(RuntimeError):
     """The local broker could not be provisioned, started or reached; the message says why."""
-
-
-def _repo_file(*parts: str) -> Path:
-    here = Path(__file__).resolve()
-    packaged = here.parents[1] / "_deploy" / Path(*parts)
-    return packaged if packaged.exists() else here.parents[3] / "deploy" / Path(*parts)
 
 
 def cache_dir() -> Path:
@@ -48,14 +51,14 @@ def provision(echo: bool = True) -> Path:
     mvn = shutil.which("mvn")
     if mvn is None:
         raise BrokerError("`mvn` is not installed: run `make setup` (installs maven) or apt-get install maven")
-    pom = _repo_file("kafka", "pom.xml")
+    pom = data_file("deploy", "kafka", "pom.xml")
     libs.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="libs.", dir=libs.parent))
     if echo:
         print(f"provisioning Apache Kafka {KAFKA_VERSION} from Maven Central into {libs} ...", flush=True)
     cmd = [mvn, "-B", "-q", "-f", str(pom), "dependency:copy-dependencies",
            f"-DoutputDirectory={tmp}", "-DincludeScope=runtime", f"-Dkafka.version={KAFKA_VERSION}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = run_owned(cmd)
     if proc.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
         shutil.rmtree(tmp, ignore_errors=True)
         raise BrokerError(f"mvn could not resolve Kafka {KAFKA_VERSION}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -83,12 +86,14 @@ logger.state.level = warn
 
 @dataclass(frozen=True)
 class LocalBroker:
-    """One local broker: its data directory and ports."""
+    """One local broker: its data directory and ports; ``owned``: the JVM dies with the process
+    that starts it (False: it runs detached until stopped)."""
 
     data_dir: Path
     port: int = 19092
     controller_port: int = 19093
     heap: str = "768m"
+    owned: bool = True
 
     @property
     def bootstrap(self) -> str:
@@ -175,14 +180,19 @@ class LocalBroker:
                f"-Dlog4j2.configurationFile={log4j}", "-cp", classpath]
         if not (self.data_dir / "logs" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            fmt = subprocess.run(
-                [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
-                capture_output=True, text=True, check=False)
+            # `--cluster-id=ID`, not `-t ID`: a base64url id may start with "-", which argparse
+            # would take for an option (1 start in 64 failed to format).
+            fmt = run_owned([*jvm, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                             f"--config={props}"])
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
         out = open(self.data_dir / "broker.out", "ab")  # noqa: SIM115 -- handed to the child
-        proc = subprocess.Popen([*jvm, "kafka.Kafka", str(props)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.data_dir)
+        # The JVM is the direct child (no wrapper script), so with ``owned`` the parent-death
+        # signal lands on the JVM itself and nothing is orphaned.
+        argv = [*jvm, "kafka.Kafka", str(props)]
+        io: dict[str, Any] = {"stdout": out, "stderr": subprocess.STDOUT, "stdin": subprocess.DEVNULL,
+                              "start_new_session": True, "cwd": self.data_dir}
+        proc = spawn_owned(argv, **io) if self.owned else subprocess.Popen(argv, **io)
         out.close()
         self.pid_file.write_text(str(proc.pid))
         try:
@@ -192,7 +202,7 @@ class LocalBroker:
             raise
         return True
 
-    def wait_ready(self, timeout_s: float = 90.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    def wait_ready(self, timeout_s: float = 90.0, proc: subprocess.Popen[Any] | None = None) -> None:
         """Block until a metadata request to the broker succeeds (or raise BrokerError)."""
         from confluent_kafka.admin import AdminClient
 
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=19092)
     ap.add_argument("--controller-port", type=int, default=19093)
     a = ap.parse_args(argv)
-    b = LocalBroker(a.data_dir.resolve(), a.port, a.controller_port)
+    b = LocalBroker(a.data_dir.resolve(), a.port, a.controller_port, owned=False)  # `up` detaches
     try:
         if a.action == "provision":
             print(provision())

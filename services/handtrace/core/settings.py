@@ -91,22 +91,11 @@ class KafkaSettings(BaseModel):
         return self.bootstrap_servers or f"127.0.0.1:{self.local_port}"
 
     def librdkafka(self) -> dict[str, Any]:
-        """Connection options for confluent-kafka (librdkafka property names)."""
-        conf: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap(),
-            "security.protocol": self.security_protocol.value,
-        }
-        if self.sasl_mechanism:
-            conf["sasl.mechanism"] = self.sasl_mechanism.value
-            conf["sasl.username"] = self.sasl_username
-            conf["sasl.password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
-        if self.ssl_cafile:
-            conf["ssl.ca.location"] = str(self.ssl_cafile)
-        if self.ssl_certfile:
-            conf["ssl.certificate.location"] = str(self.ssl_certfile)
-        if self.ssl_keyfile:
-            conf["ssl.key.location"] = str(self.ssl_keyfile)
-        return conf
+        """Connection options for confluent-kafka (librdkafka property names); the one
+        translation shared with aiokafka and Faust is core/kafka_security.py."""
+        from handtrace.core.kafka_security import librdkafka_config
+
+        return librdkafka_config(self)
 
 
 class TopicSettings(BaseModel):

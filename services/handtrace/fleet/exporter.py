@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -35,6 +35,10 @@ from handtrace.fleet.state import AGENT_STATES, FleetState, Observation
 from handtrace.fleet.store import COLUMNS, heartbeat_row, migrate
 
 log = logging.getLogger("handtrace.fleet")
+
+SHUTDOWN_BUDGET_S = 4.0
+"""Seconds from SIGTERM to exit, whatever the broker does: within a 10 s grace period
+(Kubernetes' default is 30 s) with room for the flush and closing ClickHouse."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -136,8 +140,10 @@ class FleetExporter:
         self.rows = []
         return True
 
-    def run(self, stop: threading.Event) -> None:
-        """Consume until ``stop`` is set; flush and commit before returning."""
+    def run(self, stop: threading.Event, shutdown_budget_s: float = SHUTDOWN_BUDGET_S) -> None:
+        """Consume until ``stop`` is set; then flush, and commit and leave the group within
+        ``shutdown_budget_s`` (an unreachable broker cannot hold the exit up: see
+        :meth:`_shut_down`)."""
         side = [threading.Thread(target=self._watch_lag, args=(stop,), name="fleet-lag", daemon=True),
                 threading.Thread(target=self._follow_policy, args=(stop,), name="fleet-policy", daemon=True)]
         for t in side:
@@ -157,7 +163,7 @@ class FleetExporter:
                         if err.code() != KafkaError._PARTITION_EOF:
                             log.warning("consumer error: %s", err)
                         continue
-                    self.handle(msg.value(), time.time())
+                    self.handle(msg.value() or b"", time.time())  # a tombstone counts as invalid
                     dirty = True
                 if time.monotonic() - last_flush >= interval:
                     last_flush = time.monotonic()
@@ -166,17 +172,41 @@ class FleetExporter:
                             c.resume(c.assignment())
                             paused = False
                         if dirty:
-                            c.commit(asynchronous=False)
+                            # Asynchronous: a synchronous commit waits for an unreachable
+                            # coordinator and would keep this loop from seeing ``stop``. A lost
+                            # commit replays heartbeats the table deduplicates.
+                            c.commit(asynchronous=True)
                             dirty = False
                     elif not paused:
                         c.pause(c.assignment())  # backpressure until ClickHouse is back
                         paused = True
-            if self.flush() and dirty:
-                c.commit(asynchronous=False)
         finally:
-            c.close()
-            for t in side:
-                t.join(10)
+            self._shut_down(c, dirty, side, shutdown_budget_s)
+
+    def _shut_down(self, c: Consumer, dirty: bool, side: list[threading.Thread], budget_s: float) -> None:
+        """Flush, then commit and close the consumer in a helper thread that gets what is left of
+        ``budget_s``: librdkafka's synchronous commit and close wait for the group coordinator,
+        which an unreachable broker never answers. Past the budget the exporter leaves without
+        that commit (the heartbeats since the last one are replayed; the table deduplicates them)."""
+        deadline = time.monotonic() + budget_s
+        flushed = self.flush()
+
+        def commit_and_close() -> None:
+            try:
+                if flushed and dirty:
+                    c.commit(asynchronous=False)
+            except KafkaException as e:
+                log.warning("final commit failed (heartbeats since the last commit will be replayed): %s", e)
+            finally:
+                c.close()
+
+        closer = threading.Thread(target=commit_and_close, name="fleet-close", daemon=True)
+        closer.start()
+        for t in (closer, *side):
+            t.join(max(deadline - time.monotonic(), 0.0))
+        if closer.is_alive():
+            log.warning("the broker did not answer within %.0f s of shutdown: leaving without the final "
+                        "commit (heartbeats since the last commit will be replayed)", budget_s)
 
     # --- pipeline gaps: lag and configured sampling ----------------------------------------
 
@@ -229,8 +259,9 @@ class FleetExporter:
             c.assign([TopicPartition(self.topics.policy, p, OFFSET_BEGINNING) for p in parts])
             while not stop.is_set():
                 msg = c.poll(0.5)
-                if msg is not None and msg.error() is None and msg.value() is not None:
-                    self.apply_policy(msg.value())
+                value = msg.value() if msg is not None and msg.error() is None else None
+                if value is not None:
+                    self.apply_policy(value)
         except Exception as e:  # noqa: BLE001 -- sampling gauges are optional; metrics go on
             log.warning("not following the policy topic: %s", e)
         finally:

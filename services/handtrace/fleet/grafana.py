@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grafana_client import GrafanaApi
+from grafana_client.api import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
-DEFAULT_DIR = Path(__file__).resolve().parents[3] / "dashboards"
+from handtrace.core.resources import data_dir
+
+DEFAULT_DIR = data_dir("dashboards")
+"""The committed dashboards: shipped in the wheel (handtrace/_dashboards), or the checkout's."""
 DATASOURCE_TYPES = {"prometheus": "prometheus", "clickhouse": "grafana-clickhouse-datasource"}
 
 

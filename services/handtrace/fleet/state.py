@@ -197,6 +197,6 @@ class FleetState:
                 key = (*a.labels.values(), a.state)
                 online[key] = online.get(key, 0) + 1
             else:
-                key = a.labels.values()
-                silent[key] = silent.get(key, 0) + 1
+                labels = a.labels.values()
+                silent[labels] = silent.get(labels, 0) + 1
         return online, silent

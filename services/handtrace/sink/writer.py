@@ -309,7 +309,9 @@ class Sink:
                     err = m.error()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            self._on_partition_eof(m.partition())
+                            partition = m.partition()
+                            if partition is not None:
+                                self._on_partition_eof(partition)
                         else:
                             log.warning("consumer error: %s", err)
                         continue

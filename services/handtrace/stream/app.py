@@ -53,7 +53,6 @@ import os
 import re
 import secrets
 import signal
-import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -67,9 +66,10 @@ from prometheus_client import start_http_server
 from handtrace.core import signing
 from handtrace.core.clock import now_us
 from handtrace.core.controls import POLICY_KEY
+from handtrace.core.kafka_security import aiokafka_security, faust_credentials
 from handtrace.core.pii import redact_text
 from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_PARTITION, to_ipc
-from handtrace.core.settings import SecurityProtocol, Settings, load_settings
+from handtrace.core.settings import Settings, load_settings
 from handtrace.core.signing import Refused, Verifier
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
@@ -269,7 +269,7 @@ class PolicyState:
         devices_topic = Topics.from_settings(settings.topics).devices
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka.bootstrap(), enable_auto_commit=False, group_id=None,
-            **_aiokafka_security(settings),
+            **aiokafka_security(settings.kafka),
         )
         await consumer.start()
         try:
@@ -301,42 +301,6 @@ class PolicyState:
                     self._sync_waiters = waiters + self._sync_waiters
         finally:
             await consumer.stop()
-
-
-def _aiokafka_security(settings: Settings) -> dict[str, Any]:
-    k = settings.kafka
-    if k.security_protocol is SecurityProtocol.PLAINTEXT:
-        return {}
-    opts: dict[str, Any] = {"security_protocol": k.security_protocol.value}
-    if k.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL):
-        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        if k.ssl_certfile:
-            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
-        opts["ssl_context"] = ctx
-    if k.sasl_mechanism:
-        opts.update(sasl_mechanism=k.sasl_mechanism.value, sasl_plain_username=k.sasl_username,
-                    sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None)
-    return opts
-
-
-def _broker_credentials(settings: Settings) -> Any:
-    k = settings.kafka
-    if k.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
-        ctx = None
-        if k.security_protocol is SecurityProtocol.SASL_SSL:
-            ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        mech = k.sasl_mechanism.value if k.sasl_mechanism else "PLAIN"
-        pw = k.sasl_password.get_secret_value() if k.sasl_password else ""
-        if mech == "PLAIN":
-            return faust.SASLCredentials(username=k.sasl_username, password=pw, ssl_context=ctx)
-        return faust.SASLCredentials(username=k.sasl_username, password=pw, ssl_context=ctx,
-                                     mechanism=mech)
-    if k.security_protocol is SecurityProtocol.SSL:
-        ctx = ssl.create_default_context(cafile=str(k.ssl_cafile) if k.ssl_cafile else None)
-        if k.ssl_certfile:
-            ctx.load_cert_chain(str(k.ssl_certfile), str(k.ssl_keyfile) if k.ssl_keyfile else None)
-        return faust.SSLCredentials(ctx)
-    return None
 
 
 EXIT_UNDELIVERED = 75  # EX_TEMPFAIL: a send was not confirmed; a restart replays the micro-batch
@@ -531,7 +495,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.stream.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka.bootstrap().split(",")],
-        broker_credentials=_broker_credentials(settings),
+        broker_credentials=faust_credentials(settings.kafka),
         value_serializer="raw",
         key_serializer="raw",
         web_enabled=False,

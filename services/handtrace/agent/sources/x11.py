@@ -73,7 +73,7 @@ _MAX_SEARCH_NODES = 256
 _ENV_LOCK = threading.Lock()
 
 
-class _GetRecordContext(rq.ReplyRequest):
+class _GetRecordContext(rq.ReplyRequest):  # type: ignore[misc]
     """RECORD GetContext with the ``enabled`` flag, which python-xlib's own reply skips.
 
     Wire format from the RECORD extension protocol spec, section "GetContext".
@@ -205,7 +205,7 @@ class X11Source:
                 )
             source = self
 
-            class KeyboardListener(keyboard.Listener):  # type: ignore[misc, name-defined]
+            class KeyboardListener(keyboard.Listener):  # type: ignore[misc]
                 """pynput's listener, noting the X keycode of the event its callbacks describe."""
 
                 def _handle_message(self, display: Any, event: Any, injected: bool) -> None:
@@ -360,7 +360,7 @@ class X11Source:
                 code = self._down.pop(self._keycode)
             bit = MODIFIER_KEYSYMS.get(code or 0, 0)
             if bit:
-                self._held.discard(code)  # type: ignore[arg-type]
+                self._held.discard(code)
             mods = 0
             for held in self._held:
                 mods |= MODIFIER_KEYSYMS[held]

@@ -48,7 +48,10 @@ class StepResult:
 class Step(Protocol):
     """One processing step."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The step's name in counts and metrics."""
+        ...
 
     def __call__(self, frame: pl.DataFrame, ctx: BatchContext) -> StepResult: ...
 

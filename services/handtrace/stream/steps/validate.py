@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
+from polars.expr.whenthen import ChainedThen, Then
 
 from handtrace.stream.steps import BatchContext, StepResult
 
@@ -104,7 +105,7 @@ class ValidateStep:
         }
         # First failing rule names the reason, so each dropped row is counted once.
         first, *rest = rules.items()
-        reason = pl.when(first[1]).then(pl.lit(first[0]))
+        reason: Then | ChainedThen = pl.when(first[1]).then(pl.lit(first[0]))
         for name, cond in rest:
             reason = reason.when(cond).then(pl.lit(name))
         tagged = frame.with_columns(reason.otherwise(None).alias("_reject"))
