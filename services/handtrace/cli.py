@@ -440,14 +440,17 @@ def policy_set(
     """Publish a new global policy (allowlists, sampling, masking); workers apply it live. Its
     version must be greater than the one in force (workers ignore anything else)."""
     from handtrace.control.publish import ControlError, current_policy_version, policy_record
+    from handtrace.core.signing import KeyConfigError
 
     s = _settings()
     try:
-        current = current_policy_version(s)
-        rec = policy_record(path, actor=actor, reason=reason)
+        rec = policy_record(path, actor=actor, reason=reason)  # the file first: every problem at once
     except ControlError as e:
-        hint = f" (the policy in force is v{current}: use version {current + 1})" if "version" in str(e) else ""
-        raise _fail(f"{e}{hint}") from None
+        raise _fail(str(e)) from None
+    try:
+        current = current_policy_version(s)
+    except (ControlError, KeyConfigError) as e:
+        raise _fail(str(e)) from None
     if rec["policy"]["version"] <= current:
         raise _fail(f"{path}: version {rec['policy']['version']} is not greater than the policy in force "
                     f"(v{current}); workers and agents would ignore it: use version {current + 1}")

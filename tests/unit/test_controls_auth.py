@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handtrace.core import codec, ids
+from handtrace.core.clock import HEADER_SENT_AT
 from handtrace.core.controls import POLICY_KEY, control_record
 from handtrace.core.partitioning import partition_for_key
 from handtrace.core.settings import Settings
@@ -476,7 +477,8 @@ def test_the_shipper_signs_controls_with_the_device_key_at_produce_time(tmp_path
     by_topic = {t: (k, v, h) for t, k, v, h in produced}
     k, v, h = by_topic["ct"]
     assert VERIFIER.verify(h, "controls", k, v, devices={"dev-a": DEV_A_KEY.public_key()}).signer == "dev-a"
-    assert by_topic["ev"][2] == []  # only controls are signed
+    # Only controls are signed; every other message carries just the send-time stamp.
+    assert [k for k, _ in by_topic["ev"][2]] == [HEADER_SENT_AT]
     spool.close()
 
 

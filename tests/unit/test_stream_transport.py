@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import random
 from pathlib import Path
@@ -310,6 +311,16 @@ def test_no_pseudonym_key_outside_dev_mode(tmp_path: Path, monkeypatch: pytest.M
     for k in [k for k in __import__("os").environ if k.startswith("HANDTRACE_")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("HANDTRACE_STATE_DIR", str(tmp_path / "other"))
+    # Nothing configured: both missing secrets are named, one line each, and nothing starts.
+    with pytest.raises(SystemExit) as exit_:
+        stream_app.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "HANDTRACE_STREAM__PSEUDONYM_KEY" in err[0] and "HANDTRACE_CONTROL__PUBLIC_KEYS" in err[1]
+    # Control-plane keys configured: only the pseudonym key is missing.
+    from handtrace.core.signing import generate_key_pair
+    _private, public = generate_key_pair()
+    monkeypatch.setenv("HANDTRACE_CONTROL__PUBLIC_KEYS", json.dumps({"cp1": public}))
     with pytest.raises(SystemExit) as exit_:
         stream_app.main()
     assert exit_.value.code == 2

@@ -647,9 +647,14 @@ def main() -> None:
     """Run one stream worker (blocks until stopped by SIGTERM/SIGINT); exits 2 with one line
     naming what to set when a secret is missing."""
     settings = load_settings()
-    try:
-        app = create_app(settings)
-    except MissingSecret as e:
-        sys.stderr.write(f"handtrace.stream: {e}\n")
-        raise SystemExit(2) from None
-    run_worker(app, settings)
+    # Every missing secret at once (one line each), before anything starts.
+    problems = []
+    for check in (pseudonym_key, signing.verifier):
+        try:
+            check(settings)
+        except (MissingSecret, signing.KeyConfigError) as e:
+            problems.append(f"handtrace.stream: {e}")
+    if problems:
+        sys.stderr.write("\n".join(problems) + "\n")
+        raise SystemExit(2)
+    run_worker(create_app(settings), settings)
