@@ -32,7 +32,7 @@ from handtrace.sink.split import (
     distinct_months,
 )
 
-BASE = dt.datetime(2026, 1, 10, tzinfo=dt.timezone.utc)
+BASE = dt.datetime(2026, 1, 10, tzinfo=dt.UTC)
 
 
 class Crash(BaseException):

@@ -502,8 +502,8 @@ class Sink:
                 c.close()
             finally:
                 self._consumer = None
-                if self._producer is not None:
-                    self._producer.flush(0)  # dead-letter copies are confirmed before use
+                # Dead-letter copies were confirmed when sent; nothing is waited for here.
+                self._producer = None
 
     def _consume_until(self, c: Consumer, stop: threading.Event,
                        on_tick: Callable[[Sink], None] | None) -> None:
