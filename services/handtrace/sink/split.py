@@ -86,8 +86,10 @@ def distinct_months(rows: pa.Table) -> int:
     """How many ClickHouse partitions ``rows`` touch (1 in the common case, found cheaply)."""
     if rows.num_rows == 0:
         return 0
-    mm = pc.min_max(months(rows)).as_py()
-    if mm["min"] == mm["max"]:
+    # The hot path: the earliest and latest capture in one month (two values, not a column).
+    mm = pc.min_max(rows.column("captured_at"))
+    first, last = pc.year(mm["min"]).as_py(), pc.year(mm["max"]).as_py()
+    if first == last and pc.month(mm["min"]).as_py() == pc.month(mm["max"]).as_py():
         return 1
     return len(pc.unique(months(rows)))
 
