@@ -385,3 +385,37 @@ def test_the_exit_deadline_ends_a_sink_stuck_in_an_uninterruptible_call(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_flush_over_the_servers_partition_limit_is_split_before_it_is_sent(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    """Each batch in a month of its own, more months in one flush than the server allows per
+    insert block: every row is stored, and ClickHouse never had to refuse an insert."""
+    from handtrace.sink import metrics
+
+    s = settings_factory(sink={"flush_rows": 10_000, "flush_interval_s": 1.0})
+    p = producer(s)
+    ids: list[bytes] = []
+    for off in range(10):
+        value, got = _accepted(off, f"emp-{off % 3}", 20, span_months=1)
+        rows = from_ipc(value)
+        field = STORED_SCHEMA.field("captured_at")
+        month = dt.datetime(2025, off + 1, 3, tzinfo=dt.UTC)
+        rows = rows.set_column(rows.schema.get_field_index("captured_at"), field,
+                               pa.array([month] * rows.num_rows, field.type))
+        p.produce(topics_of(s).stored, value=to_ipc(rows), partition=0)
+        ids += got
+    assert p.flush(30) == 0
+    client = clickhouse.connect(s.clickhouse_dsn())
+    client.set_client_setting("max_partitions_per_insert_block", 4)
+    try:
+        refused = metrics.INSERT_ERRORS.labels("bad_data")._value.get()
+        sink = Sink(s, client)
+        assert sink.max_partitions_per_insert == 4
+        assert _run_until(sink, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
+        stored = _stored_ids(s)
+        assert sorted(stored) == sorted(ids)
+        assert metrics.INSERT_ERRORS.labels("bad_data")._value.get() == refused
+        assert sink.rows_rejected == 0
+    finally:
+        client.set_client_setting("max_partitions_per_insert_block", 100)
+        clickhouse.close(s.clickhouse_dsn())
