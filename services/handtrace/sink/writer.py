@@ -383,26 +383,30 @@ class Sink:
         broker has them. No row values in headers. At-least-once: a crash before the ledger
         records the copy re-publishes it (``ht-token`` names it for deduplication)."""
         values = self._ipc_chunks(piece.rows)
-        src = piece.rows.column("source_offset")
-        bounds = pc.min_max(src).as_py()
+        bounds = pc.min_max(piece.rows.column("source_offset")).as_py()
         source_partition = pc.min(piece.rows.column("source_partition")).as_py()
+        self._send_rejected(p, [(value, [
+            ("ht-stage", b"sink"), ("ht-reason", reason.encode()), ("ht-detail", detail.encode()[:200]),
+            ("ht-source-partition", str(source_partition).encode()),
+            ("ht-source-offset-first", str(bounds["min"]).encode()),
+            ("ht-source-offset-last", str(bounds["max"]).encode()),
+            ("ht-rows", str(piece.rows.num_rows).encode()), ("ht-token", token.encode()),
+            ("ht-chunk", f"{i + 1}/{len(values)}".encode()),
+        ]) for i, value in enumerate(values)])
+
+    def _send_rejected(self, p: int, messages: list[tuple[bytes, list[tuple[str, bytes]]]],
+                       key: bytes | None = None) -> None:
+        """Produce ``messages`` to partition ``p`` of ``events.rejected`` and wait until the
+        broker has them all (retrying, and raising ``Stopped`` once the sink stops)."""
         attempt = 0
         while True:
             producer = self._dead_letter_producer()
             results: list[Any] = []
             delivered = results.append
-            for i, value in enumerate(values):
-                headers = [
-                    ("ht-stage", b"sink"), ("ht-reason", reason.encode()), ("ht-detail", detail.encode()[:200]),
-                    ("ht-source-partition", str(source_partition).encode()),
-                    ("ht-source-offset-first", str(bounds["min"]).encode()),
-                    ("ht-source-offset-last", str(bounds["max"]).encode()),
-                    ("ht-rows", str(piece.rows.num_rows).encode()), ("ht-token", token.encode()),
-                    ("ht-chunk", f"{i + 1}/{len(values)}".encode()),
-                ]
-                producer.produce(self.rejected_topic, value=value, partition=p, headers=headers,
+            for value, headers in messages:
+                producer.produce(self.rejected_topic, value=value, key=key, partition=p, headers=headers,
                                  on_delivery=lambda err, _msg, done=delivered: done(err))
-            while len(results) < len(values):
+            while len(results) < len(messages):
                 producer.poll(0.2)
                 if self._stop.is_set():
                     raise Stopped
@@ -546,10 +550,23 @@ class Sink:
             table = from_ipc(m.value())
             if not table.schema.equals(STORED_SCHEMA, check_metadata=False):
                 raise ValueError("schema mismatch")
-        except (ValueError, pa.ArrowInvalid) as e:
-            # Not written by our stream: counted and skipped (nothing from it can be trusted).
+            # Arrow does not enforce a field's nullability on read: a null source_offset would
+            # break the dedup arithmetic, a null key column would be stored as ''.
+            nulls = [f.name for f in STORED_SCHEMA if not f.nullable and table.column(f.name).null_count]
+            if nulls:
+                raise ValueError(f"nulls in non-nullable columns: {', '.join(nulls)}")
+        except Exception as e:  # noqa: BLE001 -- whatever the bytes are, they are not ours
+            # Not written by our stream: nothing from it can be trusted or inserted. Its bytes go
+            # to events.rejected as they are (with its key and headers), before its offset can
+            # be committed.
             metrics.MESSAGES.labels("invalid").inc()
-            log.warning("skipping invalid message at %s/%s: %s", m.partition(), m.offset(), e)
+            log.warning("invalid message at %s/%s (%s): dead-lettered", m.partition(), m.offset(),
+                        type(e).__name__)
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            self._send_rejected(m.partition(), [(m.value() or b"", [
+                *(m.headers() or []), ("ht-stage", b"sink"), ("ht-reason", b"invalid_message"),
+                ("ht-detail", detail.encode()[:200]), ("ht-accepted-offset", str(m.offset()).encode()),
+            ])], key=m.key())
             st = self._parts.setdefault(m.partition(), _PartitionState())
             st.commit_at = max(st.commit_at or 0, m.offset() + 1)
             return
