@@ -42,6 +42,7 @@ from handtrace.core.rows import (
 )
 from handtrace.core.settings import Settings, settings_env
 from handtrace.sink.errors import BAD_DATA_CODES, RETRYABLE_CODES, TOO_MANY_PARTITIONS
+from handtrace.sink.schema import migrate
 from handtrace.sink.writer import Sink
 from handtrace.stream.pipeline import BatchPipeline
 from handtrace.stream.steps.pseudonymise import PseudonymiseStep
@@ -76,14 +77,15 @@ def _accepted(off: int, employee: str, n: int, *, span_months: int = 0) -> tuple
     return to_ipc(rows), ids
 
 
-def _publish(s: Settings, offsets: range, per_batch: int = 40) -> tuple[list[bytes], list[bytes]]:
+def _publish(s: Settings, offsets: range, per_batch: int = 40,
+             hostile_offsets: frozenset[int] = frozenset({HOSTILE})) -> tuple[list[bytes], list[bytes]]:
     """Publish accepted messages for ``offsets`` (employees interleaved); returns (good ids,
-    ids of the hostile batch if it is among them)."""
+    ids of the hostile batches among them)."""
     p = producer(s)
     good: list[bytes] = []
     hostile: list[bytes] = []
     for off in offsets:
-        if off == HOSTILE:
+        if off in hostile_offsets:
             value, ids = _accepted(off, "emp-x", 36, span_months=36)
             hostile += ids
         else:
@@ -110,7 +112,7 @@ def _rejected(s: Settings) -> list[tuple[dict[str, str], Any]]:
     parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
     c.assign([TopicPartition(topic, p, 0) for p in parts])
     out, eof = [], set()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while len(eof) < len(parts) and time.monotonic() < deadline:
         m = c.poll(0.5)
         if m is None:
@@ -126,6 +128,8 @@ def _rejected(s: Settings) -> list[tuple[dict[str, str], Any]]:
         else:
             out.append((headers, from_ipc(m.value())))
     c.close()
+    if len(eof) < len(parts):
+        pytest.fail(f"events.rejected not read to its end in 60 s ({len(out)} messages so far)")
     return out
 
 
@@ -437,4 +441,57 @@ def test_a_flush_over_the_servers_partition_limit_is_split_before_it_is_sent(set
         assert sink.rows_rejected == 0
     finally:
         client.set_client_setting("max_partitions_per_insert_block", 100)
+        clickhouse.close(s.clickhouse_dsn())
+
+
+def test_sigkilled_sink_with_hostile_batches_stores_the_same_result(settings_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Kill -9 the sink process again and again while it splits flushes around hostile batches,
+    then let it finish: every good row once, no hostile row stored, all of them dead-lettered."""
+    s = settings_factory(sink={"flush_rows": 150, "flush_interval_s": 0.2, "poll_messages": 3})
+    hostile_offsets = frozenset(range(7, 80, 9))
+    good, hostile = _publish(s, range(80), per_batch=30, hostile_offsets=hostile_offsets)
+    t = topics_of(s)
+    c = clickhouse.connect(s.clickhouse_dsn())
+    migrate(c, s.clickhouse.database)
+    # No merges: a duplicate row would stay visible instead of being collapsed by the engine.
+    c.command(f"ALTER TABLE {s.clickhouse.database}.events MODIFY SETTING "
+              "max_bytes_to_merge_at_max_space_in_pool = 1, max_bytes_to_merge_at_min_space_in_pool = 1")
+    clickhouse.close(s.clickhouse_dsn())
+    log = tmp_path / "sink.log"
+    kills = 0
+    for _ in range(5):
+        before = group_lag(s.kafka, s.sink.group_id, t.stored)
+        if before == 0:
+            break
+        proc = _start_sink(s, log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and group_lag(s.kafka, s.sink.group_id, t.stored) >= before:
+            time.sleep(0.05)
+        time.sleep(0.1 * (kills + 1))  # somewhere in a split, an insert, a dead-letter send
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+    assert kills >= 2, "the sink should have been killed mid-stream at least twice"
+    final = _start_sink(s, log)
+    try:
+        wait_for(lambda: group_lag(s.kafka, s.sink.group_id, t.stored) == 0, 120, "the sink to catch up",
+                 lambda: log.read_text()[-3000:])
+    finally:
+        final.send_signal(signal.SIGTERM)
+        final.wait(15)
+    stored = _stored_ids(s)
+    try:
+        assert len(stored) == len(set(stored)), "a row was stored twice"
+        assert not set(stored) - set(good), "a row that is not good was stored"
+        c = clickhouse.connect(s.clickhouse_dsn())
+        ledger = c.query(f"SELECT first_source_offset, last_source_offset, piece, outcome, reason "
+                         f"FROM {s.clickhouse.database}.sink_ledger ORDER BY written_at").result_rows
+        assert set(stored) == set(good), (f"{len(set(good) - set(stored))} good rows missing; ledger:\n"
+                                          + "\n".join(map(str, ledger)) + log.read_text()[-4000:])
+        dead = _rejected(s)
+        dead_ids = {bytes(b) for _, rows in dead for b in rows.column("event_id").to_pylist()}
+        assert dead_ids == set(hostile), (f"{len(set(hostile) - dead_ids)} hostile rows not dead-lettered; "
+                                          f"{[h for h, _ in dead]}\nledger:\n" + "\n".join(map(str, ledger)))
+        assert {h["ht-source-offset-first"] for h, _ in dead} == {str(o) for o in hostile_offsets}
+    finally:
         clickhouse.close(s.clickhouse_dsn())

@@ -184,6 +184,11 @@ class Sink:
                 # flushing it again here would race the flush in progress; abandon it instead.
                 self._abandon = True
                 continue
+            if st is not None and st.replay is not None:
+                # A replay not yet read to its end (it flushes as soon as it is): flushing part of
+                # it under the original token -- or re-splitting part of a split flush -- would
+                # make ClickHouse drop the rest as a duplicate. The next owner replays it whole.
+                continue
             if st is not None:
                 try:
                     self._flush(tp.partition, st)
@@ -537,6 +542,10 @@ class Sink:
             if on_tick is not None:
                 on_tick(self)
         for p, st in list(self._parts.items()):
+            if st.replay is not None:  # not read to its end: the next start replays it whole
+                st.pending = _Pending()
+                st.commit_at = None
+                continue
             try:
                 self._flush(p, st)
                 self._commit(p, st)
