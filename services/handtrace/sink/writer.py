@@ -399,7 +399,7 @@ class Sink:
             ("ht-chunk", f"{i + 1}/{len(values)}".encode()),
         ]) for i, value in enumerate(values)])
 
-    def _send_rejected(self, p: int, messages: list[tuple[bytes, list[tuple[str, bytes]]]],
+    def _send_rejected(self, p: int, messages: list[tuple[bytes, list[tuple[str, str | bytes | None]]]],
                        key: bytes | None = None) -> None:
         """Produce ``messages`` to partition ``p`` of ``events.rejected`` and wait until the
         broker has them all (retrying, and raising ``Stopped`` once the sink stops)."""
@@ -407,10 +407,13 @@ class Sink:
         while True:
             producer = self._dead_letter_producer()
             results: list[Any] = []
-            delivered = results.append
+
+            def delivered(err: Any, _msg: Any, done: Callable[[Any], None] = results.append) -> None:
+                done(err)
+
             for value, headers in messages:
-                producer.produce(self.rejected_topic, value=value, key=key, partition=p, headers=headers,
-                                 on_delivery=lambda err, _msg, done=delivered: done(err))
+                producer.produce(self.rejected_topic, value=value, key=key, partition=p,
+                                 headers=headers, on_delivery=delivered)
             while len(results) < len(messages):
                 producer.poll(0.2)
                 if self._stop.is_set():
@@ -469,8 +472,11 @@ class Sink:
             # Once stopping, the commit is not waited for: with the broker gone a synchronous
             # commit would hold the process past its grace period, and an offset that does not
             # make it only means the flush is replayed (a no-op) on the next start.
-            self._consumer.commit(offsets=[TopicPartition(self.topic, p, st.commit_at)],
-                                  asynchronous=self._stop.is_set())
+            offsets = [TopicPartition(self.topic, p, st.commit_at)]
+            if self._stop.is_set():
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
             st.commit_at = None
         except KafkaException as e:
             log.warning("offset commit for partition %s failed: %s (will retry)", p, e)
@@ -523,7 +529,7 @@ class Sink:
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        self._on_partition_eof(m.partition())
+                        self._on_partition_eof(m.partition() or 0)
                     else:
                         log.warning("consumer error: %s", err)
                     continue
