@@ -78,3 +78,11 @@ def test_detail_is_short_and_single_line() -> None:
     exc = DatabaseError("Code: 6. DB::Exception: Cannot parse text: " + "v" * 1000 + "\nstack trace line")
     d = short_detail(exc)
     assert len(d) <= 160 and "\n" not in d and "DB::Exception" not in d
+
+
+def test_detail_keeps_quoted_values_out() -> None:
+    exc = DatabaseError("Code: 6. DB::Exception: Cannot parse input: expected ',' before: 'jane@example.com 4111': "
+                        "(at row 3) (CANNOT_PARSE_TEXT)", code=6)
+    d = short_detail(exc)
+    assert "jane" not in d and "4111" not in d and d.startswith("Code: 6. Cannot parse input")
+    assert "example" not in short_detail(DatabaseError('Code: 53. value "x@example.com" is bad', code=53))

@@ -166,11 +166,17 @@ def error_code(exc: BaseException) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
+_AFTER_VALUE = re.compile(r"\b(before|at row|row|value|text)\s*:.*$", re.IGNORECASE)
+
+
 def short_detail(exc: BaseException, limit: int = 160) -> str:
-    """The first line of the message, cut short; ClickHouse quotes at most a few bytes of a value
-    in parse errors, and the cut keeps row contents out of headers and logs."""
+    """The first line of the message, without what it quotes (parse errors quote the offending
+    value) and without what follows "before:"/"row:", cut short: keeps row contents out of
+    dead-letter headers, the ledger and logs."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     text = text.replace("DB::Exception: ", "")
+    text = _AFTER_VALUE.sub(r"\1: …", _QUOTED.sub("'…'", text))
     return text[:limit]
 
 
