@@ -387,7 +387,7 @@ class Sink:
         the accepted topic, with headers saying where they came from and why; returns once the
         broker has them. No row values in headers. At-least-once: a crash before the ledger
         records the copy re-publishes it (``ht-token`` names it for deduplication)."""
-        values = self._ipc_chunks(piece.rows)
+        chunks = self._ipc_chunks(piece.rows)
         bounds = pc.min_max(piece.rows.column("source_offset")).as_py()
         source_partition = pc.min(piece.rows.column("source_partition")).as_py()
         self._send_rejected(p, [(value, [
@@ -395,9 +395,9 @@ class Sink:
             ("ht-source-partition", str(source_partition).encode()),
             ("ht-source-offset-first", str(bounds["min"]).encode()),
             ("ht-source-offset-last", str(bounds["max"]).encode()),
-            ("ht-rows", str(piece.rows.num_rows).encode()), ("ht-token", token.encode()),
-            ("ht-chunk", f"{i + 1}/{len(values)}".encode()),
-        ]) for i, value in enumerate(values)])
+            ("ht-rows", str(n).encode()), ("ht-token", token.encode()),
+            ("ht-chunk", f"{i + 1}/{len(chunks)}".encode()),
+        ]) for i, (n, value) in enumerate(chunks)])
 
     def _send_rejected(self, p: int, messages: list[tuple[bytes, list[tuple[str, str | bytes | None]]]],
                        key: bytes | None = None) -> None:
@@ -425,12 +425,13 @@ class Sink:
             self._backoff(attempt)
             attempt += 1
 
-    def _ipc_chunks(self, rows: pa.Table) -> list[bytes]:
-        """``rows`` as IPC messages each within the topic's message size (halving)."""
+    def _ipc_chunks(self, rows: pa.Table) -> list[tuple[int, bytes]]:
+        """``rows`` as IPC messages (rows in it, bytes) each within the topic's message size
+        (halving)."""
         limit = int(self.settings.topics.max_message_bytes * 0.9)
         value = to_ipc(rows)
         if len(value) <= limit or rows.num_rows < 2:
-            return [value]
+            return [(rows.num_rows, value)]
         half = rows.num_rows // 2
         return self._ipc_chunks(rows.slice(0, half)) + self._ipc_chunks(rows.slice(half))
 
