@@ -150,6 +150,31 @@ class SinkSettings(BaseModel):
     )
     poll_messages: int = Field(default=500, ge=1, le=100_000, description="Messages taken per consumer poll.")
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
+    max_partitions_per_batch: int = Field(
+        default=3, ge=1, le=100, description="An agent batch (one source message) whose rows span "
+        "more ClickHouse partitions (months of capture time) than this is not stored: its rows go "
+        "to the `events.rejected` topic with reason TOO_MANY_PARTITIONS (fails closed; the stream "
+        "already bounds capture times, this guards the sink against anything else that writes "
+        "its topic). Flushes are also split so that no insert exceeds the server's "
+        "`max_partitions_per_insert_block`.",
+    )
+    unknown_error_retries: int = Field(
+        default=3, ge=0, le=100, description="An insert failing with an error the sink cannot "
+        "classify is retried this many times; if it still fails while ClickHouse answers a "
+        "trivial query, its rows are treated as bad data (split, the offending rows "
+        "dead-lettered) so that nothing stalls the sink for good. Outages (connection, timeout, "
+        "overload, read-only) are retried without limit and never drop rows.",
+    )
+    failed_inserts_per_batch: int = Field(
+        default=32, ge=1, le=10_000, description="Refused inserts spent isolating the bad rows of "
+        "one source batch by halving; once spent, a refused piece of that batch is dead-lettered "
+        "whole (bounds the work a batch of all-bad rows causes; other batches are unaffected).",
+    )
+    stop_grace_s: float = Field(
+        default=8.0, ge=1, le=60, description="After SIGTERM/SIGINT the sink process exits within "
+        "this many seconds even if ClickHouse or the broker does not answer: an unfinished flush "
+        "is not committed and is replayed, exactly once, on the next start.",
+    )
 
 
 class StreamSettings(BaseModel):

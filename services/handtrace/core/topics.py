@@ -32,6 +32,7 @@ class Topics:
     heartbeats: str
     stored: str
     deadletter: str
+    rejected: str
     screenshots: str
     screenshots_accepted: str
 
@@ -46,6 +47,7 @@ class Topics:
             heartbeats=f"{p}.heartbeats",
             stored=f"{p}.events.accepted",
             deadletter=f"{p}.events.deadletter",
+            rejected=f"{p}.events.rejected",
             screenshots=f"{p}.screenshots.raw",
             screenshots_accepted=f"{p}.screenshots.accepted",
         )
@@ -122,5 +124,13 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
             s.partitions,
             {"retention.ms": str(30 * 24 * 3600 * 1000), "max.message.bytes": max_msg},
             "Messages the stream could not accept, with reason headers.",
+        ),
+        TopicSpec(
+            t.rejected,
+            s.partitions,
+            {"retention.ms": str(30 * 24 * 3600 * 1000), "max.message.bytes": max_msg},
+            "Accepted rows ClickHouse refused or the sink would not insert (Arrow IPC like "
+            "events.accepted, pseudonymised), with ht-stage=sink, ht-reason and source-offset "
+            "headers; partition = the accepted partition. At-least-once (dedup by ht-token).",
         ),
     ]

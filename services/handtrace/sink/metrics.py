@@ -25,7 +25,23 @@ INSERT_ROWS = Histogram(
     buckets=(10, 100, 1000, 5000, 10000, 25000, 50000, 100000, 250000),
 )
 INSERT_ERRORS = Counter(
-    "handtrace_sink_insert_errors_total", "Failed ClickHouse inserts (retried; rows are not lost)."
+    "handtrace_sink_insert_errors_total",
+    "Failed ClickHouse inserts by class: retryable (an outage: retried, nothing lost), bad_data "
+    "(rows refused: the flush is split and the offending rows dead-lettered), unknown (retried "
+    "a bounded number of times, then treated as bad data).",
+    ["class"],
+)
+SPLITS = Counter(
+    "handtrace_sink_splits_total",
+    "Flush pieces split to isolate rows ClickHouse refuses or to bound partitions per insert, by "
+    "reason (ClickHouse error name, TOO_MANY_PARTITIONS, isolate_wide_batch).",
+    ["reason"],
+)
+ROWS_DEADLETTERED = Counter(
+    "handtrace_sink_rows_deadlettered_total",
+    "Rows not stored but published to the events.rejected topic, by reason (ClickHouse error "
+    "name or TOO_MANY_PARTITIONS). Counted again if a crash makes the sink re-publish them.",
+    ["reason"],
 )
 END_TO_END_SECONDS = Histogram(
     "handtrace_sink_end_to_end_seconds",

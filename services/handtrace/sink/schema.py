@@ -71,6 +71,20 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ORDER BY (topic, partition, last_source_offset)
         """,
     ),
+    (
+        3,
+        "sink ledger decisions about pieces of a flush",
+        # A flush row has piece = '' and outcome = ''. When a flush is split (bad data, too many
+        # partitions), each decision -- split a piece, reject it, its dead-letter copy is out --
+        # is a row of its own, written before it is acted on (sink/split.py).
+        """
+        ALTER TABLE {db}.sink_ledger
+            ADD COLUMN IF NOT EXISTS piece String DEFAULT '',
+            ADD COLUMN IF NOT EXISTS outcome LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS reason LowCardinality(String) DEFAULT '',
+            ADD COLUMN IF NOT EXISTS detail String DEFAULT ''
+        """,
+    ),
 ]
 
 

@@ -1,10 +1,22 @@
 """Run the sink as a service: open ClickHouse (the embedded engine is owned by this process),
-migrate, consume until stopped."""
+migrate, consume until stopped.
+
+Stopping (issue #10, class 8): SIGTERM/SIGINT set the stop event, which every wait of the sink
+watches (insert retries, the ledger, dead-letter sends, keep-alive polls); what is held is
+flushed if ClickHouse takes it at once. A deadline of ``sink.stop_grace_s`` backs this up for
+calls that cannot be interrupted (an insert or a Kafka close against a server that does not
+answer): the process then exits without committing anything more -- exactly what a crash does,
+which the ledger replays exactly once on the next start (tests/integration/test_sink_sigkill.py).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
+from types import FrameType
 
 from prometheus_client import start_http_server
 
@@ -12,21 +24,47 @@ from handtrace.core import clickhouse
 from handtrace.core.settings import Settings, load_settings
 from handtrace.sink.writer import Sink
 
+log = logging.getLogger("handtrace.sink")
+
 
 def open_sink(settings: Settings) -> Sink:
     """Connect to ClickHouse and build the sink (raises ClickHouseLocked with a clear message)."""
     return Sink(settings, clickhouse.connect(settings.clickhouse_dsn()))
 
 
+def _exit_after(grace_s: float) -> None:
+    """Exit the process ``grace_s`` from now unless it has exited by then."""
+    def expire() -> None:
+        sys.stderr.write(f"handtrace sink: not stopped {grace_s:.0f}s after the signal; exiting now "
+                         "(unfinished flushes are replayed from the ledger on the next start)\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(grace_s, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def install_stop_handlers(stop: threading.Event, grace_s: float) -> None:
+    """SIGTERM/SIGINT: set ``stop`` and arm the exit deadline (once)."""
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            stop.set()
+            _exit_after(grace_s)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
 def main() -> None:
-    """Run until SIGTERM/SIGINT; then flush, commit and release the data dir."""
+    """Run until SIGTERM/SIGINT; then flush, commit and release the data dir (within
+    ``sink.stop_grace_s``)."""
     settings = load_settings()
+    stop = threading.Event()
+    install_stop_handlers(stop, settings.sink.stop_grace_s)
     sink = open_sink(settings)
     if settings.sink.metrics_port:
         start_http_server(settings.sink.metrics_port, addr=settings.metrics_host)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         sink.run(stop)
     finally:
