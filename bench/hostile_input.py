@@ -608,7 +608,7 @@ def read_topic(s: Settings, topic: str, timeout_s: float = 60) -> list[Any]:
             for m in c.consume(500, timeout=1.0):
                 if m.error() is None:
                     out.append(m)
-                    pos[m.partition()] = max(pos[m.partition()], m.offset())
+                    pos[m.partition()] = max(pos[m.partition()], m.offset() or 0)
         return out
     finally:
         c.close()
@@ -929,18 +929,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> Result:
         res.fail(f"hard wall-clock limit of {hard:.0f}s reached")
     except (RuntimeError, KafkaException, AssertionError, OSError) as e:
         res.fail(f"harness error: {e}")
-        for w in (worker, sink):
-            if w is not None:
-                log(f"--- {w.module} log tail:\n{w.tail()}")
+        for proc in (worker, sink):
+            if proc is not None:
+                log(f"--- {proc.module} log tail:\n{proc.tail()}")
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old_alarm)
         with contextlib.suppress(Exception):
             if monitor is not None:
                 monitor.close()
-        for w in (worker, sink):
-            if w is not None:
-                w.stop()
+        for proc in (worker, sink):
+            if proc is not None:
+                proc.stop()
         if dsn is not None:
             clickhouse.close(dsn)
         if broker is not None:
@@ -1044,7 +1044,7 @@ def check(res: Result, cfg: Config, s: Settings, t: Topics, client: Any, sent: l
     # -- dead letters
     dl_topics = list(dict.fromkeys([getattr(t, f) for f in vars(t) if "deadletter" in f]
                                    + [d.format(prefix=s.topics.prefix) for d in cfg.deadletter_topics]))
-    by_src = {(x.topic, x.partition, x.offset): x for x in sent if x.delivered}
+    by_src: dict[tuple[str | None, int, int], Sent] = {(x.topic, x.partition, x.offset): x for x in sent if x.delivered}
     by_id = {x.bench_id: x for x in sent}
     dead: dict[int, set[str]] = defaultdict(set)
     unattributed: Counter[str] = Counter()
@@ -1056,17 +1056,17 @@ def check(res: Result, cfg: Config, s: Settings, t: Topics, client: Any, sent: l
         for m in msgs:
             h = {k: bytes(v or b"") for k, v in (m.headers() or [])}
             reason = h.get("ht-reason", b"").decode(errors="replace") or "<no reason>"
-            x = None
+            hit: Sent | None = None
             src_topic = h.get("ht-source-topic", b"").decode() or source
             with contextlib.suppress(ValueError, KeyError):
-                x = by_src.get((src_topic, int(h["ht-source-partition"]), int(h["ht-source-offset"])))
-            if x is None and BENCH_ID in h:
+                hit = by_src.get((src_topic, int(h["ht-source-partition"]), int(h["ht-source-offset"])))
+            if hit is None and BENCH_ID in h:
                 with contextlib.suppress(ValueError):
-                    x = by_id.get(int(h[BENCH_ID]))
-            if x is None:
+                    hit = by_id.get(int(h[BENCH_ID]))
+            if hit is None:
                 unattributed[f"{topic}:{reason}"] += 1
             else:
-                dead[x.bench_id].add(reason)
+                dead[hit.bench_id].add(reason)
     n["deadletter_topics"] = dl_count
     n["deadletter_unattributed"] = dict(unattributed)
     table: dict[str, dict[str, Any]] = {}
@@ -1117,12 +1117,17 @@ def check(res: Result, cfg: Config, s: Settings, t: Topics, client: Any, sent: l
                 if x.bench_id not in dead and stored.get(head, 0) == 0:
                     lost += 1
             row["lost"] = lost
+            row["stored_note"] = (f"{sum(stored.get(x.event_ids[0], 0) > 0 for x in sent if x.kind == kind)} "
+                                  f"huge titles stored, longest {max(huge_len.values(), default=0):,} chars")
             if lost:
                 res.fail(f"huge_title: {lost} messages neither dead-lettered nor stored")
         elif level == "screenshot":
             row["expect"] = "not published to screenshots.accepted"
         elif level == "dup":
             row["expect"] = "each event id stored at most once"
+            ids_ = [e for x in dups for e in x.event_ids]
+            row["stored_note"] = (f"{sum(stored.get(e, 0) > 0 for e in ids_):,} of {len(ids_):,} ids stored, "
+                                  f"{over:,} more than once")
         else:
             row["expect"] = "no event stored (row-level drop)"
     n["bad"] = table
@@ -1171,9 +1176,9 @@ def check(res: Result, cfg: Config, s: Settings, t: Topics, client: Any, sent: l
     good_hosts = {h for u in [*secret_urls(secrets_), f"https://{IDN_HOST}/"] for h in [u.split("/")[2].lower()]}
     good_hosts |= {h.encode("idna").decode() for h in list(good_hosts)}
     for app in WORK_APPS:
-        for _title, url in app.pages:
-            if url:
-                good_hosts.add(url.split("/")[2].lower())
+        for _title, page_url in app.pages:
+            if page_url:
+                good_hosts.add(page_url.split("/")[2].lower())
     hosts = {r[0]: int(r[1]) for r in client.query(
         f"SELECT domain(url) AS h, count() FROM {db}.events WHERE url IS NOT NULL GROUP BY h").result_rows}
     bad_hosts = {h: c for h, c in hosts.items() if h.lower() not in good_hosts}
@@ -1207,15 +1212,18 @@ def report(cfg: Config, res: Result) -> str:
         lines.append(f"| {k} | {p:,} | {once:,} | {missing:,} | {dup:,} |")
     lines += ["", f"rows stored {n.get('rows_stored', 0):,}, distinct event ids {n.get('distinct_stored', 0):,}, "
               f"sink rows inserted {n.get('sink_rows_inserted')}", "",
-              "| bad kind | produced | expected | dead-lettered | reasons | events stored |",
+              "| bad kind | produced | expected | dead-lettered | reasons | events stored (or accepted) |",
               "|---|---:|---|---:|---|---:|"]
     never = n.get("never", {})
-    for k, row in n.get("bad", {}).items():
+    bad = n.get("bad", {})
+    for k in [k for k in KINDS if k in bad]:
+        row = bad[k]
         reasons = ", ".join(f"{r} {c}" for r, c in sorted(row["reasons"].items())) or "–"
         st = never.get(k, [0, 0])
-        extra = f" (accepted: {row['accepted']})" if "accepted" in row else ""
-        lines.append(f"| {k} | {row['produced']:,} | {row['expect']} | {row['deadlettered']:,} | {reasons}{extra} | "
-                     f"{st[1]:,} of {st[0]:,} |")
+        stored_ = row.get("stored_note") or (f"{row['accepted']} accepted" if "accepted" in row
+                                             else f"{st[1]:,} of {st[0]:,}")
+        lines.append(f"| {k} | {row['produced']:,} | {row['expect']} | {row['deadlettered']:,} | {reasons} | "
+                     f"{stored_} |")
     for k in ("in_pause", "in_exemption"):
         if k in never:
             lines.append(f"| good traffic {k.replace('_', ' ')} window (forged controls written) | – | "
