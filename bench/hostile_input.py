@@ -1250,11 +1250,12 @@ def report(cfg: Config, res: Result) -> str:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP end the run like Ctrl-C: cleanup in ``finally`` runs."""
+    """SIGINT, SIGTERM and SIGHUP end the run like Ctrl-C: cleanup in ``finally`` runs (SIGINT too,
+    because a shell starting the run in the background leaves it ignored)."""
     def raise_(*_: Any) -> None:
         raise KeyboardInterrupt
 
-    old = {sig: signal.signal(sig, raise_) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    old = {sig: signal.signal(sig, raise_) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
