@@ -30,7 +30,8 @@ Checks (the run exits 1 if any fails; ``--lenient-reasons`` accepts any dead-let
 - every good event stored exactly once (per event id; and the sink's inserted rows = rows stored);
 - every message-level bad message dead-lettered, with an ``ht-reason`` header from its kind's
   expected set, on one of the dead-letter topics (every Topics field with ``deadletter`` in its
-  name, plus ``--deadletter-topic``); its events never stored;
+  name, plus ``--deadletter-topic``; attributed by ``ht-source-partition``/``-offset``, the
+  ``ht-bench-id`` header, or the event ids of rows the sink set aside); its events never stored;
 - row-level bad events (time, duplicates, flooded titles, not allowlisted) never stored, and no
   stored app or url host that good traffic did not send;
 - no listed secret stored verbatim (ClickHouse LIKE on window_title, url, text; and the accepted
@@ -959,6 +960,18 @@ def _stored_counts(client: Any, db: str) -> dict[bytes, int]:
     return {r[0].bytes: int(r[1]) for r in rows}
 
 
+def _by_rows(value: bytes | None, by_event: dict[bytes, Sent]) -> Sent | None:
+    """The message whose events a dead-lettered Arrow IPC payload holds (None: not rows, or unknown)."""
+    from handtrace.core.rows import from_ipc
+
+    try:
+        table = from_ipc(value or b"")
+        ids_ = table.column("event_id").to_pylist()
+    except Exception:  # noqa: BLE001 -- not stored rows
+        return None
+    return next((by_event[e] for e in ids_ if e in by_event), None)
+
+
 def _like(s: str) -> str:
     return "%" + s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
@@ -1046,6 +1059,7 @@ def check(res: Result, cfg: Config, s: Settings, t: Topics, client: Any, sent: l
                                    + [d.format(prefix=s.topics.prefix) for d in cfg.deadletter_topics]))
     by_src: dict[tuple[str | None, int, int], Sent] = {(x.topic, x.partition, x.offset): x for x in sent if x.delivered}
     by_id = {x.bench_id: x for x in sent}
+    by_event = {e: x for x in sent if x.topic == t.events for e in x.event_ids}
     dead: dict[int, set[str]] = defaultdict(set)
     unattributed: Counter[str] = Counter()
     dl_count: dict[str, int] = {}
@@ -1063,6 +1077,8 @@ def check(res: Result, cfg: Config, s: Settings, t: Topics, client: Any, sent: l
             if hit is None and BENCH_ID in h:
                 with contextlib.suppress(ValueError):
                     hit = by_id.get(int(h[BENCH_ID]))
+            if hit is None:  # rows the sink set aside (Arrow IPC): by their event ids
+                hit = _by_rows(m.value(), by_event)
             if hit is None:
                 unattributed[f"{topic}:{reason}"] += 1
             else:
