@@ -446,7 +446,14 @@ def policy_set(
     try:
         rec = policy_record(path, actor=actor, reason=reason)  # the file first: every problem at once
     except ControlError as e:
-        raise _fail(str(e)) from None
+        hint = ""
+        if "version" in str(e):
+            try:  # best effort: name the next version when the one in force can be read
+                current = current_policy_version(s)
+                hint = f" (the policy in force is v{current}: use version {current + 1})"
+            except (ControlError, KeyConfigError):
+                pass
+        raise _fail(f"{e}{hint}") from None
     try:
         current = current_policy_version(s)
     except (ControlError, KeyConfigError) as e:

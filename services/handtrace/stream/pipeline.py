@@ -99,20 +99,22 @@ def _sent_at_us(value: object) -> int:
 
 def message_clock_offset(m: SourceMessage, pb: ParsedBatch, max_offset_us: int) -> int | None:
     """How far the sending agent's clock is behind the broker's for this message
-    (:func:`handtrace.core.clock.clock_offset_us`): the agent's send-time stamp is its
-    ``ht-sent-at`` header, or, for agents that do not set it, the batch header's ``sent_at_us``
-    (the time the batch was sealed: a batch that waited in the spool then looks further behind,
-    which only ever shifts its events later on the broker's clock). None: beyond the bound."""
-    sent: int | None = None
+    (:func:`handtrace.core.clock.clock_offset_us`), from the agent's ``ht-sent-at`` header (its
+    clock when it handed the message to its producer) and the broker's append time. 0 when
+    either is missing: an agent that does not stamp its sends (older versions) is judged on its
+    own clock only, as before -- the batch header's ``sent_at_us`` is when the batch was sealed,
+    and a batch that waited in the spool would look far behind, shifting its events into
+    windows that began after their capture. None: beyond the bound, or a stamp that is not a
+    number."""
+    del pb  # the header's seal time is deliberately not used (docstring)
     for k, v in m.headers:
         if k == HEADER_SENT_AT:
             try:
                 sent = int(v)
             except ValueError:
                 return None  # a send stamp that is not a number: cannot be placed in time
-    if sent is None:
-        sent = _sent_at_us(pb.header["sent_at_us"])
-    return clock_offset_us(sent, m.timestamp_us, max_offset_us)
+            return clock_offset_us(sent, m.timestamp_us, max_offset_us)
+    return 0
 
 
 def split_by_source(table: pa.Table, max_rows: int) -> list[pa.Table]:

@@ -7,11 +7,12 @@ with two laptops, possibly another device with another clock. Each message's clo
 the broker's append time is known (``clock_offset_us`` per row, ``offset_us`` per span: see
 handtrace.core.clock.clock_offset_us), so a row is dropped when it falls in the span on EITHER
 timeline: its own clock against the span as stamped (exact when one device stamped both), or
-both placed on the broker's clock (a pause taken on one device covers the person's other
-devices however far their clocks drift, up to ``stream.max_clock_offset_s``; beyond it the
-stream refuses the message). Checking both only ever drops more. The broker-clock comparison
-is off by the two messages' produce latencies (usually milliseconds; more during a broker
-outage), which the margin covers."""
+both placed on the broker's clock when their clocks disagree by more than the skew margin (a
+pause taken on one device covers the person's other devices however far their clocks drift, up
+to ``stream.max_clock_offset_s``; beyond it the stream refuses the message). Checking both only
+ever drops more. The broker-clock comparison is off by the two messages' produce latencies
+(usually milliseconds; more during a broker outage), which the margin covers; clocks that agree
+within the margin are compared on their own, so latency never drops rows next to a window."""
 
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ Span = tuple[str, int, int, int]
 offset to the broker's."""
 
 
-def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[Span]) -> pl.DataFrame:
+def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[Span], agree_us: int = 0) -> pl.DataFrame:
     """``frame`` without rows whose capture time lies in [from, to) of a span of their employee,
-    on either timeline (module docstring).
+    on either timeline (module docstring). The broker-clock comparison applies only when the
+    row's and the span's clocks disagree by more than ``agree_us`` (the skew margin the spans
+    are already widened by): when they agree, the own-clock comparison covers the span, and the
+    produce latencies in the offsets would only drop rows next to it.
 
     Vectorised: rows are joined with their employee's spans (a handful per employee).
     """
@@ -41,7 +45,8 @@ def drop_rows_in_spans(frame: pl.DataFrame, spans: Sequence[Span]) -> pl.DataFra
     row_offset = pl.col("clock_offset_us") if "clock_offset_us" in frame.columns else pl.lit(0, pl.Int64)
     ts, off = pl.col("_ts"), pl.col("_row_off")
     on_own_clock = (ts >= pl.col("_from")) & (ts < pl.col("_to"))
-    on_broker_clock = (ts + off >= pl.col("_from") + pl.col("_off")) & (ts + off < pl.col("_to") + pl.col("_off"))
+    on_broker_clock = ((ts + off >= pl.col("_from") + pl.col("_off")) & (ts + off < pl.col("_to") + pl.col("_off"))
+                       & ((off - pl.col("_off")).abs() > agree_us))
     hits = (
         frame.select(pl.col("captured_at_us").dt.epoch("us").alias("_ts"), pl.col("employee_id"), row.alias("_row"),
                      row_offset.alias("_row_off"))
@@ -71,6 +76,6 @@ class SpanStep:
 
     def drop(self, frame: pl.DataFrame, spans: Sequence[Span], reason: str) -> StepResult:
         """Rows outside ``spans``; the dropped ones counted under ``reason``."""
-        kept = drop_rows_in_spans(frame, spans)
+        kept = drop_rows_in_spans(frame, spans, self.margin_us)
         dropped = frame.height - kept.height
         return StepResult(kept, {reason: dropped} if dropped else {})
