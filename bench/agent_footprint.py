@@ -57,6 +57,7 @@ from typing import Any
 
 from handtrace.core.admin import ensure_topics
 from handtrace.core.localbroker import LocalBroker
+from handtrace.core.procs import spawn_owned
 from handtrace.core.settings import KafkaSettings, TopicSettings
 from handtrace.core.topics import Topics
 
@@ -443,9 +444,9 @@ def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
     if xvfb is None:
         raise RuntimeError("Xvfb is not installed (apt-get install xvfb) -- or pass --x11-events 0")
     r, w = os.pipe()
-    proc = subprocess.Popen([xvfb, "-displayfd", str(w), "-screen", "0", "1280x800x24", "-nolisten", "tcp",
-                             "-noreset"], pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = spawn_owned([xvfb, "-displayfd", str(w), "-screen", "0", "1280x800x24", "-nolisten", "tcp",
+                        "-noreset"], pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
     os.close(w)
     try:
         digits = b""
@@ -458,7 +459,7 @@ def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
         moves, keys = n_events * 3 // 4, n_events - n_events * 3 // 4
         keys -= keys % 2
         ready = root / "x11.ready"
-        child = subprocess.Popen(
+        child = spawn_owned(
             [sys.executable, "-m", "bench.agent_footprint", "--x11-child", display, "--x11-events", str(moves + keys),
              "--tmp", str(ready)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
         deadline = time.monotonic() + 30

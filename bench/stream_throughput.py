@@ -91,6 +91,7 @@ from handtrace.core import clickhouse, codec, ids
 from handtrace.core.admin import ensure_topics
 from handtrace.core.clock import now_us
 from handtrace.core.localbroker import KAFKA_VERSION, BrokerError, LocalBroker
+from handtrace.core.procs import spawn_owned
 from handtrace.core.producer import producer_config
 from handtrace.core.rows import ipc_stream
 from handtrace.core.settings import Settings, settings_env
@@ -161,9 +162,10 @@ class Worker:
                **settings_env(self.settings),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=env, cwd=REPO,
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            # Owned: it dies with the benchmark, even when that is killed with SIGKILL.
+            self.proc = spawn_owned([sys.executable, "-m", self.module], env=env, cwd=REPO,
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
 
     def check(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from bench.hostile_input import KINDS, Config, run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(900)
