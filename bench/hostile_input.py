@@ -266,11 +266,11 @@ class Kind:
     per_minute: float | None = None
 
 
-_DECODE = frozenset({"bad_magic", "truncated", "malformed", "unknown_schema", "wrong_subject", "empty"})
+_DECODE = frozenset({"bad_magic", "truncated", "malformed", "unknown_schema", "wrong_subject", "empty", "empty_value"})
 KINDS: dict[str, Kind] = {
     "random_bytes": Kind(110, "message", _DECODE),
     "empty_value": Kind(15, "message", _DECODE),
-    "null_value": Kind(10, "message", None),
+    "null_value": Kind(10, "message", frozenset({"empty_value"})),
     "truncated_avro": Kind(110, "message", frozenset({"truncated", "malformed"})),
     "wrong_fingerprint": Kind(70, "message", frozenset({"unknown_schema"})),
     "wrong_subject": Kind(30, "message", frozenset({"wrong_subject"})),

@@ -94,6 +94,7 @@ def test_agent_stops_within_grace_with_the_broker_gone(outage_broker: LocalBroke
     state.mkdir()
     agent = AgentProc(state, outage_broker.bootstrap, prefix, "emp-shutdown")
     agent.env["HANDTRACE_AGENT__FOLLOW_CONTROL_PLANE"] = "true"  # its consumer meets the outage too
+    agent.env["HANDTRACE_DEV_MODE"] = "true"  # the follower verifies the control plane's (dev) key
     agent.start()
     try:
         wait_for(lambda: agent.status().get("events_sent", 0) > 0, 60, "the agent to ship events", agent.log)

@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics, group_lag
+from handtrace.core.clock import now_us
 from handtrace.core.localbroker import LocalBroker
 from handtrace.core.rows import (
     HEADER_ROWS,
@@ -64,7 +65,7 @@ def _accepted(off: int, employee: str, n: int, *, span_months: int = 0) -> tuple
     ``span_months`` its capture times are spread over that many months, one per row."""
     pipe = BatchPipeline([ValidateStep(), PseudonymiseStep(b"k" * 32)])
     payload, ids = make_batch(employee, n, seed=off)
-    out = pipe.process(payload, 0, off, 1)
+    out = pipe.process(payload, 0, off, now_us())
     assert out.stored == n and not out.deadletters
     rows = out.rows[0]
     if span_months:

@@ -10,6 +10,7 @@ import pytest
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import group_lag
+from handtrace.core.clock import now_us
 from handtrace.core.rows import HEADER_ROWS, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, to_ipc
 from handtrace.sink.writer import Sink
 from handtrace.stream.pipeline import BatchPipeline
@@ -32,7 +33,7 @@ def _publish_accepted(s: Any, batches: int, per_batch: int, *, repeat: range = r
     messages = []
     for off in range(batches):
         payload, event_ids = make_batch(f"emp-{off % 3}", per_batch, seed=off)
-        out = pipe.process(payload, 0, off, 1)
+        out = pipe.process(payload, 0, off, now_us())
         assert out.stored == per_batch and not out.deadletters
         ids += event_ids
         messages.append((off, to_ipc(out.rows[0]), per_batch))

@@ -31,6 +31,8 @@ INSERT_ERRORS = Counter(
     "a bounded number of times, then treated as bad data).",
     ["class"],
 )
+for _class in ("retryable", "bad_data", "unknown"):  # every series exists from the start (alerts see 0)
+    INSERT_ERRORS.labels(_class)
 SPLITS = Counter(
     "handtrace_sink_splits_total",
     "Flush pieces split to isolate rows ClickHouse refuses or to bound partitions per insert, by "

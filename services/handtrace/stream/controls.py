@@ -78,7 +78,8 @@ def message_of(message: Any) -> ControlMessage:
         # Faust gives seconds (float); aiokafka ConsumerRecord gives milliseconds (int).
         appended = int(ts * 1_000_000) if isinstance(ts, float) else int(ts) * 1000
     headers = tuple((k, bytes(v) if v is not None else b"") for k, v in (getattr(message, "headers", None) or ()))
-    return ControlMessage(bytes(message.value), bytes(message.key) if message.key is not None else None,
+    # A tombstone (no value) is a record like any other here: unsigned, so refused.
+    return ControlMessage(bytes(message.value or b""), bytes(message.key) if message.key is not None else None,
                           int(message.partition), headers, appended)
 
 

@@ -34,7 +34,7 @@ MAX_DETAIL_CHARS = 200
 RESERVED = frozenset({
     HEADER_SOURCE_PARTITION, HEADER_SOURCE_OFFSET, "ht-reason", "ht-detail", "ht-encoding", "ht-truncated",
     "ht-original-bytes", "ht-original-sha256", "ht-headers-dropped", "ht-key-sha256", "ht-key-bytes",
-    "ht-source-topic",
+    "ht-source-topic", "ht-null-value",
 })
 _RECORD_OVERHEAD = 128  # Kafka record + record-batch framing of a record alone in its batch, rounded up
 
@@ -49,9 +49,9 @@ class OutRecord:
     headers: list[tuple[str, bytes]]
 
 
-def record_size(key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]]) -> int:
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
     """Bytes a record takes on the wire, uncompressed, alone in its batch (an upper bound)."""
-    return (_RECORD_OVERHEAD + len(key or b"") + len(value)
+    return (_RECORD_OVERHEAD + len(key or b"") + len(value or b"")
             + sum(len(k.encode()) + len(v) + 10 for k, v in headers))
 
 
@@ -87,6 +87,9 @@ def deadletter_record(d: DeadLetter, max_message_bytes: int, source_topic: str =
     # room for the value, keeping space for the headers that may still be added below
     room = budget - record_size(key, b"", theirs + ours) - 300
     value = m.payload
+    if value is None:  # a tombstone: the copy says so (Kafka keeps no null on a non-compacted topic here)
+        value = b""
+        ours.append(("ht-null-value", b"1"))
     if len(value) > room:
         packed = pa.compress(value, codec="zstd", asbytes=True)
         if len(packed) <= room:

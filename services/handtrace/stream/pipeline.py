@@ -291,6 +291,12 @@ class BatchPipeline:
         out = BatchOutcome()
         parsed: list[tuple[SourceMessage, ParsedBatch]] = []
         for m in messages:
+            if not isinstance(m.payload, bytes | bytearray | memoryview) or not m.payload:
+                # A tombstone (no value) or an empty one: nothing to judge (never a TypeError
+                # that would stop the worker on every replay of this micro-batch).
+                what = "no value (a tombstone)" if m.payload is None else "an empty value"
+                out.deadletters.append(DeadLetter(m, "empty_value", f"message with {what}"))
+                continue
             if self.max_payload_bytes is not None and len(m.payload) > self.max_payload_bytes:
                 # No conforming agent sends this (librdkafka refuses a message larger than its
                 # message.max.bytes before compression); its rows could not be bounded either.
@@ -298,9 +304,12 @@ class BatchPipeline:
                 out.deadletters.append(DeadLetter(m, "payload_too_large", detail))
                 continue
             try:
-                pb = parse_event_batch(m.payload)
+                pb = parse_event_batch(bytes(m.payload))
             except DecodeError as e:
                 out.deadletters.append(DeadLetter(m, e.reason, e.detail))
+                continue
+            except Exception as e:  # noqa: BLE001 -- a parser bug must not stop the worker: fail closed
+                out.deadletters.append(DeadLetter(m, "undecodable", type(e).__name__))
                 continue
             h = pb.header
             problem = transport_problem(m, h["employee_id"], self.partitions)
