@@ -264,3 +264,15 @@ def test_a_row_is_kept_iff_the_policy_at_its_capture_and_the_current_one_allow_i
     expected = sorted(base + minute * MIN + j for j, (minute, app) in enumerate(rows)
                       if app in in_force(base + minute * MIN + j).allowed_apps and app in history[-1][1].allowed_apps)
     assert stored_times(out) == expected
+
+
+def test_a_batch_sealed_in_the_future_is_dead_lettered_even_without_a_send_stamp() -> None:
+    # An agent claiming 2041 whose events span 2020-2041: one of them may look recent on the
+    # stream's clock, but a batch sealed a decade ahead has no clock worth placing anything by.
+    t2041 = 2_250_000_000 * S
+    times = [NOW - 2 * DAY + i * 30 * DAY for i in range(3)]  # one recent event, two 'future'
+    p = batch("ana", times, sent_at=t2041)
+    out = pipeline().process_many([msg(p, "ana", appended=NOW)], NOW, policy=POLICY)
+    assert [d.reason for d in out.deadletters] == ["clock_offset"] and out.stored == 0
+    out = pipeline().process_many([msg(p, "ana", appended=None)], NOW, policy=POLICY)
+    assert [d.reason for d in out.deadletters] == ["clock_offset"] and out.stored == 0

@@ -320,10 +320,12 @@ class BatchPipeline:
             elif pb.count > self.max_batch_events:
                 detail = f"{pb.count} events > {self.max_batch_events}"
                 out.deadletters.append(DeadLetter(m, "oversized", detail, pb.count))
-            elif message_clock_offset(m, pb, self.max_clock_offset_us) is None:
-                # The agent's clock is too far from the broker's (or its send stamp is garbage):
-                # its capture times cannot be placed against pauses and exemptions of the
-                # person's other devices, so nothing of it is judged (fails closed).
+            elif (message_clock_offset(m, pb, self.max_clock_offset_us) is None
+                  or _sent_at_us(h["sent_at_us"]) > (m.timestamp_us or received_at_us) + self.max_clock_offset_us):
+                # The agent's clock is too far from the broker's (or its send stamp is garbage, or
+                # the batch claims to have been sealed further in the future than any clock may
+                # be off): its capture times cannot be placed against pauses and exemptions of
+                # the person's other devices, so nothing of it is judged (fails closed).
                 detail = f"sender clock more than {self.max_clock_offset_us // 1_000_000} s from the broker's"
                 out.deadletters.append(DeadLetter(m, "clock_offset", detail, pb.count))
             else:
