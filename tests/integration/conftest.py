@@ -206,6 +206,76 @@ def producer(s: Settings) -> Producer:
     return Producer(producer_config(s.kafka, **{"compression.type": "zstd", "linger.ms": 10}))
 
 
+def stream_metric(s: Settings, sample: str) -> float:
+    """The value of one sample (name with labels, as exposed) of the worker's /metrics: 0.0 when
+    absent, -1.0 when the endpoint cannot be reached (not up yet)."""
+    import re
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{s.stream.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
+    except OSError:
+        return -1.0
+    m = re.search(rf"^{re.escape(sample)} ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def topic_messages(conf: dict[str, Any], topic: str, timeout_s: float = 60) -> list[Any]:
+    """Every message of ``topic`` from the beginning to its end (confluent Messages), read with
+    the client options ``conf``; fails the test when the end is not reached in ``timeout_s``."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer({**conf, "group.id": f"check-{uuid.uuid4().hex[:8]}", "enable.partition.eof": True,
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    try:
+        parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        out: list[Any] = []
+        eof: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(eof) < len(parts) and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    eof.add(m.partition())
+                    continue
+                pytest.fail(str(m.error()))
+            out.append(m)
+    finally:
+        c.close()
+    if len(eof) < len(parts):
+        pytest.fail(f"{topic} not read to its end in {timeout_s:g} s ({len(out)} messages so far)")
+    return out
+
+
+def topic_records(bootstrap: str, topic: str) -> list[bytes]:
+    """The values of every message of ``topic`` (see topic_messages)."""
+    return [m.value() for m in topic_messages({"bootstrap.servers": bootstrap}, topic)]
+
+
+def run_sink_until(sink: Sink, done: Callable[[], bool], timeout: float = 90) -> BaseException | None:
+    """Run ``sink`` in a thread until ``done()`` or it raises (a simulated crash); returns what
+    it raised. Fails the test if it does not stop afterwards."""
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            sink.run(stop)
+        except BaseException as e:  # noqa: BLE001 -- the simulated crash ends the thread
+            failure.append(e)
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    wait_for(lambda: bool(failure) or done(), timeout, "the sink to finish or crash")
+    stop.set()
+    th.join(30)
+    assert not th.is_alive(), "the sink did not stop"
+    return failure[0] if failure else None
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout_s: float, what: str, on_fail: Callable[[], str] = lambda: ""
 ) -> None:

@@ -18,7 +18,7 @@ from handtrace.core import codec
 from handtrace.core.clock import now_us
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
-from tests.integration.test_agent_outage import topic_records
+from tests.integration.conftest import topic_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from handtrace.agent.spool import Spool
 from handtrace.core import codec
@@ -26,7 +25,7 @@ from handtrace.core.localbroker import LocalBroker
 from handtrace.core.procs import spawn_owned
 from handtrace.core.settings import KafkaSettings, TopicSettings
 from handtrace.core.topics import Topics
-from tests.integration.conftest import start_outage_broker
+from tests.integration.conftest import start_outage_broker, topic_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -96,25 +95,6 @@ class AgentProc:
                 self.proc.wait(10)
 
 
-def topic_records(bootstrap: str, topic: str) -> list[bytes]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4().hex[:8]}",
-                  "enable.partition.eof": True, "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
-    c.assign([TopicPartition(topic, p, 0) for p in parts])
-    values, eof = [], set()
-    deadline = time.monotonic() + 60
-    while len(eof) < len(parts) and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            continue
-        if m.error():
-            if m.error().code() == KafkaError._PARTITION_EOF:
-                eof.add(m.partition())
-                continue
-            pytest.fail(str(m.error()))
-        values.append(m.value())
-    c.close()
-    return values
 
 
 def event_ids(values: list[bytes]) -> Counter[bytes]:

@@ -11,8 +11,6 @@ widening-policy rule; docs/adr/0010-clocks.md):
 from __future__ import annotations
 
 import random
-import re
-import urllib.request
 from typing import Any
 
 import pytest
@@ -24,7 +22,7 @@ from handtrace.core.clock import HEADER_SENT_AT, now_us
 from handtrace.core.partitioning import partition_for_key
 from handtrace.stream.steps.pseudonymise import pseudonym
 from tests.factories import TEST_POLICY, make_event
-from tests.integration.conftest import enroll_device, producer, publish_policy, topics_of, wait_for
+from tests.integration.conftest import enroll_device, producer, publish_policy, stream_metric, topics_of, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -32,13 +30,6 @@ S = 1_000_000
 MIN = 60 * S
 
 
-def _metric(s: Any, name: str, labels: str = "") -> float:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{s.stream.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
-    except OSError:
-        return -1.0
-    m = re.search(rf"^{re.escape(name + labels)} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def _batch(employee: str, device: str, times: list[int], sent_at: int, app: str = "firefox",
@@ -83,7 +74,7 @@ def test_a_pause_on_a_fast_laptop_covers_a_slow_laptop_of_the_same_person(  # ty
     p.produce(t.controls, key=key, value=value, partition=partition_for_key(key, parts),
               headers=laptop_a.headers("controls", key, value, sent_at_us=now_us() + fast))
     p.flush(30)
-    wait_for(lambda: _metric(s, "handtrace_stream_controls_total", '{kind="pause_start"}') >= 1, 90,
+    wait_for(lambda: stream_metric(s, 'handtrace_stream_controls_total{kind="pause_start"}') >= 1, 90,
              "the worker to fold laptop A's pause", worker.tail)
 
     # Laptop B (slow clock) captured one click every 500 ms over [t0, t0+30 s) true time; it sends
@@ -121,11 +112,11 @@ def test_a_widening_policy_admits_no_backlog_captured_before_it(  # type: ignore
     p = producer(s)
     parts = s.topics.partitions
     key = b"emp-w"
-    wait_for(lambda: _metric(s, "handtrace_stream_policy_version") >= 1, 90, "policy v1", worker.tail)
+    wait_for(lambda: stream_metric(s, "handtrace_stream_policy_version") >= 1, 90, "policy v1", worker.tail)
 
     captured_before = [now_us() - 20 * S + i * S for i in range(10)]  # slack, while only firefox is allowed
     publish_policy(s, {**TEST_POLICY, "version": 2, "allowed_apps": ["firefox", "slack"]})
-    wait_for(lambda: _metric(s, "handtrace_stream_policy_version") >= 2, 90, "policy v2", worker.tail)
+    wait_for(lambda: stream_metric(s, "handtrace_stream_policy_version") >= 2, 90, "policy v2", worker.tail)
     captured_after = [now_us() + i * 100_000 for i in range(10)]
 
     # The backlog arrives only now, after v2 allows slack; then the fresh events.
@@ -138,4 +129,4 @@ def test_a_widening_policy_admits_no_backlog_captured_before_it(  # type: ignore
     wait_for(lambda: group_lag(s.kafka, s.stream.app_id, t.events) == 0
              and group_lag(s.kafka, s.sink.group_id, t.stored) == 0, 60, "stream and sink to catch up")
     assert _stored(s, "emp-w") == captured_after
-    assert _metric(s, "handtrace_stream_events_total", '{decision="not_allowlisted_app"}') >= len(captured_before)
+    assert stream_metric(s, 'handtrace_stream_events_total{decision="not_allowlisted_app"}') >= len(captured_before)

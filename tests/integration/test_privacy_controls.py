@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import re
-import urllib.request
 
 from handtrace.control.publish import control_record, pause_record, publish
 from handtrace.core import clickhouse, codec, ids
@@ -13,7 +12,7 @@ from handtrace.core.admin import group_lag
 from handtrace.core.clock import now_us
 from handtrace.stream.steps.pseudonymise import pseudonym
 from tests.factories import make_event
-from tests.integration.conftest import producer, topics_of, wait_for
+from tests.integration.conftest import producer, stream_metric, topics_of, wait_for
 
 S = 1_000_000
 
@@ -26,13 +25,6 @@ def _batch(employee: str, t0: int, n: int, step_us: int, seed: int) -> tuple[byt
     return codec.encode_event_batch(header, events), [e["captured_at_us"] for e in events]
 
 
-def _metric(s, name: str) -> float:  # type: ignore[no-untyped-def]
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{s.stream.metrics_port}/metrics", timeout=5).read().decode()  # noqa: S310
-    except OSError:
-        return -1.0
-    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def test_pause_and_exemption_hold_for_late_data_and_across_a_worker_kill(  # type: ignore[no-untyped-def]
@@ -48,8 +40,8 @@ def test_pause_and_exemption_hold_for_late_data_and_across_a_worker_kill(  # typ
     publish(s, control_record("exemption_grant", employee_id="emp-x", actor="hr-1", role="hr",
                               reason="test", at_us=t0 + 5 * S))
     publish(s, pause_record("emp-p", 10 / 60, actor="emp-p", at_us=t0 + 10 * S))  # [t0+10s, t0+20s)
-    wait_for(lambda: _metric(s, 'handtrace_stream_controls_total{kind="pause_start"}') >= 1
-             and _metric(s, 'handtrace_stream_controls_total{kind="exemption_grant"}') >= 1,
+    wait_for(lambda: stream_metric(s, 'handtrace_stream_controls_total{kind="pause_start"}') >= 1
+             and stream_metric(s, 'handtrace_stream_controls_total{kind="exemption_grant"}') >= 1,
              60, "the worker to fold the controls", worker.tail)
 
     p = producer(s)

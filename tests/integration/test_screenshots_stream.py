@@ -13,8 +13,7 @@ from handtrace.control.publish import control_record, pause_record, publish
 from handtrace.core import ids
 from handtrace.core.clock import now_us
 from tests.factories import TEST_APP, TEST_URL
-from tests.integration.conftest import producer, topics_of, wait_for
-from tests.integration.test_agent_outage import topic_records
+from tests.integration.conftest import producer, topic_records, topics_of, wait_for
 
 S = 1_000_000
 # The url an image is sent with carries an address (percent-encoded, fullwidth) and a token in its

@@ -27,7 +27,6 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import ensure_topics, group_lag
@@ -49,7 +48,14 @@ from handtrace.stream.pipeline import BatchPipeline
 from handtrace.stream.steps.pseudonymise import PseudonymiseStep
 from handtrace.stream.steps.validate import ValidateStep
 from tests.factories import make_batch
-from tests.integration.conftest import producer, start_outage_broker, topics_of, wait_for
+from tests.integration.conftest import (
+    producer,
+    run_sink_until,
+    start_outage_broker,
+    topic_messages,
+    topics_of,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -107,50 +113,13 @@ def _stored_ids(s: Settings) -> list[bytes]:
 def _rejected(s: Settings) -> list[tuple[dict[str, str], Any]]:
     """Every message on events.rejected: (headers, rows), or (headers, bytes) for a message
     that was not valid Arrow rows."""
-    topic = topics_of(s).rejected
-    c = Consumer({**s.kafka.librdkafka(), "group.id": f"check-{uuid.uuid4().hex[:8]}",
-                  "enable.partition.eof": True, "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
-    c.assign([TopicPartition(topic, p, 0) for p in parts])
-    out, eof = [], set()
-    deadline = time.monotonic() + 60
-    while len(eof) < len(parts) and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            continue
-        if m.error():
-            if m.error().code() == KafkaError._PARTITION_EOF:
-                eof.add(m.partition())
-                continue
-            pytest.fail(str(m.error()))
+    out: list[tuple[dict[str, str], Any]] = []
+    for m in topic_messages(s.kafka.librdkafka(), topics_of(s).rejected):
         headers = {k: v.decode(errors="replace") for k, v in m.headers() or []}
-        if headers.get("ht-reason") == "invalid_message":
-            out.append((headers, m.value()))
-        else:
-            out.append((headers, from_ipc(m.value())))
-    c.close()
-    if len(eof) < len(parts):
-        pytest.fail(f"events.rejected not read to its end in 60 s ({len(out)} messages so far)")
+        out.append((headers, m.value() if headers.get("ht-reason") == "invalid_message" else from_ipc(m.value())))
     return out
 
 
-def _run_until(sink: Sink, done: Any, timeout: float = 90) -> BaseException | None:
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            sink.run(stop)
-        except BaseException as e:  # noqa: BLE001 -- the simulated crash ends the thread
-            failure.append(e)
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    wait_for(lambda: bool(failure) or done(), timeout, "the sink to finish or crash")
-    stop.set()
-    th.join(30)
-    assert not th.is_alive(), "the sink did not stop"
-    return failure[0] if failure else None
 
 
 def _assert_outcome(s: Settings, good: list[bytes], hostile: list[bytes]) -> None:
@@ -211,7 +180,7 @@ def test_a_batch_spanning_years_is_dead_lettered_and_the_rest_flows(settings_fac
         assert any("source_offset" in h["ht-detail"] for h, _ in invalid)
         # A restart (same group) changes nothing: no replay stores or rejects anything again.
         again = Sink(s, clickhouse.connect(s.clickhouse_dsn()))
-        assert _run_until(again, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
+        assert run_sink_until(again, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
         _assert_outcome(s, good + later, hostile)
         assert len(_rejected(s)) == 1 + 3
     finally:
@@ -255,7 +224,7 @@ def test_a_crash_during_the_split_replays_to_the_same_outcome(settings_factory, 
                 raise Crash
             first._publish_rejected = publish  # type: ignore[method-assign]
         first._on_revoke = lambda *_a: None  # type: ignore[method-assign]  # a dead process runs no callback
-        crashed = _run_until(first, lambda: False)
+        crashed = run_sink_until(first, lambda: False)
         assert isinstance(crashed, Crash), f"expected the simulated crash, got {crashed!r}"
         assert group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) > 0, "the split flush is uncommitted"
         before = _stored_ids(s)
@@ -264,7 +233,7 @@ def test_a_crash_during_the_split_replays_to_the_same_outcome(settings_factory, 
             assert 0 < len(before) < len(good), "some pieces landed before the crash"
 
         second = Sink(s, client)
-        assert _run_until(second, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
+        assert run_sink_until(second, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
         _assert_outcome(s, good, hostile)
         copies = len(_rejected(s))
         # The dead-letter copy is at-least-once: a crash between the send and its ledger record
@@ -435,7 +404,7 @@ def test_a_flush_over_the_servers_partition_limit_is_split_before_it_is_sent(set
         refused = metrics.INSERT_ERRORS.labels("bad_data")._value.get()
         sink = Sink(s, client)
         assert sink.max_partitions_per_insert == 4
-        assert _run_until(sink, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
+        assert run_sink_until(sink, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
         stored = _stored_ids(s)
         assert sorted(stored) == sorted(ids)
         assert metrics.INSERT_ERRORS.labels("bad_data")._value.get() == refused

@@ -3,7 +3,6 @@ replayed source messages, a crash between insert and commit, a crash between led
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from handtrace.stream.pipeline import BatchPipeline
 from handtrace.stream.steps.pseudonymise import PseudonymiseStep
 from handtrace.stream.steps.validate import ValidateStep
 from tests.factories import make_batch
-from tests.integration.conftest import producer, topics_of, wait_for
+from tests.integration.conftest import producer, run_sink_until, topics_of
 
 
 class Crash(BaseException):
@@ -55,22 +54,6 @@ def _stop_merges(s: Any) -> None:
     clickhouse.connect(s.clickhouse_dsn()).command(f"SYSTEM STOP MERGES {s.clickhouse.database}.events")
 
 
-def _run_until(sink: Sink, done: Any, timeout: float = 60) -> BaseException | None:
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            sink.run(stop)
-        except BaseException as e:  # noqa: BLE001 -- the simulated crash ends the thread
-            failure.append(e)
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    wait_for(lambda: bool(failure) or done(), timeout, "the sink to finish or crash")
-    stop.set()
-    th.join(30)
-    return failure[0] if failure else None
 
 
 def test_replayed_source_messages_are_stored_once(settings_factory) -> None:  # type: ignore[no-untyped-def]
@@ -79,7 +62,7 @@ def test_replayed_source_messages_are_stored_once(settings_factory) -> None:  # 
     sink = Sink(s, clickhouse.connect(s.clickhouse_dsn()))
     _stop_merges(s)
     try:
-        assert _run_until(sink, lambda: sink.rows_inserted >= len(ids)) is None
+        assert run_sink_until(sink, lambda: sink.rows_inserted >= len(ids)) is None
         assert _counts(s) == (len(ids), len(ids))
     finally:
         clickhouse.close(s.clickhouse_dsn())
@@ -120,7 +103,7 @@ def test_crash_mid_flush_then_restart_stores_each_event_once(settings_factory, c
             assert real_insert is not None
         # A killed process runs no rebalance callback (that would flush and commit).
         first._on_revoke = lambda *_a: None  # type: ignore[method-assign]
-        crashed = _run_until(first, lambda: False)
+        crashed = run_sink_until(first, lambda: False)
         assert isinstance(crashed, Crash), f"expected the simulated crash, got {crashed!r}"
         stored_before, _ = _counts(s)
         if crash_point == "after_insert_before_commit":
@@ -131,7 +114,7 @@ def test_crash_mid_flush_then_restart_stores_each_event_once(settings_factory, c
             assert stored_before == 0
 
         second = Sink(s, client)
-        assert _run_until(second, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
+        assert run_sink_until(second, lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0) is None
         assert _counts(s) == (len(ids), len(ids))
         got = {r[0].bytes for r in client.query(f"SELECT event_id FROM {s.clickhouse.database}.events").result_rows}
         assert got == set(ids)
