@@ -53,3 +53,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if bad:
         raise pytest.UsageError("tests outside tests/integration use the real broker; move them there:\n  "
                                 + "\n  ".join(bad))
+
+
+def pid_alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -276,6 +276,39 @@ def run_sink_until(sink: Sink, done: Callable[[], bool], timeout: float = 90) ->
     return failure[0] if failure else None
 
 
+def start_sink_process(s: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """``python -m handtrace.sink`` for ``s`` as an owned child (dies with the test), output to ``log``."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}, **settings_env(s)}
+    with open(log, "ab") as out:
+        return spawn_owned([sys.executable, "-m", "handtrace.sink"], env=env, stdout=out,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_sink_mid_stream(s: Settings, log: Path, rounds: int, pause_s: Callable[[int], float]) -> int:
+    """Start the sink process and SIGKILL it once it has made progress (after ``pause_s(kills)``
+    more seconds: somewhere in a flush), up to ``rounds`` times or until the accepted topic is
+    consumed; returns how many times it was killed."""
+    import signal
+
+    from handtrace.core.admin import group_lag
+
+    stored_topic = Topics.from_settings(s.topics).stored
+    kills = 0
+    for _ in range(rounds):
+        before = group_lag(s.kafka, s.sink.group_id, stored_topic)
+        if before == 0:
+            break
+        proc = start_sink_process(s, log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and group_lag(s.kafka, s.sink.group_id, stored_topic) >= before:
+            time.sleep(0.05)
+        time.sleep(pause_s(kills))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        kills += 1
+    return kills
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout_s: float, what: str, on_fail: Callable[[], str] = lambda: ""
 ) -> None:

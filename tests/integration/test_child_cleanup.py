@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import pid_alive
+
 pytestmark = pytest.mark.timeout(300)
 
 SERVICES = str(Path(__file__).resolve().parents[2] / "services")
@@ -54,14 +56,6 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
 
 def test_broker_and_worker_die_when_their_parent_is_sigkilled(tmp_path: Path) -> None:
     import json
@@ -78,22 +72,22 @@ def test_broker_and_worker_die_when_their_parent_is_sigkilled(tmp_path: Path) ->
             pytest.fail(f"the parent failed ({parent.returncode}):\n"
                         f"{(tmp_path / 'parent.err').read_text(errors='replace')[-3000:]}")
         pids = json.loads(line)
-        assert pids["broker"] and alive(pids["broker"]), "the broker is not running"
+        assert pids["broker"] and pid_alive(pids["broker"]), "the broker is not running"
         assert b"kafka.Kafka" in Path(f"/proc/{pids['broker']}/cmdline").read_bytes()
         time.sleep(1.0)
-        assert alive(pids["worker"]), ("the worker died with the thread that started it:\n"
+        assert pid_alive(pids["worker"]), ("the worker died with the thread that started it:\n"
                                        + (tmp_path / "fleet.log").read_text(errors="replace")[-3000:])
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(alive(p) for p in pids.values()):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids.values()):
             time.sleep(0.05)
-        left = {name: p for name, p in pids.items() if alive(p)}
+        left = {name: p for name, p in pids.items() if pid_alive(p)}
         assert not left, f"still running after the parent's SIGKILL: {left}"
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
         for p in pids.values():
-            if p and alive(p):
+            if p and pid_alive(p):
                 os.kill(p, signal.SIGKILL)

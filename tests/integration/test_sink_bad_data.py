@@ -14,7 +14,6 @@ publishes (Arrow IPC of STORED_SCHEMA rows, one message per source offset).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import signal
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from handtrace.core.rows import (
     from_ipc,
     to_ipc,
 )
-from handtrace.core.settings import Settings, settings_env
+from handtrace.core.settings import Settings
 from handtrace.sink.errors import BAD_DATA_CODES, RETRYABLE_CODES, TOO_MANY_PARTITIONS
 from handtrace.sink.schema import migrate
 from handtrace.sink.writer import Sink
@@ -49,9 +48,11 @@ from handtrace.stream.steps.pseudonymise import PseudonymiseStep
 from handtrace.stream.steps.validate import ValidateStep
 from tests.factories import make_batch
 from tests.integration.conftest import (
+    kill_sink_mid_stream,
     producer,
     run_sink_until,
     start_outage_broker,
+    start_sink_process,
     topic_messages,
     topics_of,
     wait_for,
@@ -299,11 +300,6 @@ def test_run_returns_promptly_while_every_insert_fails(settings_factory) -> None
 # ---------------------------------------------------------------- the process, broker gone
 
 
-def _start_sink(s: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}, **settings_env(s)}
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "handtrace.sink"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_sink_process_stops_within_10s_of_sigterm_with_the_broker_gone(
@@ -318,7 +314,7 @@ def test_sink_process_stops_within_10s_of_sigterm_with_the_broker_gone(
     ensure_topics(s.kafka, s.topics)
     first, _ = _publish(s, range(5))
     log = tmp_path / "sink.log"
-    proc = _start_sink(s, log)
+    proc = start_sink_process(s, log)
     try:
         wait_for(lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0, 90,
                  "the sink to store and commit", lambda: log.read_text()[-3000:])
@@ -327,7 +323,7 @@ def test_sink_process_stops_within_10s_of_sigterm_with_the_broker_gone(
         proc.wait(10)
         held = s.model_copy(update={"sink": s.sink.model_copy(update={"flush_interval_s": 60.0})})
         later, _ = _publish(s, range(5, 10))
-        proc = _start_sink(held, log)
+        proc = start_sink_process(held, log)
         time.sleep(8)  # joins the group, reads the 5 new messages, holds them
         outage_broker.stop()
         time.sleep(2)
@@ -345,7 +341,7 @@ def test_sink_process_stops_within_10s_of_sigterm_with_the_broker_gone(
             proc.wait(10)
     # Back with a broker: the next start replays what was not committed, and stores nothing twice.
     start_outage_broker(outage_broker)
-    proc = _start_sink(s, log)
+    proc = start_sink_process(s, log)
     try:
         wait_for(lambda: group_lag(s.kafka, s.sink.group_id, topics_of(s).stored) == 0, 90,
                  "the restarted sink to catch up", lambda: log.read_text()[-3000:])
@@ -428,21 +424,10 @@ def test_sigkilled_sink_with_hostile_batches_stores_the_same_result(settings_fac
               "max_bytes_to_merge_at_max_space_in_pool = 1, max_bytes_to_merge_at_min_space_in_pool = 1")
     clickhouse.close(s.clickhouse_dsn())
     log = tmp_path / "sink.log"
-    kills = 0
-    for _ in range(5):
-        before = group_lag(s.kafka, s.sink.group_id, t.stored)
-        if before == 0:
-            break
-        proc = _start_sink(s, log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and group_lag(s.kafka, s.sink.group_id, t.stored) >= before:
-            time.sleep(0.05)
-        time.sleep(0.1 * (kills + 1))  # somewhere in a split, an insert, a dead-letter send
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        kills += 1
+    # somewhere in a split, an insert, a dead-letter send
+    kills = kill_sink_mid_stream(s, log, 5, lambda k: 0.1 * (k + 1))
     assert kills >= 2, "the sink should have been killed mid-stream at least twice"
-    final = _start_sink(s, log)
+    final = start_sink_process(s, log)
     try:
         wait_for(lambda: group_lag(s.kafka, s.sink.group_id, t.stored) == 0, 120, "the sink to catch up",
                  lambda: log.read_text()[-3000:])

@@ -4,30 +4,19 @@ disabled so duplicates could not hide in a ReplacingMergeTree merge)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from handtrace.core import clickhouse
 from handtrace.core.admin import group_lag
-from handtrace.core.procs import spawn_owned
-from handtrace.core.settings import settings_env
 from handtrace.sink.schema import migrate
 from tests.factories import make_batch
-from tests.integration.conftest import producer, topics_of, wait_for
+from tests.integration.conftest import kill_sink_mid_stream, producer, start_sink_process, topics_of, wait_for
 
 BATCHES = 80
 PER_BATCH = 250
 
 
-def _start_sink(s, log: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}, **settings_env(s)}
-    with open(log, "ab") as out:
-        return spawn_owned([sys.executable, "-m", "handtrace.sink"], env=env, stdout=out,
-                           stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_sigkilled_sink_stores_every_event_exactly_once(settings_factory, stream_worker, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -55,23 +44,12 @@ def test_sigkilled_sink_stores_every_event_exactly_once(settings_factory, stream
     total = group_lag(s.kafka, s.sink.group_id, t.stored)
     assert total >= 20, "the stream should have published many accepted-row messages"
 
-    kills = 0
     log = tmp_path / "sink.log"
-    for _ in range(4):
-        before = group_lag(s.kafka, s.sink.group_id, t.stored)
-        if before == 0:
-            break
-        proc = _start_sink(s, log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and group_lag(s.kafka, s.sink.group_id, t.stored) >= before:
-            time.sleep(0.05)
-        time.sleep(0.15)  # land somewhere between an insert and its commit, or mid-flush
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        kills += 1
+    # each kill lands somewhere between an insert and its commit, or mid-flush
+    kills = kill_sink_mid_stream(s, log, 4, lambda _k: 0.15)
     assert kills >= 2, "the sink should have been killed mid-stream at least twice"
 
-    final = _start_sink(s, log)
+    final = start_sink_process(s, log)
     try:
         wait_for(lambda: group_lag(s.kafka, s.sink.group_id, t.stored) == 0, 120, "the sink to catch up",
                  lambda: log.read_text()[-3000:])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from handtrace.core.procs import LAUNCH_FAILED_CODES, launcher_argv, spawn_owned, stop_child
+from tests.conftest import pid_alive
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")]
@@ -38,23 +39,15 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for init to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
 
 def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        left = [p for p in pids if alive(p)]
+        left = [p for p in pids if pid_alive(p)]
         if not left:
             return []
         time.sleep(0.05)
-    return [p for p in pids if alive(p)]
+    return [p for p in pids if pid_alive(p)]
 
 
 def cmdline(pid: int) -> bytes:
@@ -75,12 +68,12 @@ def test_owned_children_die_when_the_parent_is_sigkilled() -> None:
         parent.kill()
         parent.wait(10)
         assert wait_gone([owned_main, owned_thread], 5) == []
-        assert alive(plain), "control: a plain child should outlive its SIGKILLed parent"
+        assert pid_alive(plain), "control: a plain child should outlive its SIGKILLed parent"
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait(10)
-        if plain and alive(plain):
+        if plain and pid_alive(plain):
             os.kill(plain, signal.SIGKILL)
 
 
@@ -111,7 +104,7 @@ def test_spawning_from_a_thread_returns_a_working_popen() -> None:
     proc = box[0]
     assert proc.poll() is None
     assert stop_child(proc, 5, group=True) == -signal.SIGTERM
-    assert not alive(proc.pid)
+    assert not pid_alive(proc.pid)
 
 
 def test_a_missing_program_fails_in_the_parent() -> None:
