@@ -17,7 +17,7 @@ from typing import Any
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-SUBJECTS = ("event_batch", "control_event", "heartbeat", "device_enrollment")
+SUBJECTS = ("event_batch", "control_event", "heartbeat", "device_enrollment", "demonstration")
 _VERSION_RE = re.compile(r"^v(\d+)\.avsc$")
 
 

@@ -442,6 +442,57 @@ class AgentSettings(BaseModel):
                                      "is then dropped as ambiguous, never misattributed.")
 
 
+class StoreSettings(BaseModel):
+    """The durable object store for demonstration frames (content-addressed images)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str | None = Field(default=None, description="Where frames are stored: `file:///path` (a "
+                            "local directory, the embedded default) or `s3://bucket/prefix` (any "
+                            "S3-compatible service, with the s3_* settings). Unset: "
+                            "file://<state_dir>/frames.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (e.g. "
+                                        "`https://s3.eu-central-1.amazonaws.com`, or a SeaweedFS/MinIO "
+                                        "address); unset: the AWS default for the region.")
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 access key id (unset: the "
+                                         "standard AWS credential chain).")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    retries: int = Field(default=5, ge=0, le=100, description="Attempts beyond the first for a failed "
+                         "object write/read (exponential backoff); then the caller fails closed.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per-request timeout.")
+
+
+class DemoSettings(BaseModel):
+    """Demonstrations: task recordings the employee starts, reviews and submits (issue #11).
+    Agent-side knobs (recording, frames, uploads) and the stream/sink's handling of them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    enabled: bool = Field(default=True, description="Allow the employee to record demonstrations.")
+    dir: Path | None = Field(default=None, description="Where recordings wait for review, on the "
+                             "laptop only; unset: <state_dir>/agent/demonstrations.")
+    max_minutes: float = Field(default=20.0, gt=0, le=240, description="A recording stops by itself "
+                               "after this long.")
+    expire_hours: float = Field(default=72.0, gt=0, le=24 * 90, description="Recordings not "
+                                "submitted within this many hours are deleted from the laptop.")
+    consent_version: str = Field(default="1", min_length=1, max_length=64, description="Version of "
+                                 "the demonstration consent text the employee accepted; sent with "
+                                 "every demonstration.")
+    upload_on_battery: bool = Field(default=False, description="Upload submitted demonstrations "
+                                    "while on battery (default: wait for mains power).")
+    upload_on_metered: bool = Field(default=False, description="Upload on a metered network "
+                                    "(default: wait for an unmetered one).")
+    hold_s: float = Field(default=3600.0, gt=0, le=7 * 86_400, description="Sink: how long a "
+                          "demonstration whose frames have not all arrived is held before it is "
+                          "recorded as incomplete (nothing of it exportable).")
+    max_frame_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024,
+                                 description="Largest frame message (and max.message.bytes of the "
+                                 "demonstration topics).")
+    sink_group_id: str = Field(default="handtrace-sink-demonstrations", description="Consumer group "
+                               "of the sink's demonstration writer.")
+
+
 class Settings(BaseSettings):
     """All handtrace settings. Environment: HANDTRACE_<FIELD>, nested with `__`."""
 
@@ -468,6 +519,8 @@ class Settings(BaseSettings):
     fleet: FleetSettings = FleetSettings()
     agent: AgentSettings = AgentSettings()
     control: ControlSettings = ControlSettings()
+    store: StoreSettings = StoreSettings()
+    demo: DemoSettings = DemoSettings()
 
     @model_validator(mode="after")
     def _distinct_metrics_ports(self) -> Settings:
