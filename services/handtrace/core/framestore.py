@@ -17,7 +17,10 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from handtrace.core.settings import Settings
 
 _PSEUDONYM = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -142,3 +145,11 @@ class LocalStore:
 
     def delete_prefix(self, prefix: str) -> int:
         return sum(self.delete(k) for k in list(self.list(prefix)))
+
+
+def open_store(settings: Settings) -> FrameStore:
+    """The store ``settings.store.url`` names (default: ``file://<state_dir>/frames``)."""
+    url = settings.store.url or f"file://{(settings.state_dir / 'frames').resolve()}"
+    if url.startswith("file://"):
+        return LocalStore(Path(url[len("file://"):]))
+    raise ValueError(f"store.url {url!r}: expected file:///path or s3://bucket/prefix")

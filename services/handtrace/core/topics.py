@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from handtrace.core.settings import TopicSettings
+from handtrace.core.settings import DemoSettings, TopicSettings
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Topics:
     rejected: str
     screenshots: str
     screenshots_accepted: str
+    demonstrations: str
+    demonstrations_accepted: str
 
     @classmethod
     def from_settings(cls, s: TopicSettings) -> Topics:
@@ -50,10 +52,12 @@ class Topics:
             rejected=f"{p}.events.rejected",
             screenshots=f"{p}.screenshots.raw",
             screenshots_accepted=f"{p}.screenshots.accepted",
+            demonstrations=f"{p}.demonstrations.raw",
+            demonstrations_accepted=f"{p}.demonstrations.accepted",
         )
 
 
-def topic_specs(s: TopicSettings) -> list[TopicSpec]:
+def topic_specs(s: TopicSettings, demo: DemoSettings | None = None) -> list[TopicSpec]:
     """Every topic with partitions and configs (compaction for state, retention for events)."""
     t = Topics.from_settings(s)
     # The broker stamps what agents and the control plane write with its own clock at append
@@ -62,6 +66,7 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
     broker_time = {"message.timestamp.type": "LogAppendTime"}
     hours = s.events_retention_hours * 3600 * 1000
     max_msg = str(s.max_message_bytes)
+    frame_max = (demo or DemoSettings()).max_frame_bytes
     return [
         TopicSpec(
             t.events,
@@ -106,6 +111,22 @@ def topic_specs(s: TopicSettings) -> list[TopicSpec]:
             {"retention.ms": str(hours), "max.message.bytes": max_msg},
             "Screenshots that passed the stream's exemption, pause and allowlist rules, keyed and "
             "labelled by pseudonyms (partition = source partition).",
+        ),
+        TopicSpec(
+            t.demonstrations,
+            s.partitions,
+            {"retention.ms": str(hours), "max.message.bytes": str(frame_max),
+             "compression.type": "producer", **broker_time},
+            "Submitted demonstrations from agents, keyed by employee id: a Demonstration header "
+            "(instruction, frame manifest, events) then one message per frame image "
+            "(docs/design/demonstrations.md; raw: restricted access).",
+        ),
+        TopicSpec(
+            t.demonstrations_accepted,
+            s.partitions,
+            {"retention.ms": str(hours), "max.message.bytes": str(frame_max)},
+            "Demonstrations and frames that passed the stream's rules, keyed by the employee "
+            "pseudonym (partition = source partition); read by the sink's demonstration writer.",
         ),
         TopicSpec(
             t.heartbeats,
