@@ -54,3 +54,38 @@ LAG_MESSAGES = Gauge(
     "handtrace_sink_consumer_lag_messages",
     "Messages between the sink's position and the end of its partitions.",
 )
+
+# -------------------------------------------------------------- demonstrations (issue #11)
+DEMONSTRATIONS = Counter(
+    "handtrace_sink_demonstrations_total",
+    "Demonstration headers handled by the demonstration writer, by outcome: complete (stored "
+    "whole), incomplete (held past demo.hold_s or refused: only an 'incomplete' row, objects "
+    "deleted), already_stored (a replay or re-upload of a complete one: skipped), duplicate (a "
+    "second header while pending), invalid (not ours: skipped).",
+    ["outcome"],
+)
+for _outcome in ("complete", "incomplete", "already_stored", "duplicate", "invalid"):
+    DEMONSTRATIONS.labels(_outcome)
+DEMO_FRAMES = Counter(
+    "handtrace_sink_demonstration_frames_total",
+    "Frame messages handled, by outcome: stored (object written for a pending manifest), "
+    "duplicate (already stored for that pending demonstration), discarded (in no pending "
+    "manifest: a replay, or a frame the stream accepted but the manifest does not list), "
+    "invalid (bad headers or bytes that do not match their sha256).",
+    ["outcome"],
+)
+for _outcome in ("stored", "duplicate", "discarded", "invalid"):
+    DEMO_FRAMES.labels(_outcome)
+DEMO_OBJECT_RETRIES = Counter(
+    "handtrace_sink_demonstration_object_write_retries_total",
+    "Frame object writes that failed and were retried (the frame store was unavailable).",
+)
+DEMO_OBJECTS_DELETED = Counter(
+    "handtrace_sink_demonstration_objects_deleted_total",
+    "Frame objects deleted because their demonstration was recorded incomplete.",
+)
+DEMO_PENDING = Gauge(
+    "handtrace_sink_demonstrations_pending",
+    "Demonstrations whose header has arrived but not yet every manifest frame (they hold back "
+    "their partition's offset commits).",
+)

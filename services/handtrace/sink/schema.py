@@ -3,6 +3,9 @@
 ``events`` is the analyst-facing table: pseudonymous keys only, never a raw employee id.
 ``sink_ledger`` records every flush *before* its insert (write-ahead), which is what makes a
 crash between insert and offset commit harmless (see writer.py).
+``demonstrations``, ``frames`` and ``demonstration_events`` hold submitted demonstrations
+(sink/demonstrations.py; docs/design/demonstrations.md): a demonstration's frames and events rows
+count only once its ``demonstrations`` row says ``complete``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,129 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             ADD COLUMN IF NOT EXISTS outcome LowCardinality(String) DEFAULT '',
             ADD COLUMN IF NOT EXISTS reason LowCardinality(String) DEFAULT '',
             ADD COLUMN IF NOT EXISTS detail String DEFAULT ''
+        """,
+    ),
+    (
+        4,
+        "demonstrations table",
+        # One row per demonstration, inserted LAST (after its frames and events rows): a
+        # 'complete' row is what makes a demonstration's other rows exportable. ReplacingMergeTree
+        # by stored_at: a re-upload that completes a demonstration first recorded 'incomplete'
+        # supersedes that row (a complete one is never followed by another: its id is skipped).
+        """
+        CREATE TABLE IF NOT EXISTS {db}.demonstrations
+        (
+            demonstration_id UUID,
+            employee_key String COMMENT 'HMAC pseudonym of the employee (never the raw id)',
+            device_key String COMMENT 'HMAC pseudonym of the device',
+            instruction String
+                COMMENT 'the task as the employee worded it, after redaction (may describe their work)',
+            status LowCardinality(String)
+                COMMENT 'complete: every frame and event stored; incomplete: nothing else of it stored',
+            started_at DateTime64(6, 'UTC'),
+            ended_at DateTime64(6, 'UTC'),
+            sent_at DateTime64(6, 'UTC') COMMENT 'agent clock at upload',
+            received_at DateTime64(6, 'UTC') COMMENT 'stream clock when the header was processed',
+            stored_at DateTime64(6, 'UTC') DEFAULT now64(6),
+            screen_width UInt32,
+            screen_height UInt32,
+            screen_scale Float32,
+            apps Array(String) COMMENT 'allowlisted apps seen during the demonstration',
+            consent_version LowCardinality(String),
+            policy_version LowCardinality(String),
+            agent_version LowCardinality(String),
+            os LowCardinality(String),
+            frames UInt32 COMMENT 'frames in the accepted manifest',
+            events UInt32,
+            missing_frames UInt32 COMMENT 'manifest frames never received (incomplete only)',
+            frames_dropped Map(String, UInt32) COMMENT 'frames the stream removed, by reason',
+            events_dropped Map(String, UInt32) COMMENT 'events the stream removed, by reason',
+            reason LowCardinality(String) COMMENT 'why incomplete (empty when complete)'
+        )
+        ENGINE = ReplacingMergeTree(stored_at)
+        PARTITION BY toYYYYMM(started_at)
+        ORDER BY (employee_key, demonstration_id)
+        SETTINGS non_replicated_deduplication_window = 10000
+        """,
+    ),
+    (
+        5,
+        "frames table",
+        # One row per stored frame; its object is in the frame store under object_key (written
+        # before the row). Pixels of non-allowlisted windows were filled at capture (`filled`).
+        """
+        CREATE TABLE IF NOT EXISTS {db}.frames
+        (
+            demonstration_id UUID,
+            employee_key String COMMENT 'HMAC pseudonym of the employee (never the raw id)',
+            step UInt32,
+            sha256 String COMMENT 'hex SHA-256 of the image bytes (names the object)',
+            object_key String COMMENT 'key in the frame store: frames/<employee_key>/..',
+            format LowCardinality(String),
+            bytes UInt32,
+            width UInt32,
+            height UInt32,
+            captured_at DateTime64(6, 'UTC') COMMENT 'agent clock at grab',
+            reason LowCardinality(String) COMMENT 'what the frame precedes (click, drag, scroll, typing, hotkey, end)',
+            action_started_at Nullable(DateTime64(6, 'UTC')),
+            action_event_id Nullable(UUID),
+            windows Array(Tuple(app_id Nullable(String), url Nullable(String), x Int32, y Int32,
+                                width Int32, height Int32))
+                COMMENT 'visible (allowlisted, unfilled) windows; urls after redaction',
+            filled Array(Tuple(x Int32, y Int32, width Int32, height Int32))
+                COMMENT 'rectangles painted solid at capture (not allowlisted)',
+            stored_at DateTime64(6, 'UTC') DEFAULT now64(6)
+        )
+        ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(captured_at)
+        ORDER BY (employee_key, demonstration_id, step, sha256)
+        SETTINGS non_replicated_deduplication_window = 10000
+        """,
+    ),
+    (
+        6,
+        "demonstration events table",
+        # The events of demonstrations, enforced like passive ones except sampling: the events
+        # columns plus demonstration_id (source_* = the header message's).
+        """
+        CREATE TABLE IF NOT EXISTS {db}.demonstration_events
+        (
+            demonstration_id UUID,
+            event_id UUID,
+            batch_id UUID,
+            employee_key String COMMENT 'HMAC pseudonym of the employee (never the raw id)',
+            device_key String COMMENT 'HMAC pseudonym of the device',
+            kind LowCardinality(String),
+            captured_at DateTime64(6, 'UTC') COMMENT 'agent clock at capture',
+            received_at DateTime64(6, 'UTC') COMMENT 'stream clock when the header was processed',
+            stored_at DateTime64(6, 'UTC') DEFAULT now64(6),
+            x Nullable(Int32),
+            y Nullable(Int32),
+            button LowCardinality(String),
+            pressed Nullable(Bool),
+            scroll_dx Nullable(Int32),
+            scroll_dy Nullable(Int32),
+            key_code Nullable(Int32),
+            modifiers Nullable(Int32),
+            text Nullable(String) COMMENT 'typed text after masking and redaction',
+            text_masked Bool,
+            app_id LowCardinality(Nullable(String)),
+            window_title Nullable(String) COMMENT 'after redaction',
+            url Nullable(String) COMMENT 'after redaction',
+            screenshot_sha256 Nullable(String),
+            screenshot_bytes Nullable(Int32),
+            screenshot_format LowCardinality(String),
+            screenshot_width Nullable(Int32),
+            screenshot_height Nullable(Int32),
+            agent_version LowCardinality(String),
+            os LowCardinality(String),
+            source_partition Int32,
+            source_offset Int64
+        )
+        ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(captured_at)
+        ORDER BY (employee_key, demonstration_id, captured_at, event_id)
+        SETTINGS non_replicated_deduplication_window = 10000
         """,
     ),
 ]
