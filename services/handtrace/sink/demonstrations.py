@@ -684,7 +684,7 @@ class DemoWriter:
                 for m in c.consume(num_messages=32, timeout=0.2):
                     err = m.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF:
+                        if err.code() not in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART):
                             log.warning("consumer error: %s", err)
                         continue
                     p = m.partition() or 0

@@ -7,6 +7,13 @@ flushed if ClickHouse takes it at once. A deadline of ``sink.stop_grace_s`` back
 calls that cannot be interrupted (an insert or a Kafka close against a server that does not
 answer): the process then exits without committing anything more -- exactly what a crash does,
 which the ledger replays exactly once on the next start (tests/integration/test_sink_sigkill.py).
+
+Demonstrations (issue #11) are written by a second thread of the same process, the
+``DemoWriter`` (sink/demonstrations.py), with its own consumer group and its own ClickHouse client
+(on the embedded engine: a second client of this process's engine, which holds the data dir's
+lock). One process, so ``python -m handtrace.sink`` keeps owning the embedded data dir alone. The
+two share the stop event; if either dies, the other is stopped and the process exits non-zero (a
+supervisor restarts both; each replays what it had not committed).
 """
 
 from __future__ import annotations
@@ -17,11 +24,15 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
+import clickhouse_connect
 from prometheus_client import start_http_server
 
 from handtrace.core import clickhouse
+from handtrace.core.framestore import open_store
 from handtrace.core.settings import Settings, load_settings
+from handtrace.sink.demonstrations import DemoWriter
 from handtrace.sink.writer import Sink
 
 log = logging.getLogger("handtrace.sink")
@@ -30,6 +41,20 @@ log = logging.getLogger("handtrace.sink")
 def open_sink(settings: Settings) -> Sink:
     """Connect to ClickHouse and build the sink (raises ClickHouseLocked with a clear message)."""
     return Sink(settings, clickhouse.connect(settings.clickhouse_dsn()))
+
+
+def demo_client(settings: Settings) -> Any:
+    """A ClickHouse client of the demonstration writer's own (a client is not shared between
+    threads). For the embedded engine, call after ``clickhouse.connect`` (which takes the data
+    dir's lock for this process)."""
+    dsn = settings.clickhouse_dsn()
+    path = clickhouse.embedded_path(dsn)
+    return clickhouse_connect.get_client(dsn=f"chdb://{path.resolve()}" if path is not None else dsn)
+
+
+def open_demo_writer(settings: Settings, client: Any) -> DemoWriter:
+    """The demonstration writer on ``client`` and the configured frame store."""
+    return DemoWriter.on_clickhouse(settings, client, open_store(settings))
 
 
 def _exit_after(grace_s: float) -> None:
@@ -63,9 +88,30 @@ def main() -> None:
     stop = threading.Event()
     install_stop_handlers(stop, settings.sink.stop_grace_s)
     sink = open_sink(settings)
+    client = demo_client(settings)
+    demo = open_demo_writer(settings, client)
     if settings.sink.metrics_port:
         start_http_server(settings.sink.metrics_port, addr=settings.metrics_host)
+    failed: list[BaseException] = []
+
+    def run_demo() -> None:
+        try:
+            demo.run(stop)
+        except BaseException as e:  # noqa: BLE001 -- reported below; the events sink stops too
+            log.exception("demonstration writer failed; stopping the sink")
+            failed.append(e)
+            stop.set()
+
+    demo_thread = threading.Thread(target=run_demo, name="demonstrations", daemon=True)
+    demo_thread.start()
     try:
         sink.run(stop)
     finally:
-        clickhouse.close(settings.clickhouse_dsn())
+        stop.set()
+        demo_thread.join(settings.sink.stop_grace_s)
+        try:
+            client.close()
+        finally:
+            clickhouse.close(settings.clickhouse_dsn())
+    if failed:
+        sys.exit(1)
