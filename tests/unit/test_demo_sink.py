@@ -398,3 +398,13 @@ def test_messages_without_a_known_part_are_skipped_and_counted(part: bytes | Non
     headers = [("ht-part", part)] if part else []
     w.handle(0, 0, headers, b"x")
     assert w.pending.commit_offset(0) == 1 and tables.inserts == 0
+
+
+@pytest.mark.parametrize("frame_mb", [1, 8, 64])
+def test_the_consumer_fetches_messages_as_large_as_the_largest_frame(frame_mb: int) -> None:
+    s = Settings(demo={"max_frame_bytes": frame_mb * 1024 * 1024})
+    conf = DemoWriter(s, FakeTables(FakeStore()), FakeStore()).consumer_config()
+    frame = s.demo.max_frame_bytes
+    assert conf["max.partition.fetch.bytes"] >= frame and conf["fetch.max.bytes"] >= frame
+    assert conf["receive.message.max.bytes"] > conf["fetch.max.bytes"]  # librdkafka requires it
+    assert conf["group.id"] == s.demo.sink_group_id and conf["enable.auto.commit"] is False
