@@ -408,3 +408,34 @@ def test_the_consumer_fetches_messages_as_large_as_the_largest_frame(frame_mb: i
     assert conf["max.partition.fetch.bytes"] >= frame and conf["fetch.max.bytes"] >= frame
     assert conf["receive.message.max.bytes"] > conf["fetch.max.bytes"]  # librdkafka requires it
     assert conf["group.id"] == s.demo.sink_group_id and conf["enable.auto.commit"] is False
+
+
+class FakeConsumer:
+    """Records what the writer commits (no broker)."""
+
+    def __init__(self) -> None:
+        self.commits: list[tuple[int, int]] = []
+
+    def commit(self, offsets: list[Any], asynchronous: bool) -> None:
+        self.commits += [(tp.partition, tp.offset) for tp in offsets]
+
+
+def test_a_revoked_partition_commits_only_up_to_its_pending_header_and_forgets_it() -> None:
+    from confluent_kafka import TopicPartition
+
+    store = FakeStore()
+    tables = FakeTables(store)
+    w = writer(store, tables)
+    consumer = FakeConsumer()
+    w._consumer = consumer  # type: ignore[assignment]
+    done = make_demo("pk_jo", 1, seed=1)
+    held = make_demo("pk_jo", 3, seed=2)
+    feed(w, [*messages(done), held.header, held.frames[0]], start=10, p=1)
+    feed(w, messages(make_demo("pk_kim", 1, seed=3)), p=2)
+    w._on_revoke(w._consumer, [TopicPartition(w.topic, 1)])  # type: ignore[arg-type]
+    assert (1, 12) in consumer.commits and all(off <= 12 for p, off in consumer.commits if p == 1)
+    assert w.pending.get(1, held.demo_id) is None and 1 not in w.pending.position
+    # what the old owner still delivers for it is not stored (the new owner replays from 12)
+    puts = store.puts
+    feed(w, held.frames[1:], start=14, p=1)
+    assert store.puts == puts and tables.demo_rows(held.demo_id) == []
