@@ -137,6 +137,7 @@ class S3Server:
             f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+            "-s3.autoCreateBucket=false",  # as AWS: a PUT into a missing bucket is NoSuchBucket
             f"-filer.localSocket={self._socket('filer')}", f"-s3.localSocket={self._socket('s3')}",
         ]
 
