@@ -5,6 +5,9 @@ a network store can do wrong: refuse our keys, go away, come back (issue #11, de
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -180,3 +183,30 @@ def put_retry(s: FrameStore, key: str, data: bytes, deadline_s: float = 30) -> N
             if time.monotonic() > end:
                 raise
             time.sleep(0.5)
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "handtrace.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd, env={**os.environ, **env, "COLUMNS": "200"})
+
+
+def test_cli_store_check_and_ls_against_s3(s3_server: Any, tmp_path: Path) -> None:
+    bucket = s3_server.fresh_bucket()
+    env = {"HANDTRACE_STATE_DIR": str(tmp_path), "HANDTRACE_STORE__URL": f"s3://{bucket}/ops",
+           "HANDTRACE_STORE__S3_ENDPOINT_URL": s3_server.endpoint,
+           "HANDTRACE_STORE__S3_ACCESS_KEY_ID": s3_server.access_key,
+           "HANDTRACE_STORE__S3_SECRET_ACCESS_KEY": s3_server.secret_key,
+           "HANDTRACE_STORE__S3_ADDRESSING_STYLE": "path", "HANDTRACE_STORE__RETRIES": "1"}
+    ok = _cli(["store", "check"], env, tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert f"s3://{bucket}/ops/" in ok.stdout and "put" in ok.stdout and " ms" in ok.stdout
+    s = open_store(s3_settings(s3_server, f"s3://{bucket}/ops", tmp_path))
+    assert list(s.list("")) == [], "the probe object must be deleted"
+    keys = sorted(frame(i, "p-9")[0] for i in range(3))
+    for k in keys:
+        s.put(k, b"x")
+    ls = _cli(["store", "ls", person_prefix("p-9")], env, tmp_path)
+    assert ls.returncode == 0, ls.stderr
+    assert sorted(ls.stdout.split()) == keys and "3 keys" in ls.stderr
+    bad = _cli(["store", "check"], {**env, "HANDTRACE_STORE__S3_SECRET_ACCESS_KEY": "wrong" * 8}, tmp_path)
+    assert bad.returncode == 1 and "frame store check failed" in bad.stderr and "not retried" in bad.stderr, bad.stderr
