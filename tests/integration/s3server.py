@@ -28,8 +28,9 @@ import pytest
 from handtrace.core.procs import spawn_owned
 from tests.conftest import free_port
 
-SEAWEEDFS_VERSION = os.environ.get("HANDTRACE_SEAWEEDFS_VERSION", "v0.0.0-20261109003541-7506e5f91cd6")
-"""The version deploy/seaweedfs.sh builds (keep the two in step)."""
+DEFAULT_SEAWEEDFS_VERSION = "v0.0.0-20261109003541-7506e5f91cd6"
+"""The version deploy/seaweedfs.sh builds by default (tests/unit/test_framestore.py keeps them in step)."""
+SEAWEEDFS_VERSION = os.environ.get("HANDTRACE_SEAWEEDFS_VERSION", DEFAULT_SEAWEEDFS_VERSION)
 
 BUILD_COMMAND = "deploy/seaweedfs.sh   # or: make setup (needs Go; ~8 min the first time)"
 

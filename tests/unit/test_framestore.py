@@ -337,3 +337,14 @@ def test_throttling_by_code_is_transient_even_as_a_4xx() -> None:
     s, sleeps = _store(client)
     s.put("frames/p/aa/k.png", b"x")
     assert client.calls == 3 and len(sleeps) == 2
+
+
+def test_the_s3_test_server_is_the_version_setup_builds() -> None:
+    """deploy/seaweedfs.sh builds and caches one version; the fixture must look for that one."""
+    import re
+
+    from tests.integration.s3server import DEFAULT_SEAWEEDFS_VERSION
+
+    script = (Path(__file__).resolve().parents[2] / "deploy" / "seaweedfs.sh").read_text()
+    m = re.search(r'VERSION="\$\{HANDTRACE_SEAWEEDFS_VERSION:-([^}]+)\}"', script)
+    assert m is not None and m.group(1) == DEFAULT_SEAWEEDFS_VERSION
