@@ -15,6 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from handtrace.core.framestore import FrameStore
     from handtrace.core.settings import Settings
 
 app = typer.Typer(help="handtrace: consent-first capture of computer-use activity.",
@@ -690,7 +693,7 @@ store_app = typer.Typer(help="The durable frame store (store.url: a directory or
 app.add_typer(store_app, name="store")
 
 
-def _open_frame_store() -> Any:
+def _open_frame_store() -> FrameStore:
     from handtrace.core.framestore import open_store
 
     try:
@@ -711,9 +714,11 @@ def store_check() -> None:
     key = f"probes/check-{secrets.token_hex(8)}"
     data = secrets.token_bytes(1024)
     timings: dict[str, float] = {}
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("put", lambda: store.put(key, data)), ("get", lambda: store.get(key)),
+        ("delete", lambda: store.delete(key))]
     try:
-        for step, op in (("put", lambda: store.put(key, data)), ("get", lambda: store.get(key)),
-                         ("delete", lambda: store.delete(key))):
+        for step, op in steps:
             t0 = time.perf_counter()
             result = op()
             timings[step] = (time.perf_counter() - t0) * 1000

@@ -73,6 +73,18 @@ def test_put_get_exists_delete(store: FrameStore) -> None:
     assert list(store.list("")) == []
 
 
+def test_a_key_prefix_is_not_an_object(store: FrameStore) -> None:
+    """SeaweedFS keeps keys as filer paths: its directories must not look like objects."""
+    store.put("frames/p-1/aa/x.png", b"x")
+    for d in ("frames", "frames/p-1", "frames/p-1/aa"):
+        assert not store.exists(d)
+        with pytest.raises(KeyError):
+            store.get(d)
+        assert store.delete(d) is False
+    assert store.get("frames/p-1/aa/x.png") == b"x"
+    assert list(store.list("")) == ["frames/p-1/aa/x.png"]
+
+
 def test_binary_and_empty_objects_round_trip(store: FrameStore) -> None:
     blob = bytes(range(256)) * 1000  # a realistic frame size (256 kB), every byte value
     store.put("frames/p-1/aa/blob.png", blob)
