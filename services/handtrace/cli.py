@@ -728,7 +728,9 @@ def store_check() -> None:
                 raise StoreError(f"deleting {key} from {store.url}: the probe was not there")
     except (StoreError, KeyError) as e:
         raise _fail(f"frame store check failed: {e}") from None
-    console.print(f"[green]✓[/] {store.url}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()))
+    endpoint = getattr(store, "endpoint_url", None)
+    where = f"{store.url} at {endpoint}" if endpoint else store.url
+    console.print(f"[green]✓[/] {where}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()))
 
 
 @store_app.command("ls")

@@ -392,8 +392,9 @@ def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real SeaweedFS S3 server on loopback (tests/integration/s3server.py): ``.endpoint``,
-    ``.access_key``, ``.secret_key``, ``.region``, ``.fresh_bucket()``, ``.client()``; fails (never
-    skips) when the ``weed`` binary is not built."""
+    ``.access_key``, ``.secret_key``, ``.region``, ``.fresh_bucket()`` (a new empty bucket's name),
+    ``.store_config(bucket, prefix="")`` (the ``store`` settings for it), ``.client()`` (boto3);
+    fails (never skips) when the ``weed`` binary is not built."""
     from tests.integration.s3server import S3Server, require_weed
 
     require_weed()

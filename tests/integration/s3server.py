@@ -105,6 +105,18 @@ class S3Server:
         kw.update(overrides)
         return boto3.client("s3", **kw)
 
+    def store_config(self, bucket: str, prefix: str = "", **overrides: Any) -> dict[str, Any]:
+        """``store`` settings for this server: ``Settings(store=server.store_config(b))``, or
+        the same keys as HANDTRACE_STORE__* variables. Few, quick retries (tests stay fast)."""
+        cfg: dict[str, Any] = {
+            "url": f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}",
+            "s3_endpoint_url": self.endpoint, "s3_region": self.region,
+            "s3_access_key_id": self.access_key, "s3_secret_access_key": self.secret_key,
+            "s3_addressing_style": "path", "retries": 2, "retry_backoff_s": 0.05, "timeout_s": 5,
+        }
+        cfg.update(overrides)
+        return cfg
+
     def fresh_bucket(self) -> str:
         """Create an empty bucket with a unique name and return its name."""
         name = f"ht-{uuid.uuid4().hex[:16]}"

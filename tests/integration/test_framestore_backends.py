@@ -25,13 +25,7 @@ pytestmark = pytest.mark.timeout(240)
 
 def s3_settings(server: Any, url: str, state_dir: Path, **store: Any) -> Settings:
     """Settings that point store.url at ``url`` on the test server (overridable per field)."""
-    cfg: dict[str, Any] = {
-        "url": url, "s3_endpoint_url": server.endpoint, "s3_region": server.region,
-        "s3_access_key_id": server.access_key, "s3_secret_access_key": server.secret_key,
-        "s3_addressing_style": "path", "retries": 2, "retry_backoff_s": 0.05, "timeout_s": 5,
-    }
-    cfg.update(store)
-    return Settings(state_dir=state_dir, store=cfg)
+    return Settings(state_dir=state_dir, store={**server.store_config("unused"), "url": url, **store})
 
 
 @pytest.fixture(params=["local", "s3", "s3-prefix"])
@@ -211,7 +205,7 @@ def test_cli_store_check_and_ls_against_s3(s3_server: Any, tmp_path: Path) -> No
            "HANDTRACE_STORE__S3_ADDRESSING_STYLE": "path", "HANDTRACE_STORE__RETRIES": "1"}
     ok = _cli(["store", "check"], env, tmp_path)
     assert ok.returncode == 0, ok.stderr
-    assert f"s3://{bucket}/ops/" in ok.stdout and "put" in ok.stdout and " ms" in ok.stdout
+    assert f"s3://{bucket}/ops at {s3_server.endpoint}: put " in ok.stdout and " ms" in ok.stdout, ok.stdout
     s = open_store(s3_settings(s3_server, f"s3://{bucket}/ops", tmp_path))
     assert list(s.list("")) == [], "the probe object must be deleted"
     keys = sorted(frame(i, "p-9")[0] for i in range(3))

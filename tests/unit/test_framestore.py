@@ -254,7 +254,7 @@ def test_open_store_s3_uses_the_s3_settings(tmp_path: Path) -> None:
                              s3_region="eu-central-1", retries=7))
     assert isinstance(s, S3Store)
     assert (s.bucket, s.prefix, s.retries) == ("frames-bucket", "prod/", 7)
-    assert s.url == "s3://frames-bucket/prod/ at http://127.0.0.1:1"
+    assert (s.url, s.endpoint_url) == ("s3://frames-bucket/prod", "http://127.0.0.1:1")
     cfg = s._client.meta.config
     assert cfg.s3 == {"addressing_style": "path"} and cfg.region_name == "eu-central-1"
     assert cfg.retries["total_max_attempts"] == 1  # our retries, not botocore's on top
@@ -348,3 +348,13 @@ def test_the_s3_test_server_is_the_version_setup_builds() -> None:
     script = (Path(__file__).resolve().parents[2] / "deploy" / "seaweedfs.sh").read_text()
     m = re.search(r'VERSION="\$\{HANDTRACE_SEAWEEDFS_VERSION:-([^}]+)\}"', script)
     assert m is not None and m.group(1) == DEFAULT_SEAWEEDFS_VERSION
+
+
+def test_a_missing_seaweedfs_binary_fails_with_the_build_command(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never a skip: the S3 tests fail and say how to build the server."""
+    from tests.integration.s3server import require_weed
+
+    monkeypatch.setenv("HANDTRACE_CACHE", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=r"deploy/seaweedfs\.sh"):
+        require_weed()

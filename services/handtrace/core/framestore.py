@@ -216,9 +216,10 @@ class S3Store:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
         self.bucket, self.prefix = bucket, prefix
-        self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        if endpoint_url:
-            self.url += f" at {endpoint_url}"
+        self.url = f"s3://{bucket}/{prefix.rstrip('/')}" if prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url
+        # Error messages name the endpoint too: a bucket name alone is ambiguous across servers.
+        self._where = f"{self.url} ({endpoint_url})" if endpoint_url else self.url
         self.retries, self.retry_backoff_s, self._sleep = retries, retry_backoff_s, sleep
         self._exc = botocore.exceptions
         config = Config(
@@ -261,14 +262,14 @@ class S3Store:
                 if ok is not None and (handled := ok(e)) is not None:
                     return handled
                 if isinstance(e, self._exc.NoCredentialsError):
-                    raise StoreError(f"{what} {key} at {self.url}: no S3 credentials (set "
+                    raise StoreError(f"{what} {key} at {self._where}: no S3 credentials (set "
                                      "store.s3_access_key_id/s3_secret_access_key or the AWS "
                                      "credential chain)") from e
                 if not self._transient(e):
-                    raise StoreError(f"{what} {key} at {self.url}: {self._describe(e)} "
+                    raise StoreError(f"{what} {key} at {self._where}: {self._describe(e)} "
                                      "(not retried)") from e
                 if attempt >= self.retries:
-                    raise StoreError(f"{what} {key} at {self.url}: {self._describe(e)} "
+                    raise StoreError(f"{what} {key} at {self._where}: {self._describe(e)} "
                                      f"(gave up after {attempt + 1} attempts)") from e
                 delay = min(_BACKOFF_CAP_S, self.retry_backoff_s * 2 ** attempt)
                 self._sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 -- jitter, not crypto
@@ -337,7 +338,7 @@ class S3Store:
                 return
             token = page.get("NextContinuationToken")
             if not token:
-                raise StoreError(f"listing {prefix} at {self.url}: truncated page without a "
+                raise StoreError(f"listing {prefix} at {self._where}: truncated page without a "
                                  "continuation token")
 
     def list(self, prefix: str) -> Iterator[str]:
@@ -358,7 +359,7 @@ class S3Store:
                     Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}))
             if errors := resp.get("Errors"):
                 first = errors[0]
-                raise StoreError(f"deleting under {prefix} at {self.url}: {len(errors)} keys failed, "
+                raise StoreError(f"deleting under {prefix} at {self._where}: {len(errors)} keys failed, "
                                  f"e.g. {first.get('Key')}: {first.get('Code')} {first.get('Message')}")
         return len(keys)
 
