@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for handtrace: system packages (when missing), the virtualenv with
-# pinned dependencies (constraints.txt), and the Kafka broker jars (Maven Central).
+# pinned dependencies (constraints.txt), SeaweedFS for the S3 tests (Go module proxy; needs Go),
+# and the Kafka broker jars (Maven Central).
 # Idempotent and quiet when everything is already there. Used by `make setup` and .ci/run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,6 +48,19 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+
+# The frame-store tests run against a real S3 server, SeaweedFS, built from the Go module proxy
+# (deploy/seaweedfs.sh; instant when cached, and then Go is not needed).
+say "SeaweedFS for the S3 tests (deploy/seaweedfs.sh: built from the Go module proxy, ~7 min the first time, then cached)"
+if ! weed=$(deploy/seaweedfs.sh); then
+  if ! command -v go >/dev/null; then
+    echo "Go is missing: install Go >= 1.21 (https://go.dev/dl; it fetches the newer toolchain" >&2
+    echo "SeaweedFS asks for through the module proxy), then re-run" >&2
+  fi
+  echo "building SeaweedFS failed (see above)" >&2
+  exit 1
+fi
+echo "    $weed"
 
 say "provisioning the Kafka broker (cached after the first run)"
 .venv/bin/python -m handtrace.core.localbroker provision >/dev/null

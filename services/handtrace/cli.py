@@ -15,6 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from handtrace.core.framestore import FrameStore
     from handtrace.core.settings import Settings
 
 app = typer.Typer(help="handtrace: consent-first capture of computer-use activity.",
@@ -681,6 +684,72 @@ def dashboards_push(
         raise _fail(str(e)) from None
     for d in pushed:
         console.print(f"[green]✓[/] {d.title} (uid {d.uid}, version {d.version}) {d.url}")
+
+
+# --- the frame store (issue #11) ------------------------------------------------------------
+
+store_app = typer.Typer(help="The durable frame store (store.url: a directory or an S3 bucket).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+def _open_frame_store() -> FrameStore:
+    from handtrace.core.framestore import open_store
+
+    try:
+        return open_store(_settings())
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@store_app.command("check")
+def store_check() -> None:
+    """Write, read back and delete a probe object; print the url and latencies. Exit 1 on failure."""
+    import secrets
+    import time
+
+    from handtrace.core.framestore import StoreError
+
+    store = _open_frame_store()
+    key = f"probes/check-{secrets.token_hex(8)}"
+    data = secrets.token_bytes(1024)
+    timings: dict[str, float] = {}
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("put", lambda: store.put(key, data)), ("get", lambda: store.get(key)),
+        ("delete", lambda: store.delete(key))]
+    try:
+        for step, op in steps:
+            t0 = time.perf_counter()
+            result = op()
+            timings[step] = (time.perf_counter() - t0) * 1000
+            if step == "get" and result != data:
+                raise StoreError(f"reading {key} from {store.url}: the probe came back different")
+            if step == "delete" and result is not True:
+                raise StoreError(f"deleting {key} from {store.url}: the probe was not there")
+    except (StoreError, KeyError) as e:
+        raise _fail(f"frame store check failed: {e}") from None
+    endpoint = getattr(store, "endpoint_url", None)
+    where = f"{store.url} at {endpoint}" if endpoint else store.url
+    console.print(f"[green]✓[/] {where}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in timings.items()))
+
+
+@store_app.command("ls")
+def store_ls(
+    prefix: Annotated[str, typer.Argument(help="Key prefix, e.g. frames/<pseudonym>/.")] = "frames/",
+) -> None:
+    """Keys under PREFIX, one per line (stdout), then their count (stderr)."""
+    from handtrace.core.framestore import StoreError
+
+    store = _open_frame_store()
+    n = 0
+    try:
+        for key in store.list(prefix):
+            print(key)
+            n += 1
+    except (StoreError, ValueError) as e:
+        raise _fail(f"listing the frame store failed: {e}") from None
+    err.print(f"{n} keys under {prefix!r} in {store.url}")
+
 
 
 if __name__ == "__main__":

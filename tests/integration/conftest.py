@@ -385,3 +385,25 @@ def windows(xvfb: XvfbServer) -> Iterator[WindowFactory]:
     """Opens real windows on the test's Xvfb; closes them at the end."""
     with open_windows(xvfb) as make:
         yield make
+
+
+# --- the frame store's real S3 server (issue #11) -------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real SeaweedFS S3 server on loopback (tests/integration/s3server.py): ``.endpoint``,
+    ``.access_key``, ``.secret_key``, ``.region``, ``.fresh_bucket()`` (a new empty bucket's name),
+    ``.store_config(bucket, prefix="")`` (the ``store`` settings for it), ``.client()`` (boto3);
+    fails (never skips) when the ``weed`` binary is not built."""
+    from tests.integration.s3server import S3Server, require_weed
+
+    require_weed()
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.fail(f"could not start SeaweedFS for the frame-store tests: {e}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -447,9 +447,10 @@ class StoreSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    url: str | None = Field(default=None, description="Where frames are stored: `file:///path` (a "
-                            "local directory, the embedded default) or `s3://bucket/prefix` (any "
-                            "S3-compatible service, with the s3_* settings). Unset: "
+    url: str | None = Field(default=None, description="Where frames are stored: `file:///abs/path` (a "
+                            "local directory, the embedded default), `s3://bucket` or "
+                            "`s3://bucket/prefix` (any S3-compatible service, with the s3_* settings; "
+                            "keys under the prefix). Anything else is refused at start. Unset: "
                             "file://<state_dir>/frames.")
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (e.g. "
                                         "`https://s3.eu-central-1.amazonaws.com`, or a SeaweedFS/MinIO "
@@ -458,9 +459,19 @@ class StoreSettings(BaseModel):
     s3_access_key_id: str | None = Field(default=None, description="S3 access key id (unset: the "
                                          "standard AWS credential chain).")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
-    retries: int = Field(default=5, ge=0, le=100, description="Attempts beyond the first for a failed "
-                         "object write/read (exponential backoff); then the caller fails closed.")
-    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per-request timeout.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="How the bucket is named in requests: `virtual` "
+        "(bucket.host, AWS), `path` (host/bucket: SeaweedFS, MinIO and most self-hosted servers), "
+        "`auto` (botocore decides).")
+    retries: int = Field(default=5, ge=0, le=100, description="Attempts beyond the first for an object "
+                         "operation that failed transiently (connection error, timeout, 5xx, "
+                         "throttling), with exponential backoff; then it raises and the caller fails "
+                         "closed (no row without its object). Permanent errors (access denied, no such "
+                         "bucket) are not retried.")
+    retry_backoff_s: float = Field(default=0.2, gt=0, le=60, description="First backoff between "
+                                   "retries; doubles each attempt (with jitter), capped at 10 s.")
+    timeout_s: float = Field(default=30.0, gt=0, le=600, description="Per-request timeout (connect: "
+                             "at most 10 s of it).")
 
 
 class DemoSettings(BaseModel):
