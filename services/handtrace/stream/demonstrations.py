@@ -24,8 +24,10 @@ still finds something in refuses the frame). A frame with no visible window (all
 no application's pixels, so it is judged on its time only (exemption, pause). A manifest frame
 must also lie within its demonstration's start and end (``invalid_time``).
 
-The demonstration as a whole: judged by exemption at its start and its end (exempt at either:
-nothing of it is published; exempt only in between: the steps drop what was captured then); its
+The demonstration as a whole, and every frame message, are also judged by exemption at their
+upload time (``sent_at_us``, ``ht-sent-at``), the demonstration at its start and end too: an
+employee exempt at any of these has nothing of it published (exempt only in between: the steps
+drop what was captured then, as for events). Its
 instruction, agent version and os go through the redaction step (as a window title and the
 batch labels) and are checked afterwards: a detector still finding something, or the step
 failing, dead-letters the demonstration (``unredactable``); app ids are kept only if
@@ -136,6 +138,8 @@ class FrameMeta:
     captured_at_us: int
     clock_offset_us: int
     windows: tuple[Window, ...]
+    sent_at_us: int | None = None
+    """When it was uploaded (sender clock): an employee exempt then has nothing of it published."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,8 @@ def _still_finds(value: str, token: str, *, url: bool = False) -> bool:
 def judge_frames(metas: Sequence[FrameMeta], rules: DemoRules, ctx: BatchContext) -> list[FrameVerdict]:
     """Every frame of ``metas`` decided at once: a row per visible window (one time-only row for
     a frame without any) through exemption and pause, window rows through allowlist and redaction
-    (past-policy eras included); a frame passes only if all its rows do. Fails closed: a step that
+    (past-policy eras included), and its upload time through exemption; a frame passes only if
+    all its rows do. Fails closed: a step that
     raises refuses every frame it was deciding."""
     n = len(metas)
     if not n:
@@ -212,12 +217,18 @@ def judge_frames(metas: Sequence[FrameMeta], rules: DemoRules, ctx: BatchContext
     cols: dict[str, list[Any]] = {k: [] for k in ("_f", "_w", "employee_id", "device_id", "captured_at_us",
                                                   "clock_offset_us", "app_id", "url")}
     for i, f in enumerate(metas):
-        for w, (app, url) in enumerate(f.windows or ((None, None),)):
+        # _w: the window's index; -1 a frame without windows (time only); -2 its upload time
+        # (exemption only).
+        rows_of = [(w, f.captured_at_us, app, url) for w, (app, url) in enumerate(f.windows)] or [
+            (-1, f.captured_at_us, None, None)]
+        if f.sent_at_us is not None:
+            rows_of.append((-2, f.sent_at_us, None, None))
+        for w, at, app, url in rows_of:
             cols["_f"].append(i)
-            cols["_w"].append(w if f.windows else -1)
+            cols["_w"].append(w)
             cols["employee_id"].append(f.employee_id)
             cols["device_id"].append(f.device_id)
-            cols["captured_at_us"].append(f.captured_at_us)
+            cols["captured_at_us"].append(at)
             cols["clock_offset_us"].append(f.clock_offset_us)
             cols["app_id"].append(app[:cap] if app is not None else None)
             cols["url"].append(url[:cap] if url is not None else None)
@@ -241,12 +252,13 @@ def judge_frames(metas: Sequence[FrameMeta], rules: DemoRules, ctx: BatchContext
         for step in (rules.exemption, rules.pause):
             res = step(rows, ctx)
             mark(_lost(rows, res.frame, n), next(iter(res.dropped), step.name))
-            rows = res.frame
+            rows = res.frame.filter(pl.col("_w") != -2)  # the upload time matters for exemption only
         windows = rows.filter(pl.col("_w") >= 0)
         if windows.height:
             kept, counts = run_steps([rules.allowlist], windows, ctx)
-            only = list(counts.dropped)
-            mark(_lost(windows, kept, n), only[0] if len(only) == 1 else NOT_ALLOWLISTED)
+            lost = windows.join(kept.select("batch_id"), on="batch_id", how="anti")
+            for reason, frames in _attribute(rules.allowlist, lost, list(counts.dropped), ctx).items():
+                mark(np.bincount(frames, minlength=n) > 0, reason)
             windows = kept
     except Exception:  # noqa: BLE001 -- fail closed: nothing is known about these frames
         return [FrameVerdict(STEP_ERROR)] * n
@@ -266,6 +278,26 @@ def judge_frames(metas: Sequence[FrameMeta], rules: DemoRules, ctx: BatchContext
     for f, app, url in windows.sort("_f", "_w").select("_f", "app_id", "url").iter_rows():
         enforced.setdefault(f, []).append((app, url))
     return [FrameVerdict(r) if r else FrameVerdict(None, tuple(enforced.get(i, ()))) for i, r in enumerate(reasons)]
+
+
+def _attribute(step: Step, lost: pl.DataFrame, reasons: list[str],
+               ctx: BatchContext) -> dict[str, np.ndarray]:
+    """The ``_f`` of the rows ``step`` dropped, by reason. A step counts its drops by reason but
+    does not say which row had which; every window row is its own batch, so a row's verdict does
+    not depend on the others and the dropped rows are split in halves, run again, until each part
+    has one reason: a few step calls per reason, not one per row."""
+    if lost.height == 0:
+        return {}
+    if len(reasons) <= 1 or lost.height == 1:
+        return {reasons[0] if reasons else NOT_ALLOWLISTED: lost.get_column("_f").to_numpy()}
+    out: dict[str, np.ndarray] = {}
+    half = lost.height // 2
+    for part in (lost.head(half), lost.tail(lost.height - half)):
+        kept, counts = run_steps([step], part, ctx)
+        again = part.join(kept.select("batch_id"), on="batch_id", how="anti")
+        for reason, frames in _attribute(step, again, list(counts.dropped), ctx).items():
+            out[reason] = np.concatenate([out[reason], frames]) if reason in out else frames
+    return out
 
 
 def pseudonyms(rules: DemoRules, pairs: Iterable[tuple[str, str]],
@@ -359,14 +391,13 @@ class DemonstrationEnforcer:
         for m in messages:
             h, problem = self._common_headers(m)
             if problem is not None:
-                # Only a header's copy keeps its bytes: anything else may be pixels.
-                self._deadletter(out, m, *problem, frame=h.get("ht-part") != PART_HEADER)
+                self._deadletter(out, m, *problem, part=h.get("ht-part"))
             elif h["ht-part"] == PART_HEADER:
                 headers.append(m)
             elif h["ht-part"] == PART_FRAME:
                 frames.append((m, h))
             else:
-                self._deadletter(out, m, UNKNOWN_PART, "ht-part is neither demonstration nor frame", frame=True)
+                self._deadletter(out, m, UNKNOWN_PART, "ht-part is neither demonstration nor frame", part=h["ht-part"])
         if headers:
             self._headers(headers, ctx, out)
         if frames:
@@ -389,16 +420,17 @@ class DemonstrationEnforcer:
         return h, None
 
     def _deadletter(self, out: DemoOutcome, m: SourceMessage, reason: str, detail: str, events: int = 0, *,
-                    frame: bool = False) -> None:
-        """``m`` set aside; a frame's copy without its pixels."""
-        withheld = len(m.payload or b"") if frame else None
-        if frame:
+                    part: bytes | None = PART_HEADER) -> None:
+        """``m`` set aside. Only a demonstration header's copy keeps its bytes: anything else (a
+        frame, or a message that does not say what it is) may be pixels the rules would refuse."""
+        withheld = len(m.payload or b"") if part != PART_HEADER else None
+        if withheld is not None:
             m = replace(m, payload=b"")
         r = deadletter_record(DeadLetter(m, reason, detail, events), self.max_deadletter_bytes, self.source_topic)
         if withheld is not None:
             r.headers.append(("ht-payload-withheld", str(withheld).encode()))
         out.deadletters.append(r)
-        out.deadletter_reasons[f"{'frame' if frame else 'demonstration'}_{reason}"] += 1
+        out.deadletter_reasons[f"{'frame' if part == PART_FRAME else 'demonstration'}_{reason}"] += 1
 
     # ------------------------------------------------------------------ header messages
 
@@ -428,7 +460,7 @@ class DemonstrationEnforcer:
             h = d.pb.header
             for f in d.frames:
                 metas.append(FrameMeta(h["employee_id"], h["device_id"], _us(f["captured_at_us"]), d.offset_us,
-                                       tuple((w["app_id"], w["url"]) for w in f["windows"])))
+                                       tuple((w["app_id"], w["url"]) for w in f["windows"]), _us(h["sent_at_us"])))
         verdicts = iter(judge_frames(metas, self.rules, ctx))
         for d in demos:
             started, ended = _us(d.pb.header["started_at_us"]), _us(d.pb.header["ended_at_us"])
@@ -459,20 +491,21 @@ class DemonstrationEnforcer:
         return None
 
     def _judge_headers(self, demos: list[_Demo], ctx: BatchContext, out: DemoOutcome) -> list[_Demo]:
-        """The demonstrations whose header may be published (not exempt at start or end; the
-        instruction and labels redacted), with their redacted fields and pseudonyms."""
+        """The demonstrations whose header may be published (not exempt at start, end or upload;
+        the instruction and labels redacted), with their redacted fields and pseudonyms."""
         if not demos:
             return []
         cap = self.rules.max_field_chars
+        times = ("started_at_us", "ended_at_us", "sent_at_us")
         rows = pl.DataFrame({
-            "_f": [i for i in range(len(demos)) for _ in (0, 1)],
-            "employee_id": [d.pb.header["employee_id"] for d in demos for _ in (0, 1)],
-            "device_id": [d.pb.header["device_id"] for d in demos for _ in (0, 1)],
-            "captured_at_us": [_us(d.pb.header[k]) for d in demos for k in ("started_at_us", "ended_at_us")],
-            "clock_offset_us": [d.offset_us for d in demos for _ in (0, 1)],
-            "window_title": [d.pb.header["instruction"][:cap] for d in demos for _ in (0, 1)],
-            "agent_version": [d.pb.header["agent_version"][:MAX_LABEL_CHARS] for d in demos for _ in (0, 1)],
-            "os": [d.pb.header["os"][:MAX_LABEL_CHARS] for d in demos for _ in (0, 1)],
+            "_f": [i for i in range(len(demos)) for _ in times],
+            "employee_id": [d.pb.header["employee_id"] for d in demos for _ in times],
+            "device_id": [d.pb.header["device_id"] for d in demos for _ in times],
+            "captured_at_us": [_us(d.pb.header[k]) for d in demos for k in times],
+            "clock_offset_us": [d.offset_us for d in demos for _ in times],
+            "window_title": [d.pb.header["instruction"][:cap] for d in demos for _ in times],
+            "agent_version": [d.pb.header["agent_version"][:MAX_LABEL_CHARS] for d in demos for _ in times],
+            "os": [d.pb.header["os"][:MAX_LABEL_CHARS] for d in demos for _ in times],
         }, schema={"_f": pl.UInt32, "employee_id": pl.String, "device_id": pl.String, "captured_at_us": pl.Int64,
                    "clock_offset_us": pl.Int64, "window_title": pl.String, "agent_version": pl.String,
                    "os": pl.String}).with_columns(
@@ -615,11 +648,11 @@ class DemonstrationEnforcer:
         for m, h in msgs:
             problem = self._frame_problem(m, h)
             if problem is not None:
-                self._deadletter(out, m, *problem, frame=True)
+                self._deadletter(out, m, *problem, part=PART_FRAME)
                 continue
             offset = message_clock_offset(m, None, self.max_clock_offset_us)
             if offset is None:
-                self._deadletter(out, m, "clock_offset", "sender clock too far from the broker's", frame=True)
+                self._deadletter(out, m, "clock_offset", "sender clock too far from the broker's", part=PART_FRAME)
                 continue
             at = int(h["ht-captured-at-us"])
             now, skew = ctx.received_at_us, self.rules.max_future_skew_us
@@ -628,7 +661,7 @@ class DemonstrationEnforcer:
                 continue
             judged.append((m, h))
             metas.append(FrameMeta((m.key or b"").decode(), h["ht-device-id"].decode(), at, offset,
-                                   _windows(h["ht-windows"])))
+                                   _windows(h["ht-windows"]), int(h[HEADER_SENT_AT])))
         verdicts = judge_frames(metas, self.rules, ctx)
         passed = [(m, h, f) for (m, h), f, v in zip(judged, metas, verdicts, strict=True) if v.reason is None]
         for v in verdicts:
@@ -641,7 +674,7 @@ class DemonstrationEnforcer:
                        ("ht-sha256", h["ht-sha256"]), ("ht-format", h["ht-format"]),
                        (HEADER_SOURCE_OFFSET, str(m.offset).encode())]
             if record_size(employee_key, m.payload, headers) > self.budget:
-                self._deadletter(out, m, TOO_LARGE, f"frame exceeds {self.budget} bytes", frame=True)
+                self._deadletter(out, m, TOO_LARGE, f"frame exceeds {self.budget} bytes", part=PART_FRAME)
                 continue
             out.accepted.append((m.partition, m.offset, OutRecord(m.partition, employee_key, m.payload, headers)))
             out.frames[("message", "accepted")] += 1
