@@ -722,3 +722,24 @@ def _windows(raw: bytes) -> tuple[Window, ...]:
             raise ValueError("ht-windows entry is not [app_id, url]")
         out.append((w[0], w[1]))
     return tuple(out)
+
+
+def export_counts(out: DemoOutcome) -> None:
+    """A micro-batch's counts into the metrics (bounded labels: reasons of the steps and of this
+    module)."""
+    from handtrace.stream import metrics
+
+    for outcome, n in out.demonstrations.items():
+        metrics.DEMONSTRATIONS.labels(outcome).inc(n)
+    for (part, outcome), n in out.frames.items():
+        metrics.DEMONSTRATION_FRAMES.labels(part, outcome).inc(n)
+    for reason, n in out.events.dropped.items():
+        metrics.DEMONSTRATION_EVENTS.labels(reason).inc(n)
+    metrics.DEMONSTRATION_EVENTS.labels("stored").inc(out.events_stored)
+    for kind, n in out.events.redacted.items():
+        if kind.startswith("truncated_"):
+            metrics.FIELDS_TRUNCATED.labels(kind.removeprefix("truncated_")).inc(n)
+        else:
+            metrics.REDACTED.labels(kind).inc(n)
+    for reason, n in out.deadletter_reasons.items():
+        metrics.DEADLETTERS.labels(reason).inc(n)
