@@ -331,3 +331,27 @@ def test_arbitrary_bytes_never_raise(enforcer: DemonstrationEnforcer, junk: byte
     out = run(enforcer, [msg(junk, headers, 1), msg(value[: len(junk)], headers, 2),
                          msg(junk, frame_message(demo_frame(T0 + S), b"d" * 16, DEV)[1], 3)])
     assert len(out.deadletters) == 3 and out.accepted == []
+
+
+def test_each_demonstration_counts_its_own_dropped_events(enforcer: DemonstrationEnforcer) -> None:
+    """Enforced together in one pass, attributed per demonstration (a pass that drops for several
+    reasons does not say which row was whose)."""
+    import random
+
+    from tests.factories import make_event
+
+    rng = random.Random(3)
+    events = [make_event("click", T0 + i * S, rng) for i in range(30)]
+    for e in events[:7]:
+        e["app_id"] = "telegram"  # not allowlisted
+    paused = upload([demo_frame(T0 + 5 * S, seed=1)], emp="emp-a")
+    other_value, other_headers = make_demonstration("emp-b", [demo_frame(T0 + 5 * S, seed=2)], t0_us=T0,
+                                                    device_id=DEV, events=events)
+    out = run(enforcer, [*paused, msg(other_value, other_headers, 50, "emp-b")],
+              controls={"emp-a": EmployeeControls(pauses=(PauseWindow(T0 + 15 * S, T0 + 25 * S),))})
+    heads = {dict(r.headers)["ht-source-offset"]: json.loads(dict(r.headers)["ht-demo"])
+             for _, _, r in out.accepted if dict(r.headers)["ht-part"] == b"demonstration"}
+    assert heads[b"10"]["events_dropped"] == {"paused": 7}  # 30 over 60 s; 13 s .. 27 s paused
+    assert heads[b"50"]["events_dropped"] == {"not_allowlisted_app": 7}
+    assert out.events.dropped == {"paused": 7, "not_allowlisted_app": 7}  # the metrics count each once
+    assert out.events_stored == 46

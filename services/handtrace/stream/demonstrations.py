@@ -8,11 +8,11 @@ A micro-batch of ``<prefix>.demonstrations.raw`` holds two kinds of message (hea
   sender clock); the events of every admitted demonstration are decoded in one columnar call
   (``BatchPipeline.frame_of``) and run through the event pipeline's own step instances EXCEPT
   the volume steps (``sample``, ``decimate``): a demonstration is not sampled. The steps run once
-  per demonstration over that shared frame (``run_steps``, past-policy eras included): a
-  demonstration is the unit of consent and of storage, it is large (thousands of events, not the
-  few hundred of an agent batch, so the per-call cost is noise), its ``events_dropped`` are its
-  own, and a re-upload of the same recording in the same micro-batch (same event ids) is not
-  taken for duplicates of the first copy.
+  over the whole micro-batch (``run_steps``, past-policy eras included), in a second pass only
+  for a re-upload of the same recording in the same micro-batch (same event ids: not duplicates
+  of the first copy). Each demonstration's ``events_dropped`` are its own: a pass that dropped
+  rows for several reasons runs the demonstrations that lost rows alone once more (a step
+  counts by reason, not by row).
 - **frame** (the image bytes): the sha256 is recomputed (must equal ``ht-sha256``), the format
   magic must match ``ht-format``, and the frame is judged on its own headers.
 
@@ -68,6 +68,7 @@ from urllib.parse import unquote, unquote_plus
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from handtrace.core.clock import HEADER_SENT_AT
 from handtrace.core.codec import DecodeError, ParsedBatch, parse_event_batch
@@ -551,46 +552,53 @@ class DemonstrationEnforcer:
             return rows.head(0)
 
     def _events(self, demos: list[_Demo], ctx: BatchContext,
-                out: DemoOutcome) -> dict[tuple[int, int], tuple[Any, BatchOutcome]]:
-        """Each demonstration's enforced events (stored rows) and its steps' counts, by source
-        (partition, offset); the events of all are decoded in one call."""
-        parsed = [(d.m, d.pb) for d in demos]
-        frames: dict[Any, pl.DataFrame | DecodeError]
-        try:
-            frames = dict(self.pipe.frame_of(parsed).partition_by("source_partition", "source_offset", as_dict=True))
-        except Exception:  # noqa: BLE001 -- decode message by message to find the culprit
-            frames = {}
-            for d in demos:
-                try:
-                    frames.update(self.pipe.frame_of([(d.m, d.pb)]).partition_by(
-                        "source_partition", "source_offset", as_dict=True))
-                except DecodeError as e:
-                    frames[(d.m.partition, d.m.offset)] = e
-                except Exception as e:  # noqa: BLE001
-                    frames[(d.m.partition, d.m.offset)] = DecodeError("undecodable", type(e).__name__)
-        result: dict[tuple[int, int], tuple[Any, BatchOutcome]] = {}
-        for d in demos:
-            key = (d.m.partition, d.m.offset)
-            got = frames.get(key)
-            if isinstance(got, DecodeError):
-                self._deadletter(out, d.m, got.reason, got.detail, d.pb.count)
-                continue
-            try:
-                if got is None:  # no events: the steps have nothing to do, the rows are none
-                    table = None
-                    counts = BatchOutcome()
-                else:
-                    kept, counts = run_steps(self.rules.events, got, ctx)
-                    table = to_stored(kept, ctx.received_at_us)
-            except Exception as e:  # noqa: BLE001 -- fail closed
-                self._deadletter(out, d.m, STEP_ERROR, type(e).__name__, d.pb.count)
-                continue
-            result[key] = (table, counts)
+                out: DemoOutcome) -> dict[tuple[int, int], tuple[pa.Table | None, dict[str, int]]]:
+        """Each demonstration's enforced events (stored rows, None: none) and the reasons its
+        events were dropped, by source (partition, offset). The demonstrations of the micro-batch
+        are decoded and enforced together, in as many passes as one id repeats (a re-upload in
+        the same micro-batch: its events are not duplicates of the first copy's)."""
+        result: dict[tuple[int, int], tuple[pa.Table | None, dict[str, int]]] = {}
+        for group in _generations(demos):
+            self._enforce_events(group, ctx, out, result)
         return result
 
-    def _publish_header(self, d: _Demo, enforced: tuple[Any, BatchOutcome], ctx: BatchContext,
+    def _enforce_events(self, group: list[_Demo], ctx: BatchContext, out: DemoOutcome,
+                        result: dict[tuple[int, int], tuple[pa.Table | None, dict[str, int]]], *,
+                        counted: bool = True) -> None:
+        """The steps once over all of ``group``'s events. A failure is isolated demonstration by
+        demonstration (dead-lettered: its reason, or step_error). A step counts its drops by
+        reason, not by row: when the pass dropped rows for several reasons, a demonstration that
+        lost rows runs alone once more for its own ``events_dropped`` (its rows are decided the
+        same: the steps decide within a batch, and a demonstration is one)."""
+        group = sorted(group, key=lambda d: (d.m.partition, d.m.offset))
+        try:
+            kept, counts = run_steps(self.rules.events, self.pipe.frame_of([(d.m, d.pb) for d in group]), ctx)
+            table = to_stored(kept, ctx.received_at_us)
+        except Exception as e:  # noqa: BLE001 -- isolate the culprit; fail closed for it
+            if len(group) > 1:
+                for d in group:
+                    self._enforce_events([d], ctx, out, result, counted=counted)
+            elif isinstance(e, DecodeError):
+                self._deadletter(out, group[0].m, e.reason, e.detail, group[0].pb.count)
+            else:
+                self._deadletter(out, group[0].m, STEP_ERROR, type(e).__name__, group[0].pb.count)
+            return
+        if counted:
+            out.events.add_counts(counts)
+        rows = _by_source(table)
+        reasons = list(counts.dropped)
+        for d in group:
+            key = (d.m.partition, d.m.offset)
+            mine = rows.get(key)
+            lost = d.pb.count - (mine.num_rows if mine is not None else 0)
+            if lost and len(reasons) > 1 and len(group) > 1:
+                self._enforce_events([d], ctx, out, result, counted=False)
+                continue
+            result[key] = (mine, {reasons[0]: lost} if lost else {})
+
+    def _publish_header(self, d: _Demo, enforced: tuple[pa.Table | None, dict[str, int]], ctx: BatchContext,
                         out: DemoOutcome) -> None:
-        table, counts = enforced
+        table, events_dropped = enforced
         h = d.pb.header
         kept_frames = [(f, v) for f, v in zip(d.frames, d.verdicts, strict=True) if v.reason is None]
         frames_dropped = Counter(v.reason for v in d.verdicts if v.reason is not None)
@@ -598,7 +606,6 @@ class DemonstrationEnforcer:
         if not rows and not kept_frames:
             out.demonstrations[EMPTY] += 1
             out.frames.update({("manifest", str(r)): n for r, n in frames_dropped.items()})
-            out.events.add_counts(counts)
             return
         employee_key, device_key = h["_keys"]
         allowed = ctx.policy.allowed_apps
@@ -621,7 +628,7 @@ class DemonstrationEnforcer:
                 "filled": [{"x": b["x"], "y": b["y"], "width": b["width"], "height": b["height"]} for b in f["filled"]],
             } for f, v in kept_frames],
             "frames_dropped": dict(sorted(frames_dropped.items())),
-            "events_dropped": dict(sorted(counts.dropped.items())),
+            "events_dropped": dict(sorted(events_dropped.items())),
         }
         value = to_ipc(STORED_SCHEMA.empty_table() if table is None else table)
         headers = [("ht-part", PART_HEADER), ("ht-demo-id", h["demonstration_id"]),
@@ -636,7 +643,6 @@ class DemonstrationEnforcer:
         out.demonstrations["accepted"] += 1
         out.frames[("manifest", "accepted")] += len(kept_frames)
         out.frames.update({("manifest", str(r)): n for r, n in frames_dropped.items()})
-        out.events.add_counts(counts)
         out.events_stored += rows
 
     # ------------------------------------------------------------------ frame messages
@@ -709,6 +715,36 @@ class DemonstrationEnforcer:
         if not MAGIC[h["ht-format"]](bytes(m.payload[:12])):
             return FORMAT_MISMATCH, f"bytes are not {h['ht-format'].decode()}"
         return None
+
+
+def _generations(demos: list[_Demo]) -> list[list[_Demo]]:
+    """``demos`` in groups in which no demonstration id appears twice (usually one group)."""
+    groups: list[tuple[set[bytes], list[_Demo]]] = []
+    for d in demos:
+        demo_id = d.pb.header["demonstration_id"]
+        group = next((g for g in groups if demo_id not in g[0]), None)
+        if group is None:
+            group = (set(), [])
+            groups.append(group)
+        group[0].add(demo_id)
+        group[1].append(d)
+    return [g[1] for g in groups]
+
+
+def _by_source(table: pa.Table) -> dict[tuple[int, int], pa.Table]:
+    """Stored rows by source (partition, offset): zero-copy slices of the runs (the rows of a
+    demonstration are contiguous; sorted first if they are not)."""
+    if table.num_rows == 0:
+        return {}
+    p = table.column("source_partition").to_numpy()
+    o = table.column("source_offset").to_numpy()
+    change = np.flatnonzero((p[1:] != p[:-1]) | (o[1:] != o[:-1])) + 1
+    bounds = [0, *change.tolist(), len(p)]
+    runs = {(int(p[a]), int(o[a])): (a, b) for a, b in zip(bounds, bounds[1:], strict=False)}
+    if len(runs) != len(bounds) - 1:  # a source in two runs: put its rows together
+        order = np.lexsort((o, p))
+        return _by_source(table.take(order))
+    return {k: table.slice(a, b - a) for k, (a, b) in runs.items()}
 
 
 def _windows(raw: bytes) -> tuple[Window, ...]:
