@@ -30,8 +30,10 @@ employee exempt at any of these has nothing of it published (exempt only in betw
 drop what was captured then, as for events). Its
 instruction, agent version and os go through the redaction step (as a window title and the
 batch labels) and are checked afterwards: a detector still finding something, or the step
-failing, dead-letters the demonstration (``unredactable``); app ids are kept only if
-allowlisted. A demonstration left with no event and no frame is not published (``empty``).
+failing, dead-letters the demonstration (``unredactable``); they are first cut to the validation
+step's bounds (``stream.max_field_chars``; 128 for the labels), as an event's strings are. App ids
+are kept only if the policy in force allowlists them. A demonstration left with no event and no
+frame is not published (``empty``).
 
 Fails closed, and what goes where:
 
