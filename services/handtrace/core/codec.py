@@ -223,14 +223,15 @@ def encode_events_block(events: list[dict[str, Any]]) -> bytes:
 
 def encode_event_batch(header: dict[str, Any], events: list[dict[str, Any]] | None = None,
                        *, block: bytes | None = None, count: int | None = None,
-                       version: int | None = None) -> bytes:
+                       version: int | None = None, subject: str = "event_batch") -> bytes:
     """Encode one EventBatch: header fields, then the events as one size-prefixed block.
 
     Pass ``events`` (dicts per the Event schema), or a pre-encoded ``block`` with its ``count``.
     ``version`` writes an older schema version (what an old agent sends); default the newest.
-    Header fields with a default may be left out.
+    Header fields with a default may be left out. ``subject``: another record whose last field
+    is ``events`` of the same Event record (``demonstration``), written in the same fast form.
     """
-    sv = schemas.latest("event_batch") if version is None else schemas.get("event_batch", version)
+    sv = schemas.latest(subject) if version is None else schemas.get(subject, version)
     lay = _layout(sv.fingerprint)
     if block is None:
         events = events or []
@@ -316,21 +317,24 @@ class ParsedBatch:
 
 
 @cache
-def _header_defaults() -> dict[str, Any]:
+def _header_defaults(subject: str = "event_batch") -> dict[str, Any]:
     """Newest header fields with a default: what an older writer's batch reads as (a v1 batch
     has cohort ``default``)."""
-    return {f["name"]: f["default"] for f in schemas.latest("event_batch").raw["fields"][:-1] if "default" in f}
+    return {f["name"]: f["default"] for f in schemas.latest(subject).raw["fields"][:-1] if "default" in f}
 
 
-def parse_event_batch(payload: bytes) -> ParsedBatch:
-    """Read the header and locate the event blocks (cheap); DecodeError on bad framing."""
-    sv = writer_schema(payload, "event_batch")
+def parse_event_batch(payload: bytes, subject: str = "event_batch") -> ParsedBatch:
+    """Read the header and locate the event blocks (cheap); DecodeError on bad framing.
+    ``subject``: another record whose last field is ``events`` (``demonstration``): its other
+    fields are the header. Any valid Avro encoding is read; the agent's size-prefixed block
+    (``encode_event_batch``) takes the columnar path, others the per-record fallback."""
+    sv = writer_schema(payload, subject)
     lay = _layout(sv.fingerprint)
     body = io.BytesIO(payload)
     body.seek(PREFIX_LEN)
     try:
         raw = cast("dict[str, Any]", fastavro.schemaless_reader(body, lay.header_schema, None))
-        header = {**_header_defaults(), **raw}
+        header = {**_header_defaults(subject), **raw}
     except _READ_ERRORS as e:
         raise _read_error(e, body, "header: ") from e
     view = memoryview(payload)
@@ -425,7 +429,7 @@ def _decode_event_batch_per_record(payload: bytes, sv: SchemaVersion) -> Decoded
     except _READ_ERRORS as e:
         raise _read_error(e, body) from e
     _check_consumed(body)
-    rec = {**_header_defaults(), **rec}
+    rec = {**_header_defaults(sv.subject), **rec}
     events = rec.pop("events")
     if not events:
         return DecodedBatch(rec, _empty_events_frame(), sv.version)

@@ -86,6 +86,8 @@ from handtrace.stream.controls import (
 )
 from handtrace.stream.controls import decode as decode_controls
 from handtrace.stream.deadletter import OutRecord, deadletter_record, message_budget, record_size
+from handtrace.stream.demonstrations import DemonstrationEnforcer
+from handtrace.stream.demonstrations import export_counts as export_demonstration_counts
 from handtrace.stream.pipeline import (
     BatchOutcome,
     BatchPipeline,
@@ -303,6 +305,7 @@ class PolicyState:
             await consumer.stop()
 
 
+DEMO_MICRO_BATCH_MESSAGES = 16  # frames are up to demo.max_frame_bytes: bounds a micro-batch's memory
 EXIT_UNDELIVERED = 75  # EX_TEMPFAIL: a send was not confirmed; a restart replays the micro-batch
 EXIT_STOP_DEADLINE = 128 + signal.SIGTERM
 
@@ -505,8 +508,9 @@ def create_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         broker_session_timeout=settings.stream.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.stream.session_timeout_s / 3),
-        producer_max_request_size=settings.topics.max_message_bytes,
-        consumer_max_fetch_size=settings.topics.max_message_bytes,
+        # Frames of demonstrations are up to demo.max_frame_bytes (the demonstration topics' limit).
+        producer_max_request_size=max(settings.topics.max_message_bytes, settings.demo.max_frame_bytes),
+        consumer_max_fetch_size=max(settings.topics.max_message_bytes, settings.demo.max_frame_bytes),
         producer_compression_type=None,  # accepted rows are lz4-compressed Arrow IPC already
         producer_linger_ms=5,
         datadir=str(settings.state_dir / "faust"),
@@ -600,6 +604,36 @@ def create_app(settings: Settings) -> faust.App:
                 raise
             except Exception as e:  # noqa: BLE001
                 fail_stop("enforcing a micro-batch of screenshots", e)
+
+    # Demonstrations (issue #11): headers and frames through the event pipeline's own steps, no
+    # sampling (handtrace.stream.demonstrations). Small micro-batches: a frame is up to
+    # demo.max_frame_bytes. Delivery/Sender as above: nothing is acked before its sends are confirmed.
+    demo_topic = app.topic(topics.demonstrations, value_type=bytes, key_type=bytes, partitions=parts)
+    demo_accepted = app.topic(topics.demonstrations_accepted, value_type=bytes, key_type=bytes, partitions=parts)
+    demo_enforcer = DemonstrationEnforcer(
+        pipeline.steps, partitions=parts, max_frame_bytes=settings.demo.max_frame_bytes,
+        max_deadletter_bytes=settings.topics.max_message_bytes, max_batch_events=settings.stream.max_batch_events,
+        max_clock_offset_us=int(settings.stream.max_clock_offset_s * 1_000_000), source_topic=topics.demonstrations)
+    demo_sender = Sender()
+
+    @app.agent(demo_topic)
+    async def enforce_demonstrations(stream: Any) -> None:
+        async for events in stream.take_events(DEMO_MICRO_BATCH_MESSAGES, within=0.5):
+            delivery = Delivery(events)
+            try:
+                if not policy_state.ready.is_set():
+                    await policy_state.ready.wait()
+                msgs = [source_message(e.message) for e in events]
+                employees = {m.key.decode(errors="replace") for m in msgs if m.key}
+                controls = {emp: loads(controls_table.get(emp)) for emp in employees}
+                ctx = BatchContext(now_us(), policy_state.policy, MappingProxyType(controls), policy_state.history)
+                outcome = demo_enforcer.enforce(msgs, ctx)
+                export_demonstration_counts(outcome)
+                await demo_sender.submit(delivery, outcome.rounds(demo_accepted, deadletter))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                fail_stop("enforcing a micro-batch of demonstrations", e)
 
     @app.agent(control_topic)
     async def fold_controls(stream: Any) -> None:

@@ -79,3 +79,23 @@ FIELDS_TRUNCATED = Counter(
     "field (window_title, url, text, app_id, agent_version, os, cohort): bounds accepted message sizes.",
     ["field"],
 )
+DEMONSTRATIONS = Counter(
+    "handtrace_stream_demonstrations_total",
+    "Demonstration headers by outcome: accepted, exempt (exempt at its start, end or upload), empty "
+    "(no event and no frame left); dead-lettered ones count in handtrace_stream_deadletters_total "
+    "as demonstration_<reason>.",
+    ["outcome"],
+)
+DEMONSTRATION_FRAMES = Counter(
+    "handtrace_stream_demonstration_frames_total",
+    "Demonstration frames by where they were judged (manifest: an entry of a header; message: the "
+    "image itself) and outcome: accepted, or the rule that refused them (paused, exempt, "
+    "no_app_context, not_allowlisted_app, invalid_url, not_allowlisted_domain, unredactable_url, "
+    "invalid_time, step_error). A frame is stored only if both passed.",
+    ["part", "outcome"],
+)
+DEMONSTRATION_EVENTS = Counter(
+    "handtrace_stream_demonstration_events_total",
+    "Events of published demonstrations: stored, or the reason a step dropped them (never sampled).",
+    ["decision"],
+)

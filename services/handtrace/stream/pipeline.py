@@ -97,7 +97,7 @@ def _sent_at_us(value: object) -> int:
     return int(value.timestamp() * 1_000_000)  # type: ignore[attr-defined]
 
 
-def message_clock_offset(m: SourceMessage, pb: ParsedBatch, max_offset_us: int) -> int | None:
+def message_clock_offset(m: SourceMessage, pb: ParsedBatch | None, max_offset_us: int) -> int | None:
     """How far the sending agent's clock is behind the broker's for this message
     (:func:`handtrace.core.clock.clock_offset_us`), from the agent's ``ht-sent-at`` header (its
     clock when it handed the message to its producer) and the broker's append time. 0 when
@@ -222,7 +222,7 @@ def by_partition(table: pa.Table) -> dict[int, pa.Table]:
 
 POLICY_STEPS = frozenset({"allowlist", "sample", "redact"})
 """Steps whose decision depends on the policy: they run once more for rows captured under an
-earlier policy (BatchPipeline._apply_past_policies)."""
+earlier policy (_apply_past_policies)."""
 
 
 def past_policy_rows(frame: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame | None:
@@ -285,10 +285,18 @@ class BatchPipeline:
         """Process a micro-batch under ``policy`` and the employees' ``controls``; never raises
         for bad input. ``policy_history``: (published at on the broker's clock, policy) of the
         policies recently in force, oldest first, for rows captured before ``policy``
-        (:meth:`_apply_past_policies`)."""
+        (:func:`_apply_past_policies`)."""
         ctx = BatchContext(received_at_us, policy or Policy(), MappingProxyType(dict(controls or {})),
                            tuple(policy_history))
         out = BatchOutcome()
+        parsed = self.admit(messages, received_at_us, out)
+        out.events_in = sum(pb.count for _, pb in parsed) + sum(d.events for d in out.deadletters)
+        return self.enforce_parsed(parsed, ctx, out)
+
+    def admit(self, messages: Sequence[SourceMessage], received_at_us: int, out: BatchOutcome,
+              parse: Callable[[bytes], ParsedBatch] = parse_event_batch) -> list[tuple[SourceMessage, ParsedBatch]]:
+        """The messages whose framing, transport and sender clock pass, parsed by ``parse``;
+        the others are added to ``out.deadletters`` with their reason."""
         parsed: list[tuple[SourceMessage, ParsedBatch]] = []
         for m in messages:
             if not isinstance(m.payload, bytes | bytearray | memoryview) or not m.payload:
@@ -304,7 +312,7 @@ class BatchPipeline:
                 out.deadletters.append(DeadLetter(m, "payload_too_large", detail))
                 continue
             try:
-                pb = parse_event_batch(bytes(m.payload))
+                pb = parse(bytes(m.payload))
             except DecodeError as e:
                 out.deadletters.append(DeadLetter(m, e.reason, e.detail))
                 continue
@@ -330,7 +338,13 @@ class BatchPipeline:
                 out.deadletters.append(DeadLetter(m, "clock_offset", detail, pb.count))
             else:
                 parsed.append((m, pb))
-        out.events_in = sum(pb.count for _, pb in parsed) + sum(d.events for d in out.deadletters)
+        return parsed
+
+    def enforce_parsed(self, parsed: list[tuple[SourceMessage, ParsedBatch]], ctx: BatchContext,
+                       out: BatchOutcome | None = None) -> BatchOutcome:
+        """The steps over the events of all ``parsed`` messages at once (a message whose rows make
+        a step fail is isolated and dead-lettered); accepted rows by partition into ``out``."""
+        out = BatchOutcome() if out is None else out
         # Partition by partition (offsets in order within each), so each partition's accepted
         # rows end up contiguous and are sliced out without a copy (by_partition).
         parsed.sort(key=lambda mp: (mp[0].partition, mp[0].offset))
@@ -352,8 +366,7 @@ class BatchPipeline:
                     return out
             else:
                 for one in parsed:
-                    sub = self.process_many([one[0]], received_at_us, policy=ctx.policy, controls=ctx.controls,
-                                            policy_history=ctx.policy_history)
+                    sub = self.enforce_parsed([one], ctx)
                     out.deadletters += sub.deadletters
                     out.add_counts(sub)
                     for p, t in sub.rows.items():
@@ -361,7 +374,7 @@ class BatchPipeline:
                 return out
         out.add_counts(counts)
         if kept.height:
-            out.rows = by_partition(to_stored(kept, received_at_us))
+            out.rows = by_partition(to_stored(kept, ctx.received_at_us))
         return out
 
     def _frame(self, parsed: list[tuple[SourceMessage, ParsedBatch]]) -> pl.DataFrame:
@@ -400,46 +413,62 @@ class BatchPipeline:
         )
         return events.with_columns(headers.select(pl.all().gather(idx)))
 
-    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, BatchOutcome]:
-        """The rows every step kept, and the steps' counts (applied only if all steps succeed)."""
-        counts = BatchOutcome()
-        eras = past_policy_rows(frame, ctx)
-        if eras is not None:
-            frame = eras
-        for step in self.steps:
-            if eras is not None and step.name in POLICY_STEPS:
-                frame = self._apply_past_policies(step, frame, ctx, counts)
-            result = step(frame, ctx)
-            frame = result.frame
-            counts.add_counts(result)
-        if eras is not None:
-            frame = frame.drop("_era")
-        to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
-        return frame, counts
-
-    def _apply_past_policies(self, step: Step, frame: pl.DataFrame, ctx: BatchContext,
-                             counts: BatchOutcome) -> pl.DataFrame:
-        """Run a policy step over the rows captured while an earlier policy was in force, under
-        that policy, before the step runs over the whole frame under the current one: a row is
-        kept only if BOTH allow it (a widening policy admits nothing captured before it was
-        published; a narrowing one applies at once). Row order is kept (batches stay contiguous
-        and in capture order)."""
-        if step.name == "allowlist":
-            # The app context is filled over the whole frame first, so rows split off from the
-            # rest of their batch keep the context their batch gave them.
-            frame = fill_app_context(frame)
-        for era in frame.get_column("_era").drop_nulls().unique().sort().to_list():
-            past = ctx.policy_history[era][1]
-            if past == ctx.policy:
-                continue
-            indexed = frame.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_pos"))
-            mine = (pl.col("_era") == era).fill_null(False)
-            result = step(indexed.filter(mine), replace(ctx, policy=past))
-            counts.add_counts(result)
-            frame = (pl.concat([indexed.filter(~mine), result.frame.select(indexed.columns)])
-                     .sort("_pos").drop("_pos"))
-        return frame
-
     def process(self, payload: bytes, partition: int, offset: int, received_at_us: int) -> BatchOutcome:
         """One message (convenience for tests and tools)."""
         return self.process_many([SourceMessage(payload, partition, offset)], received_at_us)
+
+    def _run_steps(self, frame: pl.DataFrame, ctx: BatchContext) -> tuple[pl.DataFrame, BatchOutcome]:
+        """The rows every step kept, and the steps' counts (applied only if all steps succeed)."""
+        frame, counts = run_steps(self.steps, frame, ctx)
+        to_stored(frame.head(0), ctx.received_at_us)  # fail closed before anything is published
+        return frame, counts
+
+    def frame_of(self, parsed: list[tuple[SourceMessage, ParsedBatch]]) -> pl.DataFrame:
+        """All events of all ``parsed`` messages in one frame, decoded in one columnar call per
+        writer version, their headers broadcast per row (for callers that run steps themselves:
+        demonstrations)."""
+        return self._frame(parsed)
+
+
+def run_steps(steps: Sequence[Step], frame: pl.DataFrame,
+              ctx: BatchContext) -> tuple[pl.DataFrame, BatchOutcome]:
+    """``steps`` in order over ``frame``; a policy step also runs, under the earlier policy, over
+    the rows captured while that one was in force (``_apply_past_policies``). Any frame with
+    ``captured_at_us`` (and ``clock_offset_us``) and the columns the steps read."""
+    counts = BatchOutcome()
+    eras = past_policy_rows(frame, ctx)
+    if eras is not None:
+        frame = eras
+    for step in steps:
+        if eras is not None and step.name in POLICY_STEPS:
+            frame = _apply_past_policies(step, frame, ctx, counts)
+        result = step(frame, ctx)
+        frame = result.frame
+        counts.add_counts(result)
+    if eras is not None:
+        frame = frame.drop("_era")
+    return frame, counts
+
+
+def _apply_past_policies(step: Step, frame: pl.DataFrame, ctx: BatchContext,
+                         counts: BatchOutcome) -> pl.DataFrame:
+    """Run a policy step over the rows captured while an earlier policy was in force, under
+    that policy, before the step runs over the whole frame under the current one: a row is
+    kept only if BOTH allow it (a widening policy admits nothing captured before it was
+    published; a narrowing one applies at once). Row order is kept (batches stay contiguous
+    and in capture order)."""
+    if step.name == "allowlist":
+        # The app context is filled over the whole frame first, so rows split off from the
+        # rest of their batch keep the context their batch gave them.
+        frame = fill_app_context(frame)
+    for era in frame.get_column("_era").drop_nulls().unique().sort().to_list():
+        past = ctx.policy_history[era][1]
+        if past == ctx.policy:
+            continue
+        indexed = frame.with_columns(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_pos"))
+        mine = (pl.col("_era") == era).fill_null(False)
+        result = step(indexed.filter(mine), replace(ctx, policy=past))
+        counts.add_counts(result)
+        frame = (pl.concat([indexed.filter(~mine), result.frame.select(indexed.columns)])
+                 .sort("_pos").drop("_pos"))
+    return frame
