@@ -639,7 +639,7 @@ class DemoRecorder:
                                 "then submit")
             if st != "stopped":
                 raise DemoError(f"the recording was already submitted ({st})")
-            if not meta["events"] and not referenced_frames(meta):
+            if not meta["events"]:  # an end frame alone is no demonstration
                 raise DemoError("nothing was recorded (no activity in allowlisted apps): delete it instead")
             size = len(encode_header(self.store, rid, meta, sent_at_us=self.clock()))
             if size > self.cfg.max_frame_bytes - _FRAME_HEADROOM:
