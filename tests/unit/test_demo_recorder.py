@@ -221,7 +221,7 @@ def test_a_recording_holds_the_kept_events_steps_and_a_frame_strictly_before_eac
     assert [s["action"] for s in shown["steps_detail"]] == kinds
     assert sum(s["events"] for s in shown["steps_detail"]) <= len(evs)
     assert all(s["frame"]["bytes"] > 0 and s["to_s"] > s["from_s"] for s in shown["steps_detail"])
-    listed = rig.rec.list()
+    listed = rig.rec.recordings()
     assert [r["id"] for r in listed] == [rid] and listed[0]["steps"] == 5 and listed[0]["frames"] == 6
 
 
@@ -414,7 +414,7 @@ def test_an_exemption_from_before_the_start_deletes_the_recording(tmp_path: Path
     rid = rig.rec.start("too late")["id"]
     rig.act(click)
     rig.agent._apply_exemption(before, start_source=False)
-    assert not (rig.root / rid).exists() and rig.rec.list() == []
+    assert not (rig.root / rid).exists() and rig.rec.recordings() == []
 
 
 # ------------------------------------------------------------------ trim / delete / submit

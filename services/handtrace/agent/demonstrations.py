@@ -414,7 +414,7 @@ class DemoRecorder:
             d = self.store.path(rid)
             _mkdir_private(d)
             _mkdir_private(d / "frames")
-            meta = {"format": META_FORMAT, "id": rid, "instruction": text, "status": "recording",
+            meta: dict[str, Any] = {"format": META_FORMAT, "id": rid, "instruction": text, "status": "recording",
                     "started_at_us": now, "ended_at_us": None, "stop_reason": None, "submitted_at_us": None,
                     **self.identity, "agent_version": __version__,
                     "consent_version": self.cfg.consent_version, "policy_version": self.policy_version_fn(),
@@ -503,7 +503,7 @@ class DemoRecorder:
         (d / "steps.jsonl").unlink(missing_ok=True)
         self.store.prune_frames(rid, meta)
 
-    def list(self) -> list[dict[str, Any]]:
+    def recordings(self) -> list[dict[str, Any]]:
         """Every recording on this laptop, oldest first."""
         with self._lock:
             out = []

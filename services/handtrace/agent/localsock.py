@@ -166,7 +166,7 @@ class ControlServer:
         if cmd == "record_stop":
             return {"ok": True, "recording": rec.stop()}
         if cmd == "record_list":
-            return {"ok": True, "recordings": rec.list()}
+            return {"ok": True, "recordings": rec.recordings()}
         if cmd == "record_show":
             return {"ok": True, "recording": rec.show(rid)}
         if cmd == "record_trim":
