@@ -61,8 +61,8 @@ class FakeFrame:
     filled: list[dict[str, Any]] = field(default_factory=list)
 
 
-def fake_frame(t: int, tag: str = "") -> FakeFrame:
-    img = f"PNG-{t}-{tag}".encode() * 10
+def fake_frame(t: int, tag: str = "", size: int = 0) -> FakeFrame:
+    img = f"PNG-{t}-{tag}".encode() * 10 + (os.urandom(size) if size else b"")
     return FakeFrame(img, "png", hashlib.sha256(img).digest(), 1280, 800, t,
                      [{"app_id": "code", "url": None, "x": 0, "y": 0, "width": 800, "height": 600}],
                      [{"x": 800, "y": 0, "width": 480, "height": 800}])
@@ -71,7 +71,8 @@ def fake_frame(t: int, tag: str = "") -> FakeFrame:
 class FakeCapturer:
     """A ring of 'distinct' frames, one per poll at most every ``interval_us``."""
 
-    def __init__(self, interval_us: int = 200 * MS) -> None:
+    def __init__(self, interval_us: int = 200 * MS, frame_bytes: int = 0) -> None:
+        self.frame_bytes = frame_bytes
         self.ring: list[FakeFrame] = []
         self.interval_us = interval_us
         self.resets = 0
@@ -80,14 +81,14 @@ class FakeCapturer:
     def poll(self, now_us: int) -> None:
         self.polls.append(now_us)
         if not self.ring or now_us - self.ring[-1].captured_at_us >= self.interval_us:
-            self.ring = [*self.ring[-15:], fake_frame(now_us)]
+            self.ring = [*self.ring[-15:], fake_frame(now_us, size=self.frame_bytes)]
 
     def frame_before(self, t_us: int) -> FakeFrame | None:
         before = [f for f in self.ring if f.captured_at_us < t_us]
         return before[-1] if before else None
 
     def final_frame(self, now_us: int) -> FakeFrame | None:
-        return fake_frame(now_us, "end")
+        return fake_frame(now_us, "end", self.frame_bytes)
 
     def reset(self) -> None:
         self.ring = []
@@ -130,10 +131,12 @@ def scroll(t: int) -> dict[str, Any]:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, policy: Policy | None = POLICY, capturer: bool = True, **demo: Any) -> None:
+    def __init__(self, tmp_path: Path, policy: Policy | None = POLICY, capturer: bool = True, *,
+                 root: Path | None = None, frame_bytes: int = 0, **demo: Any) -> None:
         self.agent, self.src, self.clock, self.spool = make_agent(tmp_path, policy=policy)
         self.capturers: list[FakeCapturer] = []
-        self.root = tmp_path / "demos"
+        self.frame_bytes = frame_bytes
+        self.root = root or tmp_path / "demos"
         self.cfg = DemoSettings(**demo)
         self.with_capturer = capturer
         self.rec = self.new_recorder()
@@ -142,7 +145,7 @@ class Rig:
 
     def new_recorder(self) -> DemoRecorder:
         def capturer() -> FakeCapturer:
-            c = FakeCapturer()
+            c = FakeCapturer(frame_bytes=self.frame_bytes)
             self.capturers.append(c)
             return c
 
