@@ -671,21 +671,21 @@ class DemoRecorder:
                 return
             lo, hi = a.meta["started_at_us"], a.blocked_from
             chunk: list[Event] = []
-            recent: dict[int, tuple[bytes, str | None]] = {}
             for ev in events:
                 t = ev["captured_at_us"]
                 if t < lo or (hi is not None and t >= hi) or ev["kind"] in _PASSIVE_ONLY_KINDS:
                     continue
-                c = dict(ev)  # passive capture stamps its own event ids later
-                c["event_id"] = ids.uuid7_bytes(t // 1000)
-                if c["kind"] not in ("pointer_move", "focus_change"):
-                    recent.setdefault(t, (c["event_id"], c.get("app_id")))
-                chunk.append(c)
+                chunk.append(dict(ev))  # a copy: passive capture stamps its own event ids later
             if not chunk:
                 return
             chunk.sort(key=lambda e: e["captured_at_us"])
-            a.recent = [*a.recent[-(_RECENT_CHUNKS - 1):], recent]
             stored = coalesce_moves(chunk, max_hz=self.pointer_max_hz, epsilon_px=self.pointer_simplify_px)
+            recent: dict[int, tuple[bytes, str | None]] = {}
+            for e in stored:  # ids only for what is kept (most raw pointer moves are not)
+                e["event_id"] = ids.uuid7_bytes(e["captured_at_us"] // 1000)
+                if e["kind"] not in ("pointer_move", "focus_change"):
+                    recent.setdefault(e["captured_at_us"], (e["event_id"], e.get("app_id")))
+            a.recent = [*a.recent[-(_RECENT_CHUNKS - 1):], recent]
             a.events_fh.write("".join(json.dumps(event_to_json(e), separators=(",", ":")) + "\n" for e in stored))
             a.events_fh.flush()  # in the OS now: a kill -9 loses nothing from here
             a.n_events += len(stored)
