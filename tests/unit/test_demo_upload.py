@@ -122,13 +122,28 @@ def test_a_failed_delivery_keeps_the_recording_for_a_whole_resend(tmp_path: Path
     assert first.sent[0][3]["ht-demo-id"] == second.sent[0][3]["ht-demo-id"]  # same id: deduplicated downstream
 
 
-def test_a_corrupt_frame_file_sends_nothing(tmp_path: Path) -> None:
+def test_a_corrupt_frame_file_is_left_out_of_the_manifest_for_good(tmp_path: Path) -> None:
     rig, up, made = rig_with_uploader(tmp_path)
     rid = recorded(rig)
     rig.rec.submit(rid)
-    next((rig.root / rid / "frames").iterdir()).write_bytes(b"bitrot")
+    bad = sorted((rig.root / rid / "frames").iterdir())[0]
+    bad.write_bytes(b"bitrot")
+    assert up.upload_pending().uploaded == [rid]
+    (p,) = made
+    rec = codec.decode_record(p.sent[0][2], "demonstration")
+    shas = [f["sha256"].hex() for f in rec["frames"]]
+    assert bad.name.split(".")[0] not in shas and len(p.sent) == 1 + len(shas) == 6  # 7 frames, 1 lost
+    assert all(hashlib.sha256(v).hexdigest() == h["ht-sha256"].decode() for _t, _k, v, h in p.sent[1:])
+
+
+def test_big_recordings_are_flushed_in_parts_and_a_failure_stops_the_upload(tmp_path: Path) -> None:
+    rig, up, made = rig_with_uploader(tmp_path, fail={3: "MSG_SIZE_TOO_LARGE"}, frame_bytes=3 << 20)
+    rid = recorded(rig, clicks=8, typing=False)
+    rig.rec.submit(rid)
     r = up.upload_pending()
-    assert r.reason == "error" and made == [] and rig.meta(rid)["status"] == "submitted"
+    assert r.reason == "error" and rig.meta(rid)["status"] == "submitted"
+    (p,) = made
+    assert 6 <= len(p.sent) < 1 + 10  # stopped after the part that failed, not the whole recording
 
 
 @pytest.mark.parametrize(("battery", "net", "cfg", "reason"), [

@@ -39,6 +39,7 @@ from handtrace.core.settings import DemoSettings
 _OFFLINE_ERRORS = frozenset({"_TRANSPORT", "_MSG_TIMED_OUT", "_ALL_BROKERS_DOWN", "_TIMED_OUT",
                              "_RESOLVE", "NETWORK_EXCEPTION", "REQUEST_TIMED_OUT"})
 _NM_CACHE_S = 30.0
+_MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -235,17 +236,31 @@ class DemoUploader:
             self.store.busy.discard(rid)
             self.uploading = None
 
-    def _send(self, rid: str, meta: dict[str, Any]) -> None:
-        frames = manifest(meta)
-        # Every frame file must still hold its bytes before anything is sent: a recording goes
-        # whole or not at all.
-        for f in frames:
+    def _check_frames(self, rid: str, meta: dict[str, Any]) -> None:
+        """Every frame file must still hold its bytes before anything is sent (the manifest is
+        what the sink waits for). One that does not (disk corruption, power loss before the
+        page cache reached the disk) is taken out of the recording for good, counted in
+        ``frames_lost``: retrying could never send it."""
+        lost = 0
+        holders = [s for s in meta.get("steps", []) if s.get("frame")]
+        for h, k in [*((s, "frame") for s in holders), *([(meta, "end_frame")] if meta.get("end_frame") else [])]:
+            f = h[k]
             try:
-                data = self.store.read_frame(rid, f["sha256"].hex(), f["format"])
-            except OSError as e:
-                raise UploadFailed(f"frame {f['sha256'].hex()[:12]} unreadable: {e}") from None
-            if hashlib.sha256(data).digest() != f["sha256"]:
-                raise UploadFailed(f"frame {f['sha256'].hex()[:12]} is corrupt on disk")
+                ok = hashlib.sha256(self.store.read_frame(rid, f["sha256"], f["format"])).hexdigest() == f["sha256"]
+            except OSError:
+                ok = False
+            if not ok:
+                h[k] = None
+                lost += 1
+        if lost:
+            meta["frames_lost"] = meta.get("frames_lost", 0) + lost
+            with self.store.lock:
+                self.store.save_meta(rid, meta)
+                self.store.prune_frames(rid, meta)
+
+    def _send(self, rid: str, meta: dict[str, Any]) -> None:
+        self._check_frames(rid, meta)
+        frames = manifest(meta)
         sent_at = self.clock()
         value = encode_header(self.store, rid, meta, sent_at_us=sent_at)
         key = meta["employee_id"].encode()
@@ -256,7 +271,7 @@ class DemoUploader:
             reports.append(None if err is None else (err.name() if hasattr(err, "name") else str(err)))
 
         producer = self.producer_factory(self.conf)
-        expected = 0
+        expected = queued = 0
         try:
             headers = [("ht-part", b"demonstration"), ("ht-demo-id", demo_id),
                        ("ht-frames", str(len(frames)).encode()), (HEADER_SENT_AT, str(self.clock()).encode())]
@@ -273,6 +288,11 @@ class DemoUploader:
                            (HEADER_SENT_AT, str(self.clock()).encode())]
                 self._produce(producer, data, key, headers, on_delivery)
                 expected += 1
+                queued += len(data)
+                if queued >= _MAX_QUEUED_BYTES:  # bounded memory: a recording is not held whole
+                    if producer.flush(self.cfg.upload_timeout_s) or any(reports):
+                        break  # failed: reported below, the rest is not worth sending
+                    queued = 0
             left = producer.flush(self.cfg.upload_timeout_s)
         except BufferError as e:
             raise UploadFailed(f"producer queue full: {e}") from None

@@ -355,6 +355,7 @@ class DemoRecorder:
         self.frames_note: str | None = None
         """Why frames are not captured (no capturer available), shown in status."""
         self.recover()
+        self.expire(clock())
 
     # ------------------------------------------------------------ start-up
     def recover(self) -> list[str]:
