@@ -188,6 +188,7 @@ def test_kill9_mid_upload_resends_the_whole_recording_then_deletes_it(
         meta_path = demo_dir(s) / rid / "meta.json"
         if meta_path.exists() and json.loads(meta_path.read_text())["status"] == "submitted":
             killed_mid = rid
+            print(f"killed mid-upload at attempt {attempt}")  # noqa: T201 -- shown with -s
             break
     if killed_mid is None:
         pytest.fail("every upload finished before the kill -9 landed; the test could not kill one mid-way")
