@@ -654,3 +654,41 @@ def test_record_commands_on_the_local_socket(tmp_path: Path) -> None:
                                   battery_fn=lambda: False, battery_info=lambda: (None, None)),
                             tmp_path / "s2" / "a.sock")
     assert "not available" in nothing.dispatch({"cmd": "record_list"})["error"]
+
+
+WINDOWS = {"code": CODE, "password": PASSWORD, "personal": PERSONAL, "evil": CHROME_EVIL,
+           "chrome": WindowInfo("google-chrome", "Docs", url="https://docs.google.com/d/1", window_id=2)}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segments=st.lists(st.tuples(st.sampled_from(sorted(WINDOWS)), st.integers(1, 6), st.booleans()),
+                         min_size=1, max_size=8))
+def test_a_recording_never_holds_what_passive_capture_refuses(tmp_path_factory: Any,
+                                                              segments: list[tuple[str, int, bool]]) -> None:
+    """Whatever the windows and typing: only allowlisted apps, nothing typed in a password field
+    (its characters are nowhere in the files), chrome's text (policy: none) never stored."""
+    rig = Rig(tmp_path_factory.mktemp("p"))
+    rid = rig.rec.start("property: privacy")["id"]
+    password_spans = []
+    for name, n, clicks in segments:
+        rig.src.window = WINDOWS[name]
+        rig.feed()  # the focus change
+        t = rig.clock.t
+        ch = "Ω" if name == "password" else "k"
+        evs = [key(t + i * 20 * MS, ch, ord(ch)) for i in range(n)]
+        if clicks:
+            evs.append(click(t + n * 20 * MS + MS))
+        rig.feed(*evs)
+        if name == "password":
+            password_spans.append((t, rig.clock.t))
+    rig.rec.stop()
+    evs = rig.events(rid)
+    assert {e.get("app_id") for e in evs} <= {"code", "google-chrome"}
+    assert not [e for e in evs if e.get("url") and "evil" in e["url"]]
+    assert not [e for e in evs if e["kind"].startswith("key") and any(a <= e["captured_at_us"] < b
+                                                                        for a, b in password_spans)]
+    assert all(e.get("text") in (None, "k") for e in evs)
+    assert all(e.get("text") is None for e in evs if e.get("app_id") == "google-chrome")
+    raw = (rig.root / rid / "events.jsonl").read_text()
+    assert "Ω" not in raw and "\\u03a9" not in raw
+    assert all(s["app_id"] in ("code", "google-chrome") for s in rig.meta(rid)["steps"])
