@@ -409,9 +409,12 @@ def _print_demo_status(demo: dict[str, Any] | None) -> None:
         console.print(f"[yellow]note:[/] {demo['frames_note']}")
 
 
-def _recording_line(r: dict[str, Any]) -> str:
-    return (f"{r['id'][:12]}  {r['status']:<9}  {_clock(r['started_at_us'])}  {r['duration_s']:6.0f} s  "
-            f"{r['steps']:3d} steps  {r['frames']:3d} frames  {r['events']:6,} events  {r['instruction']!r}")
+def _recordings_table(rs: list[dict[str, Any]]) -> Table:
+    t = Table("id", "status", "started", "length", "steps", "frames", "events", "task")
+    for r in rs:
+        t.add_row(r["id"][:12], r["status"], _clock(r["started_at_us"]), f"{r['duration_s']:.0f} s", str(r["steps"]),
+                  str(r["frames"]), f"{r['events']:,}", r["instruction"])
+    return t
 
 
 @record_app.command("start")
@@ -441,15 +444,14 @@ def record_list() -> None:
     if not rs:
         console.print('no recordings on this laptop (`handtrace record start "TASK"` starts one)')
         return
-    for r in rs:
-        console.print(_recording_line(r), markup=False)
+    console.print(_recordings_table(rs))
 
 
 @record_app.command("show")
 def record_show(rid: _RecordingId) -> None:
     """One recording step by step: action, time, app, frame."""
     r = _agent_request({"cmd": "record_show", "id": rid})["recording"]
-    console.print(_recording_line(r), markup=False)
+    console.print(_recordings_table([r]))
     console.print(f"apps: {', '.join(r.get('apps') or []) or '-'}; stopped: {r.get('stop_reason') or '-'}; "
                   f"expires: {_clock(r.get('expires_at_us'))}")
     t = Table("step", "action", "from (s)", "to (s)", "app", "events", "frame")

@@ -602,7 +602,7 @@ def test_without_a_capturer_steps_are_recorded_without_frames(tmp_path: Path) ->
     rid = recorded(rig, clicks=2, typing=False)
     meta = rig.meta(rid)
     assert len(meta["steps"]) == 3 and all(s["frame"] is None for s in meta["steps"])
-    assert "no frames" in rig.rec.status()["frames_note"]
+    assert "frames unavailable" in rig.rec.status()["frames_note"]
 
 
 # ------------------------------------------------------------------ the header record

@@ -422,23 +422,25 @@ class DemoRecorder:
                     "screen": None, "steps": [], "end_frame": None, "events": 0, "apps": [], "gaps": [],
                     "trimmed": []}
             self.store.save_meta(rid, meta)
+            self.frames_note = None
             capturer = self._make(self.capturer_factory, "frames")
             segmenter = self._make(self.segmenter_factory, "actions")
+            if self.frames_note:
+                self.frames_note += ": steps or frames are not recorded, events are"
             self._active = _Active(rid, meta, _open_append(d / "events.jsonl"), _open_append(d / "steps.jsonl"),
                                    capturer, segmenter, last_fsync_us=now)
             return self._summary(rid, meta)
 
     def _make(self, factory: Callable[[], Any] | None, what: str) -> Any:
-        if factory is None:
-            self.frames_note = f"no {what} available in this agent: steps are recorded without frames"
-            return None
+        """One collaborator for a new recording; what is missing is said in ``frames_note``."""
         try:
-            made = factory()
+            made = None if factory is None else factory()
+            why = "not in this agent" if made is None and factory is None else "none on this display"
         except Exception as e:  # noqa: BLE001 -- frames are best effort; events are still recorded
-            self.frames_note = f"{what} unavailable: {type(e).__name__}: {e}"
-            return None
+            made, why = None, f"{type(e).__name__}: {e}"
         if made is None:
-            self.frames_note = f"{what} unavailable on this display"
+            note = f"{what} unavailable ({why})"
+            self.frames_note = f"{self.frames_note}; {note}" if self.frames_note else note
         return made
 
     def stop(self, *, reason: str = "stopped", ended_at: int | None = None) -> dict[str, Any]:
@@ -567,9 +569,9 @@ class DemoRecorder:
             if steps is not None:
                 bad = sorted({i for i in steps if not 0 <= i < n})
                 if bad or not steps:
-                    valid = f"0..{n - 1}" if n else "none: the recording has no steps"
+                    valid = f"its steps are 0..{n - 1}" if n else "it has no steps"
                     raise DemoError(f"no step {', '.join(map(str, bad)) or '(none given)'} in this recording "
-                                    f"(steps {valid})")
+                                    f"({valid})")
                 sr = step_ranges(meta)
                 drop_steps = set(steps)
                 ranges = [sr[i] for i in sorted(drop_steps)]
