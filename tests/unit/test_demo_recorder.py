@@ -95,24 +95,33 @@ class FakeCapturer:
         self.resets += 1
 
 
-@dataclass(frozen=True)
+@dataclass
 class FakeAction:
     kind: str
     started_at_us: int
 
 
 class FakeSegmenter:
-    """Click press -> click; scroll -> scroll; a key after >= 1 s without keys -> typing."""
+    """Click press -> click (a drag once the pointer moves > 5 px before the release, as the real
+    one: the action object changes after it was returned); scroll -> scroll; a key after >= 1 s
+    without keys -> typing."""
 
     def __init__(self) -> None:
         self.last_key = -(1 << 62)
+        self.pressed: tuple[FakeAction, int, int] | None = None
 
-    def feed(self, events: list[dict[str, Any]]) -> list[FakeAction]:
+    def feed_all(self, events: list[dict[str, Any]]) -> list[FakeAction]:
         out = []
         for e in events:
             k, t = e["kind"], e["captured_at_us"]
+            if k == "pointer_move" and self.pressed and max(abs(e["x"] - self.pressed[1]),
+                                                            abs(e["y"] - self.pressed[2])) > 5:
+                self.pressed[0].kind = "drag"
+            if k == "click" and not e.get("pressed"):
+                self.pressed = None
             if k == "click" and e.get("pressed"):
                 out.append(FakeAction("click", t))
+                self.pressed = (out[-1], e["x"], e["y"])
             elif k == "scroll":
                 out.append(FakeAction("scroll", t))
             elif k == "key_down":
@@ -173,7 +182,9 @@ class Rig:
         for _ in range(n):
             self.idle(0.5)
             t = self.clock.t
-            self.feed(move(t + 10 * MS), move(t + 20 * MS, 30, 40), ev_fn(t + 50 * MS))
+            ev = ev_fn(t + 50 * MS)
+            release = [{**ev, "captured_at_us": t + 70 * MS, "pressed": False}] if ev["kind"] == "click" else []
+            self.feed(move(t + 10 * MS), move(t + 20 * MS, 30, 40), ev, *release)
 
     def events(self, rid: str) -> list[dict[str, Any]]:
         return self.rec.store.read_events(rid)
@@ -348,7 +359,7 @@ def test_a_recording_is_not_sampled(tmp_path: Path) -> None:
     rid = recorded(rig, clicks=2, typing=False)
     rig.agent.seal(force=True)
     assert not [r for r in spooled(rig.spool) if r["kind"] == "click"]  # passive: sampled out
-    assert len([e for e in rig.events(rid) if e["kind"] == "click"]) == 2
+    assert len([e for e in rig.events(rid) if e["kind"] == "click" and e["pressed"]]) == 2
 
 
 def test_nothing_of_a_pause_inside_a_recording(tmp_path: Path) -> None:
@@ -692,3 +703,22 @@ def test_a_recording_never_holds_what_passive_capture_refuses(tmp_path_factory: 
     raw = (rig.root / rid / "events.jsonl").read_text()
     assert "Ω" not in raw and "\\u03a9" not in raw
     assert all(s["app_id"] in ("code", "google-chrome") for s in rig.meta(rid)["steps"])
+
+
+def test_a_click_that_becomes_a_drag_is_recorded_as_a_drag(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rid = rig.rec.start("drag a file")["id"]
+    rig.act(click)
+    rig.idle(0.5)
+    t = rig.clock.t
+    rig.feed(click(t + MS, 100, 100))  # the press: a click so far
+    rig.feed(move(rig.clock.t + MS, 160, 140))  # next tick: the pointer moves with the button held
+    rig.feed({**click(rig.clock.t + MS, 160, 140), "pressed": False})
+    rig.act(click)
+    shown = rig.rec.show(rid)  # while recording: the patch is applied
+    assert [s["action"] for s in shown["steps_detail"]] == ["click", "drag", "click"]
+    rig.rec.stop()
+    assert [s["kind"] for s in rig.meta(rid)["steps"]] == ["click", "drag", "click"]
+    rec = codec.decode_record(encode_header(rig.rec.store, rid, rig.meta(rid), sent_at_us=rig.clock.t),
+                              "demonstration")
+    assert [f["reason"] for f in rec["frames"]] == ["click", "drag", "click", "end"]

@@ -93,7 +93,8 @@ class FrameCapturerLike(Protocol):
 
 class ActionLike(Protocol):
     """One action start from ``agent.actions.ActionSegmenter``: ``kind`` (click, drag, scroll,
-    typing, hotkey) and ``started_at_us`` (its first event's capture time)."""
+    typing, hotkey; a click may turn into a drag until the next action starts) and
+    ``started_at_us`` (its first event's capture time)."""
 
     kind: str
     started_at_us: int
@@ -101,9 +102,9 @@ class ActionLike(Protocol):
 
 class SegmenterLike(Protocol):
     """``agent.actions.ActionSegmenter``: fed kept events in capture order, chunk by chunk;
-    returns the action starts found (an action may be reported in a later chunk)."""
+    returns the actions they started."""
 
-    def feed(self, events: Sequence[Event]) -> Sequence[ActionLike]: ...
+    def feed_all(self, events: list[Event]) -> Sequence[ActionLike]: ...
 
 
 # --------------------------------------------------------------------- files
@@ -271,6 +272,19 @@ class DemoStore:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _load_steps(path: Path) -> list[dict[str, Any]]:
+    """steps.jsonl: one line per step, plus ``{"patch": index, "kind": ...}`` lines (a click
+    that turned out to be a drag once the pointer moved with the button held)."""
+    steps: list[dict[str, Any]] = []
+    for line in _read_jsonl(path):
+        if "patch" in line:
+            if 0 <= line["patch"] < len(steps):
+                steps[line["patch"]]["kind"] = line["kind"]
+        else:
+            steps.append(line)
+    return steps
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         data = path.read_bytes()
@@ -322,6 +336,8 @@ class _Active:
     apps: set[str] = field(default_factory=set)
     recent: list[dict[int, tuple[bytes, str | None]]] = field(default_factory=list)
     frames_dropped: dict[str, int] = field(default_factory=dict)
+    open_action: tuple[int, Any, str] | None = None
+    """(step index, the segmenter's action, kind written): a click may still become a drag."""
 
 
 class DemoRecorder:
@@ -464,6 +480,10 @@ class DemoRecorder:
             if a.capturer is not None:
                 with contextlib.suppress(Exception):
                     a.capturer.reset()
+                    close = getattr(a.capturer, "close", None)
+                    if close is not None:
+                        close()
+            self._patch_open(a)
             self._active = None
             for fh in (a.events_fh, a.steps_fh):
                 with contextlib.suppress(OSError):
@@ -479,7 +499,7 @@ class DemoRecorder:
                 frames_dropped: dict[str, int] | None = None) -> None:
         """Fold steps.jsonl and the events' facts into meta.json and mark the recording stopped."""
         d = self.store.path(rid)
-        steps = meta.get("steps") or _read_jsonl(d / "steps.jsonl")
+        steps = meta.get("steps") or _load_steps(d / "steps.jsonl")
         events = self.store.read_events(rid)
         last = max((e["captured_at_us"] for e in events), default=meta["started_at_us"])
         if ended_at is None:  # a crash: the recording ends at the last thing it holds
@@ -699,8 +719,20 @@ class DemoRecorder:
                 a.last_fsync_us = now
             if a.segmenter is None:
                 return
-            for act in a.segmenter.feed(chunk):
+            actions = a.segmenter.feed_all(chunk)
+            self._patch_open(a)
+            for act in actions:
                 self._step(a, act)
+
+    def _patch_open(self, a: _Active) -> None:
+        """The last action's kind may have changed since its step was written (click -> drag)."""
+        if a.open_action is None:
+            return
+        idx, act, kind = a.open_action
+        if act.kind != kind and act.kind in ACTION_KINDS:
+            a.steps_fh.write(json.dumps({"patch": idx, "kind": act.kind}) + "\n")
+            a.steps_fh.flush()
+            a.open_action = (idx, act, act.kind)
 
     def _step(self, a: _Active, act: ActionLike) -> None:
         t = int(act.started_at_us)
@@ -726,8 +758,10 @@ class DemoRecorder:
         step = {"index": a.n_steps, "kind": kind, "started_at_us": t,
                 "event_id": eid.hex() if isinstance(eid, bytes | bytearray) else None,
                 "app_id": app, "frame": frame}
+        self._patch_open(a)  # the previous action is final now
         a.steps_fh.write(json.dumps(step, separators=(",", ":")) + "\n")
         a.steps_fh.flush()
+        a.open_action = (a.n_steps, act, kind)
         a.n_steps += 1
 
     def _frame_fits(self, a: _Active, f: CapturedFrameLike) -> bool:
@@ -785,7 +819,7 @@ class DemoRecorder:
         a.n_events = len(kept)
         a.last_event_us = max((e["captured_at_us"] for e in kept), default=0)
         a.steps_fh.close()
-        steps = _read_jsonl(d / "steps.jsonl")
+        steps = _load_steps(d / "steps.jsonl")
         kept_steps = [s for s in steps if s["started_at_us"] < start_us]
         for s in kept_steps:
             if s.get("frame") and s["frame"]["captured_at_us"] >= start_us:
@@ -796,6 +830,8 @@ class DemoRecorder:
             self.store.prune_frames(a.rid, {"steps": kept_steps})
         a.steps_fh = _open_append(d / "steps.jsonl")
         a.n_steps = len(kept_steps)
+        if a.open_action is not None and a.open_action[0] >= a.n_steps:
+            a.open_action = None
 
     def capture_resumed(self) -> None:
         """The pause ended: record again from now."""
@@ -849,7 +885,7 @@ class DemoRecorder:
         a = self._active
         if a is not None and a.rid == rid:
             meta = dict(a.meta)
-            meta["steps"] = _read_jsonl(self.store.path(rid) / "steps.jsonl")
+            meta["steps"] = _load_steps(self.store.path(rid) / "steps.jsonl")
             meta["events"] = a.n_events
             meta["apps"] = sorted(a.apps)
             return meta

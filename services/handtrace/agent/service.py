@@ -154,27 +154,32 @@ def build_recorder(settings: Settings, agent: Agent, *,
 
 def _frame_capturer_factory(settings: Settings, agent: Agent) -> Callable[[], Any] | None:
     """A factory of the real FrameCapturer (agent/frames.py, another work package of issue #11),
-    imported lazily: before it is merged, or without a display (synthetic source), recordings
-    hold steps without frames. LEAD: check the constructor against agent/frames.py after merging."""
+    imported lazily so this module loads without it; without a display (synthetic source) or a
+    backend that lists visible windows, recordings hold events and steps without frames.
+    Written against the frames branch as of 3e74ce3 (LEAD: verify after merging)."""
     if settings.agent.source == "synthetic":
         return None
+    source = agent.source
 
     def make() -> Any:
         from handtrace.agent import frames  # type: ignore[attr-defined,unused-ignore]
+
+        visible = getattr(source, "visible_windows", None)
+        if visible is None:
+            return None
 
         def decide(w: Any) -> tuple[bool, str | None]:
             d = agent.local.window(w)
             return d.allowed, d.url
 
-        kw: dict[str, Any] = {}
-        if settings.agent.display:
-            kw["display"] = settings.agent.display
-        opener = getattr(frames, "open_frame_capturer", None)
-        if opener is not None:
-            return opener(settings, decide=decide, clock=agent.clock, **kw)
-        cfg = frames.FrameConfig.from_settings(settings.demo)
-        grab, windows = frames.screen_sources(**kw)
-        return frames.FrameCapturer(cfg, grab, windows, decide, clock=agent.clock)
+        def windows() -> Any:  # backends know url / password field for the focused window only
+            return frames.stamp_focused(visible(), source.focused_window())
+
+        grab = frames.ScreenGrab(settings.agent.display)
+        capturer = frames.FrameCapturer(frames.FrameConfig.from_settings(settings.demo), grab, windows, decide,
+                                        clock=agent.clock, scale=grab.scale)
+        capturer.close = grab.close  # the recorder closes the X connections when the recording stops
+        return capturer
 
     return make
 
@@ -185,7 +190,8 @@ def _segmenter_factory() -> Callable[[], Any] | None:
         from handtrace.agent import actions  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return None
-    return getattr(actions, "ActionSegmenter", None)
+    factory: Callable[[], Any] | None = getattr(actions, "ActionSegmenter", None)
+    return factory
 
 
 def build_uploader(settings: Settings, agent: Agent) -> DemoUploader | None:
