@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 if TYPE_CHECKING:
     from handtrace.core.settings import Settings
@@ -410,10 +410,11 @@ def _print_demo_status(demo: dict[str, Any] | None) -> None:
 
 
 def _recordings_table(rs: list[dict[str, Any]]) -> Table:
-    t = Table("id", "status", "started", "length", "steps", "frames", "events", "task")
+    t = Table(Column("id", no_wrap=True), Column("status", no_wrap=True), Column("started", no_wrap=True),
+              Column("length", no_wrap=True), Column("steps", no_wrap=True), "task")
     for r in rs:
-        t.add_row(r["id"][:12], r["status"], _clock(r["started_at_us"]), f"{r['duration_s']:.0f} s", str(r["steps"]),
-                  str(r["frames"]), f"{r['events']:,}", r["instruction"])
+        started = _clock(r["started_at_us"])[5:16]  # MM-DD HH:MM
+        t.add_row(r["id"][:12], r["status"], started, f"{r['duration_s']:.0f} s", str(r["steps"]), r["instruction"])
     return t
 
 
@@ -452,6 +453,7 @@ def record_show(rid: _RecordingId) -> None:
     """One recording step by step: action, time, app, frame."""
     r = _agent_request({"cmd": "record_show", "id": rid})["recording"]
     console.print(_recordings_table([r]))
+    console.print(f"{r['frames']} frames ({r['frame_bytes'] / 1024:.0f} KiB), {r['events']:,} events")
     console.print(f"apps: {', '.join(r.get('apps') or []) or '-'}; stopped: {r.get('stop_reason') or '-'}; "
                   f"expires: {_clock(r.get('expires_at_us'))}")
     t = Table("step", "action", "from (s)", "to (s)", "app", "events", "frame")
