@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -356,6 +356,7 @@ def employee_status(as_json: Annotated[bool, typer.Option("--json", help="Machin
     dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(st["events_dropped"].items())) or "none"
     console.print(f"policy v{st['policy_version']}; {st['events_captured']:,} events seen, {st['events_sent']:,} "
                   f"sent, {st['spool_events']:,} waiting; not kept: {dropped}")
+    _print_demo_status(st.get("demonstrations"))
 
 
 employee_exemption_app = typer.Typer(help="Ask for an exemption from capture (HR decides).", no_args_is_help=True)
@@ -369,6 +370,166 @@ def employee_exemption_request(
     """Send an exemption request from this laptop's agent; capture stops once HR grants it."""
     _agent_request({"cmd": "exemption_request", "reason": reason})
     console.print("exemption request sent to HR; `handtrace status` shows when it is granted")
+
+
+# --- demonstrations (issue #11): record a task, review it, submit it -------------------------
+
+record_app = typer.Typer(help="Demonstrations: record a task, review it (show, trim, delete) and submit "
+                         "it. Nothing leaves this laptop before submit.", no_args_is_help=True)
+app.add_typer(record_app, name="record")
+_RecordingId = Annotated[str, typer.Argument(metavar="ID", help="Recording id (a unique prefix will do).")]
+
+
+def _clock(us: int | None) -> str:
+    from datetime import datetime
+
+    return "-" if not us else datetime.fromtimestamp(us / 1e6).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_demo_status(demo: dict[str, Any] | None) -> None:
+    """The demonstrations part of `handtrace status`."""
+    if not demo:
+        return
+    rec = demo.get("recording")
+    if rec:
+        state = " (suspended: capture paused)" if rec.get("suspended") else ""
+        console.print(f"[bold red]recording[/] {rec['id'][:12]}{state}: {rec['instruction']!r}, "
+                      f"{rec['duration_s']:.0f} s, {rec['steps']} steps (stops by itself after "
+                      f"{rec['max_minutes']:g} min)")
+    up = demo.get("upload") or {}
+    line = f"demonstrations: {demo.get('to_review', 0)} to review, {demo.get('submitted', 0)} submitted"
+    if up.get("waiting"):
+        why = up.get("detail") or up.get("reason") or "next check soon"
+        line += f"; upload waiting: {why}"
+    net = up.get("network")
+    if net:
+        metered = {True: "metered", False: "unmetered", None: "metering unknown"}[net["metered"]]
+        if net["metered"] is None:
+            metered += " (treated as metered)" if net["unknown_treated_as_metered"] else " (treated as unmetered)"
+        line += f"; network: {metered} [{net['source']}]"
+    console.print(line)
+    if demo.get("frames_note"):
+        console.print(f"[yellow]note:[/] {demo['frames_note']}")
+
+
+def _recordings_table(rs: list[dict[str, Any]]) -> Table:
+    t = Table(Column("id", no_wrap=True), Column("status", no_wrap=True), Column("started", no_wrap=True),
+              Column("length", no_wrap=True), Column("steps", no_wrap=True), "task")
+    for r in rs:
+        started = _clock(r["started_at_us"])[5:16]  # MM-DD HH:MM
+        t.add_row(r["id"][:12], r["status"], started, f"{r['duration_s']:.0f} s", str(r["steps"]), r["instruction"])
+    return t
+
+
+@record_app.command("start")
+def record_start(instruction: Annotated[str, typer.Argument(
+        help='The task, as you would tell a colleague: "file the travel expense for the Berlin trip".')]) -> None:
+    """Start recording a task. Only allowlisted apps are recorded, as in normal capture."""
+    r = _agent_request({"cmd": "record_start", "instruction": instruction})["recording"]
+    console.print(f"recording {r['id'][:12]} started: {r['instruction']!r}. Do the task, then "
+                  f"`handtrace record stop` (it stops by itself after {r['max_minutes']:g} min). "
+                  "Nothing is sent before you submit it.")
+
+
+@record_app.command("stop")
+def record_stop() -> None:
+    """Stop the running recording (it then waits on this laptop for your review)."""
+    r = _agent_request({"cmd": "record_stop"})["recording"]
+    console.print(f"recording {r['id'][:12]} stopped: {r['steps']} steps, {r['frames']} frames, "
+                  f"{r['events']:,} events in {r['duration_s']:.0f} s. Review it with "
+                  f"`handtrace record show {r['id'][:8]}`, then submit or delete it "
+                  f"(unsubmitted recordings are deleted on {_clock(r['expires_at_us'])}).")
+
+
+@record_app.command("list")
+def record_list() -> None:
+    """Every recording on this laptop (to review, submitted and waiting for upload)."""
+    rs = _agent_request({"cmd": "record_list"})["recordings"]
+    if not rs:
+        console.print('no recordings on this laptop (`handtrace record start "TASK"` starts one)')
+        return
+    console.print(_recordings_table(rs))
+
+
+@record_app.command("show")
+def record_show(rid: _RecordingId) -> None:
+    """One recording step by step: action, time, app, frame."""
+    r = _agent_request({"cmd": "record_show", "id": rid})["recording"]
+    console.print(_recordings_table([r]))
+    console.print(f"{r['frames']} frames ({r['frame_bytes'] / 1024:.0f} KiB), {r['events']:,} events")
+    console.print(f"apps: {', '.join(r.get('apps') or []) or '-'}; stopped: {r.get('stop_reason') or '-'}; "
+                  f"expires: {_clock(r.get('expires_at_us'))}")
+    t = Table("step", "action", "from (s)", "to (s)", "app", "events", "frame")
+    for s in r["steps_detail"]:
+        f = s["frame"]
+        frame = f"{f['sha256'][:12]} {f['format']} {f['width']}x{f['height']} {f['bytes'] / 1024:.0f} KiB" if f \
+            else "none"
+        t.add_row(str(s["index"]), s["action"], f"{s['from_s']:.1f}", f"{s['to_s']:.1f}", s["app_id"] or "-",
+                  str(s["events"]), frame)
+    console.print(t)
+    ef = r.get("end_frame")
+    console.print(f"end frame: {ef['sha256'][:12]} {ef['format']} {ef['bytes'] / 1024:.0f} KiB" if ef else
+                  "end frame: none")
+    for a, b in r.get("gaps") or []:
+        console.print(f"paused from {a:.1f} s to {'the end' if b is None else f'{b:.1f} s'}: nothing recorded")
+
+
+def _parse_steps(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise _fail(f"cannot read steps {text!r}: use e.g. 3,5 or 2-4", 2)
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        out.extend(range(a, b + 1))
+    return out
+
+
+def _parse_offset(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(?:(\d+):)?(\d+(?:\.\d+)?)\s*s?\s*", text)
+    if not m:
+        raise _fail(f"cannot read --{name} {text!r}: seconds from the start (90, 90.5, 1:30)", 2)
+    return float(m.group(2)) + 60 * int(m.group(1) or 0)
+
+
+@record_app.command("trim")
+def record_trim(
+    rid: _RecordingId,
+    steps: Annotated[str | None, typer.Option(help="Steps to drop, e.g. 3,5 or 2-4 (as `show` numbers them).")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Drop from here (seconds from the start, or "
+                                              "m:ss).")] = None,
+    to: Annotated[str | None, typer.Option(help="...to here (default: the end).")] = None,
+) -> None:
+    """Drop steps or a time range from a recording before submitting it: their events and frames
+    are deleted from this laptop. Remaining steps are renumbered."""
+    req: dict[str, Any] = {"cmd": "record_trim", "id": rid}
+    if steps is not None:
+        req["steps"] = _parse_steps(steps)
+    req["from_s"], req["to_s"] = _parse_offset(from_, "from"), _parse_offset(to, "to")
+    if steps is None and req["from_s"] is None and req["to_s"] is None:
+        raise _fail("say what to drop: --steps 3,5 or --from/--to", 2)
+    r = _agent_request(req)["recording"]
+    console.print(f"trimmed {r['id'][:12]}: {r['steps_removed']} steps, {r['events_removed']:,} events and "
+                  f"{r['frames_removed']} frames deleted; {r['steps']} steps left (renumbered)")
+
+
+@record_app.command("delete")
+def record_delete(rid: _RecordingId) -> None:
+    """Delete a recording and everything of it from this laptop."""
+    r = _agent_request({"cmd": "record_delete", "id": rid})["recording"]
+    console.print(f"recording {r['id'][:12]} deleted from this laptop")
+
+
+@record_app.command("submit")
+def record_submit(rid: _RecordingId) -> None:
+    """Submit a reviewed recording: it is uploaded when allowed (mains power, unmetered network by
+    default), then deleted from this laptop. It can no longer be trimmed."""
+    r = _agent_request({"cmd": "record_submit", "id": rid})["recording"]
+    console.print(f"recording {r['id'][:12]} submitted: {r['steps']} steps, {r['frames']} frames; it is "
+                  "uploaded when allowed (`handtrace status` shows when) and then deleted here")
 
 
 def _publish(record: dict[str, Any]) -> None:

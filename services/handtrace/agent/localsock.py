@@ -1,5 +1,5 @@
-"""The agent's local control socket: `handtrace pause|resume|status|exemption request` talk to the
-running agent here.
+"""The agent's local control socket: `handtrace pause|resume|status|exemption request` and
+`handtrace record ...` (demonstrations) talk to the running agent here.
 
 A Unix domain socket in a directory only the user can open (0700), the socket itself 0600: it is
 not reachable from the network, and on Linux the server also checks the peer's uid
@@ -21,6 +21,8 @@ from typing import Any
 from handtrace.agent.runtime import Agent, AgentError
 
 _MAX_REQUEST = 64 * 1024
+RECORD_COMMANDS = ("record_start", "record_stop", "record_list", "record_show", "record_trim", "record_delete",
+                   "record_submit")
 
 
 class AgentNotRunning(RuntimeError):
@@ -38,9 +40,11 @@ def _peer_uid(conn: socket.socket) -> int | None:
 class ControlServer:
     """Serves control requests for ``agent`` on ``path`` in a background thread."""
 
-    def __init__(self, agent: Agent, path: Path) -> None:
+    def __init__(self, agent: Agent, path: Path, *, uploader: Any | None = None) -> None:
         self.agent = agent
         self.path = path
+        self.uploader = uploader
+        """agent/demo_upload.DemoUploader: its state is part of `status` (why uploads wait)."""
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -124,7 +128,14 @@ class ControlServer:
             if cmd == "ping":
                 return {"ok": True}
             if cmd == "status":
-                return {"ok": True, "status": self.agent.status().as_dict()}
+                st = self.agent.status().as_dict()
+                if self.agent.recorder is not None:
+                    st["demonstrations"] = self.agent.recorder.status()
+                    if self.uploader is not None:
+                        st["demonstrations"]["upload"] = self.uploader.status()
+                return {"ok": True, "status": st}
+            if isinstance(cmd, str) and cmd.startswith("record_"):
+                return self._record(cmd, req)
             if cmd == "pause":
                 minutes = req.get("minutes")
                 if isinstance(minutes, bool) or not isinstance(minutes, int | float):
@@ -139,7 +150,39 @@ class ControlServer:
                 return {"ok": True}
         except AgentError as e:
             return {"ok": False, "error": str(e)}
-        return {"ok": False, "error": f"unknown command {cmd!r} (ping, status, pause, resume, exemption_request)"}
+        return {"ok": False, "error": f"unknown command {cmd!r} (ping, status, pause, resume, exemption_request, "
+                                      f"{', '.join(RECORD_COMMANDS)})"}
+
+    def _record(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        """Demonstrations (issue #11): ``record_start {instruction}``, ``record_stop``,
+        ``record_list``, ``record_show {id}``, ``record_trim {id, steps | from_s/to_s}``,
+        ``record_delete {id}``, ``record_submit {id}``; ``id`` may be a unique prefix."""
+        rec = self.agent.recorder
+        if rec is None:
+            return {"ok": False, "error": "demonstrations are not available in this agent"}
+        rid = str(req.get("id", ""))
+        if cmd == "record_start":
+            return {"ok": True, "recording": rec.start(str(req.get("instruction", "")))}
+        if cmd == "record_stop":
+            return {"ok": True, "recording": rec.stop()}
+        if cmd == "record_list":
+            return {"ok": True, "recordings": rec.recordings()}
+        if cmd == "record_show":
+            return {"ok": True, "recording": rec.show(rid)}
+        if cmd == "record_trim":
+            steps, from_s, to_s = req.get("steps"), req.get("from_s"), req.get("to_s")
+            if steps is not None and (not isinstance(steps, list)
+                                      or not all(isinstance(i, int) and not isinstance(i, bool) for i in steps)):
+                return {"ok": False, "error": "steps must be a list of step numbers (e.g. 3,5)"}
+            for name, v in (("from", from_s), ("to", to_s)):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                    return {"ok": False, "error": f"--{name} must be seconds from the start of the recording"}
+            return {"ok": True, "recording": rec.trim(rid, steps=steps, from_s=from_s, to_s=to_s)}
+        if cmd == "record_delete":
+            return {"ok": True, "recording": rec.delete(rid)}
+        if cmd == "record_submit":
+            return {"ok": True, "recording": rec.submit(rid)}
+        return {"ok": False, "error": f"unknown command {cmd!r} ({', '.join(RECORD_COMMANDS)})"}
 
 
 def request(path: Path, req: dict[str, Any], *, timeout_s: float = 5.0) -> dict[str, Any]:

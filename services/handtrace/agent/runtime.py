@@ -168,6 +168,9 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._source_running = False
         self.last_error: str | None = None
+        # Demonstrations (issue #11): set by service.build_agent (agent/demonstrations.py). The
+        # recorder gets what this tick keeps *before* sampling, and every pause/exemption.
+        self.recorder: Any | None = None
         if follower is not None and follower.state.exempt_from_us is not None:
             self._apply_exemption(follower.state.exempt_from_us, start_source=False)
 
@@ -202,6 +205,8 @@ class Agent:
             self._mode = "paused"
             self._pause_start_us = start
             self._pause_until_us = until
+            if self.recorder is not None:  # demonstrations: nothing of the pause either
+                self.recorder.suspend(start)
             # Events captured at or after the pause start never leave memory.
             self._drop_from(start, "paused")
             kept = [e for e in self._pending if e["captured_at_us"] < start]
@@ -229,6 +234,8 @@ class Agent:
             self._mode = "capturing"
             self._pause_start_us = self._pause_until_us = None
             self._last_key = ("<resumed>",)  # the next tick re-announces the focused window
+            if self.recorder is not None:
+                self.recorder.capture_resumed()
 
     def request_exemption(self, reason: str) -> None:
         """Send an exemption request to HR (capture continues until it is granted)."""
@@ -251,6 +258,8 @@ class Agent:
                 self._pending = [e for e in self._pending if e["captured_at_us"] < since_us]
                 self.counters.drop("exempt", dropped_pending - len(self._pending))
                 stop_source = self._source_running
+                if self.recorder is not None:  # demonstrations: the recording ends at since_us
+                    self.recorder.exempt(since_us)
             elif since_us is None and self._mode == "exempt":
                 self._mode = "capturing"
                 self._exempt_since_us = None
@@ -285,16 +294,25 @@ class Agent:
             if self._mode == "paused" and self._pause_until_us is not None and now >= self._pause_until_us:
                 self.resume(auto=True)
             raw, self._raw = self._raw, []
-            if self._mode != "capturing":
+            capturing = self._mode == "capturing"
+            if not capturing:
                 self.counters.drop(self._mode, len(raw))
-                return
+        if not capturing:
+            if self.recorder is not None:  # demonstrations: auto-stop still runs; no frames
+                self.recorder.poll(now, capturing=False)
+            return
         self.counters.add(events_captured=len(raw))
         kept: list[Event] = []
+        demo: list[Event] | None = [] if self.recorder is not None and self.recorder.recording else None
         notified = getattr(self.source, "focus_changes", 0) != self._last_key_changes
         if raw or notified or now - self._last_poll_us >= self.cfg.focus_idle_poll_s * _US:
-            kept = self._attribute(raw, now)
+            kept = self._attribute(raw, now, demo)
         # else: no input and no focus notification since the last poll, nothing to attribute:
         # skip the X round trips (the next input after an unseen change is dropped as ambiguous).
+        if self.recorder is not None:  # demonstrations: what this tick kept, then a frame if due
+            if demo:
+                self.recorder.record(demo, now)
+            self.recorder.poll(now)
         with self._lock:
             if kept and self._mode == "capturing":
                 self._pending.extend(kept)
@@ -308,8 +326,9 @@ class Agent:
             # they wait in the spool for the next wakeup, so this costs no radio use.
             self.seal(now)
 
-    def _attribute(self, raw: list[Event], now: int) -> list[Event]:
-        """Read the focused window once and keep what of ``raw`` the local policy allows."""
+    def _attribute(self, raw: list[Event], now: int, demo: list[Event] | None = None) -> list[Event]:
+        """Read the focused window once and keep what of ``raw`` the local policy allows (and,
+        into ``demo`` when a demonstration is recording, the same before sampling)."""
         w = self.source.focused_window()
         self._last_poll_us = now
         decision = self.local.window(w)
@@ -324,17 +343,20 @@ class Agent:
             if decision.allowed and w is not None:
                 kept.append({"kind": "focus_change", "captured_at_us": now, "app_id": w.app_id,
                              "window_title": self.local.clean_title(w.title), "url": decision.url})
+                if demo is not None:
+                    demo.append(kept[-1])
                 self._screenshot(w, "focus_change", now, kept)
             self._last_key = key
         elif not decision.allowed:
             self.counters.drop(decision.reason or "not_allowed", len(raw))
         elif w is not None:
-            kept.extend(self._admit(raw, w, decision, now))
+            kept.extend(self._admit(raw, w, decision, now, demo))
         self._last_window = w
         self._last_allowed = decision.allowed
         return kept
 
-    def _admit(self, raw: list[Event], w: WindowInfo, decision: Any, now: int) -> list[Event]:
+    def _admit(self, raw: list[Event], w: WindowInfo, decision: Any, now: int,
+               demo: list[Event] | None = None) -> list[Event]:
         out: list[Event] = []
         clicked = False
         sampled_out = 0
@@ -350,6 +372,8 @@ class Agent:
                 if masked is None:
                     dropped_password += 1
                     continue
+            if demo is not None:  # demonstrations are not sampled (issue #11)
+                demo.append(ev)
             if not self.local.keep_sampled(ev, self.device_id):
                 sampled_out += 1
                 continue

@@ -12,6 +12,8 @@ from typing import Any
 
 from handtrace.agent.capture import CaptureSource
 from handtrace.agent.controlplane import ControlPlaneFollower
+from handtrace.agent.demo_upload import DemoUploader
+from handtrace.agent.demonstrations import DemoRecorder
 from handtrace.agent.localsock import ControlServer
 from handtrace.agent.runtime import Agent, AgentError, default_device_id
 from handtrace.agent.shipper import Shipper, TokenBucket
@@ -124,8 +126,83 @@ def build_agent(settings: Settings, *, source: CaptureSource | None = None,
         screenshotter = Screenshotter(shot_cfg, **kw) if cfg.source != "synthetic" else None
     src = source or open_capture_source(settings)
     extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
-    return Agent(cfg, src, spool, shipper=shipper, follower=follower, screenshotter=screenshotter,
-                 policy=initial_policy(settings), **extra)
+    agent = Agent(cfg, src, spool, shipper=shipper, follower=follower, screenshotter=screenshotter,
+                  policy=initial_policy(settings), **extra)
+    agent.recorder = build_recorder(settings, agent)
+    return agent
+
+
+# --------------------------------------------------------------------- demonstrations (issue #11)
+def demo_dir(settings: Settings) -> Path:
+    """Where recordings wait for review and upload (laptop only)."""
+    return settings.demo.dir or agent_dir(settings) / "demonstrations"
+
+
+def build_recorder(settings: Settings, agent: Agent, *,
+                   capturer_factory: Callable[[], Any] | None = None,
+                   segmenter_factory: Callable[[], Any] | None = None) -> DemoRecorder:
+    """The agent's demonstration recorder; frames and actions come from agent/frames.py and
+    agent/actions.py unless factories are given (tests)."""
+    return DemoRecorder(
+        settings.demo, demo_dir(settings), employee_id=agent.employee_id, device_id=agent.device_id,
+        os_name=agent.source.name, cohort=settings.agent.cohort,
+        capturer_factory=capturer_factory or _frame_capturer_factory(settings, agent),
+        segmenter_factory=segmenter_factory or _segmenter_factory(),
+        mode_fn=lambda: agent.mode, policy_version_fn=lambda: agent.local.version, clock=agent.clock,
+        pointer_max_hz=settings.agent.pointer_max_hz, pointer_simplify_px=settings.agent.pointer_simplify_px)
+
+
+def _frame_capturer_factory(settings: Settings, agent: Agent) -> Callable[[], Any] | None:
+    """A factory of the real FrameCapturer (agent/frames.py, another work package of issue #11),
+    imported lazily so this module loads without it; without a display (synthetic source) or a
+    backend that lists visible windows, recordings hold events and steps without frames.
+    Written against the frames branch as of 3e74ce3 (LEAD: verify after merging)."""
+    if settings.agent.source == "synthetic":
+        return None
+    source = agent.source
+
+    def make() -> Any:
+        from handtrace.agent import frames  # type: ignore[attr-defined,unused-ignore]
+
+        visible = getattr(source, "visible_windows", None)
+        if visible is None:
+            return None
+
+        def decide(w: Any) -> tuple[bool, str | None]:
+            d = agent.local.window(w)
+            return d.allowed, d.url
+
+        def windows() -> Any:  # backends know url / password field for the focused window only
+            return frames.stamp_focused(visible(), source.focused_window())
+
+        grab = frames.ScreenGrab(settings.agent.display)
+        capturer = frames.FrameCapturer(frames.FrameConfig.from_settings(settings.demo), grab, windows, decide,
+                                        clock=agent.clock, scale=grab.scale)
+        capturer.close = grab.close  # the recorder closes the X connections when the recording stops
+        return capturer
+
+    return make
+
+
+def _segmenter_factory() -> Callable[[], Any] | None:
+    """A factory of the real ActionSegmenter (agent/actions.py), imported lazily (see above)."""
+    try:
+        from handtrace.agent import actions  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    factory: Callable[[], Any] | None = getattr(actions, "ActionSegmenter", None)
+    return factory
+
+
+def build_uploader(settings: Settings, agent: Agent) -> DemoUploader | None:
+    """The uploader of submitted demonstrations (None without a recorder)."""
+    if agent.recorder is None:
+        return None
+    topics = Topics.from_settings(settings.topics)
+    uploader = DemoUploader(agent.recorder.store, settings.demo, agent_producer_config(settings.kafka),
+                            topics.demonstrations, battery_fn=agent.on_battery, clock=agent.clock)
+    agent.recorder.on_submit = uploader.wake
+    return uploader
 
 
 SHUTDOWN_BUDGET_S = 5.0
@@ -137,13 +214,16 @@ def run_agent(settings: Settings, *, stop: threading.Event | None = None,
     """Run the agent until SIGINT/SIGTERM (or ``stop``); everything unsent stays in the spool."""
     stop = stop or threading.Event()
     agent = build_agent(settings)
-    server = ControlServer(agent, socket_path(settings))
+    uploader = build_uploader(settings, agent)
+    server = ControlServer(agent, socket_path(settings), uploader=uploader)
     server.start()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
     try:
         agent.start()
+        if uploader is not None:  # demonstrations: its own thread, one upload at a time
+            uploader.start()
         if on_started is not None:
             on_started(agent, server.path)
         while not stop.wait(0.5):
@@ -153,6 +233,10 @@ def run_agent(settings: Settings, *, stop: threading.Event | None = None,
         # #10): what is not delivered by then stays in the spool for the next start.
         deadline = time.monotonic() + SHUTDOWN_BUDGET_S
         server.stop()
+        if uploader is not None:  # an upload cut short is re-sent whole at the next start
+            uploader.stop(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        if agent.recorder is not None:
+            agent.recorder.close()
         idle = agent.stop(deadline=deadline)
         if agent.follower is not None and idle:
             agent.follower.close()

@@ -494,6 +494,23 @@ class DemoSettings(BaseModel):
                                     "while on battery (default: wait for mains power).")
     upload_on_metered: bool = Field(default=False, description="Upload on a metered network "
                                     "(default: wait for an unmetered one).")
+    unknown_network_metered: bool = Field(default=False, description="How a network whose metered "
+                                          "state cannot be read (no NetworkManager: macOS, Windows, "
+                                          "minimal Linux) is treated: false uploads there (the data "
+                                          "was already submitted; only the cost is unknown), true "
+                                          "waits as on a metered one. `handtrace status` says which.")
+    instruction_max_chars: int = Field(default=500, ge=10, le=4000, description="Longest task "
+                                       "instruction accepted at `record start` (longer: refused).")
+    upload_check_s: float = Field(default=60.0, ge=1, le=3600, description="How often the agent "
+                                  "checks whether submitted demonstrations may be uploaded now "
+                                  "(power, network); a submit wakes it at once.")
+    upload_timeout_s: float = Field(default=300.0, ge=5, le=3600, description="One upload attempt "
+                                    "waits this long for every delivery ack; otherwise it counts as "
+                                    "failed, the recording stays on the laptop and is re-sent whole "
+                                    "later (same ids: downstream deduplicates).")
+    upload_retry_max_s: float = Field(default=1800.0, ge=1, le=86_400, description="Longest wait "
+                                      "between failed upload attempts (exponential backoff with "
+                                      "jitter up to this).")
     hold_s: float = Field(default=3600.0, gt=0, le=7 * 86_400, description="Sink: how long a "
                           "demonstration whose frames have not all arrived is held before it is "
                           "recorded as incomplete (nothing of it exportable).")
