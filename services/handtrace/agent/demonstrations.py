@@ -979,7 +979,10 @@ def encode_header(store: DemoStore, rid: str, meta: dict[str, Any], *, sent_at_u
     """The header message's value (Avro single-object encoding)."""
     from handtrace.core import codec
 
-    return codec.encode_record("demonstration", header_record(store, rid, meta, sent_at_us=sent_at_us))
+    rec = header_record(store, rid, meta, sent_at_us=sent_at_us)
+    events = rec.pop("events")
+    # The events as one size-prefixed block after the header: the stream's columnar decode path.
+    return codec.encode_event_batch(rec, events, subject="demonstration")
 
 
 def frame_sha_ok(data: bytes, sha_hex: str) -> bool:
