@@ -1,0 +1,192 @@
+"""A demonstration end to end on real X11 input (issue #11, "Done when").
+
+Under Xvfb, xdotool performs a scripted task in a real window (click, type, drag, scroll, hotkey)
+while the real agent process (`handtrace agent run`, X11 backend) records it; the employee stops,
+reviews (and trims or deletes) over the local socket, then submits. The real stream worker
+enforces it and the real sink process stores it: ClickHouse (embedded) holds the demonstration
+with one frame per action plus the end frame, every frame's object exists in the store (a local
+directory, and a real S3-compatible server: SeaweedFS), the pixels of a non-allowlisted window
+placed on the screen are solid in every stored frame, and nothing was on the wire before submit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from handtrace.agent.localsock import request
+from handtrace.agent.service import demo_dir, socket_path
+from handtrace.core import clickhouse
+from handtrace.core.admin import group_lag
+from handtrace.core.framestore import open_store
+from handtrace.core.settings import Settings
+from tests.integration.conftest import start_sink_process, topic_messages, topics_of, wait_for
+from tests.integration.test_demo_upload import AgentProcess
+from tests.xvfb import WindowFactory, XvfbServer, xdotool
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+POLICY = {"version": 1, "allowed_apps": ["code"], "allowed_domains": [], "sampling": {},
+          "text_capture": {"code": "masked"}}
+CODE_RECT = (20, 20, 640, 560)
+CHAT_RECT = (700, 60, 520, 400)  # on screen, never allowlisted: must be solid in every frame
+CHAT_RGB = (220, 40, 40)
+EMAIL = "anna.berg@example.com"
+INSTRUCTION = f"File the travel expense for the Berlin trip and send it to {EMAIL}"
+STEP_GAP_S = 1.6  # > the segmenter's burst gap and several frame intervals
+
+
+class X11Agent(AgentProcess):
+    """The real agent process on the test's X display, with the test policy."""
+
+    def __init__(self, s: Settings, xvfb: XvfbServer) -> None:
+        super().__init__(s, "emp-demo")
+        (self.state / "policy.json").write_text(json.dumps(POLICY))
+        self.env.update({"HANDTRACE_AGENT__SOURCE": "x11", "HANDTRACE_AGENT__DISPLAY": xvfb.display,
+                         "DISPLAY": xvfb.display, "HANDTRACE_AGENT__FOCUS_POLL_S": "0.1",
+                         "HANDTRACE_AGENT__FOCUS_IDLE_POLL_S": "0.1"})
+
+
+def ask(s: Settings, cmd: str, **kw: Any) -> dict[str, Any]:
+    reply = request(socket_path(s), {"cmd": cmd, **kw}, timeout_s=20)
+    assert reply["ok"], reply
+    return reply
+
+
+def wait_for_agent(s: Settings, agent: AgentProcess) -> None:
+    def up() -> bool:
+        try:
+            return bool(request(socket_path(s), {"cmd": "status"}, timeout_s=2).get("ok"))
+        except Exception:  # noqa: BLE001 -- not listening yet
+            return False
+    wait_for(up, 60, "the agent's local socket", agent.log)
+
+
+def scripted_task(xvfb: XvfbServer, code: Any) -> list[str]:
+    """Click, type, drag, scroll, hotkey in the code window, the window's content changing before
+    each action (as an app's would); returns the action kinds in order."""
+    x0, y0 = CODE_RECT[0], CODE_RECT[1]
+
+    def redraw(i: int) -> None:
+        code.fill((30 * i % 255, 90, 200 - 25 * i), (10 + 40 * i, 10, 30, 300))
+        time.sleep(STEP_GAP_S)
+
+    redraw(1)
+    xdotool(xvfb, "mousemove", str(x0 + 200), str(y0 + 200), "click", "1")
+    redraw(2)
+    xdotool(xvfb, "type", "--delay", "40", "Berlin 412 EUR")
+    redraw(3)
+    xdotool(xvfb, "mousemove", str(x0 + 100), str(y0 + 300), "mousedown", "1")
+    for k in range(1, 6):
+        xdotool(xvfb, "mousemove", str(x0 + 100 + 40 * k), str(y0 + 300 + 20 * k))
+        time.sleep(0.05)
+    xdotool(xvfb, "mouseup", "1")
+    redraw(4)
+    xdotool(xvfb, "click", "--repeat", "3", "--delay", "80", "5")
+    redraw(5)
+    xdotool(xvfb, "key", "ctrl+s")
+    time.sleep(STEP_GAP_S)
+    return ["click", "typing", "drag", "scroll", "hotkey"]
+
+
+def rows(s: Settings, sql: str) -> list[tuple[Any, ...]]:
+    c = clickhouse.connect(s.clickhouse_dsn())
+    return [tuple(r) for r in c.query(sql.format(db=s.clickhouse.database)).result_rows]
+
+
+def run_pipeline_until_stored(s: Settings, tmp_path: Path, stream_worker: Callable[..., Any],
+                              submit: Callable[[], None]) -> None:
+    """Stream worker and sink process running while ``submit`` happens; returns once the sink's
+    demonstration writer has consumed everything the stream accepted (then the sink is stopped,
+    which releases the embedded ClickHouse for this process)."""
+    worker = stream_worker(s, policy=POLICY)
+    log = tmp_path / "sink.log"
+    sink = start_sink_process(s, log)
+    try:
+        submit()
+        accepted = topics_of(s).demonstrations_accepted
+
+        def stored() -> bool:
+            heads = [m for m in topic_messages(s.kafka.librdkafka(), accepted, timeout_s=10)
+                     if dict(m.headers() or []).get("ht-part") == b"demonstration"]
+            return bool(heads) and group_lag(s.kafka, s.demo.sink_group_id, accepted) == 0
+        wait_for(stored, 240, "the demonstration to be enforced and stored",
+                 lambda: f"worker:\n{worker.tail()}\nsink:\n{log.read_text(errors='replace')[-3000:]}")
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(60)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_recorded_reviewed_submitted_demonstration_lands_whole_with_masked_frames(
+        backend: str, xvfb: XvfbServer, windows: WindowFactory, settings_factory: Callable[..., Settings],
+        stream_worker: Callable[..., Any], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store_cfg: dict[str, Any] = {}
+    if backend == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        store_cfg = s3.store_config(s3.fresh_bucket())
+    s = settings_factory(store=store_cfg, demo={"upload_on_battery": True, "upload_on_metered": True})
+    code = windows(wm_class=("code", "Code"), title="expenses.md - Code", geometry=CODE_RECT)
+    windows(wm_class=("telegram-desktop", "TelegramDesktop"), title="Mum", geometry=CHAT_RECT,
+            background=CHAT_RGB, focus=False)
+    code.focus()
+    agent = X11Agent(s, xvfb)
+    agent.start()
+    try:
+        wait_for_agent(s, agent)
+        time.sleep(1.0)  # the agent has seen the focused window
+        rid = ask(s, "record_start", instruction=INSTRUCTION)["recording"]["id"]
+        kinds = scripted_task(xvfb, code)
+        ask(s, "record_stop")
+        shown = ask(s, "record_show", id=rid)["recording"]
+        assert [st["action"] for st in shown["steps_detail"]] == kinds, shown
+        assert all(st["frame"] for st in shown["steps_detail"]), "every action has its frame"
+        # Reviewed, not submitted: nothing has left the laptop.
+        assert topic_messages(s.kafka.librdkafka(), topics_of(s).demonstrations, timeout_s=5) == []
+        assert not any(open_store(s).list("frames/"))
+
+        def submit() -> None:
+            ask(s, "record_submit", id=rid)
+            wait_for(lambda: not (demo_dir(s) / rid).exists(), 120, "the upload (local copy deleted after)",
+                     agent.log)
+        run_pipeline_until_stored(s, tmp_path, stream_worker, submit)
+    finally:
+        agent.stop()
+
+    try:
+        (status, instruction, n_frames, n_events), = rows(
+            s, "SELECT status, instruction, frames, events FROM {db}.demonstrations FINAL")
+        assert status == "complete"
+        assert EMAIL not in instruction and "Berlin trip" in instruction, instruction
+        frames = rows(s, "SELECT step, reason, sha256, object_key, format FROM {db}.frames FINAL ORDER BY step")
+        assert [f[1] for f in frames] == [*kinds, "end"], frames
+        assert n_frames == len(frames) == len(kinds) + 1
+        assert n_events > 0
+        apps = rows(s, "SELECT DISTINCT app_id FROM {db}.demonstration_events")
+        assert apps == [("code",)], apps  # nothing of the chat window
+        for table in ("demonstrations", "frames", "demonstration_events"):
+            assert rows(s, f"SELECT count() FROM {{db}}.{table} WHERE employee_key = 'emp-demo'") == [(0,)]
+    finally:
+        clickhouse.close(s.clickhouse_dsn())
+
+    store = open_store(s)
+    for _step, reason, sha, key, fmt in frames:
+        data = store.get(key)
+        assert hashlib.sha256(data).hexdigest() == sha
+        opened = Image.open(io.BytesIO(data))
+        assert opened.format == fmt.upper()
+        img = opened.convert("RGB")
+        x, y, w, h = CHAT_RECT
+        chat = img.crop((x, y, x + w, y + h))
+        assert set(chat.getdata()) == {(0, 0, 0)}, f"{reason} frame shows the non-allowlisted window"
+        cx, cy, cw, ch = CODE_RECT
+        assert len(set(img.crop((cx, cy, cx + cw, cy + ch)).getdata())) > 1, "the allowlisted window is shown"
