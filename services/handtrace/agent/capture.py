@@ -70,6 +70,13 @@ class CaptureSource(Protocol):
     # away and back between two of its polls (events in between are dropped as ambiguous);
     # without it such a round trip within one poll interval cannot be seen.
 
+    # Optional: ``visible_windows() -> list[WindowInfo] | None`` -- the viewable top-level
+    # windows bottom-to-top in stacking order, each with ``geometry`` (its outer rectangle in
+    # screen coordinates, the frame grab's coordinates) and ``app_id``; ``url`` is None (only
+    # the focused window's URL can be known: ``agent.frames.stamp_focused``). None when the
+    # list cannot be told. Demonstration frames mask the screen with it (``agent.frames``);
+    # a backend without it gets fully filled frames (fail closed).
+
     def start(self, emit: Emit) -> None:
         """Begin delivering raw events to ``emit``; returns once listening (events may follow
         at once). Raises :class:`CaptureUnavailable` with a clear message if it cannot."""

@@ -76,3 +76,8 @@ class SyntheticSource:
     def focused_window(self) -> WindowInfo | None:
         with self._lock:
             return self._window
+
+    def visible_windows(self) -> list[WindowInfo]:
+        """The synthetic user's one window, full screen (none before its first event)."""
+        with self._lock:
+            return [] if self._window is None else [self._window]

@@ -148,6 +148,8 @@ class X11Source:
         self._x: Xlib.display.Display | None = None
         self._x_lock = threading.Lock()
         self._atoms: dict[str, int] = {}
+        self._client_cache: dict[int, tuple[int, str | None]] = {}
+        """visible_windows: top-level id -> (client id, WM_CLASS instance), per connection."""
         self._state_lock = threading.Lock()
         self.emit_errors = 0
         """Events lost because ``emit`` raised (the listeners keep running)."""
@@ -382,6 +384,7 @@ class X11Source:
             except Exception as e:  # noqa: BLE001 - python-xlib raises anything from DisplayError to OverflowError
                 raise CaptureUnavailable(f"cannot open X display {display}: {e!r}") from e
             self._atoms.clear()
+            self._client_cache.clear()
         return self._x
 
     def _atom(self, conn: Xlib.display.Display, name: str) -> int:
@@ -415,6 +418,75 @@ class X11Source:
                 return None
             except Xlib.error.XError:
                 return None  # the window went away between two requests
+
+    def visible_windows(self) -> list[WindowInfo] | None:
+        """The viewable top-level windows, bottom-to-top, for masking frames (``agent.frames``).
+
+        Stacking order is the order of the root's children in ``QueryTree`` (the X protocol
+        lists them bottom to top), which holds with a window manager (its frames are the
+        root's children) and without one (bare Xvfb has no ``_NET_CLIENT_LIST_STACKING``).
+        Override-redirect windows (menus, tooltips, notifications) are included: they paint
+        over others. InputOnly and unmapped windows are left out: they paint nothing.
+
+        Each entry: ``geometry`` is the top-level window's *outer* rectangle in root
+        coordinates (a WM frame with its decorations, borders included), ``app_id`` the
+        WM_CLASS instance of the client in it (None when there is none: such a window is never
+        allowlisted, so it is filled), ``window_id`` the client's id (matches
+        :meth:`focused_window`), ``title`` and ``url`` None (a URL is known only for the
+        focused window; ``agent.frames.stamp_focused`` copies it). A window that disappears
+        during the walk is left out (it no longer paints). The top-level -> client lookup is
+        cached by window id, pruned to the windows that still exist.
+
+        Returns None when the list cannot be told (no display, server gone): the caller then
+        fills the whole frame (fail closed).
+        """
+        with self._x_lock:
+            try:
+                conn = self._connection()
+                root = conn.screen().root
+                children = root.query_tree().children
+            except CaptureUnavailable:
+                return None
+            except Xlib.error.ConnectionClosedError:
+                self._x = None
+                self._atoms.clear()
+                return None
+            except Xlib.error.XError:
+                return None
+            cache = self._client_cache
+            out: list[WindowInfo] = []
+            for top in children:
+                try:
+                    attrs = top.get_attributes()
+                    if attrs.map_state != Xlib.X.IsViewable or attrs.win_class == Xlib.X.InputOnly:
+                        continue
+                    g = top.get_geometry()
+                    known = cache.get(top.id)
+                    if known is None:
+                        client = self._client_of(conn, top, root)
+                        known = (top.id if client is None else int(client.id), self._app_id(conn, client))
+                        if client is not None:
+                            cache[top.id] = known
+                except Xlib.error.ConnectionClosedError:
+                    self._x = None
+                    self._atoms.clear()
+                    return None
+                except Xlib.error.XError:
+                    continue  # destroyed while we looked: it no longer paints
+                b = int(g.border_width)
+                out.append(WindowInfo(app_id=known[1], title=None, window_id=known[0],
+                                      geometry=(int(g.x), int(g.y), int(g.width) + 2 * b, int(g.height) + 2 * b)))
+            alive = {int(c.id) for c in children}
+            for wid in [w for w in cache if w not in alive]:
+                del cache[wid]
+            return out
+
+    def _app_id(self, conn: Xlib.display.Display, client: Any | None) -> str | None:
+        if client is None:
+            return None
+        wm_class = client.get_full_property(self._atom(conn, "WM_CLASS"), Xlib.X.AnyPropertyType)
+        instance = _decode_text(wm_class.value, utf8=False).split("\0")[0] if wm_class else ""
+        return instance or None
 
     def _focused_client(self, conn: Xlib.display.Display) -> Any | None:
         root = conn.screen().root
