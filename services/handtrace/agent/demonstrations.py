@@ -473,6 +473,9 @@ class DemoRecorder:
                     final = a.capturer.final_frame(now)
                 except Exception:  # noqa: BLE001 -- no end frame rather than no recording
                     final = None
+                if final is not None and ended_at is None:
+                    # The grab takes a moment: the recording ends when its end frame was taken.
+                    end = max(end, final.captured_at_us)
                 if final is not None and self._frame_fits(a, final) and final.captured_at_us <= end:
                     self.store.write_frame(a.rid, final)
                     a.meta["end_frame"] = frame_meta(final)

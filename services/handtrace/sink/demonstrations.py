@@ -256,7 +256,7 @@ def demonstration_table(h: DemoHeader, status: str, events: int, missing: int, r
         "consent_version": [str(m.get("consent_version") or "")],
         "policy_version": [str(m.get("policy_version") or "")],
         "agent_version": [str(m.get("agent_version") or "")], "os": [str(m.get("os") or "")],
-        "frames": [len(h.expected)], "events": [events], "missing_frames": [missing],
+        "frames": [len(h.meta.get("frames") or [])], "events": [events], "missing_frames": [missing],
         "frames_dropped": [counts(m.get("frames_dropped"))], "events_dropped": [counts(m.get("events_dropped"))],
         "reason": [reason],
     }
