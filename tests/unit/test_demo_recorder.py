@@ -239,14 +239,21 @@ def test_a_recording_holds_the_kept_events_steps_and_a_frame_strictly_before_eac
     assert [r["id"] for r in listed] == [rid] and listed[0]["steps"] == 5 and listed[0]["frames"] == 6
 
 
-def test_demo_event_ids_are_its_own_and_passive_capture_is_unchanged(tmp_path: Path) -> None:
+def test_while_recording_captured_input_belongs_to_the_demonstration_alone(tmp_path: Path) -> None:
+    # Delete and trim must leave nothing of the removed steps anywhere: passive capture may not
+    # hold a second copy of what the employee reviews.
     rig = Rig(tmp_path)
     rid = recorded(rig, clicks=2, typing=False)
     rig.agent.seal(force=True)
     passive = spooled(rig.spool)
     demo = rig.events(rid)
+    meta = rig.rec.show(rid)
+    assert {e["kind"] for e in demo} >= {"click"}
     assert {r["event_id"].hex() for r in passive}.isdisjoint({e["event_id"] for e in demo})
-    assert {r["kind"] for r in passive} >= {"click", "scroll"}  # the demo took nothing away
+    t0 = meta["started_at_us"]
+    during = [r for r in passive if r["kind"] != "focus_change" and r["captured_at_us"] >= t0]
+    assert during == []
+    assert rig.agent.counters.events_dropped.get("demonstration", 0) > 0
 
 
 def test_start_refusals_say_why(tmp_path: Path) -> None:

@@ -313,6 +313,12 @@ class Agent:
             if demo:
                 self.recorder.record(demo, now)
             self.recorder.poll(now)
+        if demo is not None and kept:
+            # While a demonstration records, what is captured belongs to it alone: the employee
+            # reviews, trims or deletes it before anything leaves the laptop, so passive capture
+            # must not hold a second copy that the review cannot reach.
+            self.counters.drop("demonstration", len(kept))
+            kept = []
         with self._lock:
             if kept and self._mode == "capturing":
                 self._pending.extend(kept)
@@ -389,6 +395,8 @@ class Agent:
     def _screenshot(self, w: WindowInfo, reason: str, now: int, out: list[Event]) -> None:
         if self.screenshotter is None or not self.cfg.screenshots:
             return
+        if self.recorder is not None and self.recorder.recording:
+            return  # a demonstration records its own frames, reviewed before upload
         try:
             shot = self.screenshotter.maybe_capture(w, reason, now)
         except Exception:  # noqa: BLE001 -- a screenshot failure must never stop capture
