@@ -16,6 +16,7 @@ import io
 import json
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from PIL import Image
 
 from handtrace.agent.localsock import request
 from handtrace.agent.service import demo_dir, socket_path
-from handtrace.core import clickhouse
+from handtrace.core import clickhouse, codec
 from handtrace.core.admin import group_lag
 from handtrace.core.framestore import open_store
 from handtrace.core.settings import Settings
@@ -190,3 +191,82 @@ def test_recorded_reviewed_submitted_demonstration_lands_whole_with_masked_frame
         assert set(chat.getdata()) == {(0, 0, 0)}, f"{reason} frame shows the non-allowlisted window"
         cx, cy, cw, ch = CODE_RECT
         assert len(set(img.crop((cx, cy, cx + cw, cy + ch)).getdata())) > 1, "the allowlisted window is shown"
+
+
+def test_trim_and_delete_before_submit_leave_nothing_of_the_removed_parts_anywhere(
+        xvfb: XvfbServer, windows: WindowFactory, settings_factory: Callable[..., Settings],
+        stream_worker: Callable[..., Any], tmp_path: Path) -> None:
+    s = settings_factory(demo={"upload_on_battery": True, "upload_on_metered": True})
+    code = windows(wm_class=("code", "Code"), title="expenses.md - Code", geometry=CODE_RECT)
+    code.focus()
+    agent = X11Agent(s, xvfb)
+    agent.start()
+    x0, y0 = CODE_RECT[0], CODE_RECT[1]
+    try:
+        wait_for_agent(s, agent)
+        time.sleep(1.0)
+        # A recording the employee deletes: its one action draws a colour nothing else shows.
+        gone = ask(s, "record_start", instruction="a task I will withdraw")["recording"]["id"]
+        code.fill((13, 250, 77), (300, 300, 200, 200))
+        time.sleep(STEP_GAP_S)
+        xdotool(xvfb, "mousemove", str(x0 + 50), str(y0 + 50), "click", "1")
+        xdotool(xvfb, "type", "--delay", "40", "withdrawn words")
+        time.sleep(STEP_GAP_S)
+        ask(s, "record_stop")
+        deleted_frames = {st["frame"]["sha256"] for st in ask(s, "record_show", id=gone)["recording"]["steps_detail"]
+                          if st["frame"]}
+        assert deleted_frames
+        ask(s, "record_delete", id=gone)
+        assert not (demo_dir(s) / gone).exists()
+        # A recording with a step the employee trims: the typing step (its keys and its frame).
+        code.fill((255, 255, 255), (300, 300, 200, 200))
+        rid = ask(s, "record_start", instruction="file the expense")["recording"]["id"]
+        kinds = scripted_task(xvfb, code)
+        ask(s, "record_stop")
+        before = ask(s, "record_show", id=rid)["recording"]
+        typing = kinds.index("typing")
+        trimmed = before["steps_detail"][typing]
+        assert trimmed["action"] == "typing" and trimmed["events"] > 0
+        ask(s, "record_trim", id=rid, steps=[typing])
+        after = ask(s, "record_show", id=rid)["recording"]
+        assert [st["action"] for st in after["steps_detail"]] == [k for k in kinds if k != "typing"]
+        kept_frames = {st["frame"]["sha256"] for st in after["steps_detail"] if st["frame"]}
+        kept_frames |= {after["end_frame"]["sha256"]} if after.get("end_frame") else set()
+        removed_frames = {trimmed["frame"]["sha256"]} - kept_frames
+        t_from = before["started_at_us"] + int(trimmed["from_s"] * 1e6)
+        t_to = before["started_at_us"] + int(trimmed["to_s"] * 1e6)
+
+        def submit() -> None:
+            ask(s, "record_submit", id=rid)
+            wait_for(lambda: not (demo_dir(s) / rid).exists(), 120, "the upload", agent.log)
+        run_pipeline_until_stored(s, tmp_path, stream_worker, submit)
+    finally:
+        agent.stop()
+
+    # The broker: nothing of the deleted recording, no removed frame, no key of the trimmed step.
+    raw = topic_messages(s.kafka.librdkafka(), topics_of(s).demonstrations, timeout_s=10)
+    assert raw and all(dict(m.headers())["ht-demo-id"] == bytes.fromhex(rid) for m in raw)
+    shas = {dict(m.headers()).get("ht-sha256", b"").decode() for m in raw}
+    assert not (shas & (removed_frames | deleted_frames))
+    for m in raw:
+        assert b"withdrawn" not in m.value()
+    # Passive capture holds no copy either (what was captured while recording was the demo's).
+    passive = topic_messages(s.kafka.librdkafka(), topics_of(s).events, timeout_s=10)
+    for m in passive:
+        ev = codec.decode_event_batch(m.value()).events
+        assert not [t for t in ev.get_column("captured_at_us").dt.epoch("us").to_list()
+                    if before["started_at_us"] <= t <= t_to], "passive capture kept input from a recording"
+    # The store and ClickHouse.
+    keys = list(open_store(s).list("frames/"))
+    assert keys and not [k for k in keys if any(sha in k for sha in removed_frames | deleted_frames)]
+    try:
+        assert rows(s, "SELECT count() FROM {db}.demonstrations FINAL WHERE status = 'complete'") == [(1,)]
+        assert rows(s, f"SELECT count() FROM {{db}}.demonstrations WHERE demonstration_id = "
+                       f"toUUID('{uuid.UUID(gone)}')") == [(0,)]
+        n, = rows(s, "SELECT count() FROM {db}.demonstration_events WHERE kind IN ('key_down', 'key_up') "
+                     f"AND captured_at >= fromUnixTimestamp64Micro({t_from}) "
+                     f"AND captured_at < fromUnixTimestamp64Micro({t_to})")
+        assert n == (0,), "keys of the trimmed typing step were stored"
+        assert rows(s, "SELECT countIf(reason = 'typing') FROM {db}.frames") == [(0,)]
+    finally:
+        clickhouse.close(s.clickhouse_dsn())
