@@ -16,6 +16,7 @@ from handtrace.agent.frames import (
     FILL_RGB,
     FrameCapturer,
     FrameConfig,
+    PolicyDecide,
     compute_mask,
     encode,
     stamp_focused,
@@ -161,6 +162,24 @@ def test_stamp_focused_copies_url_only_to_the_focused_window() -> None:
     out = stamp_focused(ws, focused)
     assert out is not None and [w.url for w in out] == [None, "https://a.example/x"]
     assert stamp_focused(None, focused) is None
+
+
+def test_policy_decide_fills_url_apps_without_a_url() -> None:
+    from handtrace.agent.localpolicy import LocalPolicy
+    from handtrace.core.policy import Policy
+
+    local = LocalPolicy(Policy(version=1, allowed_apps=frozenset({"firefox", "code"}),
+                               allowed_domains=("example.com",)))
+    decide = PolicyDecide(lambda: local)
+    focused = WindowInfo(app_id="firefox", title=None, url="https://docs.example.com/a?q=1", window_id=2)
+    other = WindowInfo(app_id="firefox", title=None, window_id=3)
+    assert decide(other)[0]  # not yet known to carry URLs: judged by app, as passive capture does
+    decide.observe(focused)
+    assert decide(focused) == (True, "https://docs.example.com/a")
+    assert decide(other) == (False, None)  # a browser window whose page cannot be checked
+    assert decide(WindowInfo(app_id="code", title=None))[0]
+    assert not decide(WindowInfo(app_id="firefox", title=None, url="https://evil.net/"))[0]
+    assert not PolicyDecide(lambda: local, url_apps={"code"})(WindowInfo(app_id="code", title=None))[0]
 
 
 def test_window_list_changing_during_the_grab_discards_it() -> None:
