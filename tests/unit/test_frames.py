@@ -257,6 +257,14 @@ def test_ring_keeps_the_newest_distinct_frames() -> None:
     assert f is not None and f.captured_at_us == T0 + 3 * S
 
 
+def test_a_frame_grabbed_at_t_is_not_the_frame_before_t() -> None:
+    screen = Screen()
+    cap = capturer(screen)
+    cap.poll(T0)
+    assert cap.frame_before(T0) is None
+    assert cap.frame_before(T0 + 1) is not None
+
+
 def test_reset_drops_the_ring() -> None:
     screen = Screen()
     cap = capturer(screen)
@@ -284,8 +292,9 @@ def test_frame_before_never_leaks_the_future(steps, queries, ring) -> None:  # n
         if not kept or kept[-1][1] != seed:
             kept.append((t, seed))
     model = kept[-ring:]
-    for q in queries:
-        tq = T0 + q
+    # arbitrary times, and exactly each grab time and just after it (strictly before: not itself)
+    times = [T0 + q for q in queries] + [k[0] + d for k in kept for d in (0, 1)]
+    for tq in times:
         f = cap.frame_before(tq)
         expect = [k for k in model if k[0] < tq]
         if not expect:
