@@ -336,3 +336,14 @@ def test_config_from_settings() -> None:
     d = DemoSettings(frame_interval_s=2.5, frame_ring=6, frame_hash_distance=3, frame_format="png")
     c = FrameConfig.from_settings(d)
     assert (c.interval_s, c.ring, c.hash_distance, c.format) == (2.5, 6, 3, "png")
+
+
+def test_synthetic_source_lists_its_focused_window_as_visible() -> None:
+    from handtrace.agent.sources.synthetic import SyntheticSource
+
+    src = SyntheticSource(seed=3)
+    assert src.visible_windows() == []
+    src.drive(T0, T0 + 30 * S, lambda ev: None)
+    focused = src.focused_window()
+    assert focused is not None and src.visible_windows() == [focused]
+    assert focused.geometry is not None and focused.geometry[:2] == (0, 0)
