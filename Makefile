@@ -29,6 +29,7 @@ lint: setup ## ruff, then mypy (pydantic plugin; strict on core/ and stream/, se
 bench: setup ## benchmarks (print ratios against baselines measured in the same run)
 	$(BIN)/python -m bench.wire_format
 	$(BIN)/python -m bench.agent_footprint
+	$(BIN)/python -m bench.frame_capture
 	$(BIN)/python -m bench.stream_throughput
 
 up: setup ## start the local Kafka broker

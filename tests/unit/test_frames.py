@@ -16,6 +16,7 @@ from handtrace.agent.frames import (
     FILL_RGB,
     FrameCapturer,
     FrameConfig,
+    PolicyDecide,
     compute_mask,
     encode,
     stamp_focused,
@@ -163,6 +164,24 @@ def test_stamp_focused_copies_url_only_to_the_focused_window() -> None:
     assert stamp_focused(None, focused) is None
 
 
+def test_policy_decide_fills_url_apps_without_a_url() -> None:
+    from handtrace.agent.localpolicy import LocalPolicy
+    from handtrace.core.policy import Policy
+
+    local = LocalPolicy(Policy(version=1, allowed_apps=frozenset({"firefox", "code"}),
+                               allowed_domains=("example.com",)))
+    decide = PolicyDecide(lambda: local)
+    focused = WindowInfo(app_id="firefox", title=None, url="https://docs.example.com/a?q=1", window_id=2)
+    other = WindowInfo(app_id="firefox", title=None, window_id=3)
+    assert decide(other)[0]  # not yet known to carry URLs: judged by app, as passive capture does
+    decide.observe(focused)
+    assert decide(focused) == (True, "https://docs.example.com/a")
+    assert decide(other) == (False, None)  # a browser window whose page cannot be checked
+    assert decide(WindowInfo(app_id="code", title=None))[0]
+    assert not decide(WindowInfo(app_id="firefox", title=None, url="https://evil.net/"))[0]
+    assert not PolicyDecide(lambda: local, url_apps={"code"})(WindowInfo(app_id="code", title=None))[0]
+
+
 def test_window_list_changing_during_the_grab_discards_it() -> None:
     lists = iter([[win("ok", (0, 0, 40, 30), 1)], [win("no", (0, 0, 40, 30), 2)]])
     cap = FrameCapturer(FrameConfig(), lambda: noise(40, 30, 0), lambda: next(lists), by_app({"ok"}),
@@ -238,6 +257,14 @@ def test_ring_keeps_the_newest_distinct_frames() -> None:
     assert f is not None and f.captured_at_us == T0 + 3 * S
 
 
+def test_a_frame_grabbed_at_t_is_not_the_frame_before_t() -> None:
+    screen = Screen()
+    cap = capturer(screen)
+    cap.poll(T0)
+    assert cap.frame_before(T0) is None
+    assert cap.frame_before(T0 + 1) is not None
+
+
 def test_reset_drops_the_ring() -> None:
     screen = Screen()
     cap = capturer(screen)
@@ -265,8 +292,9 @@ def test_frame_before_never_leaks_the_future(steps, queries, ring) -> None:  # n
         if not kept or kept[-1][1] != seed:
             kept.append((t, seed))
     model = kept[-ring:]
-    for q in queries:
-        tq = T0 + q
+    # arbitrary times, and exactly each grab time and just after it (strictly before: not itself)
+    times = [T0 + q for q in queries] + [k[0] + d for k in kept for d in (0, 1)]
+    for tq in times:
         f = cap.frame_before(tq)
         expect = [k for k in model if k[0] < tq]
         if not expect:
@@ -308,3 +336,14 @@ def test_config_from_settings() -> None:
     d = DemoSettings(frame_interval_s=2.5, frame_ring=6, frame_hash_distance=3, frame_format="png")
     c = FrameConfig.from_settings(d)
     assert (c.interval_s, c.ring, c.hash_distance, c.format) == (2.5, 6, 3, "png")
+
+
+def test_synthetic_source_lists_its_focused_window_as_visible() -> None:
+    from handtrace.agent.sources.synthetic import SyntheticSource
+
+    src = SyntheticSource(seed=3)
+    assert src.visible_windows() == []
+    src.drive(T0, T0 + 30 * S, lambda ev: None)
+    focused = src.focused_window()
+    assert focused is not None and src.visible_windows() == [focused]
+    assert focused.geometry is not None and focused.geometry[:2] == (0, 0)

@@ -152,11 +152,19 @@ def build_recorder(settings: Settings, agent: Agent, *,
         pointer_max_hz=settings.agent.pointer_max_hz, pointer_simplify_px=settings.agent.pointer_simplify_px)
 
 
+# App ids of browsers (X11 WM_CLASS instance, macOS bundle id, Windows exe): their windows need a
+# URL to be judged, so a non-focused one (URL unknown) is filled in demonstration frames.
+KNOWN_BROWSERS = ("firefox", "firefox-esr", "navigator", "google-chrome", "chromium", "chromium-browser",
+                  "brave-browser", "microsoft-edge", "vivaldi-stable", "opera", "org.mozilla.firefox",
+                  "com.google.chrome", "com.apple.safari", "com.microsoft.edgemac", "chrome.exe",
+                  "firefox.exe", "msedge.exe")
+
+
 def _frame_capturer_factory(settings: Settings, agent: Agent) -> Callable[[], Any] | None:
-    """A factory of the real FrameCapturer (agent/frames.py, another work package of issue #11),
-    imported lazily so this module loads without it; without a display (synthetic source) or a
+    """A factory of the real FrameCapturer (agent/frames.py), imported lazily (mss and the X
+    connection only when a recording starts); without a display (synthetic source) or a
     backend that lists visible windows, recordings hold events and steps without frames.
-    Written against the frames branch as of 3e74ce3 (LEAD: verify after merging)."""
+    """
     if settings.agent.source == "synthetic":
         return None
     source = agent.source
@@ -168,12 +176,14 @@ def _frame_capturer_factory(settings: Settings, agent: Agent) -> Callable[[], An
         if visible is None:
             return None
 
-        def decide(w: Any) -> tuple[bool, str | None]:
-            d = agent.local.window(w)
-            return d.allowed, d.url
+        # A browser window that is not focused has no known URL: it is filled unless its app is
+        # allowed without a domain check (PolicyDecide; fails closed for apps seen with a URL).
+        decide = frames.PolicyDecide(lambda: agent.local, url_apps=KNOWN_BROWSERS)
 
         def windows() -> Any:  # backends know url / password field for the focused window only
-            return frames.stamp_focused(visible(), source.focused_window())
+            focused = source.focused_window()
+            decide.observe(focused)
+            return frames.stamp_focused(visible(), focused)
 
         grab = frames.ScreenGrab(settings.agent.display)
         capturer = frames.FrameCapturer(frames.FrameConfig.from_settings(settings.demo), grab, windows, decide,
