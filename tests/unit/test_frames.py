@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handtrace.agent.capture import WindowInfo
+from handtrace.agent.screenshots import dhash, hamming
 from handtrace.agent.frames import (
     FILL_RGB,
     FrameCapturer,
@@ -226,6 +227,30 @@ def test_not_distinct_grabs_are_discarded_before_encoding() -> None:
     screen.t = T0 + 5 * S
     cap.poll(screen.t)
     assert cap.counters.kept == 2 and cap.counters.encoded == 0
+
+
+def test_a_typed_character_is_a_distinct_frame_though_dhash_does_not_move() -> None:
+    # A 1280x800 screen with content (a gradient), then the same with one 7x12 glyph drawn: the
+    # 64-bit dHash does not change (its blind spot), the frame must still be kept, or the frame
+    # before the next action would show the screen without what was just typed.
+    row = bytes(x * 255 // 1280 for x in range(1280))
+    blank = Image.frombytes("L", (1280, 800), row * 800).convert("RGB")
+    typed = blank.copy()
+    typed.paste((20, 20, 20), (400, 300, 407, 312))
+    shots = iter([blank, typed])
+    t = [T0]
+    cap = FrameCapturer(FrameConfig(interval_s=1.0), lambda: next(shots).copy(),
+                        lambda: [win("ok", (0, 0, 1280, 800), 1)], by_app({"ok"}), clock=lambda: t[0])
+    cap.poll(T0)
+    t[0] = T0 + S
+    cap.poll(T0 + S)
+    assert hamming(dhash(blank.reduce(8)), dhash(typed.reduce(8))) == 0  # the blind spot is real
+    assert cap.counters.kept == 2
+    coarse = FrameCapturer(FrameConfig(interval_s=1.0, hash_distance=1), iter([blank, typed]).__next__,
+                           lambda: [win("ok", (0, 0, 1280, 800), 1)], by_app({"ok"}), clock=lambda: t[0])
+    coarse.poll(T0)
+    coarse.poll(T0 + S)
+    assert coarse.counters.kept == 1  # the cheaper mode, documented as blind to it
 
 
 def test_poll_grabs_only_when_due() -> None:

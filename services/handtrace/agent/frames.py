@@ -69,7 +69,7 @@ class FrameConfig(BaseModel):
 
     interval_s: float = Field(1.0, ge=0.01, le=60, description="Grab every this many seconds.")
     ring: int = Field(3, ge=1, le=32, description="Distinct frames kept in memory.")
-    hash_distance: int = Field(0, ge=0, le=64, description="A grab within this many dHash bits of "
+    hash_distance: int = Field(0, ge=0, le=64, description="0: any change of the reduced image is distinct; above 0: a grab within this many dHash bits of "
                                "the last kept frame is discarded unencoded.")
     format: Literal["png", "webp"] = Field("png", description="Lossless encoding (ADR 0011).")
 
@@ -355,6 +355,9 @@ class _Kept:
     captured_at_us: int
     hash: int
     mask: Mask
+    thumb: bytes = b""
+    """Digest of the masked image reduced 8x8: any visible change (one typed character is
+    enough) changes it, where the 64-bit dHash often does not."""
     encoded: CapturedFrame | None = field(default=None)
 
 
@@ -390,6 +393,7 @@ class FrameCapturer:
         self._scale = scale
         self._ring: deque[_Kept] = deque(maxlen=cfg.ring)
         self._last_hash: int | None = None
+        self._last_thumb = b""
         self._last_poll_us: int | None = None
         self._lock = threading.Lock()
         self.counters = FrameCounters()
@@ -415,7 +419,8 @@ class FrameCapturer:
         if before is None:
             c.fully_filled += 1
         apply_mask(image, mask)
-        return _Kept(image, t, dhash(image.reduce(_HASH_REDUCE)), mask)
+        small = image.reduce(_HASH_REDUCE)
+        return _Kept(image, t, dhash(small), mask, hashlib.blake2b(small.tobytes(), digest_size=16).digest())
 
     def poll(self, now_us: int) -> None:
         """Grab if ``interval_s`` has passed since the last poll that grabbed; keep the frame if
@@ -429,12 +434,20 @@ class FrameCapturer:
             kept = self._masked_grab()
             if kept is None:
                 return
-            if self._last_hash is not None and hamming(self._last_hash, kept.hash) <= self.cfg.hash_distance:
+            if self._last_hash is not None and self._same(kept):
                 self.counters.not_distinct += 1
                 return
             self._ring.append(kept)
             self._last_hash = kept.hash
+            self._last_thumb = kept.thumb
             self.counters.kept += 1
+
+    def _same(self, kept: _Kept) -> bool:
+        """Whether ``kept`` shows what the last kept frame shows: with ``hash_distance`` 0, any
+        change of the 8x-reduced image counts (typing included); above 0, dHash within it."""
+        if self.cfg.hash_distance == 0:
+            return kept.thumb == self._last_thumb
+        return self._last_hash is not None and hamming(self._last_hash, kept.hash) <= self.cfg.hash_distance
 
     def frame_before(self, t_us: int) -> CapturedFrame | None:
         """The newest kept frame grabbed strictly before ``t_us``, encoded (cached); None when
@@ -456,6 +469,12 @@ class FrameCapturer:
                 if kept is not None:
                     return self._encode(kept)
             return None
+
+    def close(self) -> None:
+        """Release the grab's resources (its X connections), if it has any; idempotent."""
+        close = getattr(self._grab, "close", None)
+        if close is not None:
+            close()
 
     def reset(self) -> None:
         """Drop every kept frame (recording stopped or paused): nothing from before can be

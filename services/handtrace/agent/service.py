@@ -188,7 +188,6 @@ def _frame_capturer_factory(settings: Settings, agent: Agent) -> Callable[[], An
         grab = frames.ScreenGrab(settings.agent.display)
         capturer = frames.FrameCapturer(frames.FrameConfig.from_settings(settings.demo), grab, windows, decide,
                                         clock=agent.clock, scale=grab.scale)
-        capturer.close = grab.close  # the recorder closes the X connections when the recording stops
         return capturer
 
     return make

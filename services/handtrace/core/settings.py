@@ -527,9 +527,11 @@ class DemoSettings(BaseModel):
     frame_ring: int = Field(default=3, ge=1, le=32, description="Distinct frames kept in memory "
                             "(raw pixels, ~8 MB each at 1080p) to pick action frames from; the "
                             "oldest is dropped first (an action whose frame fell out gets none).")
-    frame_hash_distance: int = Field(default=0, ge=0, le=64, description="A grab whose 64-bit "
-                                     "dHash (of the masked image) differs from the last kept frame in "
-                                     "at most this many bits is discarded unencoded as not distinct.")
+    frame_hash_distance: int = Field(default=0, ge=0, le=64, description="0 (default): a grab is "
+                                     "kept when anything visible changed since the last kept frame "
+                                     "(its 8x-reduced image differs; one typed character is enough). "
+                                     "Above 0: kept only when its 64-bit dHash differs in more than "
+                                     "this many bits (cheaper, blind to small changes such as typing).")
     frame_format: Literal["png", "webp"] = Field(default="png", description="Lossless encoding of "
                                                  "frames (ADR 0011): png (zlib level 1) fits the 120 MB "
                                                  "budget; webp is ~25 % smaller and faster but peaks "
