@@ -68,9 +68,10 @@ class FrameConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     interval_s: float = Field(1.0, ge=0.01, le=60, description="Grab every this many seconds.")
-    ring: int = Field(3, ge=1, le=32, description="Distinct frames kept in memory.")
-    hash_distance: int = Field(0, ge=0, le=64, description="0: any change of the reduced image is distinct; above 0: a grab within this many dHash bits of "
-                               "the last kept frame is discarded unencoded.")
+    ring: int = Field(2, ge=1, le=32, description="Distinct frames kept in memory.")
+    hash_distance: int = Field(0, ge=0, le=64, description="0: any change of the reduced image is "
+                               "distinct; above 0: a grab within this many dHash bits of the last "
+                               "kept frame is discarded unencoded.")
     format: Literal["png", "webp"] = Field("png", description="Lossless encoding (ADR 0011).")
 
     @classmethod
@@ -288,27 +289,25 @@ class ScreenGrab:
     1.0. (macOS/Windows backends would have to grab at, or downscale to, logical size and record
     their own scale.) The pixels are converted once, BGRA -> RGB, straight from mss's buffer.
 
-    One mss instance per calling thread (an X connection is not shared between threads).
+    One mss instance for every thread: mss >= 10 talks XCB and serialises each instance's calls
+    under its own lock, so the end frame (grabbed on the socket thread) reuses the tick thread's
+    connection and shared-memory buffer instead of a second ~8 MB set (docs/BENCHMARKS.md).
     """
 
     scale = 1.0
 
     def __init__(self, display: str | None = None) -> None:
         self._display = display
-        self._local = threading.local()
-        self._all: list[Any] = []
+        self._sct: Any = None
         self._lock = threading.Lock()
 
     def _mss(self) -> Any:
-        sct = getattr(self._local, "sct", None)
-        if sct is None:
-            import mss
+        with self._lock:
+            if self._sct is None:
+                import mss
 
-            sct = mss.MSS(display=self._display) if self._display else mss.MSS()
-            self._local.sct = sct
-            with self._lock:
-                self._all.append(sct)
-        return sct
+                self._sct = mss.MSS(display=self._display) if self._display else mss.MSS()
+            return self._sct
 
     def __call__(self) -> Image.Image | None:
         """The whole virtual screen; None when it cannot be grabbed (server gone)."""
@@ -320,12 +319,11 @@ class ScreenGrab:
         return Image.frombuffer("RGB", shot.size, shot.raw, "raw", "BGRX", 0, 1)
 
     def close(self) -> None:
-        """Close every mss instance; call when no grab is in progress."""
+        """Close the mss instance (its X connection); call when no grab is in progress."""
         with self._lock:
-            instances, self._all = self._all, []
-        for sct in instances:
+            sct, self._sct = self._sct, None
+        if sct is not None:
             sct.close()
-        self._local = threading.local()
 
 
 # ------------------------------------------------------------------------------------ the ring

@@ -3,7 +3,9 @@ follower, screenshots, local control socket."""
 
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -218,10 +220,28 @@ SHUTDOWN_BUDGET_S = 5.0
 """Seconds from SIGTERM/SIGINT to a closed spool, whatever the broker does (a 10 s grace period)."""
 
 
+def tune_malloc() -> bool:
+    """Keep the agent's memory from creeping up with frame-sized buffers (glibc only; a no-op
+    elsewhere). Demonstration frames allocate and free ~6-8 MB buffers every second from two
+    threads: glibc's default raises its mmap threshold after the first free (later buffers then
+    come from the heap and fragment it) and gives each thread its own arena. A fixed 128 KiB
+    threshold (large buffers always mmapped, returned on free) and two arenas cut the recording
+    agent's peak RSS (docs/BENCHMARKS.md, demonstration footprint). Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024)) and bool(libc.mallopt(m_arena_max, 2))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+
+
 def run_agent(settings: Settings, *, stop: threading.Event | None = None,
               on_started: Callable[[Agent, Path], None] | None = None) -> Agent:
     """Run the agent until SIGINT/SIGTERM (or ``stop``); everything unsent stays in the spool."""
     stop = stop or threading.Event()
+    tune_malloc()
     agent = build_agent(settings)
     uploader = build_uploader(settings, agent)
     server = ControlServer(agent, socket_path(settings), uploader=uploader)

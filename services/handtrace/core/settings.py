@@ -524,9 +524,12 @@ class DemoSettings(BaseModel):
                                     "of an action is the last distinct grab before it, so this bounds "
                                     "how stale a frame can be (ADR 0011: 1 s keeps recording under 3 % "
                                     "of one core).")
-    frame_ring: int = Field(default=3, ge=1, le=32, description="Distinct frames kept in memory "
+    frame_ring: int = Field(default=2, ge=1, le=32, description="Distinct frames kept in memory "
                             "(raw pixels, ~8 MB each at 1080p) to pick action frames from; the "
-                            "oldest is dropped first (an action whose frame fell out gets none).")
+                            "oldest is dropped first (an action whose frame fell out gets none). "
+                            "2 suffices while the tick (which attributes actions) runs more often "
+                            "than frames are grabbed: the newest grab may postdate the action, the "
+                            "one before it cannot.")
     frame_hash_distance: int = Field(default=0, ge=0, le=64, description="0 (default): a grab is "
                                      "kept when anything visible changed since the last kept frame "
                                      "(its 8x-reduced image differs; one typed character is enough). "
