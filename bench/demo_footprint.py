@@ -119,7 +119,7 @@ def run_agent(mode: str, seconds: float, size: tuple[int, int], root: Path, boot
                 try:
                     if request(sock, {"cmd": "status"}, timeout_s=2).get("ok"):
                         break
-                except Exception:  # noqa: BLE001 -- not up yet
+                except Exception:  # noqa: BLE001, S110 -- not up yet: try again
                     pass
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"agent did not start:\n{(state / 'agent.log').read_text()[-2000:]}")
@@ -127,7 +127,8 @@ def run_agent(mode: str, seconds: float, size: tuple[int, int], root: Path, boot
             time.sleep(2.0)  # start-up done (imports, first focus poll)
             rid = None
             if mode == "recording":
-                rid = request(sock, {"cmd": "record_start", "instruction": "file the travel expense"})["recording"]["id"]
+                reply = request(sock, {"cmd": "record_start", "instruction": "file the travel expense"})
+                rid = reply["recording"]["id"]
             cpu0, t0 = proc_cpu_s(proc.pid), time.monotonic()
             counts = drive(xvfb, xdotool, editor, seconds, 7, size)
             cpu1, t1 = proc_cpu_s(proc.pid), time.monotonic()
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p, rec = results
     print(f"\nDemonstration mode vs passive, whole agent process, {a.size}, {a.seconds:.0f} s each, "
           "one action every ~4 s:")
-    print(f"| mode | CPU % of one core | peak RSS MB | frames/h | frame MB/h |")
+    print("| mode | CPU % of one core | peak RSS MB | frames/h | frame MB/h |")
     print("|---|---:|---:|---:|---:|")
     print(f"| passive | {p['cpu_pct']:.2f} | {p['peak_rss_mb']:.0f} | - | - |")
     print(f"| recording | {rec['cpu_pct']:.2f} | {rec['peak_rss_mb']:.0f} | {rec['frames_per_hour']:.0f} | "

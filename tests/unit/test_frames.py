@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handtrace.agent.capture import WindowInfo
-from handtrace.agent.screenshots import dhash, hamming
 from handtrace.agent.frames import (
     FILL_RGB,
     FrameCapturer,
@@ -23,6 +22,7 @@ from handtrace.agent.frames import (
     stamp_focused,
     subtract,
 )
+from handtrace.agent.screenshots import dhash, hamming
 from handtrace.core.settings import DemoSettings
 
 S = 1_000_000
