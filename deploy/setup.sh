@@ -17,6 +17,9 @@ python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v Xvfb >/dev/null || need_apt+=(xvfb)
 command -v xdotool >/dev/null || need_apt+=(xdotool)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# Export scrubbing OCRs frames with tesseract; its tests draw text with a real TrueType font.
+command -v tesseract >/dev/null || need_apt+=(tesseract-ocr)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
     echo "missing system packages: ${need_apt[*]} (install them, then re-run)" >&2

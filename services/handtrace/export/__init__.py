@@ -1,0 +1,1 @@
+"""Training-data export (issue #12): demonstrations as trajectories for training jobs."""
