@@ -11,10 +11,10 @@ How a frame is scrubbed:
    bench/frame_scrub.py); frames are parallelised across processes instead (:func:`scrub_many`).
 2. **Detect.** :func:`handtrace.core.pii.find_spans` (the detectors the stream uses, no regex of
    our own) runs over each OCR'd paragraph (lines joined by a newline) in three views: words
-   joined by a space (``+44 20 7946 0958``, ``4111 1111 1111 1111`` span several words), glued
-   where the gap between two words is narrower than a space (OCR splits long monospace tokens at
-   spurious spaces: ``ghp_A1b2C3d4E5 f6G7h8I9j 0K1l2M3n4O5p6Q7r8``), and joined by nothing
-   (emails split at a dot). The union of the views' spans is filled: a view can only add
+   joined by a space (``+44 20 7946 0958``, ``4111 1111 1111 1111`` span several words), and
+   glued where the gap between two words is narrower than 0.85 or 1.2 characters (OCR splits
+   long monospace tokens at spurious spaces: ``ghp_A1b2C3d4E5 f6G7h8I9j 0K1l2M3n4O5p6Q7r8``,
+   emails at a dot; :data:`GLUE_GAPS`). The union of the views' spans is filled: a view can only add
    filling, never remove it.
 3. **Fill.** A span maps back to the words it touches; per OCR line the union of those words'
    boxes, padded (OCR boxes are tight; anti-aliased edges and a character OCR dropped at a split
@@ -150,30 +150,30 @@ def _paragraphs(words: Sequence[OcrWord]) -> list[list[int]]:
     return list(groups.values())
 
 
-GLUE_GAP = 0.85
-"""Two words of a line closer than this many average character widths are read as one word in
-the ``glued`` view (a real space is about one character wide; OCR's spurious splits of a long
-monospace token are half that: measured on DejaVu Sans and Sans Mono, 14-16 px, 1x and 2x)."""
-VIEWS = ("spaced", "glued", "unspaced")
+GLUE_GAPS = (0.0, 0.85, 1.2)
+"""The views: two words of a line closer than this many average character widths are read as
+one word (0: only overlapping boxes). OCR splits a long monospace token at spurious spaces
+0.6-0.95 characters wide; real spaces are 0.9-1.1 characters in a proportional font (digits are
+wide) and ~1.4 in a monospace one (measured on DejaVu Sans and Sans Mono, 14-16 px, at 1x and
+2x). No one threshold separates them, so each is a view of its own and their spans are united:
+a looser view may fill a word next to a value (``ada@example.com about``: the email's
+top-level domain runs into ``about``), never less than a tighter one finds."""
 
 
 def _char_width(w: OcrWord) -> float:
     return w.width / max(1, len(w.text))
 
 
-def _separator(prev: OcrWord, w: OcrWord, view: str) -> str:
+def _separator(prev: OcrWord, w: OcrWord, glue: float) -> str:
     if w.line != prev.line:
         return "\n"
-    if view == "spaced":
-        return " "
-    if view == "unspaced":
-        return ""
     gap = w.left - (prev.left + prev.width)
-    return "" if gap < GLUE_GAP * (_char_width(prev) + _char_width(w)) / 2 else " "
+    return "" if gap < glue * (_char_width(prev) + _char_width(w)) / 2 else " "
 
 
-def _view(words: Sequence[OcrWord], para: Sequence[int], view: str) -> tuple[str, list[int]]:
-    """The paragraph as text in one of :data:`VIEWS` (lines joined by a newline) and, per
+def _view(words: Sequence[OcrWord], para: Sequence[int], glue: float) -> tuple[str, list[int]]:
+    """The paragraph as text, words closer than ``glue`` characters joined (:data:`GLUE_GAPS`),
+    others by a space, lines by a newline; and, per
     character, the index in ``words`` of the word it belongs to (-1 for a separator)."""
     text: list[str] = []
     owner: list[int] = []
@@ -181,7 +181,7 @@ def _view(words: Sequence[OcrWord], para: Sequence[int], view: str) -> tuple[str
     for i in para:
         w = words[i]
         if prev is not None:
-            s = _separator(prev, w, view)
+            s = _separator(prev, w, glue)
             text.append(s)
             owner.extend([-1] * len(s))
         text.append(w.text)
@@ -192,14 +192,15 @@ def _view(words: Sequence[OcrWord], para: Sequence[int], view: str) -> tuple[str
 
 def pii_words(words: Sequence[OcrWord]) -> list[tuple[int, str]]:
     """``(index in words, detector kind)`` of every word a PII span touches in any view of its
-    paragraph: words joined by a space (``+44 20 7946 0958``), glued where OCR split a token at
-    a spurious space (:data:`GLUE_GAP`; the words around it keep their spaces, so a detector's
-    "not after a letter" still holds: ``Bearer ghp_...``), and joined by nothing (``ada.``
-    ``lovelace@example.com``). The union, sorted: a view can only add filling."""
+    paragraph: words joined by a space (``+44 20 7946 0958``), and glued where OCR split a token
+    at a spurious space (:data:`GLUE_GAPS`: ``ghp_A1b2C3d4E5 f6G7h8I9j``, ``ada. lovelace@...``).
+    The union, sorted: a view can only add filling. Not one view joining every word: a token's
+    neighbours keep their spaces in the tighter views, so a detector's "not after a letter" still
+    holds there (``Bearer ghp_...``)."""
     out: set[tuple[int, str]] = set()
     for para in _paragraphs(words):
-        for view in VIEWS:
-            text, owner = _view(words, para, view)
+        for glue in GLUE_GAPS:
+            text, owner = _view(words, para, glue)
             for s, e, kind in pii.find_spans(text):
                 out.update((i, kind) for i in set(owner[s:e]) if i >= 0)
     return sorted(out)
