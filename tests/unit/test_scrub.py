@@ -116,6 +116,23 @@ def test_a_token_ocr_split_at_spurious_spaces_is_filled_whole() -> None:
     assert not intersects(words[0], boxes)
 
 
+def test_a_secret_extends_over_a_piece_ocr_cut_off_with_a_wide_gap() -> None:
+    # Real OCR of a 14 px monospace token (tests/integration): the first piece ends two
+    # characters before the second begins; only "Bearer <piece>" is a secret on its own.
+    words = line("curl", "Bearer", "ghp_Alb2C3d4E5f6G7h819j", ("0K112M3n405p6Q7r8", 2 * CHAR_W), "-v",
+                 ("far", 6 * CHAR_W))
+    assert not pii.find_spans("0K112M3n405p6Q7r8")
+    boxes = pii_boxes(words)
+    assert covered(words[2], boxes) and covered(words[3], boxes)
+    assert not intersects(words[0], boxes) and not intersects(words[5], boxes)
+
+
+def test_an_email_does_not_extend_over_its_neighbour() -> None:
+    words = line("mail", "ada@example.com", ("today", 2 * CHAR_W))
+    boxes = pii_boxes(words)
+    assert covered(words[1], boxes) and not intersects(words[2], boxes)
+
+
 def test_an_email_split_at_its_dot_is_filled_whole() -> None:
     words = line("echo", "ada.", ("lovelace@example.com", SPLIT + 4))
     boxes = pii_boxes(words)

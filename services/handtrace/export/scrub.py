@@ -14,8 +14,9 @@ How a frame is scrubbed:
    joined by a space (``+44 20 7946 0958``, ``4111 1111 1111 1111`` span several words), and
    glued where the gap between two words is narrower than 0.85 or 1.2 characters (OCR splits
    long monospace tokens at spurious spaces: ``ghp_A1b2C3d4E5 f6G7h8I9j 0K1l2M3n4O5p6Q7r8``,
-   emails at a dot; :data:`GLUE_GAPS`). The union of the views' spans is filled: a view can only add
-   filling, never remove it.
+   emails at a dot; :data:`GLUE_GAPS`). A secret's fill then extends over a neighbouring piece
+   when the same detectors claim it with the space taken out (OCR cuts tokens anywhere). The
+   union of the views' spans is filled: a view can only add filling, never remove it.
 3. **Fill.** A span maps back to the words it touches; per OCR line the union of those words'
    boxes, padded (OCR boxes are tight; anti-aliased edges and a character OCR dropped at a split
    must not survive), is filled with one solid colour (:data:`FILL_RGB`, never blur: blur is
@@ -190,19 +191,74 @@ def _view(words: Sequence[OcrWord], para: Sequence[int], glue: float) -> tuple[s
     return "".join(text), owner
 
 
+EXTEND_GAP = 3.0
+"""A secret's fill extends over a neighbouring word of its line at most this many characters
+away (:func:`_extend_secrets`); farther is another column, not a split."""
+
+
+def _line_view(words: Sequence[OcrWord], line: Sequence[int], glued: set[int]) -> tuple[str, list[int]]:
+    """One line's words joined by a space, except before the positions in ``glued`` (no space)."""
+    text: list[str] = []
+    owner: list[int] = []
+    for k, i in enumerate(line):
+        if k and k not in glued:
+            text.append(" ")
+            owner.append(-1)
+        text.append(words[i].text)
+        owner.extend([i] * len(words[i].text))
+    return "".join(text), owner
+
+
+def _extend_secrets(words: Sequence[OcrWord], line: Sequence[int], secret: set[int]) -> set[int]:
+    """Words of ``line`` next to a word flagged ``secret`` that a secret detector claims too when
+    the space between them is taken out (one gap at a time, kept while it holds): OCR cuts long
+    tokens where it wants (``Bearer ghp_Alb2C3d4E5f6G7h819j 0K112M3n405p6Q7r8``, the gap wider
+    than a space), and the detector that found the first piece decides about the rest. Secrets
+    only: an email's top-level domain would run into any next word."""
+    found: set[int] = set()
+    glued: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for k in range(1, len(line)):
+            a, b = line[k - 1], line[k]
+            if k in glued or ((a in secret) == (b in secret)):
+                continue
+            wa, wb = words[a], words[b]
+            if wb.left - (wa.left + wa.width) >= EXTEND_GAP * (_char_width(wa) + _char_width(wb)) / 2:
+                continue
+            text, owner = _line_view(words, line, glued | {k})
+            if any(kind == "secret" and {a, b} <= set(owner[s:e]) for s, e, kind in pii.find_spans(text)):
+                glued.add(k)
+                new = b if a in secret else a
+                secret.add(new)
+                found.add(new)
+                changed = True
+    return found
+
+
 def pii_words(words: Sequence[OcrWord]) -> list[tuple[int, str]]:
     """``(index in words, detector kind)`` of every word a PII span touches in any view of its
     paragraph: words joined by a space (``+44 20 7946 0958``), and glued where OCR split a token
-    at a spurious space (:data:`GLUE_GAPS`: ``ghp_A1b2C3d4E5 f6G7h8I9j``, ``ada. lovelace@...``).
-    The union, sorted: a view can only add filling. Not one view joining every word: a token's
-    neighbours keep their spaces in the tighter views, so a detector's "not after a letter" still
-    holds there (``Bearer ghp_...``)."""
+    at a spurious space (:data:`GLUE_GAPS`: ``ghp_A1b2C3d4E5 f6G7h8I9j``, ``ada. lovelace@...``);
+    then secrets extended over the pieces OCR cut off (:func:`_extend_secrets`). The union,
+    sorted: a view can only add filling. Not one view joining every word: a token's neighbours
+    keep their spaces in the tighter views, so a detector's "not after a letter" still holds
+    there (``Bearer ghp_...``)."""
     out: set[tuple[int, str]] = set()
     for para in _paragraphs(words):
         for glue in GLUE_GAPS:
             text, owner = _view(words, para, glue)
             for s, e, kind in pii.find_spans(text):
                 out.update((i, kind) for i in set(owner[s:e]) if i >= 0)
+    secret = {i for i, kind in out if kind == "secret"}
+    if secret:
+        lines: dict[tuple[int, int, int], list[int]] = {}
+        for i, w in enumerate(words):
+            lines.setdefault((w.block, w.par, w.line), []).append(i)
+        for line in lines.values():
+            if secret.intersection(line):
+                out.update((i, "secret") for i in _extend_secrets(words, line, secret))
     return sorted(out)
 
 
