@@ -157,6 +157,7 @@ def test_many_frames_in_processes_in_order_failing_closed(scrubbed: Any, tmp_pat
         assert o.ok and o.image is not None and o.error is None
         assert o.tesseract_version == tesseract and o.detector_version == pii.DETECTOR_VERSION
         assert o.scrub_version == scrub.SCRUB_VERSION
+        assert 0 < o.cpu_seconds and 0 < o.seconds
         assert [b["kind"] for b in o.filled] == [b["kind"] for b in filled]
     assert outs[0].image == image and outs[2].source == str(on_disk)
     assert Image.open(io.BytesIO(outs[3].image or b"")).format == "WEBP"

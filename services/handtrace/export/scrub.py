@@ -39,6 +39,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -115,6 +116,9 @@ class FrameOutcome:
     tesseract_version: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    """Wall seconds the worker spent on the frame."""
+    cpu_seconds: float = 0.0
+    """CPU seconds of the worker and its tesseract on the frame (what the frame cost)."""
 
 
 # ------------------------------------------------------------------ OCR output → boxes
@@ -397,11 +401,17 @@ def scrub_frame(image_bytes: bytes, *, upscale: int = DEFAULT_UPSCALE, timeout_s
 Frame = bytes | str | os.PathLike[str]
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its waited-for children (the tesseract runs)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _scrub_one(index: int, frame: Frame, upscale: int, timeout_s: float,
                omp_thread_limit: int | None) -> FrameOutcome:
     """One frame in a worker process: never raises, an error is an outcome with ``ok=False``."""
     source = "<bytes>" if isinstance(frame, bytes) else os.fspath(frame)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     try:
         version = tesseract_version()
         data = frame if isinstance(frame, bytes) else Path(frame).read_bytes()
@@ -409,9 +419,9 @@ def _scrub_one(index: int, frame: Frame, upscale: int, timeout_s: float,
                                         omp_thread_limit=omp_thread_limit)
     except Exception as e:  # noqa: BLE001 -- whatever went wrong, the frame is unscrubbable
         return FrameOutcome(index, source, ok=False, error=f"{type(e).__name__}: {e}",
-                            seconds=time.perf_counter() - t0)
+                            seconds=time.perf_counter() - t0, cpu_seconds=_cpu() - c0)
     return FrameOutcome(index, source, ok=True, image=image, filled=filled, detector_version=dv,
-                        tesseract_version=version, seconds=time.perf_counter() - t0)
+                        tesseract_version=version, seconds=time.perf_counter() - t0, cpu_seconds=_cpu() - c0)
 
 
 def scrub_many(frames: Iterable[Frame], *, workers: int = 1,
