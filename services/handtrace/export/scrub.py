@@ -64,9 +64,11 @@ TESSERACT = "tesseract"
 OCR_TIMEOUT_S = 120.0
 """Longest one frame's OCR may take before the frame is reported unscrubbable."""
 DEFAULT_UPSCALE = 2
+"""OCR reads the frame upscaled this many times (at 1x, 14 px monospace tokens and light text on
+dark bars are misread: tests/integration/test_scrub_ocr.py leaks tokens at 1x)."""
 PAD_X = 0.35
 PAD_Y = 0.25
-"""Padding of a filled box, as a fraction of its line's height (at least 2 px each side)."""
+"""Padding of a filled box, as a fraction of its line's height (at least 2 frame pixels each side)."""
 
 TSV_HEADER = ("level", "page_num", "block_num", "par_num", "line_num", "word_num",
               "left", "top", "width", "height", "conf", "text")
@@ -283,7 +285,7 @@ def pii_boxes(words: Sequence[OcrWord], *, scale: float = 1.0, size: tuple[int, 
     boxes: list[dict[str, Any]] = []
     for (block, par, line, kind), ws in groups.items():
         h = line_height[(block, par, line)]
-        px, py = max(2.0, pad_x * h), max(2.0, pad_y * h)
+        px, py = max(2.0 * scale, pad_x * h), max(2.0 * scale, pad_y * h)  # >= 2 frame pixels
         x0 = (min(w.left for w in ws) - px) / scale
         y0 = (min(w.top for w in ws) - py) / scale
         x1 = (max(w.left + w.width for w in ws) + px) / scale
