@@ -88,7 +88,7 @@ from typing import Final
 
 import polars as pl
 
-from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM
+from handtrace.core.pii import MASK_CHAR
 from handtrace.core.settings import ExportSettings
 
 SHIFT, CTRL, ALT, META = 1, 2, 4, 8
@@ -193,7 +193,8 @@ def _classified(events: pl.DataFrame) -> pl.DataFrame:
             & (pl.col("r_prev").is_null() | (pl.col("r_prev") < pl.col("p_idx")))).fill_null(False)  # noqa: FBT003
     return df.with_columns(
         held.alias("held"),
-        ((pl.col("cls") == 0) & (held | (kind == "key_up") | pl.col("is_release"))).alias("fold_back"),
+        ((pl.col("cls") == 0) & ((held & (kind == "pointer_move")) | (kind == "key_up") | pl.col("is_release")))
+        .alias("fold_back"),
         (kind == "pointer_move").alias("is_move"),
     )
 
@@ -292,13 +293,13 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataF
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
         pl.when(cls.is_in([T_CLICK, T_SCROLL])).then("x").alias("x"),
         pl.when(cls.is_in([T_CLICK, T_SCROLL])).then("y").alias("y"),
-        pl.col("action_no").cast(pl.Float64).alias("order"),
+        (pl.col("action_no") * 2).alias("order"),
     ).drop("sdx", "sdy", "vertical", "drag", "key", "mods", "n")
     # terminate: one per demonstration, at its last event (events folded into it counted)
     last = df.filter(pl.col("new_demo").shift(-1).fill_null(True))  # noqa: FBT003
     term = last.select(
         "demo_no", "demonstration_id", pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"),
-        pl.lit("terminate").alias("action"), pl.lit(float("inf")).alias("order"),
+        pl.lit("terminate").alias("action"), pl.lit(2**62, pl.Int64).alias("order"),
     )
     acts = pl.concat([acts, term], how="diagonal_relaxed").sort(["demo_no", "order"], maintain_order=True)
     gap = pl.col("started_at") - _prev("ended_at")
@@ -307,8 +308,8 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataF
                               (pl.col("demo_no") == _prev("demo_no")).alias("_sd")).filter(
         (pl.col("gap") > wait_us) & pl.col("_sd")).select(
         "demo_no", "demonstration_id", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
-        pl.lit("wait").alias("action"), (pl.col("order") - 0.5).alias("order"),
-        ((pl.col("gap") / 1e5).round(0) / 10).alias("seconds"),
+        pl.lit("wait").alias("action"), (pl.col("order") - 1).alias("order"),
+        ((pl.col("gap") + 50_000) // 100_000).alias("deciseconds"),
     )
     acts = pl.concat([acts, waits], how="diagonal_relaxed").sort(["demo_no", "order"], maintain_order=True)
     acts = acts.with_row_index("_r").with_columns(pl.col("_r").cast(pl.Int64))
@@ -335,7 +336,8 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
             _us(frames, "action_started_at").alias("a"),
         ).sort(["f_step"])
         keep = ["f_step", "f_sha", "f_w", "f_h"]
-        exact = fr.filter(pl.col("a").is_not_null()).unique(["demonstration_id", "a"], keep="first", maintain_order=True)
+        exact = (fr.filter(pl.col("a").is_not_null())
+                 .unique(["demonstration_id", "a"], keep="first", maintain_order=True))
         end = fr.filter(pl.col("reason") == "end").unique(["demonstration_id"], keep="first", maintain_order=True)
         asof_fr = fr.unique(["demonstration_id", "c"], keep="first", maintain_order=True).sort("c")
         acts = acts.with_row_index("_k")
@@ -384,6 +386,7 @@ def _code(acts: pl.DataFrame) -> pl.DataFrame:
     tail = pl.when(xy != "").then(pl.format(", {}", xy)).otherwise(pl.lit(""))
     keys = (pl.struct(pl.col("keys").alias("v")).struct.json_encode()
             .str.strip_prefix('{"v":[').str.strip_suffix("]}").str.replace_all('","', '", "', literal=True))
+    first_key = _pystr(pl.col("keys").list.first())
     code = (pl.when(a.is_in(["click", "doubleClick", "tripleClick", "rightClick", "middleClick"]))
             .then(pl.format("pyautogui.{}({})", a, xy))
             .when(a == "dragTo").then(pl.format('pyautogui.moveTo({})\npyautogui.dragTo({}button={})',
@@ -391,13 +394,15 @@ def _code(acts: pl.DataFrame) -> pl.DataFrame:
             .when(a.is_in(["scroll", "hscroll"])).then(pl.format("pyautogui.{}({}{})", a, _num(pl.col("amount")), tail))
             .when(a == "write").then(pl.format("pyautogui.write(message={})", _pystr(pl.col("message"))))
             .when(a == "press").then(
-                pl.when(pl.col("presses") > 1).then(pl.format("pyautogui.press({}, presses={})",
-                                                             _pystr(pl.col("keys").list.first()), _num(pl.col("presses"))))
-                .otherwise(pl.format("pyautogui.press({})", _pystr(pl.col("keys").list.first()))))
+                pl.when(pl.col("presses") > 1)
+                .then(pl.format("pyautogui.press({}, presses={})", first_key, _num(pl.col("presses"))))
+                .otherwise(pl.format("pyautogui.press({})", first_key)))
             .when(a == "hotkey").then(pl.format("pyautogui.hotkey({})", keys))
-            .when(a == "wait").then(pl.format("computer.wait(seconds={})", _num(pl.col("seconds"))))
+            .when(a == "wait").then(pl.format("computer.wait(seconds={}.{})", _num(pl.col("deciseconds") // 10),
+                                              _num(pl.col("deciseconds") % 10)))
             .otherwise(pl.lit('computer.terminate(status="success")')))
-    args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses", "seconds")
+    args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
+                     (pl.col("deciseconds") / 10).alias("seconds"))
     return acts.with_columns(code.alias("code"), args.alias("args"))
 
 
@@ -412,7 +417,7 @@ def _reduce(events: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataF
         pl.when(pl.col("action") == "terminate").then(pl.col("_tc").fill_null(0))
         .when(pl.col("action") == "wait").then(0).otherwise("event_count").cast(pl.UInt32).alias("event_count"),
     ).drop("_tc")
-    for c in ("x2", "y2", "clicks", "amount", "presses", "seconds"):
+    for c in ("x2", "y2", "clicks", "amount", "presses", "deciseconds"):
         if c not in acts.columns:
             acts = acts.with_columns(pl.lit(None).alias(c))
     acts = _frames(acts, frames, screens)
