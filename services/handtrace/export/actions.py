@@ -78,8 +78,11 @@ frame with the greatest ``captured_at`` strictly before ``started_at`` (the scre
 before the action; lowest step on ties) -- no frame from the future; for ``terminate``, the
 ``end`` frame first. None when no frame precedes. Coordinates are divided by that frame's
 ``width``/``height`` (else the demonstration's screen size from ``screens``, else its largest
-frame), clipped to [0, 1] and rounded to 4 decimals; unknown size: null coordinates and calls
-without them.
+frame), clipped to [0, 1] and rounded half up to 4 decimals (exactly, in integers: 828/1920 =
+0.43125 -> 0.4313); unknown size: null coordinates and calls without them.
+
+Input order: events already ordered by (demonstration, ``captured_at``) -- as ClickHouse returns
+them -- are not sorted again.
 """
 
 from __future__ import annotations
@@ -151,9 +154,12 @@ def _classified(events: pl.DataFrame) -> pl.DataFrame:
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events lack columns: {missing}")
-    df = (events.select(*(c for c in _EVENT_COLUMNS if c != "captured_at"), _us(events, "captured_at").alias("t"))
-          .with_row_index("_in").sort(["demonstration_id", "t", "_in"]).drop("_in")
-          .with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64)))
+    df = events.select(*(c for c in _EVENT_COLUMNS if c != "captured_at"), _us(events, "captured_at").alias("t"))
+    d, t = pl.col("demonstration_id"), pl.col("t")
+    ordered = df.select(((d > d.shift(1)) | ((d == d.shift(1)) & (t >= t.shift(1)))).fill_null(True).all()).item()  # noqa: FBT003
+    if not ordered:  # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
+        df = df.with_row_index("_in").sort(["demonstration_id", "t", "_in"]).drop("_in")
+    df = df.with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64))
     kind, code = pl.col("kind"), pl.col("key_code")
     mods = pl.col("modifiers").fill_null(0)
     pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
@@ -176,9 +182,6 @@ def _classified(events: pl.DataFrame) -> pl.DataFrame:
         .when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT).otherwise(0)
         .cast(pl.Int8).alias("cls"),
         name.alias("key"),
-        pl.when(~typing).then(None).when(masked)
-        .then(pl.col("text").str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR))
-        .otherwise(pl.col("text").fill_null(MASK_CHAR)).alias("chr"),
     )
     idx = pl.col("idx")
     df = df.with_columns(
@@ -209,11 +212,15 @@ def _tokens(df: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     )
     tok = (df.filter(pl.col("cls") != 0)
            .select("idx", "demo_no", "demonstration_id", "t", "cls", "button", "x", "y", "scroll_dx",
-                   "scroll_dy", "key", "modifiers", "chr", "app_id")
+                   "scroll_dy", "key", "modifiers", "text", "text_masked", "app_id")
            .join(drag, left_on="idx", right_on="p_idx", how="left", maintain_order="left"))
     dx, dy = pl.col("scroll_dx").fill_null(0), pl.col("scroll_dy").fill_null(0)
     vertical = dy.abs() >= dx.abs()
+    masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
     tok = tok.with_columns(
+        pl.when(pl.col("cls") != T_TYPE).then(None).when(masked)
+        .then(pl.col("text").str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR))
+        .otherwise(pl.col("text").fill_null(MASK_CHAR)).alias("chr"),
         ((pl.col("cls") == T_CLICK) & (pl.col("dist").fill_null(0) > s.drag_threshold_px)).alias("drag"),
         vertical.alias("vertical"),
         pl.when(vertical).then(dy.sign()).otherwise(dx.sign()).alias("dir"),
@@ -254,10 +261,10 @@ def _assign(df: pl.DataFrame, tok: pl.DataFrame) -> pl.DataFrame:
 
 def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """Action rows (without frames): name, arguments, time range, step."""
-    ended = (df.filter(pl.col("in_range")).group_by("action")
-             .agg(pl.col("t").max().alias("ended_at")))
-    counts = (df.filter(~pl.col("is_move")).group_by("action")
-              .agg(pl.len().alias("event_count")))
+    per_action = df.group_by("action").agg(pl.col("t").filter("in_range").max().alias("ended_at"),
+                                           (~pl.col("is_move")).sum().alias("event_count"))
+    ended = per_action.select("action", "ended_at")
+    counts = per_action.select("action", "event_count")
     acts = tok.group_by("action_no", maintain_order=True).agg(
         pl.col("demo_no").first(), pl.col("demonstration_id").first(), pl.col("t").first().alias("started_at"),
         pl.col("cls").first(), pl.col("button").first(), pl.col("x").first(), pl.col("y").first(),
@@ -371,7 +378,12 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
     h = pl.when(h > 0).then(h)
 
     def norm(c: str, size: pl.Expr) -> pl.Expr:
-        return (pl.col(c) / size).clip(0.0, 1.0).round(4).alias(c)
+        # exact rational rounding (half up) in integers: identical wherever it is recomputed
+        # (polars' float division is not correctly rounded: 3333 / 10000 -> 0.33330000000000004;
+        # parsing the decimal string is)
+        v = pl.col(c).cast(pl.Int64).clip(0, size)
+        n = (v * 20_000 + size) // (2 * size)
+        return pl.format("{}.{}", n // 10_000, (n % 10_000).cast(pl.String).str.zfill(4)).cast(pl.Float64).alias(c)
 
     return acts.with_columns(norm("x", w), norm("y", h), norm("x2", w), norm("y2", h)).drop("w", "h", "_fw", "_fh",
                                                                                           "_sw", "_sh")

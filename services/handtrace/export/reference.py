@@ -6,8 +6,8 @@ measures against (issue #12: >= 10x).
 
 from __future__ import annotations
 
+import bisect
 import json
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -30,12 +30,6 @@ from handtrace.export.actions import (
 
 _MODKEYS = frozenset(MODIFIER_KEYSYMS)
 _CLICKS = ("click", "doubleClick", "tripleClick", "rightClick", "middleClick")
-
-
-def _round(v: float, nd: int) -> float:
-    m = 10.0**nd
-    y = v * m
-    return math.copysign(math.floor(abs(y) + 0.5), y) / m
 
 
 def _lit(s: str) -> str:
@@ -178,9 +172,10 @@ def _demo(demo: Any, evs: list[dict[str, Any]], frames: list[dict[str, Any]], sc
             with_waits.append({"action": "wait", "started_at": with_waits[-1]["ended_at"], "ended_at": r["started_at"],
                                "app_id": None, "event_count": 0, "deciseconds": (gap + 50_000) // 100_000})
         with_waits.append(r)
+    index = _Frames(frames)
     for step, r in enumerate(with_waits):
         r["demonstration_id"], r["step"] = demo, step
-        _frame(r, frames, screen)
+        _frame(r, index, screen)
         r["code"] = _code(r)
     return with_waits
 
@@ -211,26 +206,42 @@ def _named(a: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
-def _frame(r: dict[str, Any], frames: list[dict[str, Any]], screen: tuple[int, int] | None) -> None:
+class _Frames:
+    """One demonstration's frames, indexed once: by action start, by capture time, the end frame."""
+
+    def __init__(self, frames: list[dict[str, Any]]) -> None:
+        by_step = sorted(frames, key=lambda f: f["step"])
+        self.exact: dict[int, dict[str, Any]] = {}
+        self.end: dict[str, Any] | None = None
+        first_at: dict[int, dict[str, Any]] = {}
+        for f in by_step:
+            if f.get("action_started_at") is not None:
+                self.exact.setdefault(f["action_started_at"], f)
+            if f.get("reason") == "end" and self.end is None:
+                self.end = f
+            first_at.setdefault(f["captured_at"], f)
+        self.times = sorted(first_at)
+        self.at = [first_at[t] for t in self.times]
+        self.w = max((f["width"] for f in frames), default=None)
+        self.h = max((f["height"] for f in frames), default=None)
+
+    def before(self, t: int) -> dict[str, Any] | None:
+        i = bisect.bisect_left(self.times, t)
+        return self.at[i - 1] if i else None
+
+
+def _frame(r: dict[str, Any], frames: _Frames, screen: tuple[int, int] | None) -> None:
     t = r["started_at"]
-    chosen = None
-    by_step = sorted(frames, key=lambda f: f["step"])
-    if r["action"] == "terminate":
-        chosen = next((f for f in by_step if f.get("reason") == "end"), None)
-    else:
-        chosen = next((f for f in by_step if f.get("action_started_at") == t), None)
+    chosen = frames.end if r["action"] == "terminate" else frames.exact.get(t)
     if chosen is None:
-        before = [f for f in by_step if f["captured_at"] < t]
-        if before:
-            best = max(f["captured_at"] for f in before)
-            chosen = next(f for f in before if f["captured_at"] == best)
+        chosen = frames.before(t)
     r["frame_sha256"] = chosen["sha256"] if chosen else None
     r["frame_step"] = chosen["step"] if chosen else None
-    w = chosen["width"] if chosen else (screen[0] if screen else max((f["width"] for f in frames), default=None))
-    h = chosen["height"] if chosen else (screen[1] if screen else max((f["height"] for f in frames), default=None))
+    w = chosen["width"] if chosen else (screen[0] if screen else frames.w)
+    h = chosen["height"] if chosen else (screen[1] if screen else frames.h)
     for k, px, size in (("x", "px", w), ("y", "py", h), ("x2", "px2", w), ("y2", "py2", h)):
         v = r.pop(px, None)
-        r[k] = _round(min(max(v / size, 0.0), 1.0), 4) if v is not None and size else None
+        r[k] = (min(max(v, 0), size) * 20_000 + size) // (2 * size) / 10_000 if v is not None and size else None
 
 
 def _code(r: dict[str, Any]) -> str:
