@@ -95,6 +95,17 @@ def test_click_is_normalised_to_the_screen_with_four_decimals() -> None:
     third = reduce_actions(frame([press(0, 1, 1), release(10, 1, 1)]), None,
                            pl.DataFrame({"demonstration_id": ["d"], "screen_width": [3], "screen_height": [7]}))
     assert (third["x"][0], third["y"][0]) == (0.3333, 0.1429)
+    half = reduce_actions(frame([press(0, 828, 0), release(10, 828, 0)]), None,
+                          pl.DataFrame({"demonstration_id": ["d"], "screen_width": [1920], "screen_height": [1080]}))
+    assert half["code"][0] == "pyautogui.click(x=0.4313, y=0.0)"  # 0.43125: half up, exactly
+
+
+def test_input_order_does_not_matter() -> None:
+    evs = [*typed(0, "ab"), press(500, 10, 10), release(550, 10, 10), ev(600, "scroll", x=1, y=1, scroll_dy=1)]
+    for e in evs[:3]:
+        e["demonstration_id"] = "c"
+    shuffled = [evs[i] for i in (5, 0, 6, 3, 1, 4, 2)]
+    assert reduce(shuffled).rows() == reduce(evs).rows()
 
 
 def test_repeat_left_clicks_merge_into_double_and_triple_clicks() -> None:

@@ -246,7 +246,9 @@ def _tokens(df: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
 def _assign(df: pl.DataFrame, tok: pl.DataFrame) -> pl.DataFrame:
     """Every event's action number (null: the demonstration's terminate) and whether it counts
     in the action's time range."""
-    df = df.join(tok.select("idx", "action_no"), on="idx", how="left", maintain_order="left")
+    # tokens are rows of df (idx = row position): scatter their action numbers back, no join
+    own_no = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["idx"], tok["action_no"])
+    df = df.with_columns(own_no.alias("action_no"))
     own = pl.col("action_no")
     tok_demo = pl.when(own.is_not_null()).then("demo_no")
     prev_ok = tok_demo.forward_fill() == pl.col("demo_no")
@@ -261,8 +263,9 @@ def _assign(df: pl.DataFrame, tok: pl.DataFrame) -> pl.DataFrame:
 
 def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """Action rows (without frames): name, arguments, time range, step."""
-    per_action = df.group_by("action").agg(pl.col("t").filter("in_range").max().alias("ended_at"),
-                                           (~pl.col("is_move")).sum().alias("event_count"))
+    per_action = (df.select("action", pl.when("in_range").then("t").alias("ended_at"),
+                            (~pl.col("is_move")).cast(pl.UInt32).alias("event_count"))
+                  .group_by("action").agg(pl.col("ended_at").max(), pl.col("event_count").sum()))
     ended = per_action.select("action", "ended_at")
     counts = per_action.select("action", "event_count")
     acts = tok.group_by("action_no", maintain_order=True).agg(
@@ -283,18 +286,19 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataF
             .when(cls == T_SCROLL).then(pl.when("vertical").then(pl.lit("scroll")).otherwise(pl.lit("hscroll")))
             .when(cls == T_TYPE).then(pl.lit("write")).when(cls == T_KEY).then(pl.lit("press"))
             .otherwise(pl.lit("hotkey")))
-    keys = pl.concat_list(
-        pl.when((mods & CTRL) != 0).then(pl.lit("ctrl")), pl.when((mods & ALT) != 0).then(pl.lit("alt")),
-        pl.when((mods & SHIFT) != 0).then(pl.lit("shift")), pl.when((mods & META) != 0).then(pl.lit("win")),
-        pl.col("key"),
-    ).list.drop_nulls()
+    # joined as a string and split once: list expressions per row are slow in polars
+    keys = pl.concat_str(
+        pl.when((mods & CTRL) != 0).then(pl.lit("ctrl\x1f")), pl.when((mods & ALT) != 0).then(pl.lit("alt\x1f")),
+        pl.when((mods & SHIFT) != 0).then(pl.lit("shift\x1f")), pl.when((mods & META) != 0).then(pl.lit("win\x1f")),
+        pl.col("key"), ignore_nulls=True,
+    )
     acts = acts.with_columns(
         name.alias("action"),
         pl.when(cls == T_CLICK).then(pl.when("drag").then(1).otherwise(n)).alias("clicks"),
         pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-pl.col("sdy")).otherwise(pl.col("sdx")))
         .alias("amount"),
         pl.when(cls == T_TYPE).then("message").alias("message"),
-        pl.when(cls == T_KEY).then(pl.concat_list("key")).when(cls == T_HOT).then(keys).alias("keys"),
+        pl.when(cls == T_KEY).then("key").when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
         pl.when(cls == T_KEY).then(n).alias("presses"),
         pl.when(cls == T_CLICK).then(b).alias("button"),
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
