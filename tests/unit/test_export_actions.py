@@ -260,6 +260,18 @@ def test_unknown_size_gives_calls_without_coordinates() -> None:
     assert out["code"][0] == "pyautogui.click()" and out["x"][0] is None
 
 
+def test_empty_input_and_datetime_timestamps() -> None:
+    empty = pl.DataFrame([], schema=SCHEMA)
+    assert reduce_actions(empty).columns == list(ACTION_COLUMNS) and reduce_actions(empty).height == 0
+    assert label_events(empty).height == 0
+    stamped = frame([press(0, 1, 1), release(5, 1, 1)]).with_columns(
+        pl.col("captured_at").cast(pl.Datetime("us", "UTC")).dt.cast_time_unit("ms"))
+    out = reduce_actions(stamped, None, SCREEN)
+    assert out["ended_at"].dt.epoch("us").to_list() == [5000, 5000]
+    with pytest.raises(ValueError, match="lack columns"):
+        reduce_actions(empty.drop("text_masked"))
+
+
 def test_wait_threshold_must_exceed_the_bursts() -> None:
     with pytest.raises(ValidationError, match="typing_gap_s"):
         ExportSettings(wait_threshold_s=1.0)
