@@ -542,6 +542,41 @@ class DemoSettings(BaseModel):
                                                  "region stays exactly the fill colour.")
 
 
+class ExportSettings(BaseModel):
+    """Training-data export (issue #12): how raw demonstration events reduce to actions
+    (``handtrace.export.actions``; docs/export.md, "Action reduction")."""
+
+    model_config = ConfigDict(frozen=True)
+
+    double_click_interval_s: float = Field(default=0.5, gt=0, le=2, description="Left clicks whose "
+                                           "presses follow each other within this many seconds "
+                                           "(and within the radius) merge into a doubleClick / "
+                                           "tripleClick (X toolkits use 0.4-0.5 s).")
+    double_click_radius_px: int = Field(default=5, ge=0, le=50, description="...and whose press "
+                                        "points differ by at most this many pixels in each axis.")
+    drag_threshold_px: int = Field(default=5, ge=0, le=100, description="A press whose pointer "
+                                   "moves further than this (in either axis) before the release is "
+                                   "a drag (moveTo + dragTo), not a click; same as the agent's.")
+    scroll_burst_gap_s: float = Field(default=1.0, gt=0, le=30, description="Scroll notches of one "
+                                      "direction following each other within this gap merge into "
+                                      "one scroll / hscroll (the agent's burst gap).")
+    typing_gap_s: float = Field(default=1.0, gt=0, le=30, description="Typed characters within this "
+                                "gap form one write; repeats of one non-printing key within it form "
+                                "one press(presses=n).")
+    wait_threshold_s: float = Field(default=3.0, gt=0, le=600, description="A gap between two actions "
+                                    "longer than this becomes a wait step; must exceed the burst, "
+                                    "typing and double-click gaps (checked at start).")
+
+    @model_validator(mode="after")
+    def _wait_exceeds_gaps(self) -> ExportSettings:
+        gaps = {"double_click_interval_s": self.double_click_interval_s,
+                "scroll_burst_gap_s": self.scroll_burst_gap_s, "typing_gap_s": self.typing_gap_s}
+        short = [k for k, v in gaps.items() if v >= self.wait_threshold_s]
+        if short:
+            raise ValueError(f"wait_threshold_s ({self.wait_threshold_s}) must exceed {', '.join(short)}")
+        return self
+
+
 class Settings(BaseSettings):
     """All handtrace settings. Environment: HANDTRACE_<FIELD>, nested with `__`."""
 
@@ -570,6 +605,7 @@ class Settings(BaseSettings):
     control: ControlSettings = ControlSettings()
     store: StoreSettings = StoreSettings()
     demo: DemoSettings = DemoSettings()
+    export: ExportSettings = ExportSettings()
 
     @model_validator(mode="after")
     def _distinct_metrics_ports(self) -> Settings:
