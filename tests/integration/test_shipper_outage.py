@@ -100,7 +100,9 @@ def captured(log: Path) -> tuple[list[list[bytes]], bool, int]:
     """(event ids of each batch the child logged as durable, whether it logged done,
     how many failed ship attempts it logged)."""
     batches, done, failed = [], False, 0
-    for line in log.read_text().splitlines() if log.exists() else []:
+    # Complete lines only: the log is read while the child writes it (and a SIGKILL can cut a
+    # line short), so the text after the last newline may be half a line.
+    for line in log.read_text().split("\n")[:-1] if log.exists() else []:
         parts = line.split(" ")
         if parts[0] == "captured" and len(parts) == 3:
             batches.append([bytes.fromhex(h) for h in parts[2].split(",")])
