@@ -912,6 +912,226 @@ def store_ls(
     err.print(f"{n} keys under {prefix!r} in {store.url}")
 
 
+dataset_app = typer.Typer(help="Training-data exports: trajectories for computer-use agents (docs/export.md).",
+                          no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _warehouse() -> tuple[Settings, Any]:
+    from handtrace.core import clickhouse
+    from handtrace.sink.schema import migrate
+
+    s = _settings()
+    try:
+        client = clickhouse.connect(s.clickhouse_dsn())
+        migrate(client, s.clickhouse.database)
+    except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
+        raise _fail(str(e)) from None
+    return s, client
+
+
+def _employee_key(s: Settings, employee: str) -> str:
+    from handtrace.stream.app import MissingSecret, pseudonym_key
+    from handtrace.stream.steps.pseudonymise import pseudonym
+
+    try:
+        return pseudonym(pseudonym_key(s), "employee", employee)
+    except MissingSecret as e:
+        raise _fail(str(e)) from None
+
+
+def _export_progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False, disable=not err.is_terminal)
+
+
+def _run_export(run: Callable[[Callable[[Any], None]], Any]) -> Any:
+    """Run an export with a progress display (batches; frames of the batch being scrubbed)."""
+    from handtrace.export.dataset import ExportError
+
+    with _export_progress() as bar:
+        batches = bar.add_task("batches", total=None)
+        frames = bar.add_task("frames of this batch", total=None)
+        last = [-1]
+
+        def progress(p: Any) -> None:
+            bar.update(batches, completed=p.batches_done, total=p.batches_total,
+                       description=f"batches ({p.tasks} tasks, {p.steps} steps)")
+            if p.frames_in_batch:
+                bar.update(frames, completed=p.frames_done, total=p.frames_in_batch)
+            if not err.is_terminal and p.frames_in_batch == 0 and p.batches_done != last[0]:
+                last[0] = p.batches_done
+                err.print(f"batch {p.batches_done}/{p.batches_total}: {p.tasks} tasks, {p.steps} steps")
+
+        try:
+            return run(progress)
+        except ExportError as e:
+            raise _fail(str(e)) from None
+        except (ValueError, OSError) as e:
+            raise _fail(f"export failed: {e}") from None
+
+
+def _print_export(r: Any) -> None:
+    console.print(f"[green]✓[/] export {r.export_id} in {r.out}: {r.tasks} tasks, {r.steps} steps, "
+                  f"{r.images} images, {r.bytes / 1e6:.1f} MB, {r.seconds:.1f} s")
+    console.print(f"  scrubbing: {r.frames_filled} frames filled ({r.boxes_filled} boxes), "
+                  f"{r.frames_unscrubbable} frames left out as unscrubbable; participants: {len(r.participants)}"
+                  + (f"; resumed after {r.batches_resumed} finished batches" if r.batches_resumed else ""))
+
+
+@dataset_app.command("export")
+def dataset_export(
+    out: Annotated[Path, typer.Argument(help="Output directory (new or empty; or an unfinished export with "
+                                              "--resume).")],
+    since: Annotated[str | None, typer.Option(help="Demonstrations started at or after (ISO time).")] = None,
+    until: Annotated[str | None, typer.Option(help="...and before (ISO time).")] = None,
+    app_id: Annotated[list[str] | None, typer.Option("--app", help="Only demonstrations that used this app "
+                                                                   "(repeatable).")] = None,
+    cohort: Annotated[list[str] | None, typer.Option(help="Only these cohorts (repeatable).")] = None,
+    participant: Annotated[list[str] | None, typer.Option(help="Only this participant pseudonym "
+                                                               "(employee_key; repeatable).")] = None,
+    employee: Annotated[list[str] | None, typer.Option(help="Only this employee id (pseudonymised here with "
+                                                            "the stream's key; repeatable).")] = None,
+    min_steps: Annotated[int | None, typer.Option(min=1, help="Trajectories with at least this many steps.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="...and at most this many.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="OCR processes (default: the CPU count).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Demonstrations per batch (and per "
+                                                                     "trajectories part).")] = 50,
+    no_scrub: Annotated[bool, typer.Option("--no-scrub", help="Skip OCR scrubbing (refused unless "
+                                                             "HANDTRACE_EXPORT__REQUIRE_SCRUB=false).")] = False,
+    include_passive: Annotated[bool, typer.Option("--include-passive", help="Also passive episodes (refused "
+                                                                           "unless the policy allows it).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted export in OUT.")] = False,
+    actor: Annotated[str, typer.Option(help="Who runs the export (recorded).")] = "",
+) -> None:
+    """Export complete demonstrations as trajectories (AgentNet/OpenCUA layout): manifest.json,
+    trajectories/part-NNNNN.jsonl, images/, steps.parquet. Withdrawn ones are never exported."""
+    from handtrace.export.dataset import ExportFilters, export_dataset
+
+    s = _settings()
+    if include_passive:
+        if not s.export.allow_passive:
+            raise _fail("passive episodes are not exportable under this policy (HANDTRACE_EXPORT__ALLOW_PASSIVE="
+                        "false): passive capture was not consented to as training data")
+        raise _fail("passive episodes are allowed by policy but this version exports demonstrations only")
+    participants = list(participant or []) + [_employee_key(s, e) for e in employee or []]
+    try:
+        filters = ExportFilters(since=since, until=until, apps=tuple(app_id or ()), cohorts=tuple(cohort or ()),
+                                participants=tuple(participants), min_steps=min_steps, max_steps=max_steps)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    store = _open_frame_store()
+    s, client = _warehouse()
+    who = actor or os.environ.get("USER", "")
+    r = _run_export(lambda progress: export_dataset(
+        client, store, out, filters, settings=s, scrub=not no_scrub, workers=workers or os.cpu_count() or 1,
+        batch_size=batch_size, resume=resume, actor=who, progress=progress))
+    _print_export(r)
+
+
+@dataset_app.command("check")
+def dataset_check(out: Annotated[Path, typer.Argument(help="An export directory.")]) -> None:
+    """Check an export as a training job would load it (hashes, coordinates, action codes, PII,
+    order). Exit 1 when anything is wrong."""
+    from handtrace.export.check import check_export
+
+    if not (out / "manifest.json").exists():
+        raise _fail(f"{out} holds no finished export (no manifest.json)")
+    report = check_export(out)
+    for e in report.errors:
+        err.print(f"[red]✗[/] {e}")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] {out}: {report.tasks} tasks, {report.steps} steps, {report.images} images; "
+                  "every check passed")
+
+
+@dataset_app.command("list")
+def dataset_list(
+    stale: Annotated[bool, typer.Option("--stale", help="Only exports that contain withdrawn data and are not "
+                                                        "replaced yet.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+) -> None:
+    """Recorded exports (newest first), or the stale ones with what makes them stale."""
+    from handtrace.export.dataset import list_exports, stale_exports
+
+    s, client = _warehouse()
+    db = s.clickhouse.database
+    if stale:
+        rows = stale_exports(client, db)
+        if as_json:
+            for x in rows:
+                sys.stdout.write(json.dumps(x.__dict__, default=str) + "\n")
+            return
+        t = Table("export", "finished", "output", "withdrawn participants", "withdrawn demonstrations")
+        for x in rows:
+            t.add_row(x.export_id, str(x.finished_at)[:19], x.output, str(len(x.participants)),
+                      str(len(x.demonstrations)))
+        console.print(t)
+        err.print(f"{len(rows)} stale exports; replace each with: handtrace dataset reissue EXPORT_ID NEW_DIR")
+        return
+    df = list_exports(client, db)
+    if as_json:
+        for row in df.iter_rows(named=True):
+            sys.stdout.write(json.dumps(row, default=str) + "\n")
+        return
+    t = Table("export", "finished", "tasks", "steps", "participants", "output", "replaces", "replaced by")
+    for r in df.iter_rows(named=True):
+        t.add_row(r["export_id"], str(r["finished_at"])[:19], str(r["tasks"]), str(r["steps"]),
+                  str(r["participants"]), r["output"], r["replaces"], r["replaced_by"])
+    console.print(t)
+
+
+@dataset_app.command("withdraw")
+def dataset_withdraw(
+    actor: Annotated[str, typer.Option(help="Who records the withdrawal.")],
+    reason: Annotated[str, typer.Option(help="Why (kept with it).")],
+    employee: Annotated[str | None, typer.Option(help="Withdraw every demonstration of this employee id.")] = None,
+    participant: Annotated[str | None, typer.Option(help="...or of this pseudonym (employee_key).")] = None,
+    demonstration: Annotated[str | None, typer.Option(help="...or this one demonstration id.")] = None,
+) -> None:
+    """Withdraw a participant or a demonstration from training data: later exports leave it out
+    and the exports that contain it are listed as stale (handtrace dataset list --stale)."""
+    from handtrace.export.dataset import ExportError, stale_exports, withdraw
+
+    if sum(x is not None for x in (employee, participant, demonstration)) != 1:
+        raise _fail("give exactly one of --employee, --participant, --demonstration")
+    s, client = _warehouse()
+    key = _employee_key(s, employee) if employee is not None else participant
+    try:
+        wid = withdraw(client, s.clickhouse.database, employee_key=key, demonstration_id=demonstration,
+                       actor=actor, reason=reason)
+    except (ExportError, ValueError) as e:
+        raise _fail(str(e)) from None
+    stale = stale_exports(client, s.clickhouse.database)
+    console.print(f"[green]✓[/] withdrawal {wid} recorded; {len(stale)} exports are now stale"
+                  + (": " + ", ".join(x.export_id for x in stale) if stale else ""))
+
+
+@dataset_app.command("reissue")
+def dataset_reissue(
+    export_id: Annotated[str, typer.Argument(help="The stale export to replace.")],
+    out: Annotated[Path, typer.Argument(help="Output directory of the replacement.")],
+    workers: Annotated[int | None, typer.Option(min=1, help="OCR processes (default: the CPU count).")] = None,
+    no_scrub: Annotated[bool, typer.Option("--no-scrub", help="As for export.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted reissue in OUT.")] = False,
+    actor: Annotated[str, typer.Option(help="Who runs it (recorded).")] = "",
+) -> None:
+    """Re-export a stale export without what was withdrawn since: its filters and its
+    demonstrations, minus the withdrawn ones. The new export records that it replaces the old."""
+    from handtrace.export.dataset import reissue
+
+    store = _open_frame_store()
+    s, client = _warehouse()
+    who = actor or os.environ.get("USER", "")
+    r = _run_export(lambda progress: reissue(
+        client, store, export_id, out, settings=s, scrub=not no_scrub, workers=workers or os.cpu_count() or 1,
+        resume=resume, actor=who, progress=progress))
+    _print_export(r)
+    console.print(f"  replaces {export_id}: delete the old copy at its output (handtrace dataset list shows where)")
+
 
 if __name__ == "__main__":
     app()

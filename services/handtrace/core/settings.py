@@ -567,6 +567,13 @@ class ExportSettings(BaseModel):
                                     "longer than this becomes a wait step; must exceed the burst, "
                                     "typing and double-click gaps (checked at start).")
 
+    require_scrub: bool = Field(default=True, description="Exports must OCR-scrub every frame "
+                                "(docs/export.md): an export asked to skip scrubbing is refused "
+                                "(fails closed). Only for benchmarks and frames known to hold no text.")
+    allow_passive: bool = Field(default=False, description="Passive capture may be exported as "
+                                "training episodes. Off: `--include-passive` is refused (passive "
+                                "capture was not consented to as training data; demonstrations were).")
+
     @model_validator(mode="after")
     def _wait_exceeds_gaps(self) -> ExportSettings:
         gaps = {"double_click_interval_s": self.double_click_interval_s,

@@ -82,6 +82,7 @@ DEMONSTRATIONS_SCHEMA = pa.schema([
     pa.field("demonstration_id", UUID_BYTES, nullable=False),
     pa.field("employee_key", pa.string(), nullable=False),
     pa.field("device_key", pa.string(), nullable=False),
+    pa.field("cohort", pa.string(), nullable=False),
     pa.field("instruction", pa.string(), nullable=False),
     pa.field("status", pa.string(), nullable=False),
     pa.field("started_at", TS, nullable=False),
@@ -248,7 +249,8 @@ def demonstration_table(h: DemoHeader, status: str, events: int, missing: int, r
 
     row = {
         "demonstration_id": [h.demo_id], "employee_key": [h.employee_key],
-        "device_key": [str(m.get("device_key") or "")], "instruction": [str(m.get("instruction") or "")],
+        "device_key": [str(m.get("device_key") or "")], "cohort": [str(m.get("cohort") or "")],
+        "instruction": [str(m.get("instruction") or "")],
         "status": [status], "started_at": [int(m["started_at_us"])], "ended_at": [int(m["ended_at_us"])],
         "sent_at": [int(m.get("sent_at_us") or 0)], "received_at": [int(m.get("received_at_us") or 0)],
         "screen_width": [int(screen.get("width") or 0)], "screen_height": [int(screen.get("height") or 0)],

@@ -211,6 +211,66 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         SETTINGS non_replicated_deduplication_window = 10000
         """,
     ),
+    (
+        7,
+        "demonstrations cohort",
+        # The header always carried the agent's cohort; stored now so exports can filter on it.
+        """
+        ALTER TABLE {db}.demonstrations
+            ADD COLUMN IF NOT EXISTS cohort LowCardinality(String) DEFAULT '' AFTER device_key
+        """,
+    ),
+    (
+        8,
+        "dataset exports",
+        # One row per finished training-data export (export/dataset.py; docs/design/export.md):
+        # what went out, to where, under which filters, containing whom. Erasure and withdrawals
+        # find the exports they make stale here.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.dataset_exports
+        (
+            export_id UUID,
+            created_at DateTime64(6, 'UTC') COMMENT 'when the export was planned',
+            finished_at DateTime64(6, 'UTC'),
+            actor String COMMENT 'who ran it',
+            output String COMMENT 'where it was written (path or URL)',
+            filters String COMMENT 'the filters, JSON',
+            format_version UInt16,
+            participants Array(String) COMMENT 'employee_key of every participant in it',
+            demonstration_ids Array(UUID),
+            tasks UInt32,
+            steps UInt32,
+            images UInt32,
+            bytes UInt64,
+            frames_filled UInt32 COMMENT 'frames in which scrubbing filled text',
+            frames_unscrubbable UInt32 COMMENT 'frames left out because they could not be scrubbed',
+            replaces Nullable(UUID) COMMENT 'the stale export this one reissues',
+            manifest_sha256 String
+        )
+        ENGINE = ReplacingMergeTree(finished_at)
+        ORDER BY export_id
+        """,
+    ),
+    (
+        9,
+        "withdrawals",
+        # A participant (erasure, withdrawal of consent) or one demonstration withdrawn from
+        # training data. Every later export leaves them out; exports that contain them are stale.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.withdrawals
+        (
+            withdrawal_id UUID,
+            kind LowCardinality(String) COMMENT 'participant | demonstration',
+            employee_key String COMMENT 'HMAC pseudonym of the employee',
+            demonstration_id Nullable(UUID) COMMENT 'set for kind = demonstration',
+            withdrawn_at DateTime64(6, 'UTC'),
+            actor String,
+            reason String
+        )
+        ENGINE = MergeTree
+        ORDER BY (employee_key, withdrawn_at)
+        """,
+    ),
 ]
 
 

@@ -617,6 +617,7 @@ class DemonstrationEnforcer:
             "ended_at_us": _us(h["ended_at_us"]), "sent_at_us": _us(h["sent_at_us"]),
             "received_at_us": ctx.received_at_us, "consent_version": h["consent_version"],
             "policy_version": h["policy_version"], "agent_version": h["agent_version"], "os": h["os"],
+            "cohort": str(h.get("cohort") or "")[:MAX_LABEL_CHARS],
             "screen": {"width": h["screen"]["width"], "height": h["screen"]["height"],
                        "scale": h["screen"]["scale"]},
             "apps": list(dict.fromkeys(a for a in h["apps"] if a in allowed)),
