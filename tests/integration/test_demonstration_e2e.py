@@ -7,6 +7,8 @@ enforces it and the real sink process stores it: ClickHouse (embedded) holds the
 with one frame per action plus the end frame, every frame's object exists in the store (a local
 directory, and a real S3-compatible server: SeaweedFS), the pixels of a non-allowlisted window
 placed on the screen are solid in every stored frame, and nothing was on the wire before submit.
+Then (issue #12, "Done when") the stored demonstration exports, OCR-scrubbed, to a trajectory whose
+actions equal the script, from the frame store on either backend.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from handtrace.agent.service import demo_dir, socket_path
 from handtrace.core import clickhouse, codec
 from handtrace.core.admin import group_lag
 from handtrace.core.framestore import open_store
+from handtrace.core.pii import MASK_CHAR
 from handtrace.core.settings import Settings
+from handtrace.export.check import check_export
+from handtrace.export.dataset import ExportFilters, export_dataset
 from tests.integration.conftest import start_sink_process, topic_messages, topics_of, wait_for
 from tests.integration.test_demo_upload import AgentProcess
 from tests.xvfb import WindowFactory, XvfbServer, xdotool
@@ -188,9 +193,52 @@ def test_recorded_reviewed_submitted_demonstration_lands_whole_with_masked_frame
         img = opened.convert("RGB")
         x, y, w, h = CHAT_RECT
         chat = img.crop((x, y, x + w, y + h))
-        assert set(chat.getdata()) == {(0, 0, 0)}, f"{reason} frame shows the non-allowlisted window"
+        assert {c for _n, c in chat.getcolors(1 << 24)} == {(0, 0, 0)}, f"{reason} frame shows the non-allowlisted window"
         cx, cy, cw, ch = CODE_RECT
-        assert len(set(img.crop((cx, cy, cx + cw, cy + ch)).getdata())) > 1, "the allowlisted window is shown"
+        assert len(img.crop((cx, cy, cx + cw, cy + ch)).getcolors(1 << 24)) > 1, "the allowlisted window is shown"
+
+    exported_trajectory_equals_the_script(s, tmp_path / "export")
+
+
+def norm(v: int, size: int) -> float:
+    """The exporter's normalisation: v / size rounded half up to 4 decimals."""
+    return ((v * 20_000 + size) // (2 * size)) / 10_000
+
+
+def exported_trajectory_equals_the_script(s: Settings, out: Path) -> None:
+    """Issue #12, "Done when": the recorded demonstration exports (OCR-scrubbed) to a trajectory
+    whose actions are the script's, at the right normalised positions, the typed text masked as
+    the policy says, with one distinct frame per step; the export passes the loader check."""
+    client = clickhouse.connect(s.clickhouse_dsn())
+    try:
+        r = export_dataset(client, open_store(s), out, ExportFilters(), settings=s, workers=2)
+    finally:
+        clickhouse.close(s.clickhouse_dsn())
+    report = check_export(out)
+    assert report.ok, report.errors
+    (task,) = [json.loads(line) for line in (out / "trajectories" / "part-00000.jsonl").read_text().splitlines()]
+    assert r.tasks == 1 and EMAIL not in task["instruction"] and "Berlin trip" in task["instruction"]
+    w, h = task["screen"]["width"], task["screen"]["height"]
+    x0, y0 = CODE_RECT[0], CODE_RECT[1]
+    steps = [st for st in task["traj"] if st["value"]["action"] != "wait"]  # a loaded machine may pause
+    masked = MASK_CHAR * len("Berlin 412 EUR")  # text_capture code: masked
+    assert [st["value"]["code"] for st in steps] == [
+        f"pyautogui.click(x={norm(x0 + 200, w)}, y={norm(y0 + 200, h)})",
+        f'pyautogui.write(message="{masked}")',
+        f"pyautogui.moveTo(x={norm(x0 + 100, w)}, y={norm(y0 + 300, h)})\n"
+        f'pyautogui.dragTo(x={norm(x0 + 300, w)}, y={norm(y0 + 400, h)}, button="left")',
+        f"pyautogui.scroll(-3, x={norm(x0 + 300, w)}, y={norm(y0 + 400, h)})",
+        'pyautogui.hotkey("ctrl", "s")',
+        'computer.terminate(status="success")',
+    ], task["traj"]
+    assert all(st["image"] for st in steps), "every step has its frame"
+    actions = steps[:-1]
+    assert len({st["image_sha256"] for st in actions}) == len(actions), "one distinct frame per action"
+    assert [st["app"] for st in actions] == ["code"] * len(actions), actions
+    # The window was focused before the recording began and no focus change happened during it:
+    # no event of the demonstration carries its title (a recording starts without a focus snapshot).
+    assert {st["title"] for st in actions} <= {None, "expenses.md - Code"}, actions
+    assert all(st["scrub_status"] in ("clean", "scrubbed") for st in steps)
 
 
 def test_trim_and_delete_before_submit_leave_nothing_of_the_removed_parts_anywhere(
