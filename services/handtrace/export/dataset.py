@@ -467,6 +467,7 @@ def _write_batch(out: Path, k: int, steps: pl.DataFrame, demos: pl.DataFrame, st
         "consent_versions": sorted(set(exported.get_column("consent_version").to_list())),
         "counts": {
             "tasks": len(tasks), "steps": steps.height, "images": sum(p is not None for p in img_path),
+            "frames": len(outs),
             "frames_filled": sum(1 for o in outs if o.filled), "boxes_filled": sum(len(o.filled) for o in outs),
             "frames_unscrubbable": sum(1 for o in outs if o.status == "unscrubbable"),
             "frames_missing": sum(1 for o in outs if o.status == "missing"),
