@@ -32,6 +32,7 @@ bench: setup ## benchmarks (print ratios against baselines measured in the same 
 	$(BIN)/python -m bench.frame_capture
 	$(BIN)/python -m bench.stream_throughput
 	$(BIN)/python -m bench.action_reduction
+	$(BIN)/python -m bench.dataset_export
 
 up: setup ## start the local Kafka broker
 	$(BIN)/handtrace kafka up

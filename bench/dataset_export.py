@@ -26,11 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from handtrace.export.simulate import seed_demonstrations
+
 from handtrace.core import clickhouse
 from handtrace.core.framestore import LocalStore
 from handtrace.core.settings import Settings
 from handtrace.export.dataset import ExportFilters, export_dataset
-from handtrace.export.simulate import seed_demonstrations
 from handtrace.sink.schema import migrate
 
 

@@ -193,7 +193,8 @@ def test_recorded_reviewed_submitted_demonstration_lands_whole_with_masked_frame
         img = opened.convert("RGB")
         x, y, w, h = CHAT_RECT
         chat = img.crop((x, y, x + w, y + h))
-        assert {c for _n, c in chat.getcolors(1 << 24)} == {(0, 0, 0)}, f"{reason} frame shows the non-allowlisted window"
+        colours = {c for _n, c in chat.getcolors(1 << 24)}
+        assert colours == {(0, 0, 0)}, f"{reason} frame shows the non-allowlisted window"
         cx, cy, cw, ch = CODE_RECT
         assert len(img.crop((cx, cy, cx + cw, cy + ch)).getcolors(1 << 24)) > 1, "the allowlisted window is shown"
 

@@ -275,7 +275,7 @@ def _load_or_plan(client: Any, db: str, out: Path, filters: ExportFilters, *, ba
 
 _EVENT_COLS = ("captured_at, kind, x, y, button, pressed, scroll_dx, scroll_dy, key_code, modifiers, text, "
                "text_masked, app_id, window_title, url")
-_ORIGIN = r"^([A-Za-z][A-Za-z0-9+.\-]*)://(?:[^/?#@]*@)?([^/?#]*)"
+_ORIGIN = r"^([A-Za-z][A-Za-z0-9+.\-]*)://(?:[^/?#]*@)?([^/?#@\\]*)"  # userinfo up to the authority's last @
 
 
 def _read_batch(client: Any, db: str, ids: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
@@ -311,12 +311,17 @@ def _context(acts: pl.DataFrame, events: pl.DataFrame) -> pl.DataFrame:
     left = acts.with_row_index("_row").sort("started_at")
     joined = left.join_asof(ctx, left_on="started_at", right_on="_t", by="demonstration_id", strategy="backward",
                            check_sortedness=False)  # both sorted by time just above
-    parts = pl.col("url").str.extract_groups(_ORIGIN)
-    origin = (pl.when(parts.struct.field("1").is_not_null() & (parts.struct.field("2") != ""))
-              .then(pl.format("{}://{}", parts.struct.field("1").str.to_lowercase(),
-                              parts.struct.field("2").str.to_lowercase()))
-              .otherwise(None))
-    return joined.sort("_row").select(pl.col("window_title").alias("title"), origin.alias("url_origin"))
+    return joined.sort("_row").select(pl.col("window_title").alias("title"), url_origin("url").alias("url_origin"))
+
+
+def url_origin(col: str) -> pl.Expr:
+    """``scheme://host[:port]`` of the URLs in ``col``, lower case; credentials, path, query and
+    fragment never kept; null when the value has no ``scheme://host``."""
+    parts = pl.col(col).str.extract_groups(_ORIGIN)
+    return (pl.when(parts.struct.field("1").is_not_null() & (parts.struct.field("2") != ""))
+            .then(pl.format("{}://{}", parts.struct.field("1").str.to_lowercase(),
+                            parts.struct.field("2").str.to_lowercase()))
+            .otherwise(None))
 
 
 def _steps(demos: pl.DataFrame, events: pl.DataFrame, frames: pl.DataFrame, s: Settings,
