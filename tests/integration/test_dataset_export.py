@@ -240,6 +240,11 @@ def test_interrupted_export_resumes_to_the_same_files(warehouse: Callable[..., W
         w.export(tmp_path / "cut", scrub=False, batch_size=2)
     with pytest.raises(ExportError, match="other filters"):
         w.export(tmp_path / "cut", ExportFilters(cohorts=("eng",)), scrub=False, batch_size=2, resume=True)
+    other = subprocess.run(  # a second exporter on the same directory, while this one holds it
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(tmp_path / "cut" / ".handtrace-export" / "lock")],
+        capture_output=True, text=True, check=False)
+    assert other.returncode != 0 and "BlockingIOError" in other.stderr, "the interrupted exporter holds its lock"
     resumed = w.export(tmp_path / "cut", scrub=False, batch_size=2, resume=True)
     assert resumed.batches_resumed == 1
     a = json.loads((tmp_path / "whole" / "manifest.json").read_text())

@@ -20,13 +20,16 @@ before a withdrawal are *stale* (:func:`stale_exports`) until :func:`reissue` re
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -244,6 +247,7 @@ def _load_or_plan(client: Any, db: str, out: Path, filters: ExportFilters, *, ba
     state = out / STATE_DIR
     plan_file = state / "plan.json"
     if plan_file.exists():
+        _lock(state)
         plan = _Plan.from_json(json.loads(plan_file.read_text()))
         if not resume:
             raise ExportError(f"{out} holds an unfinished export ({plan.export_id}); continue it with --resume, "
@@ -264,10 +268,34 @@ def _load_or_plan(client: Any, db: str, out: Path, filters: ExportFilters, *, ba
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     plan = _Plan(str(uuid7()), now, filters, ids.get_column("id").to_list(), batch_size, scrub, actor, replaces)
     state.mkdir(parents=True, exist_ok=True)
+    _lock(state)
     (out / "trajectories").mkdir(exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
     _write_atomic(plan_file, _json_bytes(plan.to_json()))
     return plan, False
+
+
+_held: dict[str, int] = {}
+
+
+def _lock(state: Path) -> None:
+    """One exporter per output directory: a second one (another terminal, a retry while the
+    first still runs) is refused instead of interleaving files. Released when the process ends."""
+    _unlock(state)  # held by an earlier, interrupted export of this process
+    fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ExportError(f"another export is writing to {state.parent} right now; wait for it, or stop it and "
+                          "--resume") from None
+    _held[str(state)] = fd
+
+
+def _unlock(state: Path) -> None:
+    fd = _held.pop(str(state), None)
+    if fd is not None:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------ one batch
@@ -360,15 +388,31 @@ class _FrameOut:
     cpu_seconds: float = 0.0
 
 
+FETCH_THREADS = 4
+"""Frame objects fetched concurrently (an S3 store is latency-bound; at most twice this many
+fetched frames wait in memory)."""
+
+
+def _fetch(store: FrameStore, key: str, sha: str) -> bytes | None:
+    try:
+        data = store.get(key)
+    except (StoreError, KeyError, FileNotFoundError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha else None
+
+
 def _frame_bytes(store: FrameStore, keys: list[tuple[str, str]]) -> Iterator[bytes | None]:
-    """The stored bytes of each (object_key, sha256), None when missing or not matching its hash."""
-    for key, sha in keys:
-        try:
-            data = store.get(key)
-        except (StoreError, KeyError, FileNotFoundError):
-            yield None
-            continue
-        yield data if hashlib.sha256(data).hexdigest() == sha else None
+    """The stored bytes of each (object_key, sha256) in order, None when missing or not matching
+    its hash; fetched ahead by a few threads."""
+    window = 2 * FETCH_THREADS
+    with ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="export-fetch") as pool:
+        pending: deque[Future[bytes | None]] = deque()
+        for key, sha in keys:
+            pending.append(pool.submit(_fetch, store, key, sha))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _scrubbed(store: FrameStore, keys: list[tuple[str, str]], *, scrub: bool, workers: int,
@@ -630,6 +674,7 @@ def _finish(client: Any, db: str, out: Path, plan: _Plan, records: list[dict[str
     body = _json_bytes(manifest)
     _write_atomic(out / MANIFEST, body)
     _record(client, db, out, plan, manifest, hashlib.sha256(body).hexdigest())
+    _unlock(state)
     shutil.rmtree(state)
     return manifest
 
