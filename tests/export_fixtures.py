@@ -121,7 +121,10 @@ def sample_tasks(n: int = 3) -> list[dict[str, Any]]:
 
 
 def _ts(v: str | None) -> datetime | None:
-    return None if v is None else datetime.fromisoformat(v)
+    try:
+        return None if v is None else datetime.fromisoformat(v)
+    except ValueError:  # a test's broken time: null in the parquet
+        return None
 
 
 def steps_table(tasks: Iterable[Mapping[str, Any]], image_bytes: Mapping[str, int] | None = None) -> pa.Table:
@@ -235,4 +238,4 @@ def write_export(out: Path, tasks: list[dict[str, Any]], images: Mapping[str, by
 def read_tasks(out: Path) -> list[dict[str, Any]]:
     """Every task of an export, in part and line order."""
     return [json.loads(line) for p in sorted((out / "trajectories").glob("part-*.jsonl"))
-            for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            for line in p.read_text(encoding="utf-8").split("\n") if line.strip()]

@@ -149,7 +149,7 @@ def _signature(name: str, pos: list[Any], kw: dict[str, Any], n_pos: int, allowe
                required: Collection[str] = ()) -> None:
     if len(pos) != n_pos:
         raise CodeError(f"passes {len(pos)} positional arguments to {name}, which takes {n_pos}")
-    unknown = sorted(set(kw) - allowed)
+    unknown = sorted(set(kw) - set(allowed))
     if unknown:
         raise CodeError(f"passes {', '.join(k[:40] for k in unknown)} to {name}, which does not take it")
     missing = sorted(set(required) - set(kw))
@@ -379,6 +379,10 @@ def _time(v: Any) -> datetime | None:
     return t if t.tzinfo is not None else None
 
 
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
 def _pii(text: Any, token: str) -> list[str]:
     if not isinstance(text, str):
         return []
@@ -396,8 +400,7 @@ class _Step:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with path.open("r", encoding="utf-8", newline="\n") as f:
-        for n, line in enumerate(f, 1):
-            yield n, line
+        yield from enumerate(f, 1)
 
 
 def check_export(out: Path, *, token: str = DEFAULT_TOKEN, max_errors: int = 1000) -> CheckReport:
@@ -467,7 +470,7 @@ def _manifest(out: Path, errs: _Errors) -> dict[str, Any] | None:
         errs.add(f"manifest.json: format is {str(manifest.get('format'))[:60]!r}, not {FORMAT!r}")
     fv = manifest.get("format_version")
     if not _is_int(fv) or fv not in FORMAT_VERSIONS:
-        errs.add(f"manifest.json: format_version {str(fv)[:20]!r} is not one this check knows "
+        errs.add(f"manifest.json: format_version {repr(fv)[:20]} is not one this check knows "
                  f"({sorted(FORMAT_VERSIONS)})")
     return manifest
 
@@ -578,16 +581,15 @@ def _check_tasks(tasks: list[tuple[str, dict[str, Any]]], errs: _Errors, token: 
                 errs.add(f"{sw}: the last step is not terminate")
             if i != last and is_term:
                 errs.add(f"{sw}: terminate is not the last step")
-            args = value.get("args") if isinstance(value.get("args"), dict) else {}
-            if kinds := _pii(args.get("message"), token):
+            if kinds := _pii(_obj(value.get("args")).get("message"), token):
                 errs.add(f"{sw}: the typed message has PII the detectors find ({', '.join(kinds)})")
             title = step.get("title")
             if title is not None and not isinstance(title, str):
                 errs.add(f"{sw}: title is not a string or null")
             elif kinds := _pii(title, token):
                 errs.add(f"{sw}: title has PII the detectors find ({', '.join(kinds)})")
-            if (p := url_origin_problem(step.get("url_origin"))) is not None:
-                errs.add(f"{sw}: {p}")
+            if (problem := url_origin_problem(step.get("url_origin"))) is not None:
+                errs.add(f"{sw}: {problem}")
             start, end = _time(step.get("started_at")), _time(step.get("ended_at"))
             if start is None or end is None:
                 errs.add(f"{sw}: started_at and ended_at must be ISO 8601 times with a time zone")
@@ -684,8 +686,8 @@ def _check_parquet(out: Path, steps: list[_Step], digests: dict[str, tuple[str, 
         if row is None:
             errs.add(f"{s.where}: steps.parquet has no row for it")
             continue
-        value = s.raw.get("value") if isinstance(s.raw.get("value"), dict) else {}
-        args = value.get("args") if isinstance(value.get("args"), dict) else {}
+        value = _obj(s.raw.get("value"))
+        args = _obj(value.get("args"))
         image = s.raw.get("image")
         expect: dict[str, Any] = {
             "participant": s.participant, "action": value.get("action"), "code": value.get("code"),
@@ -746,6 +748,6 @@ def _check_manifest_data(manifest: dict[str, Any], tasks: list[tuple[str, dict[s
     if not isinstance(demos, list):
         errs.add("manifest.json: demonstrations is not a list")
     elif sorted(map(str, demos)) != sorted(map(str, ids)):
-        extra, absent = set(map(str, demos)) - set(map(str, ids)), set(map(str, ids)) - set(map(str, demos))
-        errs.add(f"manifest.json: demonstrations differ from the task ids ({len(extra)} listed without a task, "
-                 f"{len(absent)} tasks not listed, or duplicates)")
+        unknown, unlisted = set(map(str, demos)) - set(map(str, ids)), set(map(str, ids)) - set(map(str, demos))
+        errs.add(f"manifest.json: demonstrations differ from the task ids ({len(unknown)} listed without a task, "
+                 f"{len(unlisted)} tasks not listed, or duplicates)")
