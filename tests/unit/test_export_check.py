@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from handtrace.core.pii import unredacted_spans
 from handtrace.export.check import (
     VOCABULARY,
     CheckReport,
@@ -29,6 +30,7 @@ from handtrace.export.check import (
 )
 from tests.export_fixtures import (
     STEPS_SCHEMA,
+    make_task,
     png,
     read_tasks,
     refresh_manifest,
@@ -575,6 +577,28 @@ def test_a_vocabulary_call_with_anything_appended_is_refused(call: tuple[str, st
                                                                tail: str) -> None:
     code, action, args = call
     assert check_code(code + tail, action, args)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(vocabulary_calls(), max_size=6), min_size=1, max_size=3), st.integers(1, 3))
+def test_any_export_of_vocabulary_steps_passes_with_its_counts(tasks_calls: list[list[tuple[str, str, dict[str, Any]]]],
+                                                               per_part: int) -> None:
+    import tempfile
+
+    tasks = []
+    for i, calls in enumerate(tasks_calls):
+        # typed text a detector flags is a finding (test_pii_in_the_instruction_and_in_typed_text)
+        body = [(action, args, code) for code, action, args in calls
+                if action != "terminate" and not unredacted_spans(args.get("message", ""))]
+        steps = [*body, ("terminate", {}, 'computer.terminate(status="success")')]
+        tasks.append(make_task(f"t{i}", participant=f"p{i % 2}", steps=steps, first_without_image=i % 2 == 0))
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "out"
+        write_export(out, tasks, tasks_per_part=per_part)
+        r = check_export(out)
+    assert r.errors == []
+    assert r.tasks == len(tasks) and r.steps == sum(len(t["traj"]) for t in tasks)
+    assert r.images == r.steps - sum(1 for t in tasks if t["traj"][0]["image"] is None)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
