@@ -417,8 +417,11 @@ def _code(acts: pl.DataFrame) -> pl.DataFrame:
             .when(a == "wait").then(pl.format("computer.wait(seconds={}.{})", _num(pl.col("deciseconds") // 10),
                                               _num(pl.col("deciseconds") % 10)))
             .otherwise(pl.lit('computer.terminate(status="success")')))
+    # seconds parsed from the same decimal the code writes: polars' ``/ 10`` is not correctly
+    # rounded (39 / 10 -> 3.9000000000000004), so args and code disagreed (the loader check found it)
+    seconds = pl.format("{}.{}", _num(pl.col("deciseconds") // 10), _num(pl.col("deciseconds") % 10))
     args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
-                     (pl.col("deciseconds") / 10).alias("seconds"))
+                     seconds.cast(pl.Float64).alias("seconds"))
     return acts.with_columns(code.alias("code"), args.alias("args"))
 
 
