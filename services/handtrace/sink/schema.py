@@ -211,6 +211,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         SETTINGS non_replicated_deduplication_window = 10000
         """,
     ),
+    (
+        7,
+        "demonstrations cohort",
+        # The header carries the agent's rollout cohort; stored so an export can filter by it
+        # (issue #12, `handtrace dataset export --cohort`).
+        """
+        ALTER TABLE {db}.demonstrations ADD COLUMN IF NOT EXISTS cohort LowCardinality(String) DEFAULT ''
+        """,
+    ),
 ]
 
 
