@@ -178,7 +178,8 @@ TITLES: dict[str, tuple[str | None, ...]] = {
 PII_EMAILS = ("ada.lovelace@example.com", "grace.hopper@example.org", "alan.turing@example.net",
               "katherine.johnson@example.com")
 PII_CARDS = ("4111 1111 1111 1111", "5555 5555 5555 4444", "4012 8888 8888 1881")
-_ALNUM = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", dtype=np.uint8)
+_ALNUM = np.frombuffer(b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnpqrstuvwxyz23456789", dtype=np.uint8)
+"""Key characters without the ones OCR confuses (I l 1, O o 0): tests compare OCR with them."""
 
 ACTION_WEIGHTS: dict[str, float] = {
     "click": 0.28, "doubleClick": 0.05, "rightClick": 0.03, "dragTo": 0.06, "scroll": 0.10,
@@ -846,13 +847,22 @@ class _Simulator:
                 ops.append(_text(w.x + 18, fy + 4, f.typed, SANS, 16, (20, 20, 20)))
             pii: list[str] = []
             if self.pii_frames > 0 and self.rng.random() < self.pii_frames:
-                pii = self._pii()
-                px, py = w.x + 16, w.body_top + 40
-                ops.append(_rect((px, py, px + min(w.w - 32, 560), py + 12 + 30 * len(pii)), (255, 255, 255),
-                                 (170, 170, 170)))
-                for i, s in enumerate(pii):
-                    label = "To: " if "@" in s else "Card number " if s[0].isdigit() else "token = "
-                    ops.append(_text(px + 10, py + 8 + 30 * i, label + s, SANS, 16, (15, 15, 15)))
+                strings = self._pii()
+                ph = 24 + 30 * len(strings)
+                # a panel clear of the pointer and its highlight (they would hide ink from OCR),
+                # above the typed-text field
+                for py in (w.body_top + 34, sy0 - 56 - ph):
+                    if py >= w.body_top + 34 and (f.y - 14 > py + ph or f.y + 24 < py):
+                        break
+                else:
+                    py = -1
+                if py >= 0:
+                    pii = strings
+                    px = w.x + 16
+                    ops.append(_rect((px, py, px + min(w.w - 32, 600), py + ph), (255, 255, 255), (170, 170, 170)))
+                    for i, s in enumerate(pii):
+                        label = "To: " if "@" in s else "Card number " if s[0].isdigit() else "token = "
+                        ops.append(_text(px + 12, py + 12 + 30 * i, label + s, SANS, 16, (15, 15, 15)))
             hx0, hx1 = max(w.x + 2, f.x - 60), min(w.x + w.w - 3, f.x + 60)
             if f.reason != "end" and hx0 < hx1:  # a hover highlight at the target
                 ops.append(_rect((hx0, f.y - 12, hx1, f.y + 12), None, (70, 130, 220)))
