@@ -264,3 +264,34 @@ def test_the_bench_entry_point(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "3/3 demonstrations" in out.stdout and "3 demonstrations, 5 participants" in out.stdout
     assert sum(1 for _ in LocalStore(tmp_path / "store").list("frames/")) > 3 * 5
+
+
+def test_png_from_bands_is_exactly_the_drawn_screen() -> None:
+    # The frame encoder (deflate streams per band, concatenated; Adler-32 combined) against Pillow:
+    # a full decode of our PNG equals the same drawing made on a whole image, and zlib checks the
+    # stream's Adler-32 and end.
+    import zlib
+
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    size = (333, 171)  # not a multiple of the band height
+    wins = [simulate._Win("org.gnome.TextEditor", None, 0, simulate.TOP, 200, 171 - simulate.TOP),
+            simulate._Win("firefox", simulate.URLS[0], 200, simulate.TOP, 133, 171 - simulate.TOP)]
+    base = simulate._Screen.render(size, wins, "text", 1)
+    noise = Image.fromarray(rng.integers(0, 256, size=(40, 333, 3), dtype=np.uint8))
+    base = base.derive([(100, 140, lambda img, dy: img.paste(noise, (0, 100 + dy)))])
+    ops = [simulate._text(10, 60, "ada.lovelace@example.com", simulate.SANS, 16, (15, 15, 15)),
+           simulate._rect((5, 150, 300, 170), (200, 30, 30)), simulate._cursor(320, 160),
+           simulate._cursor(40, 2)]
+    bands, _ = base.with_ops(ops)
+    png = simulate._png(*size, bands)
+    expect = base.img.copy()
+    for _, _, fn in ops:
+        fn(expect, 0)
+    got = Image.open(io.BytesIO(png))
+    assert got.size == size and got.mode == "RGB"
+    assert np.array_equal(np.asarray(got), np.asarray(expect))
+    idat = png[8 + 25 + 8: -12 - 4]  # after the signature and IHDR chunk, the IDAT data (before its CRC)
+    raw = zlib.decompress(idat)  # raises on a wrong Adler-32 or a missing end
+    assert len(raw) == size[1] * (1 + 3 * size[0])

@@ -227,6 +227,9 @@ class SeedResult:
     """Demonstration id -> the action names reduction must give (``terminate`` last)."""
     cohorts: dict[str, str] = field(default_factory=dict)
     """Employee key -> cohort."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: events (simulation + Arrow), images (render + encode + hash), store
+    (waiting for the object writes), insert (ClickHouse)."""
 
     def summary(self) -> str:
         """One line for logs and the bench."""
@@ -235,7 +238,8 @@ class SeedResult:
                 f"{self.events} events, {self.frames} frames ({self.objects} objects, "
                 f"{self.bytes / 1e6:.1f} MB), {len(self.pii)} frames with PII in {self.seconds:.1f} s: "
                 f"{len(self.demonstration_ids) / s:.1f} demonstrations/s, {self.events / s:,.0f} events/s, "
-                f"{self.frames / s:.0f} frames/s")
+                f"{self.frames / s:.0f} frames/s; "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
 
 
 # ------------------------------------------------------------------ ids
@@ -1073,6 +1077,14 @@ def seed_demonstrations(client: Any, database: str, store: FrameStore, *, n: int
     sim = _Simulator(rng, (int(screen[0]), int(screen[1])), apps, frame_kind, pii_frames)
     result = SeedResult([], keys, 0, 0, 0, {}, 0.0, cohorts=cohort_of)
     written: set[str] = set()
+    clock = dict.fromkeys(("events", "images", "store", "insert"), 0.0)
+    mark = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        clock[phase] += now - mark
+        mark = now
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="simulate-put") as pool:
         for b0 in range(0, n, batch_size):
             sim.reset()
@@ -1083,6 +1095,7 @@ def seed_demonstrations(client: Any, database: str, store: FrameStore, *, n: int
                 demo_id = uuid7s(np.array([start]), rng)[0].tobytes()
                 demos.append(sim.demo(i - b0, demo_id, keys[p], devices[p], cohorts[p % len(cohorts)], start, steps))
             events, event_ids = _events_table(sim, demos, agent_version, os_name)
+            lap("events")
             puts: list[Future[None]] = []
             objs: list[list[tuple[str, str, int]]] = []
             for demo in demos:
@@ -1099,8 +1112,10 @@ def seed_demonstrations(client: Any, database: str, store: FrameStore, *, n: int
                         result.pii[sha] = pii
                     mine.append((sha, key, len(png)))
                 objs.append(mine)
+            lap("images")
             for fut in puts:  # objects first: never a row without its object
                 fut.result()
+            lap("store")
             frames = _frames_table(demos, objs, event_ids, sim.screen)
             per_demo = np.bincount(sim.cols.demo[: sim.cols.n], minlength=len(demos)).tolist()
             token = f"simulate/{demos[0].demo_id.hex()}/{len(demos)}"
@@ -1109,6 +1124,7 @@ def seed_demonstrations(client: Any, database: str, store: FrameStore, *, n: int
             _insert(client, database, "demonstrations",
                     _demonstrations_table(demos, per_demo, sim.screen, agent_version, os_name),
                     f"{token}/demonstrations")
+            lap("insert")
             for d in demos:
                 ident = _uuid_str(d.demo_id)
                 result.demonstration_ids.append(ident)
@@ -1118,6 +1134,7 @@ def seed_demonstrations(client: Any, database: str, store: FrameStore, *, n: int
             if progress is not None:
                 progress(len(result.demonstration_ids), n)
     result.seconds = time.perf_counter() - began
+    result.timings = {k: round(v, 3) for k, v in clock.items()}
     return result
 
 
