@@ -28,8 +28,9 @@ Frames are synthetic screens (Pillow, DejaVu fonts): tiled windows (title bar, U
 browsers, text lines or a terminal), the top strip filled solid as the agent fills what is no
 window; per step the focused window's status line (clock of the grab), a highlight and the
 pointer at the target, the last typed text (bullets when masked) and, with probability
-``pii_frames``, a panel with an email address, a card number and/or an API key
-(``SeedResult.pii``: sha256 -> the strings drawn). Speed: the PNG is assembled from deflate
+``pii_frames``, a panel with an email address, a card number and/or an API key, kept clear of the
+pointer so OCR can read every string (``SeedResult.pii``: sha256 -> the strings drawn; a frame
+whose pointer leaves no room shows none, so the share is a little under ``pii_frames``). Speed: the PNG is assembled from deflate
 streams of 16-row bands (each flushed to a byte boundary, so they concatenate); a demonstration's
 base screen is compressed once, a frame recompresses only the bands it changes.
 
@@ -513,6 +514,15 @@ class _Columns:
     """The events of a batch as preallocated numpy columns, filled one slice per action."""
 
     INT32 = ("x", "y", "sdx", "sdy", "key", "mods", "text", "win", "title")
+    x: np.ndarray
+    y: np.ndarray
+    sdx: np.ndarray
+    sdy: np.ndarray
+    key: np.ndarray
+    mods: np.ndarray
+    text: np.ndarray
+    win: np.ndarray
+    title: np.ndarray
 
     def __init__(self, cap: int = 1 << 16) -> None:
         self.n = 0
@@ -581,7 +591,7 @@ class _Demo:
     titles: list[str | None]
     layout: int
     variant: int
-    first_row: int
+    first_row: int              # its events: batch rows [first_row, last_row)
     last_row: int
     frames: list[_FramePlan]
     actions: list[str]
@@ -643,8 +653,9 @@ class _Simulator:
     def _wid(self, w: _Win) -> int:
         return self.win_table.setdefault((w.app_id, w.url), len(self.win_table))
 
-    def _tid(self, title: str) -> int:
-        return self.title_table.setdefault(title, len(self.title_table))
+    def _title(self, title: str | None) -> int:
+        """Index of a window title in the batch's title table; -1 for none."""
+        return -1 if title is None else self.title_table.setdefault(title, len(self.title_table))
 
     def _target(self, w: _Win) -> tuple[int, int]:
         return (int(self.rng.integers(w.x + 20, w.x + w.w - 20)),
@@ -692,6 +703,7 @@ class _Simulator:
 
     def demo(self, d: int, demo_id: bytes, employee_key: str, device_key: str, cohort: str,
              start: int, steps: int) -> _Demo:
+        """Plan one demonstration and append its events (batch index ``d``) to the columns."""
         rng = self.rng
         layout, wins, variant = self.workspaces[int(rng.integers(len(self.workspaces)))]
         n_w = len(wins)
@@ -705,7 +717,7 @@ class _Simulator:
         t = start + self._ms(300, 1000)
         cur = int(rng.integers(n_w))
         c.add(1, t=t, demo=d, kind=FOCUS, win=wid[cur],
-              title=self._tid(titles[cur]) if titles[cur] is not None else -1)
+              title=self._title(titles[cur]))
         pos = self._target(wins[cur])
         frames: list[_FramePlan] = []
         typed: str | None = None
@@ -723,7 +735,7 @@ class _Simulator:
             if n_w > 1 and a != "press" and rng.random() < 0.15:
                 cur = (cur + 1 + int(rng.integers(n_w - 1))) % n_w
                 c.add(1, t=t_focus, demo=d, kind=FOCUS, win=wid[cur],
-                      title=self._tid(titles[cur]) if titles[cur] is not None else -1)
+                      title=self._title(titles[cur]))
             w = wins[cur]
             tok = gap_end
             pointer = a in ("click", "doubleClick", "tripleClick", "rightClick", "dragTo", "scroll", "hscroll")
@@ -771,11 +783,11 @@ class _Simulator:
                 masked = bool(rng.random() < 0.3)
                 cps = np.frombuffer(s.encode("ascii"), dtype=np.uint8).astype(np.int32)
                 if masked:
-                    codes, text, mods = np.full(len(cps), MASKED_KEYSYM), _MASK_TEXT, 0
+                    row, end = self._keys(d, wid[cur], tok, np.full(len(cps), MASKED_KEYSYM), 0, _MASK_TEXT,
+                                          True, (90, 220))
                 else:
-                    codes, text = cps, cps - 0x20
-                    mods = np.where((cps >= 0x41) & (cps <= 0x5A), SHIFT, 0)
-                row, end = self._keys(d, wid[cur], tok, codes, mods, text, masked, (90, 220))
+                    shifted = np.where((cps >= 0x41) & (cps <= 0x5A), SHIFT, 0)
+                    row, end = self._keys(d, wid[cur], tok, cps, shifted, cps - 0x20, False, (90, 220))
                 frames.append(_FramePlan(0, "typing", grab, tok, row, x, y, cur, typed))
                 typed = MASK_CHAR * len(s) if masked else s
             elif a == "press":
@@ -808,8 +820,7 @@ class _Simulator:
         for i, f in enumerate(frames):
             f.step = i
         frames.append(_FramePlan(len(frames), "end", ended - self._ms(20, 80), None, None, *pos, cur, typed))
-        names = [a if a != "hscroll" else "hscroll" for a in plan] + ["terminate"]
-        names = ["dragTo" if a == "dragTo" else a for a in names]
+        names = [*plan, "terminate"]  # the planned names are reduction's names
         return _Demo(d, demo_id, employee_key, device_key, cohort, INSTRUCTIONS[int(rng.integers(len(INSTRUCTIONS)))],
                      start, ended, wins, titles, layout, variant, first_row, c.n, frames, names)
 
@@ -1143,7 +1154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The tables are the sink's (its migrations create them); this tool only runs them.
     from handtrace.core import clickhouse
     from handtrace.core.framestore import open_store
-    from handtrace.core.settings import Settings
+    from handtrace.core.settings import Settings, StoreSettings
     from handtrace.sink.schema import migrate
 
     ap = argparse.ArgumentParser(prog="python -m handtrace.export.simulate", description=__doc__.split("\n\n")[0])
@@ -1160,7 +1171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--workers", type=int, default=4)
     args = ap.parse_args(argv)
-    settings = Settings(store={"url": args.store})
+    settings = Settings(store=StoreSettings(url=args.store))
     database = args.database or settings.clickhouse.database
     client = clickhouse.connect(args.dsn)
     try:
