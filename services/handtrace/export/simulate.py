@@ -30,7 +30,8 @@ window; per step the focused window's status line (clock of the grab), a highlig
 pointer at the target, the last typed text (bullets when masked) and, with probability
 ``pii_frames``, a panel with an email address, a card number and/or an API key, kept clear of the
 pointer so OCR can read every string (``SeedResult.pii``: sha256 -> the strings drawn; a frame
-whose pointer leaves no room shows none, so the share is a little under ``pii_frames``). Speed: the PNG is assembled from deflate
+whose pointer leaves no room shows none, so the share is a little under ``pii_frames``).
+Speed: the PNG is assembled from deflate
 streams of 16-row bands (each flushed to a byte boundary, so they concatenate); a demonstration's
 base screen is compressed once, a frame recompresses only the bands it changes.
 
