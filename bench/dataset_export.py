@@ -26,12 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from handtrace.export.simulate import seed_demonstrations
-
 from handtrace.core import clickhouse
 from handtrace.core.framestore import LocalStore
 from handtrace.core.settings import Settings
 from handtrace.export.dataset import ExportFilters, export_dataset
+from handtrace.export.simulate import seed_demonstrations
 from handtrace.sink.schema import migrate
 
 
@@ -46,6 +45,7 @@ def main() -> None:
     ap.add_argument("--ocr-demos", type=int, default=8)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--pii-frames", type=float, default=0.05, help="share of frames showing PII text")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
 
@@ -59,7 +59,8 @@ def main() -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
               f"demos={args.demos} steps~{args.steps} workers={args.workers} batch={args.batch_size}")
         t0 = time.perf_counter()
-        seeded = seed_demonstrations(client, s.clickhouse.database, store, n=args.demos, steps=args.steps)
+        seeded = seed_demonstrations(client, s.clickhouse.database, store, n=args.demos, steps=args.steps,
+                                     pii_frames=args.pii_frames)
         seed_s = time.perf_counter() - t0
         print(f"seeded {len(seeded.demonstration_ids)} demonstrations, {seeded.events:,} events, "
               f"{seeded.frames:,} frames ({seeded.bytes / 1e6:.0f} MB) in {seed_s:.1f} s")
@@ -74,21 +75,17 @@ def main() -> None:
         shutil.rmtree(work / "plain")
 
         subset = ExportFilters(demonstrations=tuple(seeded.demonstration_ids[:args.ocr_demos]))
-        cpu0 = os.times()
         r1 = export_dataset(client, store, work / "ocr", subset, settings=s, scrub=True, workers=args.workers,
                             batch_size=args.batch_size)
-        cpu1 = os.times()
         ocr_bytes = _tree_bytes(work / "ocr")
         frames = r1.manifest["counts"]["frames"]  # distinct stored frames read and scrubbed
         distinct = r1.images
         ocr_rate = r1.steps / r1.seconds
-        cpu = (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system)
         per_frame_cpu = r1.ocr_cpu_seconds / max(1, frames)
         print(f"OCR    : {r1.tasks} tasks, {r1.steps:,} steps, {distinct:,} images in {r1.seconds:.1f} s -> "
               f"{ocr_rate:,.1f} steps/s, {ocr_bytes / r1.steps / 1e3:.1f} kB/step; "
               f"{frames} frames OCR'd: {per_frame_cpu:.2f} CPU s/frame, {r1.seconds / max(1, frames):.2f} wall s/frame "
-              f"with {args.workers} workers; filled {r1.frames_filled} frames, {r1.boxes_filled} boxes; "
-              f"children CPU {cpu:.0f} s")
+              f"with {args.workers} workers; filled {r1.frames_filled} frames, {r1.boxes_filled} boxes")
         whole = r0.steps / ocr_rate
         print(f"ratio  : OCR export is {plain_rate / ocr_rate:,.0f}x slower per step; the {r0.steps:,} steps of "
               f"all {r0.tasks} demonstrations with OCR: ~{whole / 3600:.1f} h on this machine "
