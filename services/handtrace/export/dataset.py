@@ -373,18 +373,17 @@ def _steps(demos: pl.DataFrame, events: pl.DataFrame, frames: pl.DataFrame, s: S
             .sort("_task", "step"))
 
 
-def _image_path(task: str, step: int, fmt: str) -> str:
-    return f"images/{task}/{step:04d}.{fmt or 'png'}"
-
-
 @dataclass
 class _FrameOut:
-    image: bytes | None
+    """What became of one stored frame (no pixels: they are written as they arrive)."""
+
     status: str
     filled: list[dict[str, Any]]
     detector_version: int | None
     scrub_version: int | None
     tesseract_version: str | None
+    image_sha256: str | None = None
+    image_bytes: int | None = None
     cpu_seconds: float = 0.0
 
 
@@ -415,41 +414,51 @@ def _frame_bytes(store: FrameStore, keys: list[tuple[str, str]]) -> Iterator[byt
             yield pending.popleft().result()
 
 
-def _scrubbed(store: FrameStore, keys: list[tuple[str, str]], *, scrub: bool, workers: int,
-              on_frame: Callable[[int], None]) -> list[_FrameOut]:
+def _outcomes(store: FrameStore, keys: list[tuple[str, str]], *, scrub: bool,
+              workers: int) -> Iterator[tuple[bytes | None, _FrameOut]]:
+    """(image to export or None, what became of it) per (object_key, sha256), in order, one at
+    a time: a batch never holds all its frames in memory. An image left as stored keeps its sha."""
     from handtrace.export import scrub as scrubber
 
-    outs: list[_FrameOut] = []
     if not scrub:
-        for i, data in enumerate(_frame_bytes(store, keys)):
-            outs.append(_FrameOut(data, "skipped" if data is not None else "missing", [], None, None, None))
-            on_frame(i + 1)
-        return outs
-    source = _frame_bytes(store, keys)
+        for (_key, sha), data in zip(keys, _frame_bytes(store, keys), strict=True):
+            if data is None:
+                yield None, _FrameOut("missing", [], None, None, None)
+            else:
+                yield data, _FrameOut("skipped", [], None, None, None, sha, len(data))
+        return
     missing: set[int] = set()
 
     def present() -> Iterator[bytes]:
-        for i, data in enumerate(source):
+        for i, data in enumerate(_frame_bytes(store, keys)):
             if data is None:
                 missing.add(i)
                 yield b""  # decodes to nothing: reported unscrubbable, then marked missing below
             else:
                 yield data
 
-    for i, o in enumerate(scrubber.scrub_many(present(), workers=workers, progress=lambda d, _t: on_frame(d))):
+    for (i, o), (_key, sha) in zip(enumerate(scrubber.scrub_many(present(), workers=workers)), keys, strict=True):
         if i in missing:
-            outs.append(_FrameOut(None, "missing", [], None, None, None))
-        elif not o.ok:
-            outs.append(_FrameOut(None, "unscrubbable", [], o.detector_version, o.scrub_version,
-                                  o.tesseract_version, o.cpu_seconds))
+            yield None, _FrameOut("missing", [], None, None, None)
+        elif not o.ok or o.image is None:
+            yield None, _FrameOut("unscrubbable", [], o.detector_version, o.scrub_version, o.tesseract_version,
+                                  cpu_seconds=o.cpu_seconds)
         else:
-            outs.append(_FrameOut(o.image, "scrubbed" if o.filled else "clean", o.filled, o.detector_version,
-                                  o.scrub_version, o.tesseract_version, o.cpu_seconds))
-    return outs
+            digest = hashlib.sha256(o.image).hexdigest() if o.filled else sha  # clean: returned byte for byte
+            yield o.image, _FrameOut("scrubbed" if o.filled else "clean", o.filled, o.detector_version,
+                                     o.scrub_version, o.tesseract_version, digest, len(o.image), o.cpu_seconds)
 
 
 _FILLED = pl.List(pl.Struct({"x": pl.Int32, "y": pl.Int32, "width": pl.Int32, "height": pl.Int32,
                              "kind": pl.String}))
+_OUT_SCHEMA: dict[str, Any] = {"object_key": pl.String, "scrub_status": pl.String, "frame_filled": _FILLED,
+               "detector_version": pl.Int32, "scrub_version": pl.Int32, "tesseract_version": pl.String,
+               "_sha": pl.String, "_bytes": pl.Int64}
+
+
+def _image_col() -> pl.Expr:
+    return pl.format("images/{}/{}.{}", pl.col("demonstration_id"), pl.col("step").cast(pl.String).str.zfill(4),
+                     pl.coalesce(pl.col("format"), pl.lit("png")))
 
 
 def _write_batch(out: Path, k: int, steps: pl.DataFrame, demos: pl.DataFrame, store: FrameStore, *,
@@ -459,46 +468,36 @@ def _write_batch(out: Path, k: int, steps: pl.DataFrame, demos: pl.DataFrame, st
     state = out / STATE_DIR
     for task in demos.get_column("demonstration_id").to_list():  # a redone batch starts clean
         shutil.rmtree(out / "images" / task, ignore_errors=True)
+    steps = steps.with_columns(_image_col().alias("_path"))
     with_frame = steps.filter(pl.col("object_key").is_not_null())
-    uniq = with_frame.select("object_key", "frame_sha256").unique(maintain_order=True)
-    keys = list(uniq.iter_rows())
-    total = len(keys)
-    outs = _scrubbed(store, keys, scrub=scrub, workers=workers, on_frame=lambda d: on_frame(d, total))
-    by_key = {key: o for (key, _), o in zip(keys, outs, strict=True)}
-    files: dict[str, dict[str, Any]] = {}
-    cols: list[tuple[Any, ...]] = []
-    none: tuple[Any, ...] = (None, None, None, "none", [], None, None, None)
-    cpu = 0.0
-    seen_cpu: set[str] = set()
-    made: set[str] = set()
-    for task, step, key, fmt in steps.select("demonstration_id", "step", "object_key", "format").iter_rows():
-        o = by_key.get(key) if key is not None else None
-        if o is None:
-            cols.append(none)
-            continue
-        if key not in seen_cpu:
-            seen_cpu.add(key)
-            cpu += o.cpu_seconds
-        meta = (o.status, o.filled, o.detector_version, o.scrub_version, o.tesseract_version)
-        if o.image is None:
-            cols.append((None, None, None, *meta))
-            continue
-        rel = _image_path(task, step, fmt)
-        if task not in made:
-            (out / "images" / task).mkdir(parents=True, exist_ok=True)
-            made.add(task)
-        (out / rel).write_bytes(o.image)
-        sha = hashlib.sha256(o.image).hexdigest()
-        files[rel] = {"sha256": sha, "bytes": len(o.image)}
-        cols.append((rel, sha, len(o.image), *meta))
-    img_path, img_sha, img_bytes, status, filled, dv, sv, tv = (
-        [list(c) for c in zip(*cols, strict=True)] if cols else [[] for _ in range(8)])
-    steps = steps.with_columns(
-        pl.Series("image", img_path, pl.String), pl.Series("image_sha256", img_sha, pl.String),
-        pl.Series("image_bytes", img_bytes, pl.Int64), pl.Series("scrub_status", status, pl.String),
-        pl.Series("frame_filled", filled, _FILLED), pl.Series("detector_version", dv, pl.Int32),
-        pl.Series("scrub_version", sv, pl.Int32), pl.Series("tesseract_version", tv, pl.String),
-    )
+    targets = with_frame.group_by("object_key", maintain_order=True).agg(
+        pl.first("frame_sha256"), pl.col("_path"))
+    keys = list(targets.select("object_key", "frame_sha256").iter_rows())
+    paths: list[list[str]] = targets.get_column("_path").to_list()
+    for task in with_frame.get_column("demonstration_id").unique().to_list():
+        (out / "images" / task).mkdir(parents=True, exist_ok=True)
+    metas: list[_FrameOut] = []
+    for n, (image, meta) in enumerate(_outcomes(store, keys, scrub=scrub, workers=workers)):
+        if image is not None:
+            for rel in paths[n]:
+                (out / rel).write_bytes(image)
+        metas.append(meta)
+        on_frame(n + 1, len(keys))
+    outs = pl.DataFrame({
+        "object_key": [key for key, _ in keys], "scrub_status": [m.status for m in metas],
+        "frame_filled": [m.filled for m in metas], "detector_version": [m.detector_version for m in metas],
+        "scrub_version": [m.scrub_version for m in metas], "tesseract_version": [m.tesseract_version for m in metas],
+        "_sha": [m.image_sha256 for m in metas], "_bytes": [m.image_bytes for m in metas],
+    }, schema=_OUT_SCHEMA)
+    steps = steps.join(outs, on="object_key", how="left", maintain_order="left").with_columns(
+        pl.when(pl.col("_sha").is_not_null()).then(pl.col("_path")).alias("image"),
+        pl.col("_sha").alias("image_sha256"), pl.col("_bytes").alias("image_bytes"),
+        pl.col("scrub_status").fill_null("none"), pl.col("frame_filled").fill_null([]),
+    ).drop("_path", "_sha", "_bytes")
+    images = steps.filter(pl.col("image").is_not_null())
+    files: dict[str, dict[str, Any]] = {
+        rel: {"sha256": sha, "bytes": size}
+        for rel, sha, size in images.select("image", "image_sha256", "image_bytes").iter_rows()}
     part = f"trajectories/part-{k:05d}.jsonl"
     data = _jsonl(steps, demos)
     _write_atomic(out / part, data)
@@ -515,16 +514,15 @@ def _write_batch(out: Path, k: int, steps: pl.DataFrame, demos: pl.DataFrame, st
         "policy_versions": sorted(set(exported.get_column("policy_version").to_list())),
         "consent_versions": sorted(set(exported.get_column("consent_version").to_list())),
         "counts": {
-            "tasks": len(tasks), "steps": steps.height, "images": sum(p is not None for p in img_path),
-            "frames": len(outs),
-            "frames_filled": sum(1 for o in outs if o.filled), "boxes_filled": sum(len(o.filled) for o in outs),
-            "frames_unscrubbable": sum(1 for o in outs if o.status == "unscrubbable"),
-            "frames_missing": sum(1 for o in outs if o.status == "missing"),
-            "steps_without_image": sum(p is None for p in img_path),
+            "tasks": len(tasks), "steps": steps.height, "images": images.height, "frames": len(metas),
+            "frames_filled": sum(1 for m in metas if m.filled), "boxes_filled": sum(len(m.filled) for m in metas),
+            "frames_unscrubbable": sum(1 for m in metas if m.status == "unscrubbable"),
+            "frames_missing": sum(1 for m in metas if m.status == "missing"),
+            "steps_without_image": steps.height - images.height,
             "demonstrations_skipped": demos.height - len(tasks),
         },
-        "ocr_cpu_seconds": round(cpu, 3),
-        "tesseract_versions": sorted({t for t in tv if t}),
+        "ocr_cpu_seconds": round(sum(m.cpu_seconds for m in metas), 3),
+        "tesseract_versions": sorted({m.tesseract_version for m in metas if m.tesseract_version}),
     }
 
 
