@@ -74,6 +74,8 @@ def main() -> None:
               f"({plain_bytes / 1e6:.0f} MB)")
         shutil.rmtree(work / "plain")
 
+        if args.ocr_demos <= 0:
+            return
         subset = ExportFilters(demonstrations=tuple(seeded.demonstration_ids[:args.ocr_demos]))
         r1 = export_dataset(client, store, work / "ocr", subset, settings=s, scrub=True, workers=args.workers,
                             batch_size=args.batch_size)
