@@ -87,6 +87,7 @@ them -- are not sorted again.
 
 from __future__ import annotations
 
+import json
 from typing import Final
 
 import polars as pl
@@ -127,6 +128,17 @@ ACTION_COLUMNS: Final = ("demonstration_id", "step", "action", "code", "args", "
 _EVENT_COLUMNS = ("demonstration_id", "captured_at", "kind", "x", "y", "button", "pressed",
                   "scroll_dx", "scroll_dy", "key_code", "modifiers", "text", "text_masked", "app_id")
 _TS = pl.Datetime("us", "UTC")
+_BUTTONS = ("left", "right", "middle")
+_KEY_LITERALS: Final = {c: json.dumps(n) for c, n in KEY_NAMES.items()}
+"""Key names as Python/JSON string literals (pyautogui names are ASCII: no escaping needed)."""
+_HEADS: Final = {
+    **{a: f"pyautogui.{a}(" for a in ("click", "doubleClick", "tripleClick", "rightClick", "middleClick",
+                                        "scroll", "hscroll", "press", "hotkey")},
+    "dragTo": "pyautogui.moveTo(", "write": "pyautogui.write(message=", "wait": "computer.wait(seconds=",
+    "terminate": 'computer.terminate(status="success"',
+}
+"""Each action's code up to its first argument (``_code`` appends arguments and the parenthesis)."""
+_US = 1_000_000
 
 
 def _us(df: pl.DataFrame, col: str) -> pl.Expr:
@@ -145,138 +157,158 @@ def _pystr(expr: pl.Expr) -> pl.Expr:
             .str.strip_prefix('{"v":').str.strip_suffix("}"))
 
 
-def _num(expr: pl.Expr) -> pl.Expr:
-    return expr.cast(pl.String)
+def _events(events: pl.DataFrame) -> pl.DataFrame:
+    """Every event in reduction order, classified, with running counts: the only pass over all
+    events (the rest works on tokens, about a tenth of them).
 
-
-def _classified(events: pl.DataFrame) -> pl.DataFrame:
-    """Events sorted per demonstration, with token class and fold direction."""
+    Columns added: ``idx`` (row), ``new_demo`` / ``demo_end`` (first / last event of its
+    demonstration), ``cls`` (token class, 0: none), ``fold_back`` (folds into the preceding
+    action), ``held`` (a button is held), ``is_move``, ``is_press``, ``is_release``, and inclusive
+    running counts of non-move non-token events: ``F`` folding forward, ``B`` folding back,
+    ``FB`` both; ``LB`` the row of the last fold-back event so far (moves included).
+    """
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events lack columns: {missing}")
     df = events.select(*(c for c in _EVENT_COLUMNS if c != "captured_at"), _us(events, "captured_at").alias("t"))
     d, t = pl.col("demonstration_id"), pl.col("t")
-    ordered = df.select(((d > d.shift(1)) | ((d == d.shift(1)) & (t >= t.shift(1)))).fill_null(True).all()).item()  # noqa: FBT003
-    if not ordered:  # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
-        df = df.with_row_index("_in").sort(["demonstration_id", "t", "_in"]).drop("_in")
-    df = df.with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64))
+    new_demo = (d != d.shift(1)).fill_null(True)  # noqa: FBT003
+    df = df.with_columns(new_demo.alias("new_demo"))
+    # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
+    unordered = df.select((~pl.col("new_demo") & (t < t.shift(1))).any()).item()
+    if unordered or not df["demonstration_id"].is_sorted():
+        df = df.sort("demonstration_id", "t", maintain_order=True).with_columns(new_demo.alias("new_demo"))
     kind, code = pl.col("kind"), pl.col("key_code")
     mods = pl.col("modifiers").fill_null(0)
-    pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
-    button_ok = pl.col("button").is_in(["left", "right", "middle"])
-    down = kind == "key_down"
-    modkey = code.is_in(list(MODIFIER_KEYSYMS)).fill_null(False)  # noqa: FBT003
     masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
+    modkey = code.is_in(list(MODIFIER_KEYSYMS)).fill_null(False)  # noqa: FBT003
     char_sym = ((code >= 0x20) & (code <= 0x7E)) | ((code >= 0xA0) & (code <= 0xFF)) | (
         (code >= 0x01000020) & (code <= 0x0110FFFF))
     printable = pl.col("text").is_not_null() | masked | char_sym.fill_null(False)  # noqa: FBT003
-    typing = down & ~modkey & ((mods & COMMAND) == 0) & printable
-    name = code.replace_strict(KEY_NAMES, default=None, return_dtype=pl.String)
-    named = down & ~modkey & ~typing & name.is_not_null()
-    is_press = (kind == "click") & pressed & button_ok
-    is_release = (kind == "click") & ~pressed & button_ok
-    df = df.with_columns(
-        (pl.col("demonstration_id") != _prev("demonstration_id")).fill_null(True).alias("new_demo"),  # noqa: FBT003
-        is_press.alias("is_press"), is_release.alias("is_release"),
-        pl.when(is_press).then(T_CLICK).when(kind == "scroll").then(T_SCROLL).when(typing).then(T_TYPE)
-        .when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT).otherwise(0)
-        .cast(pl.Int8).alias("cls"),
-        name.alias("key"),
-    )
-    idx = pl.col("idx")
-    df = df.with_columns(
-        pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no"),
-        pl.when("new_demo").then(idx).forward_fill().alias("demo_first"),
-        pl.when("is_press").then(idx).forward_fill().alias("p_idx"),
-        pl.when("is_release").then(idx).forward_fill().shift(1).alias("r_prev"),
-        pl.when("is_press").then("x").forward_fill().alias("px"),
-        pl.when("is_press").then("y").forward_fill().alias("py"),
-    )
-    held = ((pl.col("p_idx") >= pl.col("demo_first"))
-            & (pl.col("r_prev").is_null() | (pl.col("r_prev") < pl.col("p_idx")))).fill_null(False)  # noqa: FBT003
-    return df.with_columns(
-        held.alias("held"),
-        ((pl.col("cls") == 0) & ((held & (kind == "pointer_move")) | (kind == "key_up") | pl.col("is_release")))
-        .alias("fold_back"),
-        (kind == "pointer_move").alias("is_move"),
-    )
+    down = (kind == "key_down") & ~modkey
+    typing = down & ((mods & COMMAND) == 0) & printable
+    named = down & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
+    button = (kind == "click") & pl.col("button").is_in(_BUTTONS)
+    pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
+    is_press, is_release = button & pressed, button & ~pressed
+    cls = (pl.when(is_press).then(T_CLICK).when(kind == "scroll").then(T_SCROLL).when(typing).then(T_TYPE)
+           .when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT).otherwise(0).cast(pl.Int8))
+    # a button is held while the last press/release before the event (same demonstration) is a press
+    last_press = pl.when(button).then(pressed).when("new_demo").then(False).forward_fill()  # noqa: FBT003
+    held = pl.when("new_demo").then(False).otherwise(last_press.shift(1)).fill_null(False)  # noqa: FBT003
+    is_move, tok = pl.col("is_move"), pl.col("cls") != 0
+    fold_back = ((pl.col("cls") == 0)
+                 & ((pl.col("held") & is_move) | (kind == "key_up") | pl.col("is_release")))
+    fb = ~is_move & ~tok
+    return (df.lazy().with_row_index("idx").with_columns(
+        pl.col("idx").cast(pl.Int64), cls.alias("cls"), is_press.alias("is_press"), is_release.alias("is_release"),
+        (kind == "pointer_move").alias("is_move"), held.alias("held"),
+        pl.col("new_demo").shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
+    ).with_columns(fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
+        (pl.col("fb") & ~pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("F"),
+        (pl.col("fb") & pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("B"),
+        pl.col("fb").cast(pl.Int64).cum_sum().alias("FB"),
+        pl.when("fold_back").then("idx").forward_fill().alias("LB"),
+    ).collect())
 
 
-def _tokens(df: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
+def _drags(df: pl.DataFrame) -> pl.DataFrame:
+    """Per press (``p_idx``): how far the pointer got while the button was held, and where."""
+    held = (df.select("idx", "x", "y", "is_press", "held", "is_move", "is_release")
+            .filter(pl.col("is_press") | (pl.col("held") & (pl.col("is_move") | pl.col("is_release")))))
+    press = pl.col("is_press")
+    return (held.with_columns(pl.when(press).then(c).forward_fill().alias(f"p{c}") for c in ("idx", "x", "y"))
+            .filter(~press).group_by("pidx").agg(
+                pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
+                .max().alias("dist"),
+                pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2")))
+
+
+def _marks(df: pl.DataFrame) -> pl.DataFrame:
+    """Tokens and the first and last event of each demonstration, with what each token takes
+    from the events around it: ``count`` (itself, the non-move events folding forward into it
+    since the previous token, those folding back into it before the next token), ``ended``
+    (its last in-range event) and, on a demonstration's last event, ``term_count`` (events
+    folding into terminate)."""
+    e = df.filter((pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end")).drop(
+        "is_move", "held", "fold_back", "is_release")
+    tok = pl.col("cls") != 0
+    p_tok = tok.shift(1).fill_null(False)  # noqa: FBT003
+    nd, de = pl.col("new_demo"), pl.col("demo_end")
+    F, B, FB = pl.col("F"), pl.col("B"), pl.col("FB")  # noqa: N806
+    FBx = FB - pl.col("fb").cast(pl.Int64)  # noqa: N806
+    # the previous / next mark is in the same demonstration unless this is its first / last event
+    fwd = pl.when(nd).then(0).when(~p_tok).then(FBx - FBx.shift(1)).otherwise(F - F.shift(1))
+    bwd = pl.when(de).then(0).otherwise(B.shift(-1) - B)
+    last_back = pl.when(de).then("idx").otherwise(pl.col("LB").shift(-1)).fill_null(pl.col("idx"))
+    e = e.with_columns(
+        (1 + fwd + bwd).alias("count"), pl.max_horizontal(last_back, "idx").alias("_end_row"),
+        pl.when(tok).then(0).when(nd).then(FB - FBx).when(p_tok).then(F - F.shift(1))
+        .otherwise(FB - FBx.shift(1)).alias("term_count"),
+        nd.cum_sum().cast(pl.Int64).alias("demo_no"),
+    )
+    return e.with_columns(df["t"].gather(e["_end_row"]).alias("ended")).drop("_end_row", "F", "B", "FB", "LB", "fb")
+
+
+def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """One row per token with its action number (merges per the module rules)."""
-    held = df.filter(pl.col("held") & (pl.col("is_move") | pl.col("is_release")))
-    drag = held.group_by("p_idx").agg(
-        pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
-        .max().alias("dist"),
-        pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2"),
-    )
-    tok = (df.filter(pl.col("cls") != 0)
-           .select("idx", "demo_no", "demonstration_id", "t", "cls", "button", "x", "y", "scroll_dx",
-                   "scroll_dy", "key", "modifiers", "text", "text_masked", "app_id")
-           .join(drag, left_on="idx", right_on="p_idx", how="left", maintain_order="left"))
+    tok = (e.filter(pl.col("cls") != 0)
+           .join(drags, left_on="idx", right_on="pidx", how="left", maintain_order="left"))
     dx, dy = pl.col("scroll_dx").fill_null(0), pl.col("scroll_dy").fill_null(0)
     vertical = dy.abs() >= dx.abs()
-    masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
     tok = tok.with_columns(
-        pl.when(pl.col("cls") != T_TYPE).then(None).when(masked)
-        .then(pl.col("text").str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR))
-        .otherwise(pl.col("text").fill_null(MASK_CHAR)).alias("chr"),
         ((pl.col("cls") == T_CLICK) & (pl.col("dist").fill_null(0) > s.drag_threshold_px)).alias("drag"),
         vertical.alias("vertical"),
         pl.when(vertical).then(dy.sign()).otherwise(dx.sign()).alias("dir"),
-    ).with_row_index("ti").with_columns(pl.col("ti").cast(pl.Int64))
+        dx.alias("scroll_dx"), dy.alias("scroll_dy"),
+        pl.col("key_code").replace_strict(KEY_NAMES, default=None, return_dtype=pl.String).alias("key"),
+    )
     cls, dt = pl.col("cls"), pl.col("t") - _prev("t")
     same = (cls == _prev("cls")) & (pl.col("demo_no") == _prev("demo_no"))
     r = s.double_click_radius_px
     click = ((cls == T_CLICK) & (pl.col("button") == "left") & (_prev("button") == "left")
-             & ~pl.col("drag") & ~_prev("drag") & (dt <= int(s.double_click_interval_s * 1e6))
+             & ~pl.col("drag") & ~_prev("drag") & (dt <= int(s.double_click_interval_s * _US))
              & ((pl.col("x") - _prev("x")).abs() <= r) & ((pl.col("y") - _prev("y")).abs() <= r))
     scroll = ((cls == T_SCROLL) & (pl.col("vertical") == _prev("vertical")) & (pl.col("dir") == _prev("dir"))
-              & (dt <= int(s.scroll_burst_gap_s * 1e6)))
-    typing_us = int(s.typing_gap_s * 1e6)
+              & (dt <= int(s.scroll_burst_gap_s * _US)))
+    typing_us = int(s.typing_gap_s * _US)
     typing = (cls == T_TYPE) & (dt <= typing_us)
     key = (cls == T_KEY) & (pl.col("key") == _prev("key")) & (dt <= typing_us)
     cont = (same & (click | scroll | typing | key)).fill_null(False)  # noqa: FBT003
-    tok = tok.with_columns(cont.alias("cont"))
-    tok = tok.with_columns(pl.when(~pl.col("cont")).then("ti").forward_fill().alias("chain"))
-    start = ~pl.col("cont") | ((cls == T_CLICK) & ((pl.col("ti") - pl.col("chain")) % 3 == 0))
-    return tok.with_columns(start.cum_sum().cast(pl.Int64).alias("action_no"))
+    ti = pl.int_range(pl.len(), dtype=pl.Int64)
+    tok = tok.with_columns(cont.alias("cont"), ti.alias("ti"))
+    chain = pl.when(~pl.col("cont")).then("ti").forward_fill()
+    start = ~pl.col("cont") | ((cls == T_CLICK) & ((pl.col("ti") - chain) % 3 == 0))
+    return tok.with_columns(start.alias("start")).with_columns(
+        pl.col("start").cum_sum().cast(pl.Int64).alias("action_no"),
+        pl.col("start").shift(-1).fill_null(True).alias("last"),  # noqa: FBT003
+        pl.col("count").cum_sum().alias("_cc"), pl.col("scroll_dx").cum_sum().alias("_cx"),
+        pl.col("scroll_dy").cum_sum().alias("_cy"),
+    )
 
 
-def _assign(df: pl.DataFrame, tok: pl.DataFrame) -> pl.DataFrame:
-    """Every event's action number (null: the demonstration's terminate) and whether it counts
-    in the action's time range."""
-    # tokens are rows of df (idx = row position): scatter their action numbers back, no join
-    own_no = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["idx"], tok["action_no"])
-    df = df.with_columns(own_no.alias("action_no"))
-    own = pl.col("action_no")
-    tok_demo = pl.when(own.is_not_null()).then("demo_no")
-    prev_ok = tok_demo.forward_fill() == pl.col("demo_no")
-    next_ok = tok_demo.backward_fill() == pl.col("demo_no")
-    action = (pl.when(own.is_not_null()).then(own)
-              .when(pl.col("fold_back") & prev_ok).then(own.forward_fill())
-              .when(next_ok).then(own.backward_fill())
-              .otherwise(None))
-    in_range = own.is_not_null() | (pl.col("fold_back") & prev_ok).fill_null(False)  # noqa: FBT003
-    return df.with_columns(action.alias("action"), in_range.alias("in_range"))
-
-
-def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
-    """Action rows (without frames): name, arguments, time range, step."""
-    per_action = (df.select("action", pl.when("in_range").then("t").alias("ended_at"),
-                            (~pl.col("is_move")).cast(pl.UInt32).alias("event_count"))
-                  .group_by("action").agg(pl.col("ended_at").max(), pl.col("event_count").sum()))
-    ended = per_action.select("action", "ended_at")
-    counts = per_action.select("action", "event_count")
-    acts = tok.group_by("action_no", maintain_order=True).agg(
-        pl.col("demo_no").first(), pl.col("demonstration_id").first(), pl.col("t").first().alias("started_at"),
-        pl.col("cls").first(), pl.col("button").first(), pl.col("x").first(), pl.col("y").first(),
-        pl.col("drag").first(), pl.col("x2").first(), pl.col("y2").first(), pl.len().alias("n"),
-        pl.col("scroll_dx").sum().alias("sdx"), pl.col("scroll_dy").sum().alias("sdy"),
-        pl.col("vertical").first(), pl.col("chr").str.join("").alias("message"),
-        pl.col("key").first(), pl.col("modifiers").first().fill_null(0).alias("mods"),
-        pl.col("app_id").first(),
-    ).join(ended, left_on="action_no", right_on="action", how="left", maintain_order="left")
+def _actions(tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
+    """Action rows (without frames), waits and terminates included: name, arguments, time range,
+    step, in output order."""
+    first = tok.filter("start")
+    last = tok.filter("last").select("ended", "ti", "_cc", "_cx", "_cy")
+    msg = tok.filter(pl.col("cls") == T_TYPE)
+    masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
+    text = pl.col("text")
+    chars = pl.when(masked).then(text.str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR)).otherwise(
+        text.fill_null(MASK_CHAR))
+    msg = msg.select("action_no", chars.alias("c")).group_by("action_no", maintain_order=True).agg(
+        pl.col("c").str.join("").alias("message"))
+    n = (last["ti"] - first["ti"] + 1).cast(pl.UInt32)
+    acts = first.select(
+        "action_no", "demo_no", "demonstration_id", pl.col("t").alias("started_at"), "cls", "button", "x", "y",
+        "drag", "x2", "y2", "vertical", "key", "key_code", pl.col("modifiers").fill_null(0).alias("mods"), "app_id",
+        (pl.col("idx") * 4 + 1).alias("order"),
+        n.alias("n"), last["ended"].alias("ended_at"),
+        (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
+        (last["_cx"] - first["_cx"] + first["scroll_dx"]).alias("sdx"),
+        (last["_cy"] - first["_cy"] + first["scroll_dy"]).alias("sdy"),
+    ).join(msg, on="action_no", how="left", maintain_order="left")
     cls, n, b = pl.col("cls"), pl.col("n"), pl.col("button")
     mods = pl.col("mods")
     name = (pl.when(cls == T_CLICK).then(
@@ -286,98 +318,95 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataF
             .when(cls == T_SCROLL).then(pl.when("vertical").then(pl.lit("scroll")).otherwise(pl.lit("hscroll")))
             .when(cls == T_TYPE).then(pl.lit("write")).when(cls == T_KEY).then(pl.lit("press"))
             .otherwise(pl.lit("hotkey")))
+    is_key = cls >= T_KEY
+    key_name = pl.col("key")
+    key_lit = pl.when(is_key).then(
+        pl.col("key_code").replace_strict(_KEY_LITERALS, default=None, return_dtype=pl.String))
+    modifiers = ((CTRL, "ctrl"), (ALT, "alt"), (SHIFT, "shift"), (META, "win"))
     # joined as a string and split once: list expressions per row are slow in polars
-    keys = pl.concat_str(
-        pl.when((mods & CTRL) != 0).then(pl.lit("ctrl\x1f")), pl.when((mods & ALT) != 0).then(pl.lit("alt\x1f")),
-        pl.when((mods & SHIFT) != 0).then(pl.lit("shift\x1f")), pl.when((mods & META) != 0).then(pl.lit("win\x1f")),
-        pl.col("key"), ignore_nulls=True,
-    )
+    keys = pl.concat_str(*(pl.when((mods & bit) != 0).then(pl.lit(f"{m}\x1f")) for bit, m in modifiers),
+                         key_name, ignore_nulls=True)
+    keys_lit = pl.concat_str(*(pl.when((mods & bit) != 0).then(pl.lit(f'"{m}", ')) for bit, m in modifiers),
+                             key_lit, ignore_nulls=True)
     acts = acts.with_columns(
         name.alias("action"),
         pl.when(cls == T_CLICK).then(pl.when("drag").then(1).otherwise(n)).alias("clicks"),
         pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-pl.col("sdy")).otherwise(pl.col("sdx")))
         .alias("amount"),
-        pl.when(cls == T_TYPE).then("message").alias("message"),
-        pl.when(cls == T_KEY).then("key").when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
+        pl.when(cls == T_KEY).then(key_name).when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
+        pl.when(cls == T_KEY).then(key_lit).when(cls == T_HOT).then(keys_lit).alias("_keys_lit"),
         pl.when(cls == T_KEY).then(n).alias("presses"),
         pl.when(cls == T_CLICK).then(b).alias("button"),
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
-        pl.when(cls.is_in([T_CLICK, T_SCROLL])).then("x").alias("x"),
-        pl.when(cls.is_in([T_CLICK, T_SCROLL])).then("y").alias("y"),
-        (pl.col("action_no") * 2).alias("order"),
-    ).drop("sdx", "sdy", "vertical", "drag", "key", "mods", "n")
+        pl.when(cls <= T_SCROLL).then("x").alias("x"),
+        pl.when(cls <= T_SCROLL).then("y").alias("y"),
+    ).drop("sdx", "sdy", "vertical", "key", "key_code", "mods", "n", "cls")
     # terminate: one per demonstration, at its last event (events folded into it counted)
-    last = df.filter(pl.col("new_demo").shift(-1).fill_null(True))  # noqa: FBT003
-    term = last.select(
+    term = terms.select(
         "demo_no", "demonstration_id", pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"),
-        pl.lit("terminate").alias("action"), pl.lit(2**62, pl.Int64).alias("order"),
+        pl.lit("terminate").alias("action"), pl.col("term_count").cast(pl.UInt32).alias("event_count"),
+        (pl.col("idx") * 4 + 3).alias("order"),
     )
-    acts = pl.concat([acts, term], how="diagonal_relaxed").sort(["demo_no", "order"], maintain_order=True)
+    acts = pl.concat([acts, term], how="diagonal_relaxed").sort("order")
     gap = pl.col("started_at") - _prev("ended_at")
-    wait_us = int(s.wait_threshold_s * 1e6)
-    waits = acts.with_columns(gap.alias("gap"), _prev("ended_at").alias("_pe"),
-                              (pl.col("demo_no") == _prev("demo_no")).alias("_sd")).filter(
-        (pl.col("gap") > wait_us) & pl.col("_sd")).select(
+    waits = acts.with_columns(_prev("ended_at").alias("_pe")).filter(
+        (gap > int(s.wait_threshold_s * _US)) & (pl.col("demo_no") == _prev("demo_no"))).select(
         "demo_no", "demonstration_id", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
-        pl.lit("wait").alias("action"), (pl.col("order") - 1).alias("order"),
-        ((pl.col("gap") + 50_000) // 100_000).alias("deciseconds"),
+        pl.lit("wait").alias("action"), pl.lit(0, pl.UInt32).alias("event_count"), (pl.col("order") - 1).alias("order"),
+        ((pl.col("started_at") - pl.col("_pe") + 50_000) // 100_000).alias("deciseconds"),
     )
-    acts = pl.concat([acts, waits], how="diagonal_relaxed").sort(["demo_no", "order"], maintain_order=True)
-    acts = acts.with_row_index("_r").with_columns(pl.col("_r").cast(pl.Int64))
-    first = pl.when(pl.col("demo_no") != _prev("demo_no").fill_null(-1)).then("_r").forward_fill()
-    acts = acts.with_columns((pl.col("_r") - first).cast(pl.UInt32).alias("step"))
-    return acts.join(counts, left_on="action_no", right_on="action", how="left", maintain_order="left",
-                     nulls_equal=False)
+    acts = pl.concat([acts, waits], how="diagonal_relaxed").sort("order")
+    first_row = pl.when(pl.col("demo_no") != _prev("demo_no").fill_null(-1)).then("_r").forward_fill()
+    return acts.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_r")).with_columns(
+        (pl.col("_r") - first_row).cast(pl.UInt32).alias("step")).drop("_r")
 
 
-def _terminate_counts(df: pl.DataFrame) -> pl.DataFrame:
-    return (df.filter(pl.col("action").is_null() & ~pl.col("is_move")).group_by("demo_no")
-            .agg(pl.len().alias("_tc")))
 
-
-def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None) -> pl.DataFrame:
-    """Link each action's frame and find the size its coordinates are normalised by."""
-    acts = acts.with_columns(pl.lit(None, pl.String).alias("frame_sha256"), pl.lit(None, pl.UInt32).alias("frame_step"),
-                             pl.lit(None, pl.Int64).alias("w"), pl.lit(None, pl.Int64).alias("h"))
+def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None,
+            demos: pl.DataFrame) -> pl.DataFrame:
+    """Link each action's frame and find the size its coordinates are normalised by (``demos``:
+    demonstration_id and demo_no of each demonstration)."""
+    sizes = demos
+    keep = ["f_step", "f_sha", "f_w", "f_h"]
     if frames is not None and frames.height:
         fr = frames.select(
             "demonstration_id", pl.col("step").cast(pl.UInt32).alias("f_step"), pl.col("sha256").alias("f_sha"),
             pl.col("width").cast(pl.Int64).alias("f_w"), pl.col("height").cast(pl.Int64).alias("f_h"),
             _us(frames, "captured_at").alias("c"), pl.col("reason"),
             _us(frames, "action_started_at").alias("a"),
-        ).sort(["f_step"])
-        keep = ["f_step", "f_sha", "f_w", "f_h"]
+        ).join(demos, on="demonstration_id", how="inner").sort("f_step", maintain_order=True)
         exact = (fr.filter(pl.col("a").is_not_null())
-                 .unique(["demonstration_id", "a"], keep="first", maintain_order=True))
-        end = fr.filter(pl.col("reason") == "end").unique(["demonstration_id"], keep="first", maintain_order=True)
-        asof_fr = fr.unique(["demonstration_id", "c"], keep="first", maintain_order=True).sort("c")
-        acts = acts.with_row_index("_k")
-        e = acts.join(exact.select("demonstration_id", "a", *keep), left_on=["demonstration_id", "started_at"],
-                      right_on=["demonstration_id", "a"], how="left", maintain_order="left")
-        t = acts.join(end.select("demonstration_id", *keep), on="demonstration_id", how="left", maintain_order="left")
-        probe = acts.select("_k", "demonstration_id", (pl.col("started_at") - 1).alias("_p")).sort("_p")
-        a = probe.join_asof(asof_fr.select("demonstration_id", "c", *keep), left_on="_p", right_on="c",
-                            by="demonstration_id", strategy="backward", check_sortedness=False).sort("_k")
-        is_term = pl.col("action") == "terminate"
-        picked = [
-            pl.when(is_term).then(pl.coalesce(t[c], a[c])).otherwise(pl.coalesce(e[c], a[c])).alias(c) for c in keep
-        ]
-        acts = acts.with_columns(*picked).with_columns(
-            pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step"),
-            pl.col("f_w").alias("w"), pl.col("f_h").alias("h")).drop(*keep, "_k")
-        largest = frames.group_by("demonstration_id").agg(pl.col("width").max().cast(pl.Int64).alias("_fw"),
-                                                          pl.col("height").max().cast(pl.Int64).alias("_fh"))
-        acts = acts.join(largest, on="demonstration_id", how="left", maintain_order="left")
+                 .unique(["demo_no", "a"], keep="first", maintain_order=True).select("demo_no", "a", *keep))
+        end = (fr.filter(pl.col("reason") == "end").unique("demo_no", keep="first", maintain_order=True)
+               .select("demo_no", *keep))
+        # per demonstration in time order: the asof join's by-groups need only that, and so are actions
+        before = (fr.unique(["demo_no", "c"], keep="first", maintain_order=True).sort("demo_no", "c")
+                  .select("demo_no", "c", *keep))
+        sizes = sizes.join(fr.group_by("demo_no").agg(pl.col("f_w").max().alias("_fw"),
+                                                      pl.col("f_h").max().alias("_fh")), on="demo_no", how="left")
+        probe = acts.select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"))
+        e = probe.join(exact, left_on=["demo_no", "started_at"], right_on=["demo_no", "a"], how="left",
+                       maintain_order="left")
+        t = probe.join(end, on="demo_no", how="left", maintain_order="left")
+        a = probe.join_asof(before, left_on="_p", right_on="c", by="demo_no", strategy="backward",
+                            check_sortedness=False)
+        first = pl.when(pl.col("action") == "terminate")
+        acts = acts.with_columns(first.then(t[c]).otherwise(e[c]).fill_null(a[c]).alias(c) for c in keep)
     else:
-        acts = acts.with_columns(pl.lit(None, pl.Int64).alias("_fw"), pl.lit(None, pl.Int64).alias("_fh"))
+        acts = acts.with_columns(pl.lit(None, pl.UInt32).alias("f_step"), pl.lit(None, pl.String).alias("f_sha"),
+                                 pl.lit(None, pl.Int64).alias("f_w"), pl.lit(None, pl.Int64).alias("f_h"))
+        sizes = sizes.with_columns(pl.lit(None, pl.Int64).alias("_fw"), pl.lit(None, pl.Int64).alias("_fh"))
     if screens is not None and screens.height:
         sc = screens.select("demonstration_id", pl.col("screen_width").cast(pl.Int64).alias("_sw"),
-                            pl.col("screen_height").cast(pl.Int64).alias("_sh")).unique("demonstration_id")
-        acts = acts.join(sc, on="demonstration_id", how="left", maintain_order="left")
+                            pl.col("screen_height").cast(pl.Int64).alias("_sh")).unique(
+            "demonstration_id", keep="first", maintain_order=True)
+        sizes = sizes.join(sc, on="demonstration_id", how="left")
     else:
-        acts = acts.with_columns(pl.lit(None, pl.Int64).alias("_sw"), pl.lit(None, pl.Int64).alias("_sh"))
-    w = pl.coalesce("w", "_sw", "_fw")
-    h = pl.coalesce("h", "_sh", "_fh")
+        sizes = sizes.with_columns(pl.lit(None, pl.Int64).alias("_sw"), pl.lit(None, pl.Int64).alias("_sh"))
+    sizes = sizes.select("demo_no", pl.coalesce("_sw", "_fw").alias("_dw"), pl.coalesce("_sh", "_fh").alias("_dh"))
+    acts = acts.join(sizes, on="demo_no", how="left", maintain_order="left")
+    w = pl.coalesce("f_w", "_dw")
+    h = pl.coalesce("f_h", "_dh")
     w = pl.when(w > 0).then(w)
     h = pl.when(h > 0).then(h)
 
@@ -389,56 +418,46 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
         n = (v * 20_000 + size) // (2 * size)
         return pl.format("{}.{}", n // 10_000, (n % 10_000).cast(pl.String).str.zfill(4)).cast(pl.Float64).alias(c)
 
-    return acts.with_columns(norm("x", w), norm("y", h), norm("x2", w), norm("y2", h)).drop("w", "h", "_fw", "_fh",
-                                                                                          "_sw", "_sh")
+    return acts.with_columns(norm("x", w), norm("y", h), norm("x2", w), norm("y2", h),
+                             pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step")).drop(
+        *keep, "_dw", "_dh")
 
 
 def _code(acts: pl.DataFrame) -> pl.DataFrame:
-    a = pl.col("action")
-    xy = pl.when(pl.col("x").is_not_null() & pl.col("y").is_not_null()).then(
-        pl.format("x={}, y={}", _num(pl.col("x")), _num(pl.col("y")))).otherwise(pl.lit(""))
-    xy2 = pl.when(pl.col("x2").is_not_null() & pl.col("y2").is_not_null()).then(
-        pl.format("x={}, y={}, ", _num(pl.col("x2")), _num(pl.col("y2")))).otherwise(pl.lit(""))
-    tail = pl.when(xy != "").then(pl.format(", {}", xy)).otherwise(pl.lit(""))
-    keys = (pl.struct(pl.col("keys").alias("v")).struct.json_encode()
-            .str.strip_prefix('{"v":[').str.strip_suffix("]}").str.replace_all('","', '", "', literal=True))
-    first_key = _pystr(pl.col("keys").list.first())
-    code = (pl.when(a.is_in(["click", "doubleClick", "tripleClick", "rightClick", "middleClick"]))
-            .then(pl.format("pyautogui.{}({})", a, xy))
-            .when(a == "dragTo").then(pl.format('pyautogui.moveTo({})\npyautogui.dragTo({}button={})',
-                                                xy, xy2, _pystr(pl.col("button"))))
-            .when(a.is_in(["scroll", "hscroll"])).then(pl.format("pyautogui.{}({}{})", a, _num(pl.col("amount")), tail))
-            .when(a == "write").then(pl.format("pyautogui.write(message={})", _pystr(pl.col("message"))))
-            .when(a == "press").then(
-                pl.when(pl.col("presses") > 1)
-                .then(pl.format("pyautogui.press({}, presses={})", first_key, _num(pl.col("presses"))))
-                .otherwise(pl.format("pyautogui.press({})", first_key)))
-            .when(a == "hotkey").then(pl.format("pyautogui.hotkey({})", keys))
-            .when(a == "wait").then(pl.format("computer.wait(seconds={}.{})", _num(pl.col("deciseconds") // 10),
-                                              _num(pl.col("deciseconds") % 10)))
-            .otherwise(pl.lit('computer.terminate(status="success")')))
+    """The pyautogui call of each action: its head, then the arguments that are not null."""
+    def num(c: str) -> pl.Expr:
+        return pl.col(c).cast(pl.String)
+
+    a, d = pl.col("action"), pl.col("deciseconds")
+    xy = pl.concat_str(pl.lit("x="), num("x"), pl.lit(", y="), num("y"))
+    xy2 = pl.concat_str(pl.lit("x="), num("x2"), pl.lit(", y="), num("y2"), pl.lit(", "))
+    value = pl.coalesce(num("amount"), pl.when(pl.col("message").is_not_null()).then(_pystr(pl.col("message"))),
+                        "_keys_lit", pl.concat_str((d // 10).cast(pl.String), pl.lit("."),
+                                                   (d % 10).cast(pl.String)))
+    where = pl.when(pl.col("amount").is_not_null()).then(pl.concat_str(pl.lit(", "), xy)).otherwise(xy)
+    drag = pl.when(a == "dragTo").then(pl.concat_str(pl.lit(")\npyautogui.dragTo("), xy2, pl.lit('button="'),
+                                                     pl.col("button"), pl.lit('"'), ignore_nulls=True))
+    presses = pl.when(pl.col("presses") > 1).then(pl.concat_str(pl.lit(", presses="), num("presses")))
+    code = pl.concat_str(a.replace_strict(_HEADS, return_dtype=pl.String), value, where, drag, presses, pl.lit(")"),
+                         ignore_nulls=True)
     args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
                      (pl.col("deciseconds") / 10).alias("seconds"))
     return acts.with_columns(code.alias("code"), args.alias("args"))
 
 
-def _reduce(events: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None,
-            settings: ExportSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
-    df = _classified(events)
-    tok = _tokens(df, settings)
-    df = _assign(df, tok)
-    acts = _actions(df, tok, settings)
-    tc = _terminate_counts(df)
-    acts = acts.join(tc, on="demo_no", how="left", maintain_order="left").with_columns(
-        pl.when(pl.col("action") == "terminate").then(pl.col("_tc").fill_null(0))
-        .when(pl.col("action") == "wait").then(0).otherwise("event_count").cast(pl.UInt32).alias("event_count"),
-    ).drop("_tc")
-    for c in ("x2", "y2", "clicks", "amount", "presses", "deciseconds"):
+def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame,
+                                                                     pl.DataFrame]:
+    """Events (classified), tokens, actions (no frames yet), demonstrations (id and number)."""
+    df = _events(events)
+    marks = _marks(df)
+    tok = _tokens(marks, _drags(df), settings)
+    ends = marks.filter("demo_end")
+    acts = _actions(tok, ends, settings)
+    for c in ("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "_keys_lit", "presses",
+              "deciseconds", "app_id"):
         if c not in acts.columns:
             acts = acts.with_columns(pl.lit(None).alias(c))
-    acts = _frames(acts, frames, screens)
-    acts = _code(acts)
-    return df, acts
+    return df, tok, acts, ends.select("demonstration_id", "demo_no")
 
 
 def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, screens: pl.DataFrame | None = None,
@@ -455,7 +474,8 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
     Returns:
         Columns :data:`ACTION_COLUMNS`, ordered by demonstration and step.
     """
-    _, acts = _reduce(events, frames, screens, settings or ExportSettings())
+    _, _, acts, demos = _reduce(events, settings or ExportSettings())
+    acts = _code(_frames(acts, frames, screens, demos))
     return acts.select(
         "demonstration_id", "step", "action", "code", "args",
         pl.col("started_at").cast(_TS), pl.col("ended_at").cast(_TS), "app_id", "x", "y",
@@ -466,13 +486,23 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
 def label_events(events: pl.DataFrame, settings: ExportSettings | None = None) -> pl.DataFrame:
     """The events in reduction order with the ``step`` of the action each belongs to (columns:
     demonstration_id, captured_at (µs), kind, step)."""
-    df, acts = _reduce(events, None, None, settings or ExportSettings())
+    df, tok, acts, _ = _reduce(events, settings or ExportSettings())
+    # tokens are rows of df (idx = row position): scatter their action numbers back, no join
+    own = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["idx"], tok["action_no"])
+    df = df.with_columns(own.alias("action_no"), pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no"))
+    own_no = pl.col("action_no")
+    tok_demo = pl.when(own_no.is_not_null()).then("demo_no")
+    prev_ok = tok_demo.forward_fill() == pl.col("demo_no")
+    next_ok = tok_demo.backward_fill() == pl.col("demo_no")
+    action = (pl.when(own_no.is_not_null()).then(own_no)
+              .when(pl.col("fold_back") & prev_ok).then(own_no.forward_fill())
+              .when(next_ok).then(own_no.backward_fill()))
+    df = df.with_columns(action.alias("action"))
     steps = acts.select("demo_no", "action_no", "step")
-    own = df.join(steps.filter(pl.col("action_no").is_not_null()), left_on="action", right_on="action_no",
-                  how="left", maintain_order="left")
-    term = steps.filter(pl.col("action_no").is_null()).select("demo_no", pl.col("step").alias("_ts"))
+    labelled = df.join(steps.filter(pl.col("action_no").is_not_null()), left_on="action", right_on="action_no",
+                       how="left", maintain_order="left")
     # waits have no action_no either; terminate is the demonstration's last step
-    term = term.group_by("demo_no").agg(pl.col("_ts").max())
-    own = own.join(term, on="demo_no", how="left", maintain_order="left")
-    return own.select("demonstration_id", pl.col("t").alias("captured_at"), "kind",
-                      pl.coalesce("step", "_ts").alias("step"))
+    term = steps.filter(pl.col("action_no").is_null()).group_by("demo_no").agg(pl.col("step").max().alias("_ts"))
+    labelled = labelled.join(term, on="demo_no", how="left", maintain_order="left")
+    return labelled.select("demonstration_id", pl.col("t").alias("captured_at"), "kind",
+                           pl.coalesce("step", "_ts").alias("step"))
