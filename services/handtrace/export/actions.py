@@ -130,6 +130,8 @@ _EVENT_COLUMNS = ("demonstration_id", "captured_at", "kind", "x", "y", "button",
 _TS = pl.Datetime("us", "UTC")
 _BUTTONS = ("left", "right", "middle")
 _KEY_LITERALS: Final = {c: json.dumps(n) for c, n in KEY_NAMES.items()}
+_KEY_IDS: Final = {c: sorted(set(KEY_NAMES.values())).index(n) for c, n in KEY_NAMES.items()}
+"""Keysym -> a number per key name (keysyms of one name, e.g. Return and KP_Enter, are one key)."""
 """Key names as Python/JSON string literals (pyautogui names are ASCII: no escaping needed)."""
 _HEADS: Final = {
     **{a: f"pyautogui.{a}(" for a in ("click", "doubleClick", "tripleClick", "rightClick", "middleClick",
@@ -158,50 +160,58 @@ def _pystr(expr: pl.Expr) -> pl.Expr:
 
 
 def _events(events: pl.DataFrame) -> pl.DataFrame:
-    """Every event in reduction order, classified, with running counts: the only pass over all
+    """Every event in reduction order, classified, with running counts: the only passes over all
     events (the rest works on tokens, about a tenth of them).
 
     Columns added: ``idx`` (row), ``new_demo`` / ``demo_end`` (first / last event of its
-    demonstration), ``cls`` (token class, 0: none), ``fold_back`` (folds into the preceding
-    action), ``held`` (a button is held), ``is_move``, ``is_press``, ``is_release``, and inclusive
-    running counts of non-move non-token events: ``F`` folding forward, ``B`` folding back,
-    ``FB`` both; ``LB`` the row of the last fold-back event so far (moves included).
+    demonstration), ``cls`` (token class, 0: none), ``btn`` (+1/+2/+3 a press of the left/right/
+    middle button, negative its release, 0 anything else), ``fold_back`` (folds into the preceding
+    action), ``held`` (a button is held), ``is_move``, and inclusive running counts of non-move
+    non-token events: ``F`` folding forward, ``B`` folding back, ``FB`` both; ``LB`` the row of the
+    last fold-back event so far (moves included).
     """
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events lack columns: {missing}")
-    df = events.select(*(c for c in _EVENT_COLUMNS if c != "captured_at"), _us(events, "captured_at").alias("t"))
     d, t = pl.col("demonstration_id"), pl.col("t")
     new_demo = (d != d.shift(1)).fill_null(True)  # noqa: FBT003
-    df = df.with_columns(new_demo.alias("new_demo"))
+    df = events.lazy().select(*(c for c in _EVENT_COLUMNS if c != "captured_at"),
+                              _us(events, "captured_at").alias("t")).with_columns(new_demo.alias("new_demo")).collect()
     # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
     unordered = df.select((~pl.col("new_demo") & (t < t.shift(1))).any()).item()
     if unordered or not df["demonstration_id"].is_sorted():
         df = df.sort("demonstration_id", "t", maintain_order=True).with_columns(new_demo.alias("new_demo"))
-    kind, code = pl.col("kind"), pl.col("key_code")
+    df = df.with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64))
+    kind = pl.col("kind")
+    # clicks and key downs are a tenth of the events: classify them apart, scatter the result back
+    b = pl.col("button")
+    pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
+    clicks = df.filter(kind == "click").select(
+        "idx", (pl.when(b == "left").then(1).when(b == "right").then(2).when(b == "middle").then(3).otherwise(0)
+                * pl.when(pressed).then(1).otherwise(-1)).cast(pl.Int8).alias("btn"))
+    code = pl.col("key_code")
     mods = pl.col("modifiers").fill_null(0)
     masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
     modkey = code.is_in(list(MODIFIER_KEYSYMS)).fill_null(False)  # noqa: FBT003
     char_sym = ((code >= 0x20) & (code <= 0x7E)) | ((code >= 0xA0) & (code <= 0xFF)) | (
         (code >= 0x01000020) & (code <= 0x0110FFFF))
     printable = pl.col("text").is_not_null() | masked | char_sym.fill_null(False)  # noqa: FBT003
-    down = (kind == "key_down") & ~modkey
-    typing = down & ((mods & COMMAND) == 0) & printable
-    named = down & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
-    button = (kind == "click") & pl.col("button").is_in(_BUTTONS)
-    pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
-    is_press, is_release = button & pressed, button & ~pressed
-    cls = (pl.when(is_press).then(T_CLICK).when(kind == "scroll").then(T_SCROLL).when(typing).then(T_TYPE)
-           .when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT).otherwise(0).cast(pl.Int8))
+    typing = ~modkey & ((mods & COMMAND) == 0) & printable
+    named = ~modkey & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
+    downs = df.lazy().filter(kind == "key_down").select(
+        "idx", pl.when(typing).then(T_TYPE).when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT)
+        .otherwise(0).cast(pl.Int8).alias("cls")).filter(pl.col("cls") != 0).collect()
+    btn = pl.zeros(df.height, pl.Int8, eager=True).scatter(clicks["idx"], clicks["btn"])
+    cls = pl.zeros(df.height, pl.Int8, eager=True).scatter(downs["idx"], downs["cls"])
     # a button is held while the last press/release before the event (same demonstration) is a press
-    last_press = pl.when(button).then(pressed).when("new_demo").then(False).forward_fill()  # noqa: FBT003
+    last_press = pl.when(pl.col("btn") != 0).then(pl.col("btn") > 0).when("new_demo").then(False).forward_fill()  # noqa: FBT003
     held = pl.when("new_demo").then(False).otherwise(last_press.shift(1)).fill_null(False)  # noqa: FBT003
     is_move, tok = pl.col("is_move"), pl.col("cls") != 0
-    fold_back = ((pl.col("cls") == 0)
-                 & ((pl.col("held") & is_move) | (kind == "key_up") | pl.col("is_release")))
+    fold_back = (~tok & ((pl.col("held") & is_move) | (kind == "key_up") | (pl.col("btn") < 0)))
     fb = ~is_move & ~tok
-    return (df.lazy().with_row_index("idx").with_columns(
-        pl.col("idx").cast(pl.Int64), cls.alias("cls"), is_press.alias("is_press"), is_release.alias("is_release"),
+    return (df.lazy().with_columns(btn.alias("btn"), cls.alias("cls")).with_columns(
+        pl.when(kind == "scroll").then(pl.lit(T_SCROLL, pl.Int8)).when(pl.col("btn") > 0).then(pl.lit(T_CLICK, pl.Int8))
+        .otherwise("cls").alias("cls"),
         (kind == "pointer_move").alias("is_move"), held.alias("held"),
         pl.col("new_demo").shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
     ).with_columns(fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
@@ -213,15 +223,16 @@ def _events(events: pl.DataFrame) -> pl.DataFrame:
 
 
 def _drags(df: pl.DataFrame) -> pl.DataFrame:
-    """Per press (``p_idx``): how far the pointer got while the button was held, and where."""
-    held = (df.select("idx", "x", "y", "is_press", "held", "is_move", "is_release")
-            .filter(pl.col("is_press") | (pl.col("held") & (pl.col("is_move") | pl.col("is_release")))))
-    press = pl.col("is_press")
+    """Per press (``pidx``): how far the pointer got while the button was held, and where."""
+    press = pl.col("btn") > 0
+    held = (df.lazy().select("idx", "x", "y", "btn", "held", "is_move")
+            .filter(press | (pl.col("held") & (pl.col("is_move") | (pl.col("btn") < 0)))))
     return (held.with_columns(pl.when(press).then(c).forward_fill().alias(f"p{c}") for c in ("idx", "x", "y"))
             .filter(~press).group_by("pidx").agg(
                 pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
                 .max().alias("dist"),
-                pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2")))
+                pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2"))
+            .collect())
 
 
 def _marks(df: pl.DataFrame) -> pl.DataFrame:
@@ -229,9 +240,11 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     from the events around it: ``count`` (itself, the non-move events folding forward into it
     since the previous token, those folding back into it before the next token), ``ended``
     (its last in-range event) and, on a demonstration's last event, ``term_count`` (events
-    folding into terminate)."""
-    e = df.filter((pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end")).drop(
-        "is_move", "held", "fold_back", "is_release")
+    folding into terminate). Numbers only: strings are gathered later, for the few rows that
+    need them."""
+    e = df.select("idx", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy", "key_code",
+                  "modifiers", "text_masked", "F", "B", "FB", "fb", "LB").filter(
+        (pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end"))
     tok = pl.col("cls") != 0
     p_tok = tok.shift(1).fill_null(False)  # noqa: FBT003
     nd, de = pl.col("new_demo"), pl.col("demo_end")
@@ -241,19 +254,19 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     fwd = pl.when(nd).then(0).when(~p_tok).then(FBx - FBx.shift(1)).otherwise(F - F.shift(1))
     bwd = pl.when(de).then(0).otherwise(B.shift(-1) - B)
     last_back = pl.when(de).then("idx").otherwise(pl.col("LB").shift(-1)).fill_null(pl.col("idx"))
-    e = e.with_columns(
+    e = e.lazy().with_columns(
         (1 + fwd + bwd).alias("count"), pl.max_horizontal(last_back, "idx").alias("_end_row"),
         pl.when(tok).then(0).when(nd).then(FB - FBx).when(p_tok).then(F - F.shift(1))
         .otherwise(FB - FBx.shift(1)).alias("term_count"),
         nd.cum_sum().cast(pl.Int64).alias("demo_no"),
-    )
+    ).collect()
     return e.with_columns(df["t"].gather(e["_end_row"]).alias("ended")).drop("_end_row", "F", "B", "FB", "LB", "fb")
 
 
 def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """One row per token with its action number (merges per the module rules)."""
-    tok = (e.filter(pl.col("cls") != 0)
-           .join(drags, left_on="idx", right_on="pidx", how="left", maintain_order="left"))
+    tok = (e.lazy().filter(pl.col("cls") != 0)
+           .join(drags.lazy(), left_on="idx", right_on="pidx", how="left", maintain_order="left"))
     dx, dy = pl.col("scroll_dx").fill_null(0), pl.col("scroll_dy").fill_null(0)
     vertical = dy.abs() >= dx.abs()
     tok = tok.with_columns(
@@ -261,12 +274,12 @@ def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataF
         vertical.alias("vertical"),
         pl.when(vertical).then(dy.sign()).otherwise(dx.sign()).alias("dir"),
         dx.alias("scroll_dx"), dy.alias("scroll_dy"),
-        pl.col("key_code").replace_strict(KEY_NAMES, default=None, return_dtype=pl.String).alias("key"),
+        pl.col("key_code").replace_strict(_KEY_IDS, default=None, return_dtype=pl.Int16).alias("key"),
     )
     cls, dt = pl.col("cls"), pl.col("t") - _prev("t")
     same = (cls == _prev("cls")) & (pl.col("demo_no") == _prev("demo_no"))
     r = s.double_click_radius_px
-    click = ((cls == T_CLICK) & (pl.col("button") == "left") & (_prev("button") == "left")
+    click = ((cls == T_CLICK) & (pl.col("btn") == 1) & (_prev("btn") == 1)
              & ~pl.col("drag") & ~_prev("drag") & (dt <= int(s.double_click_interval_s * _US))
              & ((pl.col("x") - _prev("x")).abs() <= r) & ((pl.col("y") - _prev("y")).abs() <= r))
     scroll = ((cls == T_SCROLL) & (pl.col("vertical") == _prev("vertical")) & (pl.col("dir") == _prev("dir"))
@@ -284,15 +297,16 @@ def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataF
         pl.col("start").shift(-1).fill_null(True).alias("last"),  # noqa: FBT003
         pl.col("count").cum_sum().alias("_cc"), pl.col("scroll_dx").cum_sum().alias("_cx"),
         pl.col("scroll_dy").cum_sum().alias("_cy"),
-    )
+    ).collect()
 
 
-def _actions(tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
+def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """Action rows (without frames), waits and terminates included: name, arguments, time range,
     step, in output order."""
     first = tok.filter("start")
     last = tok.filter("last").select("ended", "ti", "_cc", "_cx", "_cy")
-    msg = tok.filter(pl.col("cls") == T_TYPE)
+    msg = tok.filter(pl.col("cls") == T_TYPE).select("action_no", "text_masked")
+    msg = msg.with_columns(df["text"].gather(tok.filter(pl.col("cls") == T_TYPE)["idx"]))
     masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
     text = pl.col("text")
     chars = pl.when(masked).then(text.str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR)).otherwise(
@@ -301,8 +315,10 @@ def _actions(tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.Da
         pl.col("c").str.join("").alias("message"))
     n = (last["ti"] - first["ti"] + 1).cast(pl.UInt32)
     acts = first.select(
-        "action_no", "demo_no", "demonstration_id", pl.col("t").alias("started_at"), "cls", "button", "x", "y",
-        "drag", "x2", "y2", "vertical", "key", "key_code", pl.col("modifiers").fill_null(0).alias("mods"), "app_id",
+        "action_no", "demo_no", df["demonstration_id"].gather(first["idx"]), pl.col("t").alias("started_at"), "cls",
+        pl.col("btn").replace_strict({1: "left", 2: "right", 3: "middle"}, default=None, return_dtype=pl.String)
+        .alias("button"), "x", "y", "drag", "x2", "y2", "vertical", "key_code",
+        pl.col("modifiers").fill_null(0).alias("mods"), df["app_id"].gather(first["idx"]),
         (pl.col("idx") * 4 + 1).alias("order"),
         n.alias("n"), last["ended"].alias("ended_at"),
         (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
@@ -319,7 +335,8 @@ def _actions(tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.Da
             .when(cls == T_TYPE).then(pl.lit("write")).when(cls == T_KEY).then(pl.lit("press"))
             .otherwise(pl.lit("hotkey")))
     is_key = cls >= T_KEY
-    key_name = pl.col("key")
+    key_name = pl.when(is_key).then(
+        pl.col("key_code").replace_strict(KEY_NAMES, default=None, return_dtype=pl.String))
     key_lit = pl.when(is_key).then(
         pl.col("key_code").replace_strict(_KEY_LITERALS, default=None, return_dtype=pl.String))
     modifiers = ((CTRL, "ctrl"), (ALT, "alt"), (SHIFT, "shift"), (META, "win"))
@@ -340,10 +357,11 @@ def _actions(tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.Da
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
         pl.when(cls <= T_SCROLL).then("x").alias("x"),
         pl.when(cls <= T_SCROLL).then("y").alias("y"),
-    ).drop("sdx", "sdy", "vertical", "key", "key_code", "mods", "n", "cls")
+    ).drop("sdx", "sdy", "vertical", "key_code", "mods", "n", "cls")
     # terminate: one per demonstration, at its last event (events folded into it counted)
     term = terms.select(
-        "demo_no", "demonstration_id", pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"),
+        "demo_no", df["demonstration_id"].gather(terms["idx"]), pl.col("t").alias("started_at"),
+        pl.col("t").alias("ended_at"),
         pl.lit("terminate").alias("action"), pl.col("term_count").cast(pl.UInt32).alias("event_count"),
         (pl.col("idx") * 4 + 3).alias("order"),
     )
@@ -452,12 +470,12 @@ def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[pl.DataFram
     marks = _marks(df)
     tok = _tokens(marks, _drags(df), settings)
     ends = marks.filter("demo_end")
-    acts = _actions(tok, ends, settings)
+    acts = _actions(df, tok, ends, settings)
     for c in ("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "_keys_lit", "presses",
               "deciseconds", "app_id"):
         if c not in acts.columns:
             acts = acts.with_columns(pl.lit(None).alias(c))
-    return df, tok, acts, ends.select("demonstration_id", "demo_no")
+    return df, tok, acts, ends.select(df["demonstration_id"].gather(ends["idx"]), "demo_no")
 
 
 def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, screens: pl.DataFrame | None = None,
