@@ -141,6 +141,9 @@ _HEADS: Final = {
 }
 """Each action's code up to its first argument (``_code`` appends arguments and the parenthesis)."""
 _US = 1_000_000
+_ENGINE: Final = "in-memory"
+"""polars' streaming engine (the default since 2.0) splits the events into morsels: slower here, on
+one thread, for running sums and fills over ordered events (measured: bench/action_reduction.py)."""
 
 
 def _us(df: pl.DataFrame, col: str) -> pl.Expr:
@@ -175,8 +178,9 @@ def _events(events: pl.DataFrame) -> pl.DataFrame:
         raise ValueError(f"events lack columns: {missing}")
     d, t = pl.col("demonstration_id"), pl.col("t")
     new_demo = (d != d.shift(1)).fill_null(True)  # noqa: FBT003
-    df = events.lazy().select(*(c for c in _EVENT_COLUMNS if c != "captured_at"),
-                              _us(events, "captured_at").alias("t")).with_columns(new_demo.alias("new_demo")).collect()
+    df = (events.lazy().select(*(c for c in _EVENT_COLUMNS if c != "captured_at"),
+                               _us(events, "captured_at").alias("t"))
+          .with_columns(new_demo.alias("new_demo")).collect(engine=_ENGINE))
     # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
     unordered = df.select((~pl.col("new_demo") & (t < t.shift(1))).any()).item()
     if unordered or not df["demonstration_id"].is_sorted():
@@ -200,7 +204,7 @@ def _events(events: pl.DataFrame) -> pl.DataFrame:
     named = ~modkey & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
     downs = df.lazy().filter(kind == "key_down").select(
         "idx", pl.when(typing).then(T_TYPE).when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT)
-        .otherwise(0).cast(pl.Int8).alias("cls")).filter(pl.col("cls") != 0).collect()
+        .otherwise(0).cast(pl.Int8).alias("cls")).filter(pl.col("cls") != 0).collect(engine=_ENGINE)
     btn = pl.zeros(df.height, pl.Int8, eager=True).scatter(clicks["idx"], clicks["btn"])
     cls = pl.zeros(df.height, pl.Int8, eager=True).scatter(downs["idx"], downs["cls"])
     # a button is held while the last press/release before the event (same demonstration) is a press
@@ -219,7 +223,7 @@ def _events(events: pl.DataFrame) -> pl.DataFrame:
         (pl.col("fb") & pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("B"),
         pl.col("fb").cast(pl.Int64).cum_sum().alias("FB"),
         pl.when("fold_back").then("idx").forward_fill().alias("LB"),
-    ).collect())
+    ).collect(engine=_ENGINE))
 
 
 def _drags(df: pl.DataFrame) -> pl.DataFrame:
@@ -232,7 +236,7 @@ def _drags(df: pl.DataFrame) -> pl.DataFrame:
                 pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
                 .max().alias("dist"),
                 pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2"))
-            .collect())
+            .collect(engine=_ENGINE))
 
 
 def _marks(df: pl.DataFrame) -> pl.DataFrame:
@@ -242,8 +246,9 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     (its last in-range event) and, on a demonstration's last event, ``term_count`` (events
     folding into terminate). Numbers only: strings are gathered later, for the few rows that
     need them."""
-    e = df.select("idx", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy", "key_code",
-                  "modifiers", "text_masked", "F", "B", "FB", "fb", "LB").filter(
+    # lazy: an eager operation on the events would first copy them into one chunk
+    e = df.lazy().select("idx", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy",
+                         "key_code", "modifiers", "text_masked", "F", "B", "FB", "fb", "LB").filter(
         (pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end"))
     tok = pl.col("cls") != 0
     p_tok = tok.shift(1).fill_null(False)  # noqa: FBT003
@@ -254,12 +259,12 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     fwd = pl.when(nd).then(0).when(~p_tok).then(FBx - FBx.shift(1)).otherwise(F - F.shift(1))
     bwd = pl.when(de).then(0).otherwise(B.shift(-1) - B)
     last_back = pl.when(de).then("idx").otherwise(pl.col("LB").shift(-1)).fill_null(pl.col("idx"))
-    e = e.lazy().with_columns(
+    e = e.with_columns(
         (1 + fwd + bwd).alias("count"), pl.max_horizontal(last_back, "idx").alias("_end_row"),
         pl.when(tok).then(0).when(nd).then(FB - FBx).when(p_tok).then(F - F.shift(1))
         .otherwise(FB - FBx.shift(1)).alias("term_count"),
         nd.cum_sum().cast(pl.Int64).alias("demo_no"),
-    ).collect()
+    ).collect(engine=_ENGINE)
     return e.with_columns(df["t"].gather(e["_end_row"]).alias("ended")).drop("_end_row", "F", "B", "FB", "LB", "fb")
 
 
@@ -297,46 +302,37 @@ def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataF
         pl.col("start").shift(-1).fill_null(True).alias("last"),  # noqa: FBT003
         pl.col("count").cum_sum().alias("_cc"), pl.col("scroll_dx").cum_sum().alias("_cx"),
         pl.col("scroll_dy").cum_sum().alias("_cy"),
-    ).collect()
+    ).collect(engine=_ENGINE)
 
 
 def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
-    """Action rows (without frames), waits and terminates included: name, arguments, time range,
-    step, in output order."""
-    first = tok.filter("start")
-    last = tok.filter("last").select("ended", "ti", "_cc", "_cx", "_cy")
-    msg = tok.filter(pl.col("cls") == T_TYPE).select("action_no", "text_masked")
-    msg = msg.with_columns(df["text"].gather(tok.filter(pl.col("cls") == T_TYPE)["idx"]))
-    masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
+    """Action rows (without frames), waits and terminates included: name, arguments, time range;
+    not yet in order (``order`` sorts them, :func:`_ordered`)."""
+    first = tok.select("action_no", "idx", "demo_no", "t", "cls", "btn", "x", "y", "drag", "x2", "y2", "vertical",
+                       "key_code", "modifiers", "count", "scroll_dx", "scroll_dy", "ti", "_cc", "_cx", "_cy",
+                       "start").filter("start")
+    last = tok.select("ended", "ti", "_cc", "_cx", "_cy", "last").filter("last")
+    typed = tok.select("action_no", "text_masked", "idx", "cls").filter(pl.col("cls") == T_TYPE)
     text = pl.col("text")
-    chars = pl.when(masked).then(text.str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR)).otherwise(
-        text.fill_null(MASK_CHAR))
-    msg = msg.select("action_no", chars.alias("c")).group_by("action_no", maintain_order=True).agg(
-        pl.col("c").str.join("").alias("message"))
+    # a masked key shows one mask character per stored character (a regex replace is 4x slower)
+    masked = pl.lit("").str.pad_start(text.str.len_chars().fill_null(1), MASK_CHAR)
+    chars = pl.when(pl.col("text_masked").fill_null(False)).then(masked).otherwise(text.fill_null(MASK_CHAR))  # noqa: FBT003
+    # collected as lists and joined: 4x faster than str.join as an aggregation
+    msg = (typed.lazy().with_columns(df["text"].gather(typed["idx"])).select("action_no", chars.alias("c"))
+           .group_by("action_no", maintain_order=True).agg("c")
+           .select("action_no", pl.col("c").list.join("").alias("message")))
+    cls, b = pl.col("cls"), pl.col("btn")
     n = (last["ti"] - first["ti"] + 1).cast(pl.UInt32)
-    acts = first.select(
-        "action_no", "demo_no", df["demonstration_id"].gather(first["idx"]), pl.col("t").alias("started_at"), "cls",
-        pl.col("btn").replace_strict({1: "left", 2: "right", 3: "middle"}, default=None, return_dtype=pl.String)
-        .alias("button"), "x", "y", "drag", "x2", "y2", "vertical", "key_code",
-        pl.col("modifiers").fill_null(0).alias("mods"), df["app_id"].gather(first["idx"]),
-        (pl.col("idx") * 4 + 1).alias("order"),
-        n.alias("n"), last["ended"].alias("ended_at"),
-        (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
-        (last["_cx"] - first["_cx"] + first["scroll_dx"]).alias("sdx"),
-        (last["_cy"] - first["_cy"] + first["scroll_dy"]).alias("sdy"),
-    ).join(msg, on="action_no", how="left", maintain_order="left")
-    cls, n, b = pl.col("cls"), pl.col("n"), pl.col("button")
-    mods = pl.col("mods")
+    mods = pl.col("modifiers").fill_null(0)
     name = (pl.when(cls == T_CLICK).then(
-                pl.when("drag").then(pl.lit("dragTo")).when(b == "right").then(pl.lit("rightClick"))
-                .when(b == "middle").then(pl.lit("middleClick")).when(n == 2).then(pl.lit("doubleClick"))
+                pl.when("drag").then(pl.lit("dragTo")).when(b == 2).then(pl.lit("rightClick"))
+                .when(b == 3).then(pl.lit("middleClick")).when(n == 2).then(pl.lit("doubleClick"))
                 .when(n >= 3).then(pl.lit("tripleClick")).otherwise(pl.lit("click")))
             .when(cls == T_SCROLL).then(pl.when("vertical").then(pl.lit("scroll")).otherwise(pl.lit("hscroll")))
             .when(cls == T_TYPE).then(pl.lit("write")).when(cls == T_KEY).then(pl.lit("press"))
             .otherwise(pl.lit("hotkey")))
     is_key = cls >= T_KEY
-    key_name = pl.when(is_key).then(
-        pl.col("key_code").replace_strict(KEY_NAMES, default=None, return_dtype=pl.String))
+    key_name = pl.when(is_key).then(pl.col("key_code").replace_strict(KEY_NAMES, default=None, return_dtype=pl.String))
     key_lit = pl.when(is_key).then(
         pl.col("key_code").replace_strict(_KEY_LITERALS, default=None, return_dtype=pl.String))
     modifiers = ((CTRL, "ctrl"), (ALT, "alt"), (SHIFT, "shift"), (META, "win"))
@@ -345,39 +341,49 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: Export
                          key_name, ignore_nulls=True)
     keys_lit = pl.concat_str(*(pl.when((mods & bit) != 0).then(pl.lit(f'"{m}", ')) for bit, m in modifiers),
                              key_lit, ignore_nulls=True)
-    acts = acts.with_columns(
-        name.alias("action"),
+    sdx = last["_cx"] - first["_cx"] + first["scroll_dx"]
+    sdy = last["_cy"] - first["_cy"] + first["scroll_dy"]
+    acts = first.lazy().select(
+        "action_no", "demo_no", pl.lit(df["demonstration_id"].gather(first["idx"])).alias("demonstration_id"),
+        pl.col("t").alias("started_at"), last["ended"].alias("ended_at"), name.alias("action"),
+        pl.when(cls <= T_SCROLL).then("x").alias("x"), pl.when(cls <= T_SCROLL).then("y").alias("y"),
+        pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
         pl.when(cls == T_CLICK).then(pl.when("drag").then(1).otherwise(n)).alias("clicks"),
-        pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-pl.col("sdy")).otherwise(pl.col("sdx")))
-        .alias("amount"),
+        pl.when(cls == T_CLICK).then(b.replace_strict({1: "left", 2: "right", 3: "middle"}, default=None,
+                                                      return_dtype=pl.String)).alias("button"),
+        pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-sdy).otherwise(sdx)).alias("amount"),
         pl.when(cls == T_KEY).then(key_name).when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
         pl.when(cls == T_KEY).then(key_lit).when(cls == T_HOT).then(keys_lit).alias("_keys_lit"),
         pl.when(cls == T_KEY).then(n).alias("presses"),
-        pl.when(cls == T_CLICK).then(b).alias("button"),
-        pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
-        pl.when(cls <= T_SCROLL).then("x").alias("x"),
-        pl.when(cls <= T_SCROLL).then("y").alias("y"),
-    ).drop("sdx", "sdy", "vertical", "key_code", "mods", "n", "cls")
+        pl.lit(df["app_id"].gather(first["idx"])).alias("app_id"),
+        (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
+        (pl.col("idx") * 4 + 1).alias("order"),
+    ).join(msg, on="action_no", how="left", maintain_order="left")
     # terminate: one per demonstration, at its last event (events folded into it counted)
-    term = terms.select(
-        "demo_no", df["demonstration_id"].gather(terms["idx"]), pl.col("t").alias("started_at"),
-        pl.col("t").alias("ended_at"),
-        pl.lit("terminate").alias("action"), pl.col("term_count").cast(pl.UInt32).alias("event_count"),
-        (pl.col("idx") * 4 + 3).alias("order"),
+    demo_ids = df["demonstration_id"].gather(terms["idx"])  # demo_no - 1 -> demonstration_id
+    term = terms.lazy().select(
+        "demo_no", pl.lit(demo_ids).alias("demonstration_id"),
+        pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"), pl.lit("terminate").alias("action"),
+        pl.col("term_count").cast(pl.UInt32).alias("event_count"), (pl.col("idx") * 4 + 3).alias("order"),
     )
-    acts = pl.concat([acts, term], how="diagonal_relaxed").sort("order")
+    times = ["demo_no", "started_at", "ended_at", "order"]
+    seq = pl.concat([acts.select(times), term.select(times)]).sort("order")
     gap = pl.col("started_at") - _prev("ended_at")
-    waits = acts.with_columns(_prev("ended_at").alias("_pe")).filter(
-        (gap > int(s.wait_threshold_s * _US)) & (pl.col("demo_no") == _prev("demo_no"))).select(
-        "demo_no", "demonstration_id", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
+    waits = seq.with_columns(gap.alias("gap"), _prev("ended_at").alias("_pe"), _prev("demo_no").alias("_pd")).filter(
+        (pl.col("gap") > int(s.wait_threshold_s * _US)) & (pl.col("demo_no") == pl.col("_pd"))).select(
+        "demo_no", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
         pl.lit("wait").alias("action"), pl.lit(0, pl.UInt32).alias("event_count"), (pl.col("order") - 1).alias("order"),
-        ((pl.col("started_at") - pl.col("_pe") + 50_000) // 100_000).alias("deciseconds"),
-    )
-    acts = pl.concat([acts, waits], how="diagonal_relaxed").sort("order")
-    first_row = pl.when(pl.col("demo_no") != _prev("demo_no").fill_null(-1)).then("_r").forward_fill()
-    return acts.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_r")).with_columns(
-        (pl.col("_r") - first_row).cast(pl.UInt32).alias("step")).drop("_r")
+        ((pl.col("gap") + 50_000) // 100_000).alias("deciseconds")).collect(engine=_ENGINE)
+    waits = waits.with_columns(demo_ids.gather(waits["demo_no"] - 1).alias("demonstration_id"))
+    return pl.concat([acts, term, waits.lazy()], how="diagonal_relaxed").collect(engine=_ENGINE)
 
+
+def _ordered(acts: pl.DataFrame) -> pl.DataFrame:
+    """``acts`` in output order (demonstration, time) with their ``step``."""
+    acts = acts.sort("order")
+    first_row = pl.when(pl.col("demo_no") != _prev("demo_no").fill_null(-1)).then("_r").forward_fill()
+    return acts.lazy().with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_r")).with_columns(
+        (pl.col("_r") - first_row).cast(pl.UInt32).alias("step")).drop("_r").collect(engine=_ENGINE)
 
 
 def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None,
@@ -470,7 +476,7 @@ def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[pl.DataFram
     marks = _marks(df)
     tok = _tokens(marks, _drags(df), settings)
     ends = marks.filter("demo_end")
-    acts = _actions(df, tok, ends, settings)
+    acts = _ordered(_actions(df, tok, ends, settings))
     for c in ("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "_keys_lit", "presses",
               "deciseconds", "app_id"):
         if c not in acts.columns:
@@ -493,8 +499,7 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
         Columns :data:`ACTION_COLUMNS`, ordered by demonstration and step.
     """
     _, _, acts, demos = _reduce(events, settings or ExportSettings())
-    acts = _code(_frames(acts, frames, screens, demos))
-    return acts.select(
+    return _code(_frames(acts, frames, screens, demos)).select(
         "demonstration_id", "step", "action", "code", "args",
         pl.col("started_at").cast(_TS), pl.col("ended_at").cast(_TS), "app_id", "x", "y",
         "frame_sha256", "frame_step", "event_count",
