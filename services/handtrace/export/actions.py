@@ -141,6 +141,13 @@ _HEADS: Final = {
 }
 """Each action's code up to its first argument (``_code`` appends arguments and the parenthesis)."""
 _US = 1_000_000
+# n / 10_000 for n in 0..10_000, and as Python prints it: coordinates are rounded to 4 decimals in
+# integers and looked up here (polars divides by a constant as a multiplication by its reciprocal:
+# 3333 / 10000 -> 0.33330000000000004, not the nearest double to 0.3333)
+_DECIMALS: Final = pl.Series([n / 10_000 for n in range(10_001)], dtype=pl.Float64)
+_DECIMALS_TEXT: Final = pl.Series([repr(n / 10_000) for n in range(10_001)], dtype=pl.String)
+_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', **{chr(c): json.dumps(chr(c))[1:-1] for c in range(0x20)}}
+"""What ``json.dumps(ensure_ascii=False)`` escapes in a string."""
 _ENGINE: Final = "in-memory"
 """polars' streaming engine (the default since 2.0) splits the events into morsels: slower here, on
 one thread, for running sums and fills over ordered events (measured: bench/action_reduction.py)."""
@@ -436,37 +443,38 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
 
     def norm(c: str, size: pl.Expr) -> pl.Expr:
         # exact rational rounding (half up) in integers: identical wherever it is recomputed
-        # (polars' float division is not correctly rounded: 3333 / 10000 -> 0.33330000000000004;
-        # parsing the decimal string is)
         v = pl.col(c).cast(pl.Int64).clip(0, size)
-        n = (v * 20_000 + size) // (2 * size)
-        return pl.format("{}.{}", n // 10_000, (n % 10_000).cast(pl.String).str.zfill(4)).cast(pl.Float64).alias(c)
+        return ((v * 20_000 + size) // (2 * size)).alias(f"_n{c}")
 
-    return acts.with_columns(norm("x", w), norm("y", h), norm("x2", w), norm("y2", h),
-                             pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step")).drop(
-        *keep, "_dw", "_dh")
+    coords = ("x", "y", "x2", "y2")
+    return acts.lazy().with_columns(
+        norm("x", w), norm("y", h), norm("x2", w), norm("y2", h),
+        pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step"),
+    ).with_columns(
+        *(pl.lit(_DECIMALS).gather(f"_n{c}").alias(c) for c in coords),
+        *(pl.lit(_DECIMALS_TEXT).gather(f"_n{c}").alias(f"_{c}_text") for c in coords),
+    ).drop(*keep, "_dw", "_dh", *(f"_n{c}" for c in coords)).collect(engine=_ENGINE)
 
 
 def _code(acts: pl.DataFrame) -> pl.DataFrame:
     """The pyautogui call of each action: its head, then the arguments that are not null."""
-    def num(c: str) -> pl.Expr:
-        return pl.col(c).cast(pl.String)
-
     a, d = pl.col("action"), pl.col("deciseconds")
-    xy = pl.concat_str(pl.lit("x="), num("x"), pl.lit(", y="), num("y"))
-    xy2 = pl.concat_str(pl.lit("x="), num("x2"), pl.lit(", y="), num("y2"), pl.lit(", "))
-    value = pl.coalesce(num("amount"), pl.when(pl.col("message").is_not_null()).then(_pystr(pl.col("message"))),
-                        "_keys_lit", pl.concat_str((d // 10).cast(pl.String), pl.lit("."),
-                                                   (d % 10).cast(pl.String)))
+    xy = pl.concat_str(pl.lit("x="), "_x_text", pl.lit(", y="), "_y_text")
+    xy2 = pl.concat_str(pl.lit("x="), "_x2_text", pl.lit(", y="), "_y2_text", pl.lit(", "))
+    # a JSON string literal, as json.dumps(ensure_ascii=False) writes it: Python's ast reads it back
+    message = pl.concat_str(pl.lit('"'), pl.col("message").str.replace_many(_ESCAPES), pl.lit('"'))
+    value = pl.coalesce(pl.col("amount").cast(pl.String), message, "_keys_lit",
+                        pl.concat_str((d // 10).cast(pl.String), pl.lit("."), (d % 10).cast(pl.String)))
     where = pl.when(pl.col("amount").is_not_null()).then(pl.concat_str(pl.lit(", "), xy)).otherwise(xy)
     drag = pl.when(a == "dragTo").then(pl.concat_str(pl.lit(")\npyautogui.dragTo("), xy2, pl.lit('button="'),
                                                      pl.col("button"), pl.lit('"'), ignore_nulls=True))
-    presses = pl.when(pl.col("presses") > 1).then(pl.concat_str(pl.lit(", presses="), num("presses")))
+    presses = pl.when(pl.col("presses") > 1).then(pl.concat_str(pl.lit(", presses="),
+                                                                pl.col("presses").cast(pl.String)))
     code = pl.concat_str(a.replace_strict(_HEADS, return_dtype=pl.String), value, where, drag, presses, pl.lit(")"),
                          ignore_nulls=True)
     args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
                      (pl.col("deciseconds") / 10).alias("seconds"))
-    return acts.with_columns(code.alias("code"), args.alias("args"))
+    return acts.lazy().with_columns(code.alias("code"), args.alias("args")).collect(engine=_ENGINE)
 
 
 def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame,
