@@ -169,47 +169,60 @@ def _pystr(expr: pl.Expr) -> pl.Expr:
             .str.strip_prefix('{"v":').str.strip_suffix("}"))
 
 
-def _events(events: pl.DataFrame) -> pl.DataFrame:
+def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
     """Every event in reduction order, classified, with running counts: the only passes over all
-    events (the rest works on tokens, about a tenth of them).
+    events (the rest works on tokens, about a tenth of them). Numbers only; the events' strings
+    (demonstration_id, kind, button, text, app_id, in the same order) come apart, to be gathered
+    for the few rows that need them.
 
-    Columns added: ``idx`` (row), ``new_demo`` / ``demo_end`` (first / last event of its
+    Columns: ``idx`` (row), ``t`` (µs), ``new_demo`` / ``demo_end`` (first / last event of its
     demonstration), ``cls`` (token class, 0: none), ``btn`` (+1/+2/+3 a press of the left/right/
     middle button, negative its release, 0 anything else), ``fold_back`` (folds into the preceding
-    action), ``held`` (a button is held), ``is_move``, and inclusive running counts of non-move
-    non-token events: ``F`` folding forward, ``B`` folding back, ``FB`` both; ``LB`` the row of the
-    last fold-back event so far (moves included).
+    action), ``held`` (a button is held), ``is_move``, the numeric event columns, and inclusive
+    running counts of non-move non-token events: ``F`` folding forward, ``B`` folding back, ``FB``
+    both; ``LB`` the row of the last fold-back event so far (moves included).
     """
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events lack columns: {missing}")
-    d, t = pl.col("demonstration_id"), pl.col("t")
-    new_demo = (d != d.shift(1)).fill_null(True)  # noqa: FBT003
-    df = (events.lazy().select(*(c for c in _EVENT_COLUMNS if c != "captured_at"),
-                               _us(events, "captured_at").alias("t"))
-          .with_columns(new_demo.alias("new_demo")).collect(engine=_ENGINE))
+    d, kind = pl.col("demonstration_id"), pl.col("kind")
+
+    def numbers(ev: pl.DataFrame) -> pl.DataFrame:
+        # lazy throughout: an eager operation on chunked input would first copy it into one chunk
+        return ev.lazy().with_row_index("idx").select(
+            pl.col("idx").cast(pl.Int64), _us(ev, "captured_at").alias("t"),
+            (d != d.shift(1)).fill_null(True).alias("new_demo"),  # noqa: FBT003
+            (kind == "pointer_move").alias("is_move"), (kind == "click").alias("is_click"),
+            (kind == "key_down").alias("is_down"), (kind == "key_up").alias("is_up"),
+            (kind == "scroll").alias("is_scroll"), pl.col("text").is_not_null().alias("has_text"),
+            "x", "y", "pressed", "scroll_dx", "scroll_dy", "key_code", "modifiers", "text_masked",
+        ).collect(engine=_ENGINE)
+
+    df = numbers(events)
+    t = pl.col("t")
     # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
-    unordered = df.select((~pl.col("new_demo") & (t < t.shift(1))).any()).item()
-    if unordered or not df["demonstration_id"].is_sorted():
-        df = df.sort("demonstration_id", "t", maintain_order=True).with_columns(new_demo.alias("new_demo"))
-    df = df.with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64))
-    kind = pl.col("kind")
+    unordered = df.lazy().select((~pl.col("new_demo") & (t < t.shift(1))).any()).collect(engine=_ENGINE).item()
+    if unordered or not events.get_column("demonstration_id").is_sorted():
+        events = (events.lazy().with_columns(_us(events, "captured_at").alias("_t"))
+                  .sort("demonstration_id", "_t", maintain_order=True).collect(engine=_ENGINE))
+        df = numbers(events)
+    texts = {c: events.get_column(c) for c in ("demonstration_id", "kind", "button", "text", "app_id")}
     # clicks and key downs are a tenth of the events: classify them apart, scatter the result back
-    b = pl.col("button")
+    clicks = df.filter("is_click").select("idx", "pressed")
+    b = pl.lit(texts["button"].gather(clicks["idx"]))
     pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
-    clicks = df.filter(kind == "click").select(
-        "idx", (pl.when(b == "left").then(1).when(b == "right").then(2).when(b == "middle").then(3).otherwise(0)
-                * pl.when(pressed).then(1).otherwise(-1)).cast(pl.Int8).alias("btn"))
+    clicks = clicks.select("idx", (pl.when(b == "left").then(1).when(b == "right").then(2).when(b == "middle").then(3)
+                                   .otherwise(0) * pl.when(pressed).then(1).otherwise(-1)).cast(pl.Int8).alias("btn"))
     code = pl.col("key_code")
     mods = pl.col("modifiers").fill_null(0)
     masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
     modkey = code.is_in(list(MODIFIER_KEYSYMS)).fill_null(False)  # noqa: FBT003
     char_sym = ((code >= 0x20) & (code <= 0x7E)) | ((code >= 0xA0) & (code <= 0xFF)) | (
         (code >= 0x01000020) & (code <= 0x0110FFFF))
-    printable = pl.col("text").is_not_null() | masked | char_sym.fill_null(False)  # noqa: FBT003
+    printable = pl.col("has_text") | masked | char_sym.fill_null(False)  # noqa: FBT003
     typing = ~modkey & ((mods & COMMAND) == 0) & printable
     named = ~modkey & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
-    downs = df.lazy().filter(kind == "key_down").select(
+    downs = df.lazy().filter("is_down").select(
         "idx", pl.when(typing).then(T_TYPE).when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT)
         .otherwise(0).cast(pl.Int8).alias("cls")).filter(pl.col("cls") != 0).collect(engine=_ENGINE)
     btn = pl.zeros(df.height, pl.Int8, eager=True).scatter(clicks["idx"], clicks["btn"])
@@ -218,19 +231,19 @@ def _events(events: pl.DataFrame) -> pl.DataFrame:
     last_press = pl.when(pl.col("btn") != 0).then(pl.col("btn") > 0).when("new_demo").then(False).forward_fill()  # noqa: FBT003
     held = pl.when("new_demo").then(False).otherwise(last_press.shift(1)).fill_null(False)  # noqa: FBT003
     is_move, tok = pl.col("is_move"), pl.col("cls") != 0
-    fold_back = (~tok & ((pl.col("held") & is_move) | (kind == "key_up") | (pl.col("btn") < 0)))
+    fold_back = ~tok & ((pl.col("held") & is_move) | pl.col("is_up") | (pl.col("btn") < 0))
     fb = ~is_move & ~tok
-    return (df.lazy().with_columns(btn.alias("btn"), cls.alias("cls")).with_columns(
-        pl.when(kind == "scroll").then(pl.lit(T_SCROLL, pl.Int8)).when(pl.col("btn") > 0).then(pl.lit(T_CLICK, pl.Int8))
+    df = (df.lazy().with_columns(btn.alias("btn"), cls.alias("cls")).with_columns(
+        pl.when("is_scroll").then(pl.lit(T_SCROLL, pl.Int8)).when(pl.col("btn") > 0).then(pl.lit(T_CLICK, pl.Int8))
         .otherwise("cls").alias("cls"),
-        (kind == "pointer_move").alias("is_move"), held.alias("held"),
-        pl.col("new_demo").shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
+        held.alias("held"), pl.col("new_demo").shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
     ).with_columns(fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
         (pl.col("fb") & ~pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("F"),
         (pl.col("fb") & pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("B"),
         pl.col("fb").cast(pl.Int64).cum_sum().alias("FB"),
         pl.when("fold_back").then("idx").forward_fill().alias("LB"),
     ).collect(engine=_ENGINE))
+    return df, texts
 
 
 def _drags(df: pl.DataFrame) -> pl.DataFrame:
@@ -312,7 +325,7 @@ def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataF
     ).collect(engine=_ENGINE)
 
 
-def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
+def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """Action rows (without frames), waits and terminates included: name, arguments, time range;
     not yet in order (``order`` sorts them, :func:`_ordered`)."""
     first = tok.select("action_no", "idx", "demo_no", "t", "cls", "btn", "x", "y", "drag", "x2", "y2", "vertical",
@@ -325,8 +338,8 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: Export
     masked = pl.lit("").str.pad_start(text.str.len_chars().fill_null(1), MASK_CHAR)
     chars = pl.when(pl.col("text_masked").fill_null(False)).then(masked).otherwise(text.fill_null(MASK_CHAR))  # noqa: FBT003
     # collected as lists and joined: 4x faster than str.join as an aggregation
-    msg = (typed.lazy().with_columns(df["text"].gather(typed["idx"])).select("action_no", chars.alias("c"))
-           .group_by("action_no", maintain_order=True).agg("c")
+    msg = (typed.lazy().with_columns(pl.lit(texts["text"].gather(typed["idx"])).alias("text"))
+           .select("action_no", chars.alias("c")).group_by("action_no", maintain_order=True).agg("c")
            .select("action_no", pl.col("c").list.join("").alias("message")))
     cls, b = pl.col("cls"), pl.col("btn")
     n = (last["ti"] - first["ti"] + 1).cast(pl.UInt32)
@@ -351,7 +364,7 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: Export
     sdx = last["_cx"] - first["_cx"] + first["scroll_dx"]
     sdy = last["_cy"] - first["_cy"] + first["scroll_dy"]
     acts = first.lazy().select(
-        "action_no", "demo_no", pl.lit(df["demonstration_id"].gather(first["idx"])).alias("demonstration_id"),
+        "action_no", "demo_no", pl.lit(texts["demonstration_id"].gather(first["idx"])).alias("demonstration_id"),
         pl.col("t").alias("started_at"), last["ended"].alias("ended_at"), name.alias("action"),
         pl.when(cls <= T_SCROLL).then("x").alias("x"), pl.when(cls <= T_SCROLL).then("y").alias("y"),
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
@@ -362,12 +375,12 @@ def _actions(df: pl.DataFrame, tok: pl.DataFrame, terms: pl.DataFrame, s: Export
         pl.when(cls == T_KEY).then(key_name).when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
         pl.when(cls == T_KEY).then(key_lit).when(cls == T_HOT).then(keys_lit).alias("_keys_lit"),
         pl.when(cls == T_KEY).then(n).alias("presses"),
-        pl.lit(df["app_id"].gather(first["idx"])).alias("app_id"),
+        pl.lit(texts["app_id"].gather(first["idx"])).alias("app_id"),
         (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
         (pl.col("idx") * 4 + 1).alias("order"),
     ).join(msg, on="action_no", how="left", maintain_order="left")
     # terminate: one per demonstration, at its last event (events folded into it counted)
-    demo_ids = df["demonstration_id"].gather(terms["idx"])  # demo_no - 1 -> demonstration_id
+    demo_ids = texts["demonstration_id"].gather(terms["idx"])  # demo_no - 1 -> demonstration_id
     term = terms.lazy().select(
         "demo_no", pl.lit(demo_ids).alias("demonstration_id"),
         pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"), pl.lit("terminate").alias("action"),
@@ -477,19 +490,20 @@ def _code(acts: pl.DataFrame) -> pl.DataFrame:
     return acts.lazy().with_columns(code.alias("code"), args.alias("args")).collect(engine=_ENGINE)
 
 
-def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame,
-                                                                     pl.DataFrame]:
-    """Events (classified), tokens, actions (no frames yet), demonstrations (id and number)."""
-    df = _events(events)
+def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[
+        pl.DataFrame, dict[str, pl.Series], pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Events (classified) and their strings, tokens, actions in order (no frames yet),
+    demonstrations (id and number)."""
+    df, texts = _events(events)
     marks = _marks(df)
     tok = _tokens(marks, _drags(df), settings)
     ends = marks.filter("demo_end")
-    acts = _ordered(_actions(df, tok, ends, settings))
+    acts = _ordered(_actions(texts, tok, ends, settings))
     for c in ("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "_keys_lit", "presses",
               "deciseconds", "app_id"):
         if c not in acts.columns:
             acts = acts.with_columns(pl.lit(None).alias(c))
-    return df, tok, acts, ends.select(df["demonstration_id"].gather(ends["idx"]), "demo_no")
+    return df, texts, tok, acts, ends.select(pl.lit(texts["demonstration_id"].gather(ends["idx"])), "demo_no")
 
 
 def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, screens: pl.DataFrame | None = None,
@@ -506,7 +520,7 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
     Returns:
         Columns :data:`ACTION_COLUMNS`, ordered by demonstration and step.
     """
-    _, _, acts, demos = _reduce(events, settings or ExportSettings())
+    _, _, _, acts, demos = _reduce(events, settings or ExportSettings())
     return _code(_frames(acts, frames, screens, demos)).select(
         "demonstration_id", "step", "action", "code", "args",
         pl.col("started_at").cast(_TS), pl.col("ended_at").cast(_TS), "app_id", "x", "y",
@@ -517,7 +531,7 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
 def label_events(events: pl.DataFrame, settings: ExportSettings | None = None) -> pl.DataFrame:
     """The events in reduction order with the ``step`` of the action each belongs to (columns:
     demonstration_id, captured_at (µs), kind, step)."""
-    df, tok, acts, _ = _reduce(events, settings or ExportSettings())
+    df, texts, tok, acts, _ = _reduce(events, settings or ExportSettings())
     # tokens are rows of df (idx = row position): scatter their action numbers back, no join
     own = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["idx"], tok["action_no"])
     df = df.with_columns(own.alias("action_no"), pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no"))
@@ -535,5 +549,6 @@ def label_events(events: pl.DataFrame, settings: ExportSettings | None = None) -
     # waits have no action_no either; terminate is the demonstration's last step
     term = steps.filter(pl.col("action_no").is_null()).group_by("demo_no").agg(pl.col("step").max().alias("_ts"))
     labelled = labelled.join(term, on="demo_no", how="left", maintain_order="left")
-    return labelled.select("demonstration_id", pl.col("t").alias("captured_at"), "kind",
+    return labelled.select(pl.lit(texts["demonstration_id"]).alias("demonstration_id"),
+                           pl.col("t").alias("captured_at"), pl.lit(texts["kind"]).alias("kind"),
                            pl.coalesce("step", "_ts").alias("step"))
