@@ -179,8 +179,8 @@ def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
     demonstration), ``cls`` (token class, 0: none), ``btn`` (+1/+2/+3 a press of the left/right/
     middle button, negative its release, 0 anything else), ``fold_back`` (folds into the preceding
     action), ``held`` (a button is held), ``is_move``, the numeric event columns, and inclusive
-    running counts of non-move non-token events: ``F`` folding forward, ``B`` folding back, ``FB``
-    both; ``LB`` the row of the last fold-back event so far (moves included).
+    running counts of non-move non-token events (``fb``): ``F`` folding forward, ``B`` folding
+    back; ``LB`` the row of the last fold-back event so far (moves included).
     """
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
@@ -202,7 +202,9 @@ def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
     t = pl.col("t")
     # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
     unordered = df.lazy().select((~pl.col("new_demo") & (t < t.shift(1))).any()).collect(engine=_ENGINE).item()
-    if unordered or not events.get_column("demonstration_id").is_sorted():
+    firsts = events.get_column("demonstration_id").gather(df.lazy().select(pl.col("idx").filter("new_demo"))
+                                                          .collect(engine=_ENGINE).to_series())
+    if unordered or not firsts.is_sorted() or firsts.n_unique() != firsts.len():
         events = (events.lazy().with_columns(_us(events, "captured_at").alias("_t"))
                   .sort("demonstration_id", "_t", maintain_order=True).collect(engine=_ENGINE))
         df = numbers(events)
@@ -238,9 +240,8 @@ def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
         .otherwise("cls").alias("cls"),
         held.alias("held"), pl.col("new_demo").shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
     ).with_columns(fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
-        (pl.col("fb") & ~pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("F"),
-        (pl.col("fb") & pl.col("fold_back")).cast(pl.Int64).cum_sum().alias("B"),
-        pl.col("fb").cast(pl.Int64).cum_sum().alias("FB"),
+        (pl.col("fb") & ~pl.col("fold_back")).cum_sum().cast(pl.Int64).alias("F"),
+        (pl.col("fb") & pl.col("fold_back")).cum_sum().cast(pl.Int64).alias("B"),
         pl.when("fold_back").then("idx").forward_fill().alias("LB"),
     ).collect(engine=_ENGINE))
     return df, texts
@@ -268,12 +269,13 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     need them."""
     # lazy: an eager operation on the events would first copy them into one chunk
     e = df.lazy().select("idx", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy",
-                         "key_code", "modifiers", "text_masked", "F", "B", "FB", "fb", "LB").filter(
+                         "key_code", "modifiers", "text_masked", "F", "B", "fb", "LB").filter(
         (pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end"))
     tok = pl.col("cls") != 0
     p_tok = tok.shift(1).fill_null(False)  # noqa: FBT003
     nd, de = pl.col("new_demo"), pl.col("demo_end")
-    F, B, FB = pl.col("F"), pl.col("B"), pl.col("FB")  # noqa: N806
+    F, B = pl.col("F"), pl.col("B")  # noqa: N806
+    FB = F + B  # noqa: N806
     FBx = FB - pl.col("fb").cast(pl.Int64)  # noqa: N806
     # the previous / next mark is in the same demonstration unless this is its first / last event
     fwd = pl.when(nd).then(0).when(~p_tok).then(FBx - FBx.shift(1)).otherwise(F - F.shift(1))
@@ -285,7 +287,7 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
         .otherwise(FB - FBx.shift(1)).alias("term_count"),
         nd.cum_sum().cast(pl.Int64).alias("demo_no"),
     ).collect(engine=_ENGINE)
-    return e.with_columns(df["t"].gather(e["_end_row"]).alias("ended")).drop("_end_row", "F", "B", "FB", "LB", "fb")
+    return e.with_columns(df["t"].gather(e["_end_row"]).alias("ended")).drop("_end_row", "F", "B", "LB", "fb")
 
 
 def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
