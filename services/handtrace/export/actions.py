@@ -129,9 +129,15 @@ _EVENT_COLUMNS = ("demonstration_id", "captured_at", "kind", "x", "y", "button",
                   "scroll_dx", "scroll_dy", "key_code", "modifiers", "text", "text_masked", "app_id")
 _TS = pl.Datetime("us", "UTC")
 _BUTTONS = ("left", "right", "middle")
-_KEY_LITERALS: Final = {c: json.dumps(n) for c, n in KEY_NAMES.items()}
-_KEY_IDS: Final = {c: sorted(set(KEY_NAMES.values())).index(n) for c, n in KEY_NAMES.items()}
+_KEY_LIST: Final = sorted(set(KEY_NAMES.values()))
+_KEY_IDS: Final = {c: _KEY_LIST.index(n) for c, n in KEY_NAMES.items()}
 """Keysym -> a number per key name (keysyms of one name, e.g. Return and KP_Enter, are one key)."""
+_KEY_TEXT: Final = pl.Series(_KEY_LIST, dtype=pl.String)
+_KEY_LITERALS: Final = pl.Series([json.dumps(n) for n in _KEY_LIST], dtype=pl.String)
+"""Key names (by key number) as Python/JSON string literals."""
+_ACTIONS: Final = ("click", "doubleClick", "tripleClick", "rightClick", "middleClick", "dragTo", "scroll",
+                   "hscroll", "write", "press", "hotkey", "wait", "terminate")
+A_DRAG, A_WAIT, A_TERMINATE = _ACTIONS.index("dragTo"), _ACTIONS.index("wait"), _ACTIONS.index("terminate")
 """Key names as Python/JSON string literals (pyautogui names are ASCII: no escaping needed)."""
 _HEADS: Final = {
     **{a: f"pyautogui.{a}(" for a in ("click", "doubleClick", "tripleClick", "rightClick", "middleClick",
@@ -140,6 +146,9 @@ _HEADS: Final = {
     "terminate": 'computer.terminate(status="success"',
 }
 """Each action's code up to its first argument (``_code`` appends arguments and the parenthesis)."""
+_ACTION_TEXT: Final = pl.Series(_ACTIONS, dtype=pl.String)
+_ACTION_HEADS: Final = pl.Series([_HEADS[a] for a in _ACTIONS], dtype=pl.String)
+_BUTTON_TEXT: Final = pl.Series([None, "left", "right", "middle"], dtype=pl.String)
 _US = 1_000_000
 # n / 10_000 for n in 0..10_000, and as Python prints it: coordinates are rounded to 4 decimals in
 # integers and looked up here (polars divides by a constant as a multiplication by its reciprocal:
@@ -331,7 +340,7 @@ def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame
     """Action rows (without frames), waits and terminates included: name, arguments, time range;
     not yet in order (``order`` sorts them, :func:`_ordered`)."""
     first = tok.select("action_no", "idx", "demo_no", "t", "cls", "btn", "x", "y", "drag", "x2", "y2", "vertical",
-                       "key_code", "modifiers", "count", "scroll_dx", "scroll_dy", "ti", "_cc", "_cx", "_cy",
+                       "key", "modifiers", "count", "scroll_dx", "scroll_dy", "ti", "_cc", "_cx", "_cy",
                        "start").filter("start")
     last = tok.select("ended", "ti", "_cc", "_cx", "_cy", "last").filter("last")
     typed = tok.select("action_no", "text_masked", "idx", "cls").filter(pl.col("cls") == T_TYPE)
@@ -346,17 +355,14 @@ def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame
     cls, b = pl.col("cls"), pl.col("btn")
     n = (last["ti"] - first["ti"] + 1).cast(pl.UInt32)
     mods = pl.col("modifiers").fill_null(0)
+    # the action as its number in _ACTIONS: strings only once, by lookup
     name = (pl.when(cls == T_CLICK).then(
-                pl.when("drag").then(pl.lit("dragTo")).when(b == 2).then(pl.lit("rightClick"))
-                .when(b == 3).then(pl.lit("middleClick")).when(n == 2).then(pl.lit("doubleClick"))
-                .when(n >= 3).then(pl.lit("tripleClick")).otherwise(pl.lit("click")))
-            .when(cls == T_SCROLL).then(pl.when("vertical").then(pl.lit("scroll")).otherwise(pl.lit("hscroll")))
-            .when(cls == T_TYPE).then(pl.lit("write")).when(cls == T_KEY).then(pl.lit("press"))
-            .otherwise(pl.lit("hotkey")))
-    is_key = cls >= T_KEY
-    key_name = pl.when(is_key).then(pl.col("key_code").replace_strict(KEY_NAMES, default=None, return_dtype=pl.String))
-    key_lit = pl.when(is_key).then(
-        pl.col("key_code").replace_strict(_KEY_LITERALS, default=None, return_dtype=pl.String))
+                pl.when("drag").then(A_DRAG).when(b == 2).then(3).when(b == 3).then(4).when(n == 2).then(1)
+                .when(n >= 3).then(2).otherwise(0))
+            .when(cls == T_SCROLL).then(pl.when("vertical").then(6).otherwise(7))
+            .when(cls == T_TYPE).then(8).when(cls == T_KEY).then(9).otherwise(10)).cast(pl.Int8)
+    key_name = pl.lit(_KEY_TEXT).gather("key")
+    key_lit = pl.lit(_KEY_LITERALS).gather("key")
     modifiers = ((CTRL, "ctrl"), (ALT, "alt"), (SHIFT, "shift"), (META, "win"))
     # joined as a string and split once: list expressions per row are slow in polars
     keys = pl.concat_str(*(pl.when((mods & bit) != 0).then(pl.lit(f"{m}\x1f")) for bit, m in modifiers),
@@ -367,12 +373,11 @@ def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame
     sdy = last["_cy"] - first["_cy"] + first["scroll_dy"]
     acts = first.lazy().select(
         "action_no", "demo_no", pl.lit(texts["demonstration_id"].gather(first["idx"])).alias("demonstration_id"),
-        pl.col("t").alias("started_at"), last["ended"].alias("ended_at"), name.alias("action"),
+        pl.col("t").alias("started_at"), last["ended"].alias("ended_at"), name.alias("_a"),
         pl.when(cls <= T_SCROLL).then("x").alias("x"), pl.when(cls <= T_SCROLL).then("y").alias("y"),
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
         pl.when(cls == T_CLICK).then(pl.when("drag").then(1).otherwise(n)).alias("clicks"),
-        pl.when(cls == T_CLICK).then(b.replace_strict({1: "left", 2: "right", 3: "middle"}, default=None,
-                                                      return_dtype=pl.String)).alias("button"),
+        pl.when(cls == T_CLICK).then(pl.lit(_BUTTON_TEXT).gather(b)).alias("button"),
         pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-sdy).otherwise(sdx)).alias("amount"),
         pl.when(cls == T_KEY).then(key_name).when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
         pl.when(cls == T_KEY).then(key_lit).when(cls == T_HOT).then(keys_lit).alias("_keys_lit"),
@@ -385,7 +390,7 @@ def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame
     demo_ids = texts["demonstration_id"].gather(terms["idx"])  # demo_no - 1 -> demonstration_id
     term = terms.lazy().select(
         "demo_no", pl.lit(demo_ids).alias("demonstration_id"),
-        pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"), pl.lit("terminate").alias("action"),
+        pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"), pl.lit(A_TERMINATE, pl.Int8).alias("_a"),
         pl.col("term_count").cast(pl.UInt32).alias("event_count"), (pl.col("idx") * 4 + 3).alias("order"),
     )
     times = ["demo_no", "started_at", "ended_at", "order"]
@@ -394,10 +399,12 @@ def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame
     waits = seq.with_columns(gap.alias("gap"), _prev("ended_at").alias("_pe"), _prev("demo_no").alias("_pd")).filter(
         (pl.col("gap") > int(s.wait_threshold_s * _US)) & (pl.col("demo_no") == pl.col("_pd"))).select(
         "demo_no", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
-        pl.lit("wait").alias("action"), pl.lit(0, pl.UInt32).alias("event_count"), (pl.col("order") - 1).alias("order"),
+        pl.lit(A_WAIT, pl.Int8).alias("_a"), pl.lit(0, pl.UInt32).alias("event_count"),
+        (pl.col("order") - 1).alias("order"),
         ((pl.col("gap") + 50_000) // 100_000).alias("deciseconds")).collect(engine=_ENGINE)
     waits = waits.with_columns(demo_ids.gather(waits["demo_no"] - 1).alias("demonstration_id"))
-    return pl.concat([acts, term, waits.lazy()], how="diagonal_relaxed").collect(engine=_ENGINE)
+    return (pl.concat([acts, term, waits.lazy()], how="diagonal_relaxed")
+            .with_columns(pl.lit(_ACTION_TEXT).gather("_a").alias("action")).collect(engine=_ENGINE))
 
 
 def _ordered(acts: pl.DataFrame) -> pl.DataFrame:
@@ -436,7 +443,7 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
         t = probe.join(end, on="demo_no", how="left", maintain_order="left")
         a = probe.join_asof(before, left_on="_p", right_on="c", by="demo_no", strategy="backward",
                             check_sortedness=False)
-        first = pl.when(pl.col("action") == "terminate")
+        first = pl.when(pl.col("_a") == A_TERMINATE)
         acts = acts.with_columns(first.then(t[c]).otherwise(e[c]).fill_null(a[c]).alias(c) for c in keep)
     else:
         acts = acts.with_columns(pl.lit(None, pl.UInt32).alias("f_step"), pl.lit(None, pl.String).alias("f_sha"),
@@ -473,7 +480,7 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
 
 def _code(acts: pl.DataFrame) -> pl.DataFrame:
     """The pyautogui call of each action: its head, then the arguments that are not null."""
-    a, d = pl.col("action"), pl.col("deciseconds")
+    d = pl.col("deciseconds")
     xy = pl.concat_str(pl.lit("x="), "_x_text", pl.lit(", y="), "_y_text")
     xy2 = pl.concat_str(pl.lit("x="), "_x2_text", pl.lit(", y="), "_y2_text", pl.lit(", "))
     # a JSON string literal, as json.dumps(ensure_ascii=False) writes it: Python's ast reads it back
@@ -481,11 +488,11 @@ def _code(acts: pl.DataFrame) -> pl.DataFrame:
     value = pl.coalesce(pl.col("amount").cast(pl.String), message, "_keys_lit",
                         pl.concat_str((d // 10).cast(pl.String), pl.lit("."), (d % 10).cast(pl.String)))
     where = pl.when(pl.col("amount").is_not_null()).then(pl.concat_str(pl.lit(", "), xy)).otherwise(xy)
-    drag = pl.when(a == "dragTo").then(pl.concat_str(pl.lit(")\npyautogui.dragTo("), xy2, pl.lit('button="'),
+    drag = pl.when(pl.col("_a") == A_DRAG).then(pl.concat_str(pl.lit(")\npyautogui.dragTo("), xy2, pl.lit('button="'),
                                                      pl.col("button"), pl.lit('"'), ignore_nulls=True))
     presses = pl.when(pl.col("presses") > 1).then(pl.concat_str(pl.lit(", presses="),
                                                                 pl.col("presses").cast(pl.String)))
-    code = pl.concat_str(a.replace_strict(_HEADS, return_dtype=pl.String), value, where, drag, presses, pl.lit(")"),
+    code = pl.concat_str(pl.lit(_ACTION_HEADS).gather("_a"), value, where, drag, presses, pl.lit(")"),
                          ignore_nulls=True)
     args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
                      (pl.col("deciseconds") / 10).alias("seconds"))
