@@ -427,24 +427,30 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
             pl.col("width").cast(pl.Int64).alias("f_w"), pl.col("height").cast(pl.Int64).alias("f_h"),
             _us(frames, "captured_at").alias("c"), pl.col("reason"),
             _us(frames, "action_started_at").alias("a"),
-        ).join(demos, on="demonstration_id", how="inner").sort("f_step", maintain_order=True)
-        exact = (fr.filter(pl.col("a").is_not_null())
-                 .unique(["demo_no", "a"], keep="first", maintain_order=True).select("demo_no", "a", *keep))
-        end = (fr.filter(pl.col("reason") == "end").unique("demo_no", keep="first", maintain_order=True)
-               .select("demo_no", *keep))
-        # per demonstration in time order: the asof join's by-groups need only that, and so are actions
-        before = (fr.unique(["demo_no", "c"], keep="first", maintain_order=True).sort("demo_no", "c")
-                  .select("demo_no", "c", *keep))
+        ).join(demos, on="demonstration_id", how="inner")
+
+        def first_per(key: str) -> pl.LazyFrame:
+            # the lowest step per (demonstration, key), by sorting: sorted is what the asof join needs
+            k = pl.col(key)
+            return (fr.lazy().filter(k.is_not_null()).sort("demo_no", key, "f_step", maintain_order=True)
+                    .filter((pl.col("demo_no") != _prev("demo_no")) | (k != _prev(key)).fill_null(True))  # noqa: FBT003
+                    .select("demo_no", key, *keep))
+
+        end = (fr.filter(pl.col("reason") == "end").sort("demo_no", "f_step", maintain_order=True)
+               .unique("demo_no", keep="first", maintain_order=True).select("demo_no", *keep))
         sizes = sizes.join(fr.group_by("demo_no").agg(pl.col("f_w").max().alias("_fw"),
                                                       pl.col("f_h").max().alias("_fh")), on="demo_no", how="left")
-        probe = acts.select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"))
-        e = probe.join(exact, left_on=["demo_no", "started_at"], right_on=["demo_no", "a"], how="left",
-                       maintain_order="left")
-        t = probe.join(end, on="demo_no", how="left", maintain_order="left")
-        a = probe.join_asof(before, left_on="_p", right_on="c", by="demo_no", strategy="backward",
-                            check_sortedness=False)
+        # actions are in time order per demonstration: the asof joins' by-groups need only that
+        probe = acts.lazy().select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"))
+        e = (probe.join_asof(first_per("a"), left_on="started_at", right_on="a", by="demo_no", strategy="backward",
+                             check_sortedness=False)
+             .select(pl.when(pl.col("a") == pl.col("started_at")).then(pl.col(c)).alias(c) for c in keep))
+        before = probe.join_asof(first_per("c"), left_on="_p", right_on="c", by="demo_no", strategy="backward",
+                                 check_sortedness=False).select(keep)
+        e, before = pl.collect_all([e, before], engine=_ENGINE)
+        t = acts.select("demo_no").join(end, on="demo_no", how="left", maintain_order="left")
         first = pl.when(pl.col("_a") == A_TERMINATE)
-        acts = acts.with_columns(first.then(t[c]).otherwise(e[c]).fill_null(a[c]).alias(c) for c in keep)
+        acts = acts.with_columns(first.then(t[c]).otherwise(e[c]).fill_null(before[c]).alias(c) for c in keep)
     else:
         acts = acts.with_columns(pl.lit(None, pl.UInt32).alias("f_step"), pl.lit(None, pl.String).alias("f_sha"),
                                  pl.lit(None, pl.Int64).alias("f_w"), pl.lit(None, pl.Int64).alias("f_h"))
