@@ -205,7 +205,7 @@ def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
             (kind == "key_down").alias("is_down"), (kind == "key_up").alias("is_up"),
             (kind == "scroll").alias("is_scroll"), pl.col("text").is_not_null().alias("has_text"),
             "x", "y", "pressed", "scroll_dx", "scroll_dy", "key_code", "modifiers", "text_masked",
-        ).collect(engine=_ENGINE)
+        ).collect(engine=_ENGINE).rechunk()
 
     df = numbers(events)
     t = pl.col("t")
