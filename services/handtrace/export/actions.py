@@ -148,13 +148,17 @@ _HEADS: Final = {
 """Each action's code up to its first argument (``_code`` appends arguments and the parenthesis)."""
 _ACTION_TEXT: Final = pl.Series(_ACTIONS, dtype=pl.String)
 _ACTION_HEADS: Final = pl.Series([_HEADS[a] for a in _ACTIONS], dtype=pl.String)
+_ACTION_MIDS: Final = pl.Series([")\npyautogui.dragTo(" if a == "dragTo" else None for a in _ACTIONS], dtype=pl.String)
 _BUTTON_TEXT: Final = pl.Series([None, "left", "right", "middle"], dtype=pl.String)
 _US = 1_000_000
 # n / 10_000 for n in 0..10_000, and as Python prints it: coordinates are rounded to 4 decimals in
 # integers and looked up here (polars divides by a constant as a multiplication by its reciprocal:
 # 3333 / 10000 -> 0.33330000000000004, not the nearest double to 0.3333)
 _DECIMALS: Final = pl.Series([n / 10_000 for n in range(10_001)], dtype=pl.Float64)
-_DECIMALS_TEXT: Final = pl.Series([repr(n / 10_000) for n in range(10_001)], dtype=pl.String)
+_DECIMALS_TEXT: Final = [repr(n / 10_000) for n in range(10_001)]
+_X_TEXT: Final = pl.Series([f"x={v}" for v in _DECIMALS_TEXT] + [f", x={v}" for v in _DECIMALS_TEXT])
+_Y_TEXT: Final = pl.Series([f", y={v}" for v in _DECIMALS_TEXT])
+_Y2_TEXT: Final = pl.Series([f", y={v}, " for v in _DECIMALS_TEXT])
 _ESCAPES: Final = {"\\": "\\\\", '"': '\\"', **{chr(c): json.dumps(chr(c))[1:-1] for c in range(0x20)}}
 """What ``json.dumps(ensure_ascii=False)`` escapes in a string."""
 _ENGINE: Final = "in-memory"
@@ -475,31 +479,38 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
         return ((v * 20_000 + size) // (2 * size)).alias(f"_n{c}")
 
     coords = ("x", "y", "x2", "y2")
+    n = {c: pl.col(f"_n{c}") for c in coords}
+    is_scroll = pl.col("_a").is_between(_ACTIONS.index("scroll"), _ACTIONS.index("hscroll"))
     return acts.lazy().with_columns(
         norm("x", w), norm("y", h), norm("x2", w), norm("y2", h),
         pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step"),
     ).with_columns(
-        *(pl.lit(_DECIMALS).gather(f"_n{c}").alias(c) for c in coords),
-        *(pl.lit(_DECIMALS_TEXT).gather(f"_n{c}").alias(f"_{c}_text") for c in coords),
+        *(pl.lit(_DECIMALS).gather(n[c]).alias(c) for c in coords),
+        # the call's text of the point, only with both coordinates ("x=0.1, y=0.2"; a scroll: ", x=...")
+        pl.lit(_X_TEXT).gather(pl.when(n["y"].is_not_null()).then(n["x"] + pl.when(is_scroll).then(10_001)
+                                                                  .otherwise(0))).alias("_x_text"),
+        pl.lit(_Y_TEXT).gather(pl.when(n["x"].is_not_null()).then(n["y"])).alias("_y_text"),
+        pl.lit(_X_TEXT).gather(pl.when(n["y2"].is_not_null()).then(n["x2"])).alias("_x2_text"),
+        pl.lit(_Y2_TEXT).gather(pl.when(n["x2"].is_not_null()).then(n["y2"])).alias("_y2_text"),
     ).drop(*keep, "_dw", "_dh", *(f"_n{c}" for c in coords)).collect(engine=_ENGINE)
 
 
 def _code(acts: pl.DataFrame) -> pl.DataFrame:
-    """The pyautogui call of each action: its head, then the arguments that are not null."""
-    d = pl.col("deciseconds")
-    xy = pl.concat_str(pl.lit("x="), "_x_text", pl.lit(", y="), "_y_text")
-    xy2 = pl.concat_str(pl.lit("x="), "_x2_text", pl.lit(", y="), "_y2_text", pl.lit(", "))
-    # a JSON string literal, as json.dumps(ensure_ascii=False) writes it: Python's ast reads it back
-    message = pl.concat_str(pl.lit('"'), pl.col("message").str.replace_many(_ESCAPES), pl.lit('"'))
-    value = pl.coalesce(pl.col("amount").cast(pl.String), message, "_keys_lit",
-                        pl.concat_str((d // 10).cast(pl.String), pl.lit("."), (d % 10).cast(pl.String)))
-    where = pl.when(pl.col("amount").is_not_null()).then(pl.concat_str(pl.lit(", "), xy)).otherwise(xy)
-    drag = pl.when(pl.col("_a") == A_DRAG).then(pl.concat_str(pl.lit(")\npyautogui.dragTo("), xy2, pl.lit('button="'),
-                                                     pl.col("button"), pl.lit('"'), ignore_nulls=True))
-    presses = pl.when(pl.col("presses") > 1).then(pl.concat_str(pl.lit(", presses="),
-                                                                pl.col("presses").cast(pl.String)))
-    code = pl.concat_str(pl.lit(_ACTION_HEADS).gather("_a"), value, where, drag, presses, pl.lit(")"),
-                         ignore_nulls=True)
+    """The pyautogui call of each action: its head, then the arguments that are not null (a
+    concat_str of a literal and a null is null: no string is built for an absent argument)."""
+    d, a = pl.col("deciseconds"), pl.col("_a")
+    code = pl.concat_str(
+        pl.lit(_ACTION_HEADS).gather(a),
+        pl.col("amount").cast(pl.String),
+        # a JSON string literal, as json.dumps(ensure_ascii=False) writes it: Python's ast reads it back
+        pl.concat_str(pl.lit('"'), pl.col("message").str.replace_many(_ESCAPES), pl.lit('"')),
+        "_keys_lit",
+        pl.concat_str((d // 10).cast(pl.String), pl.lit("."), (d % 10).cast(pl.String)),
+        "_x_text", "_y_text",
+        pl.lit(_ACTION_MIDS).gather(a), "_x2_text", "_y2_text",
+        pl.concat_str(pl.lit('button="'), pl.when(a == A_DRAG).then("button"), pl.lit('"')),
+        pl.concat_str(pl.lit(", presses="), pl.when(pl.col("presses") > 1).then("presses").cast(pl.String)),
+        pl.lit(")"), ignore_nulls=True)
     args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
                      (pl.col("deciseconds") / 10).alias("seconds"))
     return acts.lazy().with_columns(code.alias("code"), args.alias("args")).collect(engine=_ENGINE)
