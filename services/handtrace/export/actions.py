@@ -183,53 +183,56 @@ def _pystr(expr: pl.Expr) -> pl.Expr:
 
 
 def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
-    """Every event in reduction order, classified, with running counts: the only passes over all
-    events (the rest works on tokens, about a tenth of them). Numbers only; the events' strings
-    (demonstration_id, kind, button, text, app_id, in the same order) come apart, to be gathered
-    for the few rows that need them.
+    """The events in reduction order, classified: one pass over all of them keeps the rows that
+    matter (every event but pointer moves, and each demonstration's first and last); the rest
+    works on those (about a quarter), the moves between them are ranges of rows.
 
-    Columns: ``idx`` (row), ``t`` (µs), ``new_demo`` / ``demo_end`` (first / last event of its
-    demonstration), ``cls`` (token class, 0: none), ``btn`` (+1/+2/+3 a press of the left/right/
-    middle button, negative its release, 0 anything else), ``fold_back`` (folds into the preceding
-    action), ``held`` (a button is held), ``is_move``, the numeric event columns, and inclusive
-    running counts of non-move non-token events (``fb``): ``F`` folding forward, ``B`` folding
-    back; ``LB`` the row of the last fold-back event so far (moves included).
+    Returns the kept rows and the events' columns (in reduction order) to gather from. Columns
+    of the rows: ``idx`` (row among all events), ``r`` (among the kept ones), ``t`` (µs),
+    ``t_before`` (of the event just before), ``new_demo`` / ``demo_end`` (first / last event of
+    its demonstration), ``cls`` (token class, 0: none), ``btn`` (+1/+2/+3 a press of the
+    left/right/middle button, negative its release, 0 anything else), ``held`` (a button is held
+    before it), ``gap_held`` (and so in the pointer moves after it), ``fold_back`` (folds into the
+    preceding action), ``is_move``, the numeric event columns, inclusive running counts of non-move
+    non-token events (``fb``): ``F`` folding forward, ``B`` folding back; ``LB`` / ``LBt``: row and
+    time of the last event folding back so far (held moves included).
     """
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events lack columns: {missing}")
     d, kind = pl.col("demonstration_id"), pl.col("kind")
 
-    def numbers(ev: pl.DataFrame) -> pl.DataFrame:
+    def kept(ev: pl.DataFrame) -> pl.DataFrame:
         # lazy throughout: an eager operation on chunked input would first copy it into one chunk
+        t = _us(ev, "captured_at")
+        new_demo = (d != d.shift(1)).fill_null(True)  # noqa: FBT003
         return ev.lazy().with_row_index("idx").select(
-            pl.col("idx").cast(pl.Int64), _us(ev, "captured_at").alias("t"),
-            (d != d.shift(1)).fill_null(True).alias("new_demo"),  # noqa: FBT003
+            pl.col("idx").cast(pl.Int64), t.alias("t"), t.shift(1).alias("t_before"), new_demo.alias("new_demo"),
+            new_demo.shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
+            (~new_demo & (t < t.shift(1))).any().alias("_unordered"),
             (kind == "pointer_move").alias("is_move"), (kind == "click").alias("is_click"),
             (kind == "key_down").alias("is_down"), (kind == "key_up").alias("is_up"),
             (kind == "scroll").alias("is_scroll"), pl.col("text").is_not_null().alias("has_text"),
             "x", "y", "pressed", "scroll_dx", "scroll_dy", "key_code", "modifiers", "text_masked",
-        ).collect(engine=_ENGINE).rechunk()
+        ).filter(~pl.col("is_move") | pl.col("new_demo") | pl.col("demo_end")).collect(engine=_ENGINE).rechunk()
 
-    df = numbers(events)
-    t = pl.col("t")
+    df = kept(events)
     # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
-    unordered = df.lazy().select((~pl.col("new_demo") & (t < t.shift(1))).any()).collect(engine=_ENGINE).item()
-    firsts = events.get_column("demonstration_id").gather(df.lazy().select(pl.col("idx").filter("new_demo"))
-                                                          .collect(engine=_ENGINE).to_series())
-    if unordered or not firsts.is_sorted() or firsts.n_unique() != firsts.len():
+    firsts = events.get_column("demonstration_id").gather(df.filter("new_demo")["idx"])
+    if (df.height and df["_unordered"][0]) or not firsts.is_sorted() or firsts.n_unique() != firsts.len():
         events = (events.lazy().with_columns(_us(events, "captured_at").alias("_t"))
                   .sort("demonstration_id", "_t", maintain_order=True).collect(engine=_ENGINE))
-        df = numbers(events)
+        df = kept(events)
     # in one chunk: a gather from many chunks is 10x slower than the copy
-    texts = {c: events.get_column(c).rechunk() if c in ("button", "text", "app_id") else events.get_column(c)
-             for c in ("demonstration_id", "kind", "button", "text", "app_id")}
-    # clicks and key downs are a tenth of the events: classify them apart, scatter the result back
-    clicks = df.filter("is_click").select("idx", "pressed")
-    b = pl.lit(texts["button"].gather(clicks["idx"]))
+    cols = {c: events.get_column(c).rechunk() if c in ("button", "text", "app_id", "x", "y") else events.get_column(c)
+            for c in ("demonstration_id", "captured_at", "kind", "button", "text", "app_id", "x", "y")}
+    df = df.drop("_unordered").with_row_index("r").with_columns(pl.col("r").cast(pl.Int64))
+    # clicks and key downs: classified apart, the result scattered back
+    clicks = df.filter("is_click").select("r", "idx", "pressed")
+    b = pl.lit(cols["button"].gather(clicks["idx"]))
     pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
-    clicks = clicks.select("idx", (pl.when(b == "left").then(1).when(b == "right").then(2).when(b == "middle").then(3)
-                                   .otherwise(0) * pl.when(pressed).then(1).otherwise(-1)).cast(pl.Int8).alias("btn"))
+    clicks = clicks.select("r", (pl.when(b == "left").then(1).when(b == "right").then(2).when(b == "middle").then(3)
+                                 .otherwise(0) * pl.when(pressed).then(1).otherwise(-1)).cast(pl.Int8).alias("btn"))
     code = pl.col("key_code")
     mods = pl.col("modifiers").fill_null(0)
     masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
@@ -240,35 +243,47 @@ def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
     typing = ~modkey & ((mods & COMMAND) == 0) & printable
     named = ~modkey & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
     downs = df.lazy().filter("is_down").select(
-        "idx", pl.when(typing).then(T_TYPE).when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT)
+        "r", pl.when(typing).then(T_TYPE).when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT)
         .otherwise(0).cast(pl.Int8).alias("cls")).filter(pl.col("cls") != 0).collect(engine=_ENGINE)
-    btn = pl.zeros(df.height, pl.Int8, eager=True).scatter(clicks["idx"], clicks["btn"])
-    cls = pl.zeros(df.height, pl.Int8, eager=True).scatter(downs["idx"], downs["cls"])
-    # a button is held while the last press/release before the event (same demonstration) is a press
-    last_press = pl.when(pl.col("btn") != 0).then(pl.col("btn") > 0).when("new_demo").then(False).forward_fill()  # noqa: FBT003
-    held = pl.when("new_demo").then(False).otherwise(last_press.shift(1)).fill_null(False)  # noqa: FBT003
+    btn = pl.zeros(df.height, pl.Int8, eager=True).scatter(clicks["r"], clicks["btn"])
+    cls = pl.zeros(df.height, pl.Int8, eager=True).scatter(downs["r"], downs["cls"])
+    # a button is held while the last press/release before the event (same demonstration) is a press;
+    # the kept rows hold every press and release, so the moves between two rows share the first's state
+    pressed_after = pl.when(pl.col("btn") != 0).then(pl.col("btn") > 0).when("new_demo").then(False).forward_fill()  # noqa: FBT003
+    held = pl.when("new_demo").then(False).otherwise(pl.col("_after").shift(1)).fill_null(False)  # noqa: FBT003
+    idx = pl.col("idx")
+    gap_held = pl.col("_after") & ~pl.col("demo_end") & ((idx.shift(-1) - idx) > 1)
     is_move, tok = pl.col("is_move"), pl.col("cls") != 0
     fold_back = ~tok & ((pl.col("held") & is_move) | pl.col("is_up") | (pl.col("btn") < 0))
     fb = ~is_move & ~tok
-    df = (df.lazy().with_columns(btn.alias("btn"), cls.alias("cls")).with_columns(
+    held_gap_before = pl.col("gap_held").shift(1).fill_null(False)  # noqa: FBT003
+    return (df.lazy().with_columns(btn.alias("btn"), cls.alias("cls")).with_columns(
         pl.when("is_scroll").then(pl.lit(T_SCROLL, pl.Int8)).when(pl.col("btn") > 0).then(pl.lit(T_CLICK, pl.Int8))
-        .otherwise("cls").alias("cls"),
-        held.alias("held"), pl.col("new_demo").shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
-    ).with_columns(fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
+        .otherwise("cls").alias("cls"), pressed_after.alias("_after"),
+    ).with_columns(held.alias("held"), gap_held.fill_null(False).alias("gap_held")).with_columns(  # noqa: FBT003
+        fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
         (pl.col("fb") & ~pl.col("fold_back")).cum_sum().cast(pl.Int64).alias("F"),
         (pl.col("fb") & pl.col("fold_back")).cum_sum().cast(pl.Int64).alias("B"),
-        pl.when("fold_back").then("idx").forward_fill().alias("LB"),
-    ).collect(engine=_ENGINE))
-    return df, texts
+        # the last fold-back event: this row, else the last (held) move before it
+        pl.when("fold_back").then(idx).when(held_gap_before).then(idx - 1).forward_fill().alias("LB"),
+        pl.when("fold_back").then("t").when(held_gap_before).then("t_before").forward_fill().alias("LBt"),
+    ).drop("_after").collect(engine=_ENGINE)), cols
 
 
-def _drags(df: pl.DataFrame) -> pl.DataFrame:
+def _drags(df: pl.DataFrame, cols: dict[str, pl.Series]) -> pl.DataFrame:
     """Per press (``pidx``): how far the pointer got while the button was held, and where."""
     press = pl.col("btn") > 0
-    held = (df.lazy().select("idx", "x", "y", "btn", "held", "is_move")
-            .filter(press | (pl.col("held") & (pl.col("is_move") | (pl.col("btn") < 0)))))
-    return (held.with_columns(pl.when(press).then(c).forward_fill().alias(f"p{c}") for c in ("idx", "x", "y"))
-            .filter(~press).group_by("pidx").agg(
+    kept = df.lazy().select("idx", "x", "y", press.alias("press"),
+                            (pl.col("held") & (pl.col("is_move") | (pl.col("btn") < 0))).alias("h")).filter(
+        pl.col("press") | pl.col("h")).drop("h")
+    # the moves between kept rows while a button is held: ranges of rows
+    spans = df.lazy().select("idx", pl.col("idx").shift(-1).alias("_next"), "gap_held").filter("gap_held").select(
+        pl.int_ranges(pl.col("idx") + 1, "_next", dtype=pl.Int64).alias("idx")).explode("idx").collect(engine=_ENGINE)
+    moves = spans.with_columns(cols["x"].gather(spans["idx"]).alias("x"), cols["y"].gather(spans["idx"]).alias("y"),
+                               pl.lit(False).alias("press"))  # noqa: FBT003
+    held = pl.concat([kept, moves.lazy()], how="vertical_relaxed").sort("idx")
+    return (held.with_columns(pl.when("press").then(c).forward_fill().alias(f"p{c}") for c in ("idx", "x", "y"))
+            .filter(~pl.col("press")).group_by("pidx").agg(
                 pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
                 .max().alias("dist"),
                 pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2"))
@@ -280,11 +295,9 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     from the events around it: ``count`` (itself, the non-move events folding forward into it
     since the previous token, those folding back into it before the next token), ``ended``
     (its last in-range event) and, on a demonstration's last event, ``term_count`` (events
-    folding into terminate). Numbers only: strings are gathered later, for the few rows that
-    need them."""
-    # lazy: an eager operation on the events would first copy them into one chunk
-    e = df.lazy().select("idx", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy",
-                         "key_code", "modifiers", "text_masked", "F", "B", "fb", "LB").filter(
+    folding into terminate)."""
+    e = df.lazy().select("idx", "r", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy",
+                         "key_code", "modifiers", "text_masked", "F", "B", "fb", "LB", "LBt").filter(
         (pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end"))
     tok = pl.col("cls") != 0
     p_tok = tok.shift(1).fill_null(False)  # noqa: FBT003
@@ -295,14 +308,14 @@ def _marks(df: pl.DataFrame) -> pl.DataFrame:
     # the previous / next mark is in the same demonstration unless this is its first / last event
     fwd = pl.when(nd).then(0).when(~p_tok).then(FBx - FBx.shift(1)).otherwise(F - F.shift(1))
     bwd = pl.when(de).then(0).otherwise(B.shift(-1) - B)
-    last_back = pl.when(de).then("idx").otherwise(pl.col("LB").shift(-1)).fill_null(pl.col("idx"))
-    e = e.with_columns(
-        (1 + fwd + bwd).alias("count"), pl.max_horizontal(last_back, "idx").alias("_end_row"),
+    last_back = pl.when(~de).then(pl.col("LB").shift(-1))
+    return e.with_columns(
+        (1 + fwd + bwd).alias("count"),
+        pl.when(last_back > pl.col("idx")).then(pl.col("LBt").shift(-1)).otherwise("t").alias("ended"),
         pl.when(tok).then(0).when(nd).then(FB - FBx).when(p_tok).then(F - F.shift(1))
         .otherwise(FB - FBx.shift(1)).alias("term_count"),
         nd.cum_sum().cast(pl.Int64).alias("demo_no"),
-    ).collect(engine=_ENGINE)
-    return e.with_columns(df["t"].gather(e["_end_row"]).alias("ended")).drop("_end_row", "F", "B", "LB", "fb")
+    ).drop("F", "B", "LB", "LBt", "fb").collect(engine=_ENGINE)
 
 
 def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
@@ -524,7 +537,7 @@ def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[
     demonstrations (id and number)."""
     df, texts = _events(events)
     marks = _marks(df)
-    tok = _tokens(marks, _drags(df), settings)
+    tok = _tokens(marks, _drags(df, texts), settings)
     ends = marks.filter("demo_end")
     acts = _ordered(_actions(texts, tok, ends, settings))
     for c in ("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "_keys_lit", "presses",
@@ -559,24 +572,35 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
 def label_events(events: pl.DataFrame, settings: ExportSettings | None = None) -> pl.DataFrame:
     """The events in reduction order with the ``step`` of the action each belongs to (columns:
     demonstration_id, captured_at (µs), kind, step)."""
-    df, texts, tok, acts, _ = _reduce(events, settings or ExportSettings())
-    # tokens are rows of df (idx = row position): scatter their action numbers back, no join
-    own = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["idx"], tok["action_no"])
-    df = df.with_columns(own.alias("action_no"), pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no"))
-    own_no = pl.col("action_no")
-    tok_demo = pl.when(own_no.is_not_null()).then("demo_no")
-    prev_ok = tok_demo.forward_fill() == pl.col("demo_no")
-    next_ok = tok_demo.backward_fill() == pl.col("demo_no")
-    action = (pl.when(own_no.is_not_null()).then(own_no)
-              .when(pl.col("fold_back") & prev_ok).then(own_no.forward_fill())
-              .when(next_ok).then(own_no.backward_fill()))
-    df = df.with_columns(action.alias("action"))
+    df, cols, tok, acts, _ = _reduce(events, settings or ExportSettings())
+    # the kept rows (tokens among them: scatter their action numbers back), then the moves after each
+    own = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["r"], tok["action_no"])
+    own_no, demo_no = pl.col("action_no"), pl.col("demo_no")
+    tok_demo = pl.when(own_no.is_not_null()).then(demo_no)
+    prev = pl.when(tok_demo.forward_fill() == demo_no).then(own_no.forward_fill())
+    nxt = pl.when(tok_demo.backward_fill() == demo_no).then(own_no.backward_fill())
+    kept = df.lazy().select("idx", "fold_back", "gap_held", own.alias("action_no"),
+                            pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no")).with_columns(
+        prev.alias("_prev"), nxt.alias("_next")).with_columns(
+        pl.coalesce(own_no, pl.when("fold_back").then("_prev"), "_next").alias("_own"),
+        # moves after a kept row: held ones fold back, the others forward (same demonstration: the next
+        # kept row is in it, or this row was the demonstration's last and no move follows)
+        pl.when("gap_held").then(pl.coalesce("_prev", pl.col("_next").shift(-1)))
+        .otherwise(pl.col("_next").shift(-1)).alias("_gap"),
+    ).collect(engine=_ENGINE)
+    n = cols["kind"].len()
+    at = pl.repeat(None, n, dtype=pl.Int64, eager=True).scatter(kept["idx"], pl.int_range(kept.height, eager=True))
+    pos = at.forward_fill()
+    action = pl.select(pl.when(at.is_not_null()).then(kept["_own"].gather(pos))
+                       .otherwise(kept["_gap"].gather(pos))).to_series()
     steps = acts.select("demo_no", "action_no", "step")
-    labelled = df.join(steps.filter(pl.col("action_no").is_not_null()), left_on="action", right_on="action_no",
-                       how="left", maintain_order="left")
+    labelled = pl.DataFrame({"action": action, "demo_no": kept["demo_no"].gather(pos)}).join(
+        steps.filter(pl.col("action_no").is_not_null()), left_on="action", right_on="action_no", how="left",
+        maintain_order="left")
     # waits have no action_no either; terminate is the demonstration's last step
     term = steps.filter(pl.col("action_no").is_null()).group_by("demo_no").agg(pl.col("step").max().alias("_ts"))
     labelled = labelled.join(term, on="demo_no", how="left", maintain_order="left")
-    return labelled.select(pl.lit(texts["demonstration_id"]).alias("demonstration_id"),
-                           pl.col("t").alias("captured_at"), pl.lit(texts["kind"]).alias("kind"),
-                           pl.coalesce("step", "_ts").alias("step"))
+    times = pl.DataFrame({"captured_at": cols["captured_at"]})
+    return labelled.select(pl.lit(cols["demonstration_id"]).alias("demonstration_id"),
+                           pl.lit(times.select(_us(times, "captured_at")).to_series()).alias("captured_at"),
+                           pl.lit(cols["kind"]).alias("kind"), pl.coalesce("step", "_ts").alias("step"))
