@@ -461,12 +461,12 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
                                                       pl.col("f_h").max().alias("_fh")), on="demo_no", how="left")
         # actions are in time order per demonstration: the asof joins' by-groups need only that
         probe = acts.lazy().select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"))
-        e = (probe.join_asof(first_per("a"), left_on="started_at", right_on="a", by="demo_no", strategy="backward",
+        exact = (probe.join_asof(first_per("a"), left_on="started_at", right_on="a", by="demo_no", strategy="backward",
                              check_sortedness=False)
              .select(pl.when(pl.col("a") == pl.col("started_at")).then(pl.col(c)).alias(c) for c in keep))
-        before = probe.join_asof(first_per("c"), left_on="_p", right_on="c", by="demo_no", strategy="backward",
+        latest = probe.join_asof(first_per("c"), left_on="_p", right_on="c", by="demo_no", strategy="backward",
                                  check_sortedness=False).select(keep)
-        e, before = pl.collect_all([e, before], engine=_ENGINE)
+        e, before = pl.collect_all([exact, latest], engine=_ENGINE)
         t = acts.select("demo_no").join(end, on="demo_no", how="left", maintain_order="left")
         first = pl.when(pl.col("_a") == A_TERMINATE)
         acts = acts.with_columns(first.then(t[c]).otherwise(e[c]).fill_null(before[c]).alias(c) for c in keep)
