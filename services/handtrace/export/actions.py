@@ -130,8 +130,10 @@ _EVENT_COLUMNS = ("demonstration_id", "captured_at", "kind", "x", "y", "button",
 _TS = pl.Datetime("us", "UTC")
 _BUTTONS = ("left", "right", "middle")
 _KEY_LIST: Final = sorted(set(KEY_NAMES.values()))
-_KEY_IDS: Final = {c: _KEY_LIST.index(n) for c, n in KEY_NAMES.items()}
-"""Keysym -> a number per key name (keysyms of one name, e.g. Return and KP_Enter, are one key)."""
+_KEY_IDS: Final = pl.Series([_KEY_LIST.index(KEY_NAMES[c]) if c in KEY_NAMES else None for c in range(0x10000)],
+                            dtype=pl.Int16)
+"""Keysym (all named ones are below 0x10000) -> a number per key name (keysyms of one name, e.g.
+Return and KP_Enter, are one key), by lookup."""
 _KEY_TEXT: Final = pl.Series(_KEY_LIST, dtype=pl.String)
 _KEY_LITERALS: Final = pl.Series([json.dumps(n) for n in _KEY_LIST], dtype=pl.String)
 """Key names (by key number) as Python/JSON string literals."""
@@ -329,7 +331,7 @@ def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataF
         vertical.alias("vertical"),
         pl.when(vertical).then(dy.sign()).otherwise(dx.sign()).alias("dir"),
         dx.alias("scroll_dx"), dy.alias("scroll_dy"),
-        pl.col("key_code").replace_strict(_KEY_IDS, default=None, return_dtype=pl.Int16).alias("key"),
+        pl.lit(_KEY_IDS).gather(pl.when(pl.col("key_code").is_between(0, 0xFFFF)).then("key_code")).alias("key"),
     )
     cls, dt = pl.col("cls"), pl.col("t") - _prev("t")
     same = (cls == _prev("cls")) & (pl.col("demo_no") == _prev("demo_no"))
