@@ -448,30 +448,31 @@ def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFra
             pl.col("width").cast(pl.Int64).alias("f_w"), pl.col("height").cast(pl.Int64).alias("f_h"),
             _us(frames, "captured_at").alias("c"), pl.col("reason"),
             _us(frames, "action_started_at").alias("a"),
-        ).join(demos, on="demonstration_id", how="inner")
+        ).join(demos, on="demonstration_id", how="inner").with_row_index("fid")
 
         def first_per(key: str) -> pl.LazyFrame:
             # the lowest step per (demonstration, key), by sorting: sorted is what the asof join needs
             k = pl.col(key)
             return (fr.lazy().filter(k.is_not_null()).sort("demo_no", key, "f_step", maintain_order=True)
                     .filter((pl.col("demo_no") != _prev("demo_no")) | (k != _prev(key)).fill_null(True))  # noqa: FBT003
-                    .select("demo_no", key, *keep))
+                    .select("demo_no", key, "fid"))
 
-        end = (fr.filter(pl.col("reason") == "end").sort("demo_no", "f_step", maintain_order=True)
-               .unique("demo_no", keep="first", maintain_order=True).select("demo_no", *keep))
+        end = (fr.lazy().filter(pl.col("reason") == "end").sort("demo_no", "f_step", maintain_order=True)
+               .unique("demo_no", keep="first", maintain_order=True).select("demo_no", pl.col("fid").alias("_end")))
         sizes = sizes.join(fr.group_by("demo_no").agg(pl.col("f_w").max().alias("_fw"),
                                                       pl.col("f_h").max().alias("_fh")), on="demo_no", how="left")
-        # actions are in time order per demonstration: the asof joins' by-groups need only that
-        probe = acts.lazy().select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"))
+        # actions are in time order per demonstration: the asof joins' by-groups need only that; the
+        # joins pick frame rows (fid), their columns are gathered once
+        probe = acts.lazy().select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"), "_a")
         exact = (probe.join_asof(first_per("a"), left_on="started_at", right_on="a", by="demo_no", strategy="backward",
-                             check_sortedness=False)
-             .select(pl.when(pl.col("a") == pl.col("started_at")).then(pl.col(c)).alias(c) for c in keep))
-        latest = probe.join_asof(first_per("c"), left_on="_p", right_on="c", by="demo_no", strategy="backward",
-                                 check_sortedness=False).select(keep)
-        e, before = pl.collect_all([exact, latest], engine=_ENGINE)
-        t = acts.select("demo_no").join(end, on="demo_no", how="left", maintain_order="left")
-        first = pl.when(pl.col("_a") == A_TERMINATE)
-        acts = acts.with_columns(first.then(t[c]).otherwise(e[c]).fill_null(before[c]).alias(c) for c in keep)
+                                 check_sortedness=False)
+                 .with_columns(pl.when(pl.col("a") == pl.col("started_at")).then("fid").alias("_exact")).drop("fid")
+                 .join_asof(first_per("c"), left_on="_p", right_on="c", by="demo_no", strategy="backward",
+                            check_sortedness=False)
+                 .join(end, on="demo_no", how="left", maintain_order="left"))
+        pick = pl.when(pl.col("_a") == A_TERMINATE).then("_end").otherwise("_exact").fill_null(pl.col("fid"))
+        fid = exact.select(pick).collect(engine=_ENGINE).to_series()
+        acts = acts.with_columns(fr.get_column(c).gather(fid) for c in keep)
     else:
         acts = acts.with_columns(pl.lit(None, pl.UInt32).alias("f_step"), pl.lit(None, pl.String).alias("f_sha"),
                                  pl.lit(None, pl.Int64).alias("f_w"), pl.lit(None, pl.Int64).alias("f_h"))
