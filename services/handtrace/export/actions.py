@@ -128,7 +128,6 @@ ACTION_COLUMNS: Final = ("demonstration_id", "step", "action", "code", "args", "
 _EVENT_COLUMNS = ("demonstration_id", "captured_at", "kind", "x", "y", "button", "pressed",
                   "scroll_dx", "scroll_dy", "key_code", "modifiers", "text", "text_masked", "app_id")
 _TS = pl.Datetime("us", "UTC")
-_BUTTONS = ("left", "right", "middle")
 _KEY_LIST: Final = sorted(set(KEY_NAMES.values()))
 _KEY_IDS: Final = pl.Series([_KEY_LIST.index(KEY_NAMES[c]) if c in KEY_NAMES else None for c in range(0x10000)],
                             dtype=pl.Int16)
@@ -139,8 +138,8 @@ _KEY_LITERALS: Final = pl.Series([json.dumps(n) for n in _KEY_LIST], dtype=pl.St
 """Key names (by key number) as Python/JSON string literals."""
 _ACTIONS: Final = ("click", "doubleClick", "tripleClick", "rightClick", "middleClick", "dragTo", "scroll",
                    "hscroll", "write", "press", "hotkey", "wait", "terminate")
+# actions are numbers (their index here) until the end, and strings only by one lookup
 A_DRAG, A_WAIT, A_TERMINATE = _ACTIONS.index("dragTo"), _ACTIONS.index("wait"), _ACTIONS.index("terminate")
-"""Key names as Python/JSON string literals (pyautogui names are ASCII: no escaping needed)."""
 _HEADS: Final = {
     **{a: f"pyautogui.{a}(" for a in ("click", "doubleClick", "tripleClick", "rightClick", "middleClick",
                                         "scroll", "hscroll", "press", "hotkey")},
@@ -176,12 +175,6 @@ def _us(df: pl.DataFrame, col: str) -> pl.Expr:
 
 def _prev(c: str) -> pl.Expr:
     return pl.col(c).shift(1)
-
-
-def _pystr(expr: pl.Expr) -> pl.Expr:
-    """A string as a double-quoted literal that JSON and Python (``ast``) both read back."""
-    return (pl.struct(expr.alias("v")).struct.json_encode()
-            .str.strip_prefix('{"v":').str.strip_suffix("}"))
 
 
 def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
@@ -407,7 +400,7 @@ def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame
         pl.lit(texts["app_id"].gather(first["idx"])).alias("app_id"),
         (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
         (pl.col("idx") * 4 + 1).alias("order"),
-    ).join(msg, on="action_no", how="left", maintain_order="left")
+    ).join(msg, on="action_no", how="left", maintain_order="left").collect(engine=_ENGINE).lazy()  # once, not per use
     # terminate: one per demonstration, at its last event (events folded into it counted)
     term = terms.lazy().select(
         "demo_no", pl.lit(demo_ids).alias("demonstration_id"),
