@@ -354,6 +354,11 @@ def test_reduction_equals_the_per_event_reference(data: st.DataObject, evs: list
     assert _compare_rows(got) == want
     assert got["started_at"].dt.epoch("us").to_list() == [r["started_at"] for r in ref]
     assert got["ended_at"].dt.epoch("us").to_list() == [r["ended_at"] for r in ref]
+    # the structured arguments too (seconds compared in tenths: a float)
+    fields = ("x2", "y2", "button", "amount", "message", "keys", "presses")
+    args = [(*(a[f] for f in fields), None if a["seconds"] is None else round(a["seconds"] * 10))
+            for a in got["args"].to_list()]
+    assert args == [(*(r.get(f) for f in fields), r.get("deciseconds")) for r in ref]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -387,3 +392,16 @@ def test_invariants(data: st.DataObject, evs: list[dict[str, Any]]) -> None:
         vals = out[col].drop_nulls()
         assert ((vals >= 0) & (vals <= 1)).all()
     assert set(out["action"]) <= VOCABULARY
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), evs=raw_events())
+def test_chunked_input_reduces_like_one_chunk(data: st.DataObject, evs: list[dict[str, Any]]) -> None:
+    # ClickHouse delivers rows in blocks: the reduction gathers from many chunks and must not care
+    whole = frame(evs).sort("demonstration_id", "captured_at", maintain_order=True)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, whole.height), max_size=6))))
+    bounds = [0, *cuts, whole.height]
+    chunked = pl.concat([whole.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False)], rechunk=False)
+    frames = data.draw(frames_for(evs))
+    assert reduce_actions(chunked, frames, SCREEN).rows() == reduce_actions(whole, frames, SCREEN).rows()
+    assert label_events(chunked).rows() == label_events(whole).rows()

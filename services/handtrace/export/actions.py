@@ -87,6 +87,7 @@ them -- are not sorted again.
 
 from __future__ import annotations
 
+import json
 from typing import Final
 
 import polars as pl
@@ -127,6 +128,43 @@ ACTION_COLUMNS: Final = ("demonstration_id", "step", "action", "code", "args", "
 _EVENT_COLUMNS = ("demonstration_id", "captured_at", "kind", "x", "y", "button", "pressed",
                   "scroll_dx", "scroll_dy", "key_code", "modifiers", "text", "text_masked", "app_id")
 _TS = pl.Datetime("us", "UTC")
+_KEY_LIST: Final = sorted(set(KEY_NAMES.values()))
+_KEY_IDS: Final = pl.Series([_KEY_LIST.index(KEY_NAMES[c]) if c in KEY_NAMES else None for c in range(0x10000)],
+                            dtype=pl.Int16)
+"""Keysym (all named ones are below 0x10000) -> a number per key name (keysyms of one name, e.g.
+Return and KP_Enter, are one key), by lookup."""
+_KEY_TEXT: Final = pl.Series(_KEY_LIST, dtype=pl.String)
+_KEY_LITERALS: Final = pl.Series([json.dumps(n) for n in _KEY_LIST], dtype=pl.String)
+"""Key names (by key number) as Python/JSON string literals."""
+_ACTIONS: Final = ("click", "doubleClick", "tripleClick", "rightClick", "middleClick", "dragTo", "scroll",
+                   "hscroll", "write", "press", "hotkey", "wait", "terminate")
+# actions are numbers (their index here) until the end, and strings only by one lookup
+A_DRAG, A_WAIT, A_TERMINATE = _ACTIONS.index("dragTo"), _ACTIONS.index("wait"), _ACTIONS.index("terminate")
+_HEADS: Final = {
+    **{a: f"pyautogui.{a}(" for a in ("click", "doubleClick", "tripleClick", "rightClick", "middleClick",
+                                        "scroll", "hscroll", "press", "hotkey")},
+    "dragTo": "pyautogui.moveTo(", "write": "pyautogui.write(message=", "wait": "computer.wait(seconds=",
+    "terminate": 'computer.terminate(status="success"',
+}
+"""Each action's code up to its first argument (``_code`` appends arguments and the parenthesis)."""
+_ACTION_TEXT: Final = pl.Series(_ACTIONS, dtype=pl.String)
+_ACTION_HEADS: Final = pl.Series([_HEADS[a] for a in _ACTIONS], dtype=pl.String)
+_ACTION_MIDS: Final = pl.Series([")\npyautogui.dragTo(" if a == "dragTo" else None for a in _ACTIONS], dtype=pl.String)
+_BUTTON_TEXT: Final = pl.Series([None, "left", "right", "middle"], dtype=pl.String)
+_US = 1_000_000
+# n / 10_000 for n in 0..10_000, and as Python prints it: coordinates are rounded to 4 decimals in
+# integers and looked up here (polars divides by a constant as a multiplication by its reciprocal:
+# 3333 / 10000 -> 0.33330000000000004, not the nearest double to 0.3333)
+_DECIMALS: Final = pl.Series([n / 10_000 for n in range(10_001)], dtype=pl.Float64)
+_DECIMALS_TEXT: Final = [repr(n / 10_000) for n in range(10_001)]
+_X_TEXT: Final = pl.Series([f"x={v}" for v in _DECIMALS_TEXT] + [f", x={v}" for v in _DECIMALS_TEXT])
+_Y_TEXT: Final = pl.Series([f", y={v}" for v in _DECIMALS_TEXT])
+_Y2_TEXT: Final = pl.Series([f", y={v}, " for v in _DECIMALS_TEXT])
+_ESCAPES: Final = {"\\": "\\\\", '"': '\\"', **{chr(c): json.dumps(chr(c))[1:-1] for c in range(0x20)}}
+"""What ``json.dumps(ensure_ascii=False)`` escapes in a string."""
+_ENGINE: Final = "in-memory"
+"""polars' streaming engine (the default since 2.0) splits the events into morsels: slower here, on
+one thread, for running sums and fills over ordered events (measured: bench/action_reduction.py)."""
 
 
 def _us(df: pl.DataFrame, col: str) -> pl.Expr:
@@ -139,309 +177,373 @@ def _prev(c: str) -> pl.Expr:
     return pl.col(c).shift(1)
 
 
-def _pystr(expr: pl.Expr) -> pl.Expr:
-    """A string as a double-quoted literal that JSON and Python (``ast``) both read back."""
-    return (pl.struct(expr.alias("v")).struct.json_encode()
-            .str.strip_prefix('{"v":').str.strip_suffix("}"))
+def _events(events: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, pl.Series]]:
+    """The events in reduction order, classified: one pass over all of them keeps the rows that
+    matter (every event but pointer moves, and each demonstration's first and last); the rest
+    works on those (about a quarter), the moves between them are ranges of rows.
 
-
-def _num(expr: pl.Expr) -> pl.Expr:
-    return expr.cast(pl.String)
-
-
-def _classified(events: pl.DataFrame) -> pl.DataFrame:
-    """Events sorted per demonstration, with token class and fold direction."""
+    Returns the kept rows and the events' columns (in reduction order) to gather from. Columns
+    of the rows: ``idx`` (row among all events), ``r`` (among the kept ones), ``t`` (µs),
+    ``t_before`` (of the event just before), ``new_demo`` / ``demo_end`` (first / last event of
+    its demonstration), ``cls`` (token class, 0: none), ``btn`` (+1/+2/+3 a press of the
+    left/right/middle button, negative its release, 0 anything else), ``held`` (a button is held
+    before it), ``gap_held`` (and so in the pointer moves after it), ``fold_back`` (folds into the
+    preceding action), ``is_move``, the numeric event columns, inclusive running counts of non-move
+    non-token events (``fb``): ``F`` folding forward, ``B`` folding back; ``LB`` / ``LBt``: row and
+    time of the last event folding back so far (held moves included).
+    """
     missing = [c for c in _EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise ValueError(f"events lack columns: {missing}")
-    df = events.select(*(c for c in _EVENT_COLUMNS if c != "captured_at"), _us(events, "captured_at").alias("t"))
-    d, t = pl.col("demonstration_id"), pl.col("t")
-    ordered = df.select(((d > d.shift(1)) | ((d == d.shift(1)) & (t >= t.shift(1)))).fill_null(True).all()).item()  # noqa: FBT003
-    if not ordered:  # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
-        df = df.with_row_index("_in").sort(["demonstration_id", "t", "_in"]).drop("_in")
-    df = df.with_row_index("idx").with_columns(pl.col("idx").cast(pl.Int64))
-    kind, code = pl.col("kind"), pl.col("key_code")
-    mods = pl.col("modifiers").fill_null(0)
+    d, kind = pl.col("demonstration_id"), pl.col("kind")
+
+    def kept(ev: pl.DataFrame) -> pl.DataFrame:
+        # lazy throughout: an eager operation on chunked input would first copy it into one chunk
+        t = _us(ev, "captured_at")
+        new_demo = (d != d.shift(1)).fill_null(True)  # noqa: FBT003
+        return ev.lazy().with_row_index("idx").select(
+            pl.col("idx").cast(pl.Int64), t.alias("t"), t.shift(1).alias("t_before"), new_demo.alias("new_demo"),
+            new_demo.shift(-1).fill_null(True).alias("demo_end"),  # noqa: FBT003
+            (~new_demo & (t < t.shift(1))).any().alias("_unordered"),
+            (kind == "pointer_move").alias("is_move"), (kind == "click").alias("is_click"),
+            (kind == "key_down").alias("is_down"), (kind == "key_up").alias("is_up"),
+            (kind == "scroll").alias("is_scroll"), pl.col("text").is_not_null().alias("has_text"),
+            "x", "y", "pressed", "scroll_dx", "scroll_dy", "key_code", "modifiers", "text_masked",
+        ).filter(~pl.col("is_move") | pl.col("new_demo") | pl.col("demo_end")).collect(engine=_ENGINE).rechunk()
+
+    df = kept(events)
+    # ClickHouse returns them ordered (ORDER BY demonstration_id, captured_at): no sort then
+    firsts = events.get_column("demonstration_id").gather(df.filter("new_demo")["idx"])
+    if (df.height and df["_unordered"][0]) or not firsts.is_sorted() or firsts.n_unique() != firsts.len():
+        events = (events.lazy().with_columns(_us(events, "captured_at").alias("_t"))
+                  .sort("demonstration_id", "_t", maintain_order=True).collect(engine=_ENGINE))
+        df = kept(events)
+    # in one chunk: a gather from many chunks is 10x slower than the copy
+    cols = {c: events.get_column(c).rechunk() if c in ("button", "text", "app_id", "x", "y") else events.get_column(c)
+            for c in ("demonstration_id", "captured_at", "kind", "button", "text", "app_id", "x", "y")}
+    df = df.drop("_unordered").with_row_index("r").with_columns(pl.col("r").cast(pl.Int64))
+    # clicks and key downs: classified apart, the result scattered back
+    clicks = df.filter("is_click").select("r", "idx", "pressed")
+    b = pl.lit(cols["button"].gather(clicks["idx"]))
     pressed = pl.col("pressed").fill_null(False)  # noqa: FBT003
-    button_ok = pl.col("button").is_in(["left", "right", "middle"])
-    down = kind == "key_down"
-    modkey = code.is_in(list(MODIFIER_KEYSYMS)).fill_null(False)  # noqa: FBT003
+    clicks = clicks.select("r", (pl.when(b == "left").then(1).when(b == "right").then(2).when(b == "middle").then(3)
+                                 .otherwise(0) * pl.when(pressed).then(1).otherwise(-1)).cast(pl.Int8).alias("btn"))
+    code = pl.col("key_code")
+    mods = pl.col("modifiers").fill_null(0)
     masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
+    modkey = code.is_in(list(MODIFIER_KEYSYMS)).fill_null(False)  # noqa: FBT003
     char_sym = ((code >= 0x20) & (code <= 0x7E)) | ((code >= 0xA0) & (code <= 0xFF)) | (
         (code >= 0x01000020) & (code <= 0x0110FFFF))
-    printable = pl.col("text").is_not_null() | masked | char_sym.fill_null(False)  # noqa: FBT003
-    typing = down & ~modkey & ((mods & COMMAND) == 0) & printable
-    name = code.replace_strict(KEY_NAMES, default=None, return_dtype=pl.String)
-    named = down & ~modkey & ~typing & name.is_not_null()
-    is_press = (kind == "click") & pressed & button_ok
-    is_release = (kind == "click") & ~pressed & button_ok
-    df = df.with_columns(
-        (pl.col("demonstration_id") != _prev("demonstration_id")).fill_null(True).alias("new_demo"),  # noqa: FBT003
-        is_press.alias("is_press"), is_release.alias("is_release"),
-        pl.when(is_press).then(T_CLICK).when(kind == "scroll").then(T_SCROLL).when(typing).then(T_TYPE)
-        .when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT).otherwise(0)
-        .cast(pl.Int8).alias("cls"),
-        name.alias("key"),
-    )
+    printable = pl.col("has_text") | masked | char_sym.fill_null(False)  # noqa: FBT003
+    typing = ~modkey & ((mods & COMMAND) == 0) & printable
+    named = ~modkey & ~typing & code.is_in(list(KEY_NAMES)).fill_null(False)  # noqa: FBT003
+    downs = df.lazy().filter("is_down").select(
+        "r", pl.when(typing).then(T_TYPE).when(named & (mods == 0)).then(T_KEY).when(named).then(T_HOT)
+        .otherwise(0).cast(pl.Int8).alias("cls")).filter(pl.col("cls") != 0).collect(engine=_ENGINE)
+    btn = pl.zeros(df.height, pl.Int8, eager=True).scatter(clicks["r"], clicks["btn"])
+    cls = pl.zeros(df.height, pl.Int8, eager=True).scatter(downs["r"], downs["cls"])
+    # a button is held while the last press/release before the event (same demonstration) is a press;
+    # the kept rows hold every press and release, so the moves between two rows share the first's state
+    pressed_after = pl.when(pl.col("btn") != 0).then(pl.col("btn") > 0).when("new_demo").then(False).forward_fill()  # noqa: FBT003
+    held = pl.when("new_demo").then(False).otherwise(pl.col("_after").shift(1)).fill_null(False)  # noqa: FBT003
     idx = pl.col("idx")
-    df = df.with_columns(
-        pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no"),
-        pl.when("new_demo").then(idx).forward_fill().alias("demo_first"),
-        pl.when("is_press").then(idx).forward_fill().alias("p_idx"),
-        pl.when("is_release").then(idx).forward_fill().shift(1).alias("r_prev"),
-        pl.when("is_press").then("x").forward_fill().alias("px"),
-        pl.when("is_press").then("y").forward_fill().alias("py"),
-    )
-    held = ((pl.col("p_idx") >= pl.col("demo_first"))
-            & (pl.col("r_prev").is_null() | (pl.col("r_prev") < pl.col("p_idx")))).fill_null(False)  # noqa: FBT003
-    return df.with_columns(
-        held.alias("held"),
-        ((pl.col("cls") == 0) & ((held & (kind == "pointer_move")) | (kind == "key_up") | pl.col("is_release")))
-        .alias("fold_back"),
-        (kind == "pointer_move").alias("is_move"),
-    )
+    gap_held = pl.col("_after") & ~pl.col("demo_end") & ((idx.shift(-1) - idx) > 1)
+    is_move, tok = pl.col("is_move"), pl.col("cls") != 0
+    fold_back = ~tok & ((pl.col("held") & is_move) | pl.col("is_up") | (pl.col("btn") < 0))
+    fb = ~is_move & ~tok
+    held_gap_before = pl.col("gap_held").shift(1).fill_null(False)  # noqa: FBT003
+    return (df.lazy().with_columns(btn.alias("btn"), cls.alias("cls")).with_columns(
+        pl.when("is_scroll").then(pl.lit(T_SCROLL, pl.Int8)).when(pl.col("btn") > 0).then(pl.lit(T_CLICK, pl.Int8))
+        .otherwise("cls").alias("cls"), pressed_after.alias("_after"),
+    ).with_columns(held.alias("held"), gap_held.fill_null(False).alias("gap_held")).with_columns(  # noqa: FBT003
+        fold_back.alias("fold_back"), fb.alias("fb")).with_columns(
+        (pl.col("fb") & ~pl.col("fold_back")).cum_sum().cast(pl.Int64).alias("F"),
+        (pl.col("fb") & pl.col("fold_back")).cum_sum().cast(pl.Int64).alias("B"),
+        # the last fold-back event: this row, else the last (held) move before it
+        pl.when("fold_back").then(idx).when(held_gap_before).then(idx - 1).forward_fill().alias("LB"),
+        pl.when("fold_back").then("t").when(held_gap_before).then("t_before").forward_fill().alias("LBt"),
+    ).drop("_after").collect(engine=_ENGINE)), cols
 
 
-def _tokens(df: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
+def _drags(df: pl.DataFrame, cols: dict[str, pl.Series]) -> pl.DataFrame:
+    """Per press (``pidx``): how far the pointer got while the button was held, and where."""
+    press = pl.col("btn") > 0
+    kept = df.lazy().select("idx", "x", "y", press.alias("press"),
+                            (pl.col("held") & (pl.col("is_move") | (pl.col("btn") < 0))).alias("h")).filter(
+        pl.col("press") | pl.col("h")).drop("h")
+    # the moves between kept rows while a button is held: ranges of rows
+    spans = df.lazy().select("idx", pl.col("idx").shift(-1).alias("_next"), "gap_held").filter("gap_held").select(
+        pl.int_ranges(pl.col("idx") + 1, "_next", dtype=pl.Int64).alias("idx")).explode("idx").collect(engine=_ENGINE)
+    moves = spans.with_columns(cols["x"].gather(spans["idx"]).alias("x"), cols["y"].gather(spans["idx"]).alias("y"),
+                               pl.lit(False).alias("press"))  # noqa: FBT003
+    held = pl.concat([kept, moves.lazy()], how="vertical_relaxed").sort("idx")
+    return (held.with_columns(pl.when("press").then(c).forward_fill().alias(f"p{c}") for c in ("idx", "x", "y"))
+            .filter(~pl.col("press")).group_by("pidx").agg(
+                pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
+                .max().alias("dist"),
+                pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2"))
+            .collect(engine=_ENGINE))
+
+
+def _marks(df: pl.DataFrame) -> pl.DataFrame:
+    """Tokens and the first and last event of each demonstration, with what each token takes
+    from the events around it: ``count`` (itself, the non-move events folding forward into it
+    since the previous token, those folding back into it before the next token), ``ended``
+    (its last in-range event) and, on a demonstration's last event, ``term_count`` (events
+    folding into terminate)."""
+    e = df.lazy().select("idx", "r", "t", "cls", "btn", "new_demo", "demo_end", "x", "y", "scroll_dx", "scroll_dy",
+                         "key_code", "modifiers", "text_masked", "F", "B", "fb", "LB", "LBt").filter(
+        (pl.col("cls") != 0) | pl.col("new_demo") | pl.col("demo_end"))
+    tok = pl.col("cls") != 0
+    p_tok = tok.shift(1).fill_null(False)  # noqa: FBT003
+    nd, de = pl.col("new_demo"), pl.col("demo_end")
+    F, B = pl.col("F"), pl.col("B")  # noqa: N806
+    FB = F + B  # noqa: N806
+    FBx = FB - pl.col("fb").cast(pl.Int64)  # noqa: N806
+    # the previous / next mark is in the same demonstration unless this is its first / last event
+    fwd = pl.when(nd).then(0).when(~p_tok).then(FBx - FBx.shift(1)).otherwise(F - F.shift(1))
+    bwd = pl.when(de).then(0).otherwise(B.shift(-1) - B)
+    last_back = pl.when(~de).then(pl.col("LB").shift(-1))
+    return e.with_columns(
+        (1 + fwd + bwd).alias("count"),
+        pl.when(last_back > pl.col("idx")).then(pl.col("LBt").shift(-1)).otherwise("t").alias("ended"),
+        pl.when(tok).then(0).when(nd).then(FB - FBx).when(p_tok).then(F - F.shift(1))
+        .otherwise(FB - FBx.shift(1)).alias("term_count"),
+        nd.cum_sum().cast(pl.Int64).alias("demo_no"),
+    ).drop("F", "B", "LB", "LBt", "fb").collect(engine=_ENGINE)
+
+
+def _tokens(e: pl.DataFrame, drags: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
     """One row per token with its action number (merges per the module rules)."""
-    held = df.filter(pl.col("held") & (pl.col("is_move") | pl.col("is_release")))
-    drag = held.group_by("p_idx").agg(
-        pl.max_horizontal((pl.col("x") - pl.col("px")).abs(), (pl.col("y") - pl.col("py")).abs())
-        .max().alias("dist"),
-        pl.col("x").drop_nulls().last().alias("x2"), pl.col("y").drop_nulls().last().alias("y2"),
-    )
-    tok = (df.filter(pl.col("cls") != 0)
-           .select("idx", "demo_no", "demonstration_id", "t", "cls", "button", "x", "y", "scroll_dx",
-                   "scroll_dy", "key", "modifiers", "text", "text_masked", "app_id")
-           .join(drag, left_on="idx", right_on="p_idx", how="left", maintain_order="left"))
+    tok = (e.lazy().filter(pl.col("cls") != 0)
+           .join(drags.lazy(), left_on="idx", right_on="pidx", how="left", maintain_order="left"))
     dx, dy = pl.col("scroll_dx").fill_null(0), pl.col("scroll_dy").fill_null(0)
     vertical = dy.abs() >= dx.abs()
-    masked = pl.col("text_masked").fill_null(False)  # noqa: FBT003
     tok = tok.with_columns(
-        pl.when(pl.col("cls") != T_TYPE).then(None).when(masked)
-        .then(pl.col("text").str.replace_all(r"(?s).", MASK_CHAR).fill_null(MASK_CHAR))
-        .otherwise(pl.col("text").fill_null(MASK_CHAR)).alias("chr"),
         ((pl.col("cls") == T_CLICK) & (pl.col("dist").fill_null(0) > s.drag_threshold_px)).alias("drag"),
         vertical.alias("vertical"),
         pl.when(vertical).then(dy.sign()).otherwise(dx.sign()).alias("dir"),
-    ).with_row_index("ti").with_columns(pl.col("ti").cast(pl.Int64))
+        dx.alias("scroll_dx"), dy.alias("scroll_dy"),
+        pl.lit(_KEY_IDS).gather(pl.when(pl.col("key_code").is_between(0, 0xFFFF)).then("key_code")).alias("key"),
+    )
     cls, dt = pl.col("cls"), pl.col("t") - _prev("t")
     same = (cls == _prev("cls")) & (pl.col("demo_no") == _prev("demo_no"))
     r = s.double_click_radius_px
-    click = ((cls == T_CLICK) & (pl.col("button") == "left") & (_prev("button") == "left")
-             & ~pl.col("drag") & ~_prev("drag") & (dt <= int(s.double_click_interval_s * 1e6))
+    click = ((cls == T_CLICK) & (pl.col("btn") == 1) & (_prev("btn") == 1)
+             & ~pl.col("drag") & ~_prev("drag") & (dt <= int(s.double_click_interval_s * _US))
              & ((pl.col("x") - _prev("x")).abs() <= r) & ((pl.col("y") - _prev("y")).abs() <= r))
     scroll = ((cls == T_SCROLL) & (pl.col("vertical") == _prev("vertical")) & (pl.col("dir") == _prev("dir"))
-              & (dt <= int(s.scroll_burst_gap_s * 1e6)))
-    typing_us = int(s.typing_gap_s * 1e6)
+              & (dt <= int(s.scroll_burst_gap_s * _US)))
+    typing_us = int(s.typing_gap_s * _US)
     typing = (cls == T_TYPE) & (dt <= typing_us)
     key = (cls == T_KEY) & (pl.col("key") == _prev("key")) & (dt <= typing_us)
     cont = (same & (click | scroll | typing | key)).fill_null(False)  # noqa: FBT003
-    tok = tok.with_columns(cont.alias("cont"))
-    tok = tok.with_columns(pl.when(~pl.col("cont")).then("ti").forward_fill().alias("chain"))
-    start = ~pl.col("cont") | ((cls == T_CLICK) & ((pl.col("ti") - pl.col("chain")) % 3 == 0))
-    return tok.with_columns(start.cum_sum().cast(pl.Int64).alias("action_no"))
+    ti = pl.int_range(pl.len(), dtype=pl.Int64)
+    tok = tok.with_columns(cont.alias("cont"), ti.alias("ti"))
+    chain = pl.when(~pl.col("cont")).then("ti").forward_fill()
+    start = ~pl.col("cont") | ((cls == T_CLICK) & ((pl.col("ti") - chain) % 3 == 0))
+    return tok.with_columns(start.alias("start")).with_columns(
+        pl.col("start").cum_sum().cast(pl.Int64).alias("action_no"),
+        pl.col("start").shift(-1).fill_null(True).alias("last"),  # noqa: FBT003
+        pl.col("count").cum_sum().alias("_cc"), pl.col("scroll_dx").cum_sum().alias("_cx"),
+        pl.col("scroll_dy").cum_sum().alias("_cy"),
+    ).collect(engine=_ENGINE)
 
 
-def _assign(df: pl.DataFrame, tok: pl.DataFrame) -> pl.DataFrame:
-    """Every event's action number (null: the demonstration's terminate) and whether it counts
-    in the action's time range."""
-    # tokens are rows of df (idx = row position): scatter their action numbers back, no join
-    own_no = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["idx"], tok["action_no"])
-    df = df.with_columns(own_no.alias("action_no"))
-    own = pl.col("action_no")
-    tok_demo = pl.when(own.is_not_null()).then("demo_no")
-    prev_ok = tok_demo.forward_fill() == pl.col("demo_no")
-    next_ok = tok_demo.backward_fill() == pl.col("demo_no")
-    action = (pl.when(own.is_not_null()).then(own)
-              .when(pl.col("fold_back") & prev_ok).then(own.forward_fill())
-              .when(next_ok).then(own.backward_fill())
-              .otherwise(None))
-    in_range = own.is_not_null() | (pl.col("fold_back") & prev_ok).fill_null(False)  # noqa: FBT003
-    return df.with_columns(action.alias("action"), in_range.alias("in_range"))
-
-
-def _actions(df: pl.DataFrame, tok: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
-    """Action rows (without frames): name, arguments, time range, step."""
-    per_action = (df.select("action", pl.when("in_range").then("t").alias("ended_at"),
-                            (~pl.col("is_move")).cast(pl.UInt32).alias("event_count"))
-                  .group_by("action").agg(pl.col("ended_at").max(), pl.col("event_count").sum()))
-    ended = per_action.select("action", "ended_at")
-    counts = per_action.select("action", "event_count")
-    acts = tok.group_by("action_no", maintain_order=True).agg(
-        pl.col("demo_no").first(), pl.col("demonstration_id").first(), pl.col("t").first().alias("started_at"),
-        pl.col("cls").first(), pl.col("button").first(), pl.col("x").first(), pl.col("y").first(),
-        pl.col("drag").first(), pl.col("x2").first(), pl.col("y2").first(), pl.len().alias("n"),
-        pl.col("scroll_dx").sum().alias("sdx"), pl.col("scroll_dy").sum().alias("sdy"),
-        pl.col("vertical").first(), pl.col("chr").str.join("").alias("message"),
-        pl.col("key").first(), pl.col("modifiers").first().fill_null(0).alias("mods"),
-        pl.col("app_id").first(),
-    ).join(ended, left_on="action_no", right_on="action", how="left", maintain_order="left")
-    cls, n, b = pl.col("cls"), pl.col("n"), pl.col("button")
-    mods = pl.col("mods")
+def _actions(texts: dict[str, pl.Series], tok: pl.DataFrame, terms: pl.DataFrame, s: ExportSettings) -> pl.DataFrame:
+    """Action rows (without frames), waits and terminates included: name, arguments, time range;
+    not yet in order (``order`` sorts them, :func:`_ordered`)."""
+    first = tok.select("action_no", "idx", "demo_no", "t", "cls", "btn", "x", "y", "drag", "x2", "y2", "vertical",
+                       "key", "modifiers", "count", "scroll_dx", "scroll_dy", "ti", "_cc", "_cx", "_cy",
+                       "start").filter("start")
+    last = tok.select("ended", "ti", "_cc", "_cx", "_cy", "last").filter("last")
+    typed = tok.select("action_no", "text_masked", "idx", "cls").filter(pl.col("cls") == T_TYPE)
+    text = pl.col("text")
+    # a masked key shows one mask character per stored character (a regex replace is 4x slower)
+    masked = pl.lit("").str.pad_start(text.str.len_chars().fill_null(1), MASK_CHAR)
+    chars = pl.when(pl.col("text_masked").fill_null(False)).then(masked).otherwise(text.fill_null(MASK_CHAR))  # noqa: FBT003
+    # collected as lists and joined: 4x faster than str.join as an aggregation
+    msg = (typed.lazy().with_columns(pl.lit(texts["text"].gather(typed["idx"])).alias("text"))
+           .select("action_no", chars.alias("c")).group_by("action_no", maintain_order=True).agg("c")
+           .select("action_no", pl.col("c").list.join("").alias("message")))
+    cls, b = pl.col("cls"), pl.col("btn")
+    n = (last["ti"] - first["ti"] + 1).cast(pl.UInt32)
+    mods = pl.col("modifiers").fill_null(0)
+    # the action as its number in _ACTIONS: strings only once, by lookup
     name = (pl.when(cls == T_CLICK).then(
-                pl.when("drag").then(pl.lit("dragTo")).when(b == "right").then(pl.lit("rightClick"))
-                .when(b == "middle").then(pl.lit("middleClick")).when(n == 2).then(pl.lit("doubleClick"))
-                .when(n >= 3).then(pl.lit("tripleClick")).otherwise(pl.lit("click")))
-            .when(cls == T_SCROLL).then(pl.when("vertical").then(pl.lit("scroll")).otherwise(pl.lit("hscroll")))
-            .when(cls == T_TYPE).then(pl.lit("write")).when(cls == T_KEY).then(pl.lit("press"))
-            .otherwise(pl.lit("hotkey")))
+                pl.when("drag").then(A_DRAG).when(b == 2).then(3).when(b == 3).then(4).when(n == 2).then(1)
+                .when(n >= 3).then(2).otherwise(0))
+            .when(cls == T_SCROLL).then(pl.when("vertical").then(6).otherwise(7))
+            .when(cls == T_TYPE).then(8).when(cls == T_KEY).then(9).otherwise(10)).cast(pl.Int8)
+    key_name = pl.lit(_KEY_TEXT).gather("key")
+    key_lit = pl.lit(_KEY_LITERALS).gather("key")
+    modifiers = ((CTRL, "ctrl"), (ALT, "alt"), (SHIFT, "shift"), (META, "win"))
     # joined as a string and split once: list expressions per row are slow in polars
-    keys = pl.concat_str(
-        pl.when((mods & CTRL) != 0).then(pl.lit("ctrl\x1f")), pl.when((mods & ALT) != 0).then(pl.lit("alt\x1f")),
-        pl.when((mods & SHIFT) != 0).then(pl.lit("shift\x1f")), pl.when((mods & META) != 0).then(pl.lit("win\x1f")),
-        pl.col("key"), ignore_nulls=True,
-    )
-    acts = acts.with_columns(
-        name.alias("action"),
-        pl.when(cls == T_CLICK).then(pl.when("drag").then(1).otherwise(n)).alias("clicks"),
-        pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-pl.col("sdy")).otherwise(pl.col("sdx")))
-        .alias("amount"),
-        pl.when(cls == T_TYPE).then("message").alias("message"),
-        pl.when(cls == T_KEY).then("key").when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
-        pl.when(cls == T_KEY).then(n).alias("presses"),
-        pl.when(cls == T_CLICK).then(b).alias("button"),
+    keys = pl.concat_str(*(pl.when((mods & bit) != 0).then(pl.lit(f"{m}\x1f")) for bit, m in modifiers),
+                         key_name, ignore_nulls=True)
+    keys_lit = pl.concat_str(*(pl.when((mods & bit) != 0).then(pl.lit(f'"{m}", ')) for bit, m in modifiers),
+                             key_lit, ignore_nulls=True)
+    demo_ids = texts["demonstration_id"].gather(terms["idx"])  # demo_no - 1 -> demonstration_id
+    sdx = last["_cx"] - first["_cx"] + first["scroll_dx"]
+    sdy = last["_cy"] - first["_cy"] + first["scroll_dy"]
+    acts = first.lazy().select(
+        "action_no", "demo_no", pl.lit(demo_ids).gather(pl.col("demo_no") - 1).alias("demonstration_id"),
+        pl.col("t").alias("started_at"), last["ended"].alias("ended_at"), name.alias("_a"),
+        pl.when(cls <= T_SCROLL).then("x").alias("x"), pl.when(cls <= T_SCROLL).then("y").alias("y"),
         pl.when(pl.col("drag")).then("x2").alias("x2"), pl.when(pl.col("drag")).then("y2").alias("y2"),
-        pl.when(cls.is_in([T_CLICK, T_SCROLL])).then("x").alias("x"),
-        pl.when(cls.is_in([T_CLICK, T_SCROLL])).then("y").alias("y"),
-        (pl.col("action_no") * 2).alias("order"),
-    ).drop("sdx", "sdy", "vertical", "drag", "key", "mods", "n")
+        pl.when(cls == T_CLICK).then(pl.when("drag").then(1).otherwise(n)).alias("clicks"),
+        pl.when(cls == T_CLICK).then(pl.lit(_BUTTON_TEXT).gather(b)).alias("button"),
+        pl.when(cls == T_SCROLL).then(pl.when("vertical").then(-sdy).otherwise(sdx)).alias("amount"),
+        pl.when(cls == T_KEY).then(key_name).when(cls == T_HOT).then(keys).str.split("\x1f").alias("keys"),
+        pl.when(cls == T_KEY).then(key_lit).when(cls == T_HOT).then(keys_lit).alias("_keys_lit"),
+        pl.when(cls == T_KEY).then(n).alias("presses"),
+        pl.lit(texts["app_id"].gather(first["idx"])).alias("app_id"),
+        (last["_cc"] - first["_cc"] + first["count"]).cast(pl.UInt32).alias("event_count"),
+        (pl.col("idx") * 4 + 1).alias("order"),
+    ).join(msg, on="action_no", how="left", maintain_order="left").collect(engine=_ENGINE).lazy()  # once, not per use
     # terminate: one per demonstration, at its last event (events folded into it counted)
-    last = df.filter(pl.col("new_demo").shift(-1).fill_null(True))  # noqa: FBT003
-    term = last.select(
-        "demo_no", "demonstration_id", pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"),
-        pl.lit("terminate").alias("action"), pl.lit(2**62, pl.Int64).alias("order"),
+    term = terms.lazy().select(
+        "demo_no", pl.lit(demo_ids).alias("demonstration_id"),
+        pl.col("t").alias("started_at"), pl.col("t").alias("ended_at"), pl.lit(A_TERMINATE, pl.Int8).alias("_a"),
+        pl.col("term_count").cast(pl.UInt32).alias("event_count"), (pl.col("idx") * 4 + 3).alias("order"),
     )
-    acts = pl.concat([acts, term], how="diagonal_relaxed").sort(["demo_no", "order"], maintain_order=True)
+    times = ["demo_no", "started_at", "ended_at", "order"]
+    seq = pl.concat([acts.select(times), term.select(times)]).sort("order")
     gap = pl.col("started_at") - _prev("ended_at")
-    wait_us = int(s.wait_threshold_s * 1e6)
-    waits = acts.with_columns(gap.alias("gap"), _prev("ended_at").alias("_pe"),
-                              (pl.col("demo_no") == _prev("demo_no")).alias("_sd")).filter(
-        (pl.col("gap") > wait_us) & pl.col("_sd")).select(
-        "demo_no", "demonstration_id", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
-        pl.lit("wait").alias("action"), (pl.col("order") - 1).alias("order"),
-        ((pl.col("gap") + 50_000) // 100_000).alias("deciseconds"),
-    )
-    acts = pl.concat([acts, waits], how="diagonal_relaxed").sort(["demo_no", "order"], maintain_order=True)
-    acts = acts.with_row_index("_r").with_columns(pl.col("_r").cast(pl.Int64))
-    first = pl.when(pl.col("demo_no") != _prev("demo_no").fill_null(-1)).then("_r").forward_fill()
-    acts = acts.with_columns((pl.col("_r") - first).cast(pl.UInt32).alias("step"))
-    return acts.join(counts, left_on="action_no", right_on="action", how="left", maintain_order="left",
-                     nulls_equal=False)
+    waits = seq.with_columns(gap.alias("gap"), _prev("ended_at").alias("_pe"), _prev("demo_no").alias("_pd")).filter(
+        (pl.col("gap") > int(s.wait_threshold_s * _US)) & (pl.col("demo_no") == pl.col("_pd"))).select(
+        "demo_no", pl.col("_pe").alias("started_at"), pl.col("started_at").alias("ended_at"),
+        pl.lit(A_WAIT, pl.Int8).alias("_a"), pl.lit(0, pl.UInt32).alias("event_count"),
+        (pl.col("order") - 1).alias("order"),
+        ((pl.col("gap") + 50_000) // 100_000).alias("deciseconds")).collect(engine=_ENGINE)
+    waits = waits.with_columns(demo_ids.gather(waits["demo_no"] - 1).alias("demonstration_id"))
+    return (pl.concat([acts, term, waits.lazy()], how="diagonal_relaxed")
+            .with_columns(pl.lit(_ACTION_TEXT).gather("_a").alias("action")).collect(engine=_ENGINE))
 
 
-def _terminate_counts(df: pl.DataFrame) -> pl.DataFrame:
-    return (df.filter(pl.col("action").is_null() & ~pl.col("is_move")).group_by("demo_no")
-            .agg(pl.len().alias("_tc")))
+def _ordered(acts: pl.DataFrame) -> pl.DataFrame:
+    """``acts`` in output order (demonstration, time) with their ``step``."""
+    acts = acts.sort("order")
+    first_row = pl.when(pl.col("demo_no") != _prev("demo_no").fill_null(-1)).then("_r").forward_fill()
+    return acts.lazy().with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_r")).with_columns(
+        (pl.col("_r") - first_row).cast(pl.UInt32).alias("step")).drop("_r").collect(engine=_ENGINE)
 
 
-def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None) -> pl.DataFrame:
-    """Link each action's frame and find the size its coordinates are normalised by."""
-    acts = acts.with_columns(pl.lit(None, pl.String).alias("frame_sha256"), pl.lit(None, pl.UInt32).alias("frame_step"),
-                             pl.lit(None, pl.Int64).alias("w"), pl.lit(None, pl.Int64).alias("h"))
+def _frames(acts: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None,
+            demos: pl.DataFrame) -> pl.DataFrame:
+    """Link each action's frame and find the size its coordinates are normalised by (``demos``:
+    demonstration_id and demo_no of each demonstration)."""
+    sizes = demos
+    keep = ["f_step", "f_sha", "f_w", "f_h"]
     if frames is not None and frames.height:
         fr = frames.select(
             "demonstration_id", pl.col("step").cast(pl.UInt32).alias("f_step"), pl.col("sha256").alias("f_sha"),
             pl.col("width").cast(pl.Int64).alias("f_w"), pl.col("height").cast(pl.Int64).alias("f_h"),
             _us(frames, "captured_at").alias("c"), pl.col("reason"),
             _us(frames, "action_started_at").alias("a"),
-        ).sort(["f_step"])
-        keep = ["f_step", "f_sha", "f_w", "f_h"]
-        exact = (fr.filter(pl.col("a").is_not_null())
-                 .unique(["demonstration_id", "a"], keep="first", maintain_order=True))
-        end = fr.filter(pl.col("reason") == "end").unique(["demonstration_id"], keep="first", maintain_order=True)
-        asof_fr = fr.unique(["demonstration_id", "c"], keep="first", maintain_order=True).sort("c")
-        acts = acts.with_row_index("_k")
-        e = acts.join(exact.select("demonstration_id", "a", *keep), left_on=["demonstration_id", "started_at"],
-                      right_on=["demonstration_id", "a"], how="left", maintain_order="left")
-        t = acts.join(end.select("demonstration_id", *keep), on="demonstration_id", how="left", maintain_order="left")
-        probe = acts.select("_k", "demonstration_id", (pl.col("started_at") - 1).alias("_p")).sort("_p")
-        a = probe.join_asof(asof_fr.select("demonstration_id", "c", *keep), left_on="_p", right_on="c",
-                            by="demonstration_id", strategy="backward", check_sortedness=False).sort("_k")
-        is_term = pl.col("action") == "terminate"
-        picked = [
-            pl.when(is_term).then(pl.coalesce(t[c], a[c])).otherwise(pl.coalesce(e[c], a[c])).alias(c) for c in keep
-        ]
-        acts = acts.with_columns(*picked).with_columns(
-            pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step"),
-            pl.col("f_w").alias("w"), pl.col("f_h").alias("h")).drop(*keep, "_k")
-        largest = frames.group_by("demonstration_id").agg(pl.col("width").max().cast(pl.Int64).alias("_fw"),
-                                                          pl.col("height").max().cast(pl.Int64).alias("_fh"))
-        acts = acts.join(largest, on="demonstration_id", how="left", maintain_order="left")
+        ).join(demos, on="demonstration_id", how="inner").with_row_index("fid")
+
+        def first_per(key: str) -> pl.LazyFrame:
+            # the lowest step per (demonstration, key), by sorting: sorted is what the asof join needs
+            k = pl.col(key)
+            return (fr.lazy().filter(k.is_not_null()).sort("demo_no", key, "f_step", maintain_order=True)
+                    .filter((pl.col("demo_no") != _prev("demo_no")) | (k != _prev(key)).fill_null(True))  # noqa: FBT003
+                    .select("demo_no", key, "fid"))
+
+        end = (fr.lazy().filter(pl.col("reason") == "end").sort("demo_no", "f_step", maintain_order=True)
+               .unique("demo_no", keep="first", maintain_order=True).select("demo_no", pl.col("fid").alias("_end")))
+        sizes = sizes.join(fr.group_by("demo_no").agg(pl.col("f_w").max().alias("_fw"),
+                                                      pl.col("f_h").max().alias("_fh")), on="demo_no", how="left")
+        # actions are in time order per demonstration: the asof joins' by-groups need only that; the
+        # joins pick frame rows (fid), their columns are gathered once
+        probe = acts.lazy().select("demo_no", "started_at", (pl.col("started_at") - 1).alias("_p"), "_a")
+        exact = (probe.join_asof(first_per("a"), left_on="started_at", right_on="a", by="demo_no", strategy="backward",
+                                 check_sortedness=False)
+                 .with_columns(pl.when(pl.col("a") == pl.col("started_at")).then("fid").alias("_exact")).drop("fid")
+                 .join_asof(first_per("c"), left_on="_p", right_on="c", by="demo_no", strategy="backward",
+                            check_sortedness=False)
+                 .join(end, on="demo_no", how="left", maintain_order="left"))
+        pick = pl.when(pl.col("_a") == A_TERMINATE).then("_end").otherwise("_exact").fill_null(pl.col("fid"))
+        fid = exact.select(pick).collect(engine=_ENGINE).to_series()
+        acts = acts.with_columns(fr.get_column(c).gather(fid) for c in keep)
     else:
-        acts = acts.with_columns(pl.lit(None, pl.Int64).alias("_fw"), pl.lit(None, pl.Int64).alias("_fh"))
+        acts = acts.with_columns(pl.lit(None, pl.UInt32).alias("f_step"), pl.lit(None, pl.String).alias("f_sha"),
+                                 pl.lit(None, pl.Int64).alias("f_w"), pl.lit(None, pl.Int64).alias("f_h"))
+        sizes = sizes.with_columns(pl.lit(None, pl.Int64).alias("_fw"), pl.lit(None, pl.Int64).alias("_fh"))
     if screens is not None and screens.height:
         sc = screens.select("demonstration_id", pl.col("screen_width").cast(pl.Int64).alias("_sw"),
-                            pl.col("screen_height").cast(pl.Int64).alias("_sh")).unique("demonstration_id")
-        acts = acts.join(sc, on="demonstration_id", how="left", maintain_order="left")
+                            pl.col("screen_height").cast(pl.Int64).alias("_sh")).unique(
+            "demonstration_id", keep="first", maintain_order=True)
+        sizes = sizes.join(sc, on="demonstration_id", how="left")
     else:
-        acts = acts.with_columns(pl.lit(None, pl.Int64).alias("_sw"), pl.lit(None, pl.Int64).alias("_sh"))
-    w = pl.coalesce("w", "_sw", "_fw")
-    h = pl.coalesce("h", "_sh", "_fh")
+        sizes = sizes.with_columns(pl.lit(None, pl.Int64).alias("_sw"), pl.lit(None, pl.Int64).alias("_sh"))
+    sizes = sizes.select("demo_no", pl.coalesce("_sw", "_fw").alias("_dw"), pl.coalesce("_sh", "_fh").alias("_dh"))
+    acts = acts.join(sizes, on="demo_no", how="left", maintain_order="left")
+    w = pl.coalesce("f_w", "_dw")
+    h = pl.coalesce("f_h", "_dh")
     w = pl.when(w > 0).then(w)
     h = pl.when(h > 0).then(h)
 
     def norm(c: str, size: pl.Expr) -> pl.Expr:
         # exact rational rounding (half up) in integers: identical wherever it is recomputed
-        # (polars' float division is not correctly rounded: 3333 / 10000 -> 0.33330000000000004;
-        # parsing the decimal string is)
         v = pl.col(c).cast(pl.Int64).clip(0, size)
-        n = (v * 20_000 + size) // (2 * size)
-        return pl.format("{}.{}", n // 10_000, (n % 10_000).cast(pl.String).str.zfill(4)).cast(pl.Float64).alias(c)
+        return ((v * 20_000 + size) // (2 * size)).alias(f"_n{c}")
 
-    return acts.with_columns(norm("x", w), norm("y", h), norm("x2", w), norm("y2", h)).drop("w", "h", "_fw", "_fh",
-                                                                                          "_sw", "_sh")
+    coords = ("x", "y", "x2", "y2")
+    n = {c: pl.col(f"_n{c}") for c in coords}
+    is_scroll = pl.col("_a").is_between(_ACTIONS.index("scroll"), _ACTIONS.index("hscroll"))
+    return acts.lazy().with_columns(
+        norm("x", w), norm("y", h), norm("x2", w), norm("y2", h),
+        pl.col("f_sha").alias("frame_sha256"), pl.col("f_step").alias("frame_step"),
+    ).with_columns(
+        *(pl.lit(_DECIMALS).gather(n[c]).alias(c) for c in coords),
+        # the call's text of the point, only with both coordinates ("x=0.1, y=0.2"; a scroll: ", x=...")
+        pl.lit(_X_TEXT).gather(pl.when(n["y"].is_not_null()).then(n["x"] + pl.when(is_scroll).then(10_001)
+                                                                  .otherwise(0))).alias("_x_text"),
+        pl.lit(_Y_TEXT).gather(pl.when(n["x"].is_not_null()).then(n["y"])).alias("_y_text"),
+        pl.lit(_X_TEXT).gather(pl.when(n["y2"].is_not_null()).then(n["x2"])).alias("_x2_text"),
+        pl.lit(_Y2_TEXT).gather(pl.when(n["x2"].is_not_null()).then(n["y2"])).alias("_y2_text"),
+    ).drop(*keep, "_dw", "_dh", *(f"_n{c}" for c in coords)).collect(engine=_ENGINE)
 
 
 def _code(acts: pl.DataFrame) -> pl.DataFrame:
-    a = pl.col("action")
-    xy = pl.when(pl.col("x").is_not_null() & pl.col("y").is_not_null()).then(
-        pl.format("x={}, y={}", _num(pl.col("x")), _num(pl.col("y")))).otherwise(pl.lit(""))
-    xy2 = pl.when(pl.col("x2").is_not_null() & pl.col("y2").is_not_null()).then(
-        pl.format("x={}, y={}, ", _num(pl.col("x2")), _num(pl.col("y2")))).otherwise(pl.lit(""))
-    tail = pl.when(xy != "").then(pl.format(", {}", xy)).otherwise(pl.lit(""))
-    keys = (pl.struct(pl.col("keys").alias("v")).struct.json_encode()
-            .str.strip_prefix('{"v":[').str.strip_suffix("]}").str.replace_all('","', '", "', literal=True))
-    first_key = _pystr(pl.col("keys").list.first())
-    code = (pl.when(a.is_in(["click", "doubleClick", "tripleClick", "rightClick", "middleClick"]))
-            .then(pl.format("pyautogui.{}({})", a, xy))
-            .when(a == "dragTo").then(pl.format('pyautogui.moveTo({})\npyautogui.dragTo({}button={})',
-                                                xy, xy2, _pystr(pl.col("button"))))
-            .when(a.is_in(["scroll", "hscroll"])).then(pl.format("pyautogui.{}({}{})", a, _num(pl.col("amount")), tail))
-            .when(a == "write").then(pl.format("pyautogui.write(message={})", _pystr(pl.col("message"))))
-            .when(a == "press").then(
-                pl.when(pl.col("presses") > 1)
-                .then(pl.format("pyautogui.press({}, presses={})", first_key, _num(pl.col("presses"))))
-                .otherwise(pl.format("pyautogui.press({})", first_key)))
-            .when(a == "hotkey").then(pl.format("pyautogui.hotkey({})", keys))
-            .when(a == "wait").then(pl.format("computer.wait(seconds={}.{})", _num(pl.col("deciseconds") // 10),
-                                              _num(pl.col("deciseconds") % 10)))
-            .otherwise(pl.lit('computer.terminate(status="success")')))
+    """The pyautogui call of each action: its head, then the arguments that are not null (a
+    concat_str of a literal and a null is null: no string is built for an absent argument)."""
+    d, a = pl.col("deciseconds"), pl.col("_a")
+    code = pl.concat_str(
+        pl.lit(_ACTION_HEADS).gather(a),
+        pl.col("amount").cast(pl.String),
+        # a JSON string literal, as json.dumps(ensure_ascii=False) writes it: Python's ast reads it back
+        pl.concat_str(pl.lit('"'), pl.col("message").str.replace_many(_ESCAPES), pl.lit('"')),
+        "_keys_lit",
+        pl.concat_str((d // 10).cast(pl.String), pl.lit("."), (d % 10).cast(pl.String)),
+        "_x_text", "_y_text",
+        pl.lit(_ACTION_MIDS).gather(a), "_x2_text", "_y2_text",
+        pl.concat_str(pl.lit('button="'), pl.when(a == A_DRAG).then("button"), pl.lit('"')),
+        pl.concat_str(pl.lit(", presses="), pl.when(pl.col("presses") > 1).then("presses").cast(pl.String)),
+        pl.lit(")"), ignore_nulls=True)
     # seconds parsed from the same decimal the code writes: polars' ``/ 10`` is not correctly
     # rounded (39 / 10 -> 3.9000000000000004), so args and code disagreed (the loader check found it)
-    seconds = pl.format("{}.{}", _num(pl.col("deciseconds") // 10), _num(pl.col("deciseconds") % 10))
+    seconds = pl.concat_str((d // 10).cast(pl.String), pl.lit("."), (d % 10).cast(pl.String)).cast(pl.Float64)
     args = pl.struct("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "presses",
-                     seconds.cast(pl.Float64).alias("seconds"))
-    return acts.with_columns(code.alias("code"), args.alias("args"))
+                     seconds.alias("seconds"))
+    return acts.lazy().with_columns(code.alias("code"), args.alias("args")).collect(engine=_ENGINE)
 
 
-def _reduce(events: pl.DataFrame, frames: pl.DataFrame | None, screens: pl.DataFrame | None,
-            settings: ExportSettings) -> tuple[pl.DataFrame, pl.DataFrame]:
-    df = _classified(events)
-    tok = _tokens(df, settings)
-    df = _assign(df, tok)
-    acts = _actions(df, tok, settings)
-    tc = _terminate_counts(df)
-    acts = acts.join(tc, on="demo_no", how="left", maintain_order="left").with_columns(
-        pl.when(pl.col("action") == "terminate").then(pl.col("_tc").fill_null(0))
-        .when(pl.col("action") == "wait").then(0).otherwise("event_count").cast(pl.UInt32).alias("event_count"),
-    ).drop("_tc")
-    for c in ("x2", "y2", "clicks", "amount", "presses", "deciseconds"):
+def _reduce(events: pl.DataFrame, settings: ExportSettings) -> tuple[
+        pl.DataFrame, dict[str, pl.Series], pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Events (classified) and their strings, tokens, actions in order (no frames yet),
+    demonstrations (id and number)."""
+    df, texts = _events(events)
+    marks = _marks(df)
+    tok = _tokens(marks, _drags(df, texts), settings)
+    ends = marks.filter("demo_end")
+    acts = _ordered(_actions(texts, tok, ends, settings))
+    for c in ("x", "y", "x2", "y2", "clicks", "button", "amount", "message", "keys", "_keys_lit", "presses",
+              "deciseconds", "app_id"):
         if c not in acts.columns:
             acts = acts.with_columns(pl.lit(None).alias(c))
-    acts = _frames(acts, frames, screens)
-    acts = _code(acts)
-    return df, acts
+    return df, texts, tok, acts, ends.select(pl.lit(texts["demonstration_id"].gather(ends["idx"])), "demo_no")
 
 
 def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, screens: pl.DataFrame | None = None,
@@ -458,8 +560,8 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
     Returns:
         Columns :data:`ACTION_COLUMNS`, ordered by demonstration and step.
     """
-    _, acts = _reduce(events, frames, screens, settings or ExportSettings())
-    return acts.select(
+    _, _, _, acts, demos = _reduce(events, settings or ExportSettings())
+    return _code(_frames(acts, frames, screens, demos)).select(
         "demonstration_id", "step", "action", "code", "args",
         pl.col("started_at").cast(_TS), pl.col("ended_at").cast(_TS), "app_id", "x", "y",
         "frame_sha256", "frame_step", "event_count",
@@ -469,13 +571,35 @@ def reduce_actions(events: pl.DataFrame, frames: pl.DataFrame | None = None, scr
 def label_events(events: pl.DataFrame, settings: ExportSettings | None = None) -> pl.DataFrame:
     """The events in reduction order with the ``step`` of the action each belongs to (columns:
     demonstration_id, captured_at (µs), kind, step)."""
-    df, acts = _reduce(events, None, None, settings or ExportSettings())
+    df, cols, tok, acts, _ = _reduce(events, settings or ExportSettings())
+    # the kept rows (tokens among them: scatter their action numbers back), then the moves after each
+    own = pl.repeat(None, df.height, dtype=pl.Int64, eager=True).scatter(tok["r"], tok["action_no"])
+    own_no, demo_no = pl.col("action_no"), pl.col("demo_no")
+    tok_demo = pl.when(own_no.is_not_null()).then(demo_no)
+    prev = pl.when(tok_demo.forward_fill() == demo_no).then(own_no.forward_fill())
+    nxt = pl.when(tok_demo.backward_fill() == demo_no).then(own_no.backward_fill())
+    kept = df.lazy().select("idx", "fold_back", "gap_held", own.alias("action_no"),
+                            pl.col("new_demo").cum_sum().cast(pl.Int64).alias("demo_no")).with_columns(
+        prev.alias("_prev"), nxt.alias("_next")).with_columns(
+        pl.coalesce(own_no, pl.when("fold_back").then("_prev"), "_next").alias("_own"),
+        # moves after a kept row: held ones fold back, the others forward (same demonstration: the next
+        # kept row is in it, or this row was the demonstration's last and no move follows)
+        pl.when("gap_held").then(pl.coalesce("_prev", pl.col("_next").shift(-1)))
+        .otherwise(pl.col("_next").shift(-1)).alias("_gap"),
+    ).collect(engine=_ENGINE)
+    n = cols["kind"].len()
+    at = pl.repeat(None, n, dtype=pl.Int64, eager=True).scatter(kept["idx"], pl.int_range(kept.height, eager=True))
+    pos = at.forward_fill()
+    action = pl.select(pl.when(at.is_not_null()).then(kept["_own"].gather(pos))
+                       .otherwise(kept["_gap"].gather(pos))).to_series()
     steps = acts.select("demo_no", "action_no", "step")
-    own = df.join(steps.filter(pl.col("action_no").is_not_null()), left_on="action", right_on="action_no",
-                  how="left", maintain_order="left")
-    term = steps.filter(pl.col("action_no").is_null()).select("demo_no", pl.col("step").alias("_ts"))
+    labelled = pl.DataFrame({"action": action, "demo_no": kept["demo_no"].gather(pos)}).join(
+        steps.filter(pl.col("action_no").is_not_null()), left_on="action", right_on="action_no", how="left",
+        maintain_order="left")
     # waits have no action_no either; terminate is the demonstration's last step
-    term = term.group_by("demo_no").agg(pl.col("_ts").max())
-    own = own.join(term, on="demo_no", how="left", maintain_order="left")
-    return own.select("demonstration_id", pl.col("t").alias("captured_at"), "kind",
-                      pl.coalesce("step", "_ts").alias("step"))
+    term = steps.filter(pl.col("action_no").is_null()).group_by("demo_no").agg(pl.col("step").max().alias("_ts"))
+    labelled = labelled.join(term, on="demo_no", how="left", maintain_order="left")
+    times = pl.DataFrame({"captured_at": cols["captured_at"]})
+    return labelled.select(pl.lit(cols["demonstration_id"]).alias("demonstration_id"),
+                           pl.lit(times.select(_us(times, "captured_at")).to_series()).alias("captured_at"),
+                           pl.lit(cols["kind"]).alias("kind"), pl.coalesce("step", "_ts").alias("step"))
