@@ -313,7 +313,8 @@ def _read_batch(client: Any, db: str, ids: list[str]) -> tuple[pl.DataFrame, pl.
                started_at, ended_at, screen_width, screen_height, screen_scale, apps, consent_version,
                policy_version
         FROM {db}.demonstrations FINAL
-        WHERE status = 'complete' AND demonstration_id IN ({idl}) AND {_not_withdrawn(db)}""")
+        WHERE status = 'complete' AND demonstration_id IN ({idl}) AND {_not_withdrawn(db)}
+        ORDER BY started_at, demonstration_id""")  # the plan's order: tasks keep it in every run
     events = _arrow(client, f"""
         SELECT toString(demonstration_id) AS demonstration_id, {_EVENT_COLS}
         FROM {db}.demonstration_events FINAL
