@@ -21,7 +21,28 @@ from handtrace.core.controls import (
     policy_update,
 )
 
-router = APIRouter(prefix="/api/v1")
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ValidationProblems(BaseModel):
+    """422: every problem of the request at once, each with the field it concerns."""
+
+    detail: list[FieldProblem]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+router = APIRouter(prefix="/api/v1", responses={
+    401: {"model": ErrorOut, "description": "Missing, invalid or expired bearer token."},
+    403: {"model": ErrorOut, "description": "The caller's roles may not do this (audited)."},
+    422: {"model": ValidationProblems, "description": "Every validation problem at once."},
+    503: {"model": ErrorOut, "description": "The control topics could not be read or written in time."},
+})
 
 
 class Problems(Exception):
@@ -35,6 +56,13 @@ class Problems(Exception):
 def allow(action: Action) -> Any:
     """The dependency guarding a route with ``action``'s rule of the role matrix."""
     return Depends(require(*MATRIX[action].roles, action=action))
+
+
+def _rule(action: Action) -> dict[str, Any]:
+    """The route's rule of the role matrix, published in the OpenAPI document (docs/api.md)."""
+    rule = MATRIX[action]
+    return {"x-action": action.value, "x-roles": sorted(r.value for r in rule.roles),
+            "x-self-only": rule.self_only}
 
 
 Services_ = Annotated[Services, Depends(get_services)]
@@ -166,20 +194,23 @@ def _employee(employee_id: str) -> str:
 # ---------------------------------------------------------------- employee (self)
 
 
-@router.get("/me", response_model=Me, tags=["employee"])
+@router.get("/me", response_model=Me, tags=["employee"],
+             openapi_extra=_rule(Action.own))
 def me(caller: Annotated[Principal, allow(Action.own)]) -> Me:
     """Who the caller is."""
     return Me(subject=caller.subject, employee_id=caller.employee_id, roles=sorted(r.value for r in caller.roles),
               name=caller.name)
 
 
-@router.get("/me/state", response_model=EmployeeState, tags=["employee"])
+@router.get("/me/state", response_model=EmployeeState, tags=["employee"],
+             openapi_extra=_rule(Action.own))
 def my_state(caller: Annotated[Principal, allow(Action.own)], services: Services_) -> dict[str, Any]:
     """The caller's capture state: capturing, paused until, or exempt."""
     return dict(_state(services.state.employee, _own(caller)))
 
 
-@router.post("/me/pause", response_model=Accepted, status_code=202, tags=["employee"])
+@router.post("/me/pause", response_model=Accepted, status_code=202, tags=["employee"],
+             openapi_extra=_rule(Action.own))
 def pause(body: PauseIn, request: Request, caller: Annotated[Principal, allow(Action.own)],
           services: Services_) -> Accepted:
     """Pause capture of the caller for 1..30 minutes: nothing captured in it is stored."""
@@ -193,7 +224,8 @@ def pause(body: PauseIn, request: Request, caller: Annotated[Principal, allow(Ac
     return Accepted(control_id=control_id(rec), paused_until=until)
 
 
-@router.post("/me/resume", response_model=Accepted, status_code=202, tags=["employee"])
+@router.post("/me/resume", response_model=Accepted, status_code=202, tags=["employee"],
+             openapi_extra=_rule(Action.own))
 def resume(request: Request, caller: Annotated[Principal, allow(Action.own)], services: Services_,
            body: ReasonIn | None = None) -> Accepted:
     """End the caller's pause now."""
@@ -205,7 +237,8 @@ def resume(request: Request, caller: Annotated[Principal, allow(Action.own)], se
     return Accepted(control_id=control_id(rec))
 
 
-@router.post("/me/exemption-requests", response_model=Accepted, status_code=202, tags=["employee"])
+@router.post("/me/exemption-requests", response_model=Accepted, status_code=202, tags=["employee"],
+             openapi_extra=_rule(Action.own))
 def request_exemption(body: ReasonIn, request: Request, caller: Annotated[Principal, allow(Action.own)],
                       services: Services_) -> Accepted:
     """Ask HR for an exemption from capture (HR grants or denies it)."""
@@ -222,7 +255,8 @@ def request_exemption(body: ReasonIn, request: Request, caller: Annotated[Princi
 # ---------------------------------------------------------------- hr
 
 
-@router.get("/employees/{employee_id}/state", response_model=EmployeeState, tags=["hr"])
+@router.get("/employees/{employee_id}/state", response_model=EmployeeState, tags=["hr"],
+             openapi_extra=_rule(Action.other_state))
 def employee_state(employee_id: EmployeeId, request: Request,
                    caller: Annotated[Principal, allow(Action.own)], services: Services_) -> dict[str, Any]:
     """An employee's capture state (hr, admin; anyone for themself)."""
@@ -233,7 +267,8 @@ def employee_state(employee_id: EmployeeId, request: Request,
     return dict(_state(services.state.employee, employee_id))
 
 
-@router.get("/exemption-requests", response_model=list[PendingRequest], tags=["hr"])
+@router.get("/exemption-requests", response_model=list[PendingRequest], tags=["hr"],
+             openapi_extra=_rule(Action.exemptions))
 def exemption_requests(_caller: Annotated[Principal, allow(Action.exemptions)], services: Services_,
                        status: Annotated[Literal["pending"], Query()] = "pending") -> list[dict[str, Any]]:
     """Exemption requests not yet answered, oldest first."""
@@ -266,21 +301,24 @@ def _decide(kind: Literal["grant", "deny", "revoke"], employee_id: str, body: Re
     return Accepted(control_id=control_id(rec))
 
 
-@router.post("/exemptions/{employee_id}/grant", response_model=Accepted, status_code=202, tags=["hr"])
+@router.post("/exemptions/{employee_id}/grant", response_model=Accepted, status_code=202, tags=["hr"],
+             openapi_extra=_rule(Action.exemptions))
 def grant(employee_id: EmployeeId, body: ReasonIn, request: Request,
           caller: Annotated[Principal, allow(Action.exemptions)], services: Services_) -> Accepted:
     """Grant an exemption: from now on nothing of the employee is stored."""
     return _decide("grant", employee_id, body, request, caller, services)
 
 
-@router.post("/exemptions/{employee_id}/deny", response_model=Accepted, status_code=202, tags=["hr"])
+@router.post("/exemptions/{employee_id}/deny", response_model=Accepted, status_code=202, tags=["hr"],
+             openapi_extra=_rule(Action.exemptions))
 def deny(employee_id: EmployeeId, body: ReasonIn, request: Request,
          caller: Annotated[Principal, allow(Action.exemptions)], services: Services_) -> Accepted:
     """Deny a pending exemption request (audit only: capture is unchanged)."""
     return _decide("deny", employee_id, body, request, caller, services)
 
 
-@router.post("/exemptions/{employee_id}/revoke", response_model=Accepted, status_code=202, tags=["hr"])
+@router.post("/exemptions/{employee_id}/revoke", response_model=Accepted, status_code=202, tags=["hr"],
+             openapi_extra=_rule(Action.exemptions))
 def revoke(employee_id: EmployeeId, body: ReasonIn, request: Request,
            caller: Annotated[Principal, allow(Action.exemptions)], services: Services_) -> Accepted:
     """End an exemption: capture is stored again from now on."""
@@ -290,7 +328,8 @@ def revoke(employee_id: EmployeeId, body: ReasonIn, request: Request,
 # ---------------------------------------------------------------- policy
 
 
-@router.get("/policy", response_model=Policy | None, tags=["policy"])
+@router.get("/policy", response_model=Policy | None, tags=["policy"],
+             openapi_extra=_rule(Action.read_policy))
 def policy(_caller: Annotated[Principal, allow(Action.read_policy)], services: Services_) -> Any:
     """The signed policy in force (null: none published yet)."""
     return _state(services.state.policy)
@@ -324,7 +363,8 @@ def _change_policy(request: Request, caller: Principal, services: Services, acti
     return Accepted(control_id=control_id(rec), version=version)
 
 
-@router.put("/policy/sampling", response_model=Accepted, status_code=202, tags=["policy"])
+@router.put("/policy/sampling", response_model=Accepted, status_code=202, tags=["policy"],
+             openapi_extra=_rule(Action.sampling))
 def set_sampling(body: SamplingIn, request: Request, caller: Annotated[Principal, allow(Action.sampling)],
                  services: Services_) -> Accepted:
     """Replace the sampling rates (ops, admin); workers apply the new version live."""
@@ -332,7 +372,8 @@ def set_sampling(body: SamplingIn, request: Request, caller: Annotated[Principal
                           {"sampling": "rates"})
 
 
-@router.put("/policy/allowlist", response_model=Accepted, status_code=202, tags=["policy"])
+@router.put("/policy/allowlist", response_model=Accepted, status_code=202, tags=["policy"],
+             openapi_extra=_rule(Action.allowlist))
 def set_allowlist(body: AllowlistIn, request: Request, caller: Annotated[Principal, allow(Action.allowlist)],
                   services: Services_) -> Accepted:
     """Replace the app and domain allowlists (security, admin)."""
@@ -340,7 +381,8 @@ def set_allowlist(body: AllowlistIn, request: Request, caller: Annotated[Princip
                           {"allowed_apps": body.allowed_apps, "allowed_domains": body.allowed_domains}, {})
 
 
-@router.put("/policy/text-capture", response_model=Accepted, status_code=202, tags=["policy"])
+@router.put("/policy/text-capture", response_model=Accepted, status_code=202, tags=["policy"],
+             openapi_extra=_rule(Action.allowlist))
 def set_text_capture(body: TextCaptureIn, request: Request, caller: Annotated[Principal, allow(Action.allowlist)],
                      services: Services_) -> Accepted:
     """Replace typed-content capture by app (security, admin)."""
@@ -351,7 +393,8 @@ def set_text_capture(body: TextCaptureIn, request: Request, caller: Annotated[Pr
 # ---------------------------------------------------------------- auditor
 
 
-@router.get("/audit", response_model=list[AuditEntry], tags=["auditor"])
+@router.get("/audit", response_model=list[AuditEntry], tags=["auditor"],
+             openapi_extra=_rule(Action.audit))
 def audit(_caller: Annotated[Principal, allow(Action.audit)], services: Services_,
           limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
     """The audit trail, newest first."""
