@@ -213,8 +213,11 @@ def test_jwks_url_must_be_https(tmp_path: Path) -> None:
                    memory_services())
 
 
-@pytest.mark.parametrize(("dev_mode", "host"), [(False, "127.0.0.1"), (True, "0.0.0.0"), (True, "10.0.0.5"),
-                                                (False, "0.0.0.0"), (True, "example.com")])
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the refused case
+
+
+@pytest.mark.parametrize(("dev_mode", "host"), [(False, "127.0.0.1"), (True, ALL_INTERFACES), (True, "10.0.0.5"),
+                                                (False, ALL_INTERFACES), (True, "example.com")])
 def test_dev_login_outside_dev_mode_or_loopback_refuses_to_start(tmp_path: Path, dev_mode: bool,
                                                                  host: str) -> None:
     s = Settings(state_dir=tmp_path, dev_mode=dev_mode, api={"dev_login": True, "host": host})
