@@ -379,6 +379,14 @@ class ControlSettings(BaseModel):
         return v
 
 
+JwsAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+"""Asymmetric JWS algorithms only: `none` and HS* are not in the set."""
+
+
+def _default_algorithms() -> list[JwsAlgorithm]:
+    return ["RS256", "ES256", "EdDSA"]
+
+
 class ApiSettings(BaseModel):
     """The control-plane HTTP API and portal (docs/design/control-plane.md, ADR 0013): the only
     issuer of authoritative controls; callers authenticate with OIDC bearer tokens."""
@@ -403,9 +411,8 @@ class ApiSettings(BaseModel):
     )
     audience: str = Field(default="handtrace", min_length=1, description="Required `aud` of every "
                           "token: tokens for another audience are refused.")
-    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
-                             "EdDSA"]] = Field(
-        default_factory=lambda: ["RS256", "ES256", "EdDSA"], min_length=1,
+    algorithms: list[JwsAlgorithm] = Field(
+        default_factory=_default_algorithms, min_length=1,
         description="Accepted JWS algorithms (asymmetric only: `none` and HS* cannot be configured, "
         "so a public key can never serve as an HMAC secret).",
     )

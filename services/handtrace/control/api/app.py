@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -70,10 +71,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=3600)
             return resp
 
-    try:  # the portal pages (built alongside; absent in a checkout without them)
-        from handtrace.control.api import pages
-    except ImportError:
-        pages = None  # type: ignore[assignment]
-    if pages is not None and hasattr(pages, "router"):
+    try:  # the portal pages (pages.py, built alongside the API)
+        pages = importlib.import_module("handtrace.control.api.pages")
+    except ModuleNotFoundError as e:
+        if e.name != "handtrace.control.api.pages":
+            raise
+    else:
         app.include_router(pages.router)
     return app
