@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from handtrace.control.api.auth import Principal
     from handtrace.core.settings import Settings
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPLOYEE_KINDS = ("pause_start", "pause_end", "exemption_request", "exemption_grant", "exemption_revoke")
 
 
@@ -375,6 +376,9 @@ class KafkaState:
                                               or rec["kind"] == "exemption_grant"):
                 continue  # a laptop speaks for its own employee, and never grants
             if rec.get("kind") in EMPLOYEE_KINDS:
+                at = rec["occurred_at_us"]  # timestamp-micros: the decoder gives a datetime
+                if isinstance(at, datetime):
+                    rec["occurred_at_us"] = (at - _EPOCH) // timedelta(microseconds=1)
                 out.append(rec)
         out.sort(key=lambda r: r["occurred_at_us"])
         return out
