@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from handtrace.control.api.auth import Principal
     from handtrace.core.settings import Settings
 
+DEVICE_KINDS = ("pause_start", "pause_end", "exemption_request")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EMPLOYEE_KINDS = ("pause_start", "pause_end", "exemption_request", "exemption_grant", "exemption_revoke")
 
@@ -373,8 +374,8 @@ class KafkaState:
             except (Refused, codec.DecodeError):
                 continue
             if sig.kind != CONTROL_PLANE and (devices[sig.signer]["employee_id"] != rec.get("employee_id")
-                                              or rec["kind"] == "exemption_grant"):
-                continue  # a laptop speaks for its own employee, and never grants
+                                              or rec["kind"] not in DEVICE_KINDS):
+                continue  # a laptop speaks for its own employee, and never grants or revokes (ADR 0009)
             if rec.get("kind") in EMPLOYEE_KINDS:
                 at = rec["occurred_at_us"]  # timestamp-micros: the decoder gives a datetime
                 if isinstance(at, datetime):
