@@ -3,6 +3,7 @@ at once, the CLI's own rules), state folding, policy versions, the audit trail."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from handtrace.control.api.services import (
     memory_services,
 )
 from handtrace.core import codec
-from handtrace.core.controls import control_record, pause_record
+from handtrace.core.controls import control_record, pause_record, policy_problems
 from tests.unit.api_support import Api, api_settings, make_api
 
 
@@ -238,6 +239,48 @@ def test_unreadable_state_is_503_not_a_guess(tmp_path: Path) -> None:
     assert c.get("/api/v1/me/state", headers=h).status_code == 503
     assert c.put("/api/v1/policy/sampling", headers=h, json={"rates": {"*": 1}, "reason": "x"}).status_code == 503
     assert c.get("/api/v1/exemption-requests", headers=h).status_code == 503
+
+
+class _AuditDown:
+    def record(self, entry: dict[str, Any]) -> None:
+        raise StateUnavailable("audit topic unreachable")
+
+    def entries(self, limit: int) -> list[dict[str, Any]]:
+        raise StateUnavailable("audit topic unreachable")
+
+
+def test_an_unrecordable_refusal_is_503_not_500(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.unit.api_support import bearer, mint
+
+    mem = memory_services(MemoryBackend())
+    app = create_app(api_settings(tmp_path), Services(controls=mem.controls, state=mem.state, audit=_AuditDown()))
+    c = TestClient(app, raise_server_exceptions=False)
+    assert c.get("/api/v1/audit", headers=bearer(mint("alice", []))).status_code == 503
+    assert c.get("/api/v1/audit", headers=bearer(mint("aud", ["auditor"]))).status_code == 503
+
+
+json_leaf = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+json_any = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                                       max_size=3), max_leaves=10)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/api/v1/policy/sampling", "/api/v1/policy/allowlist", "/api/v1/policy/text-capture"]),
+       body=st.one_of(json_any, st.fixed_dictionaries({}, optional={
+           "rates": json_any, "allowed_apps": json_any, "allowed_domains": json_any, "text_capture": json_any,
+           "reason": json_any})))
+def test_arbitrary_policy_bodies_are_202_or_422_never_5xx(api: Api, path: str, body: Any) -> None:
+    """Whatever JSON arrives, the answer is a change (published, valid) or every problem."""
+    before = len(api.backend.controls)
+    r = api.client.put(path, headers=api.as_("root", "admin"), content=json.dumps(body, allow_nan=True))
+    assert r.status_code in (202, 422), (body, r.status_code, r.text)
+    if r.status_code == 422:
+        assert r.json()["detail"] and all(set(p) == {"field", "message"} for p in r.json()["detail"])
+        assert len(api.backend.controls) == before
+    else:
+        assert policy_problems(api.backend.controls[-1]["policy"]) == []
 
 
 def test_openapi_is_published(api: Api) -> None:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from handtrace.control.api.auth import COOKIE, Authenticator
 from handtrace.control.api.roles import Role
 from handtrace.control.api.routes import Problems, router
-from handtrace.control.api.services import Services, kafka_services
+from handtrace.control.api.services import Services, StateUnavailable, kafka_services
 from handtrace.core.settings import Settings
 
 
@@ -46,6 +46,11 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     @app.exception_handler(Problems)
     async def _problems(_request: Request, exc: Problems) -> JSONResponse:
         return problems_response(exc.problems)
+
+    @app.exception_handler(StateUnavailable)
+    async def _unavailable(_request: Request, exc: StateUnavailable) -> JSONResponse:
+        # e.g. the audit topic unreachable: the request is not answered as if it were recorded.
+        return JSONResponse(status_code=503, content={"detail": f"control state unavailable: {exc}"})
 
     app.include_router(router)
 
