@@ -44,6 +44,8 @@ app.add_typer(stream_app, name="stream")
 app.add_typer(sink_app, name="sink")
 app.add_typer(agent_app, name="agent")
 app.add_typer(schemas_app, name="schemas")
+api_app = typer.Typer(help="The control-plane HTTP API and portal.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
 
 console = Console()
 err = Console(stderr=True)
@@ -692,6 +694,19 @@ def control_keygen(
     console.print(f"# control plane only (secret):\nHANDTRACE_CONTROL__SIGNING_KEY={priv}\n"
                   f"HANDTRACE_CONTROL__SIGNING_KEY_ID={key_id}\n# workers and agents (add to the existing ones):\n"
                   f"HANDTRACE_CONTROL__PUBLIC_KEYS='{{\"{key_id}\": \"{pub}\"}}'", soft_wrap=True, markup=False)
+
+
+@api_app.command("run")
+def api_run() -> None:
+    """Serve the control-plane API on HANDTRACE_API__HOST:PORT (refuses unsafe settings)."""
+    from handtrace.control.api.__main__ import serve
+    from handtrace.control.api.auth import ApiConfigError
+    from handtrace.control.publish import ControlError
+
+    try:
+        serve(_settings())
+    except (ApiConfigError, ControlError) as e:
+        raise _fail(str(e), 2) from None
 
 
 @app.command()

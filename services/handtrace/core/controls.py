@@ -41,6 +41,66 @@ def pause_record(employee_id: str, minutes: float, *, actor: str, role: str = "e
                           at_us=start, pause_starts_at_us=start, pause_ends_at_us=start + int(minutes * 60e6))
 
 
+POLICY_FIELDS = ("version", "allowed_apps", "allowed_domains", "sampling", "text_capture")
+TEXT_CAPTURE_MODES = ("none", "masked", "full")
+SAMPLING_LEVELS = ("app", "kind", "cohort")
+"""Sampling selector prefixes (stream/steps/sample.py): ``*`` or ``<level>:<value>``."""
+
+
+def policy_problems(doc: object) -> list[tuple[str, str]]:
+    """Every problem of a policy document {version, allowed_apps, allowed_domains, sampling,
+    text_capture} at once, as (field, message) pairs -- the one validation the CLI and the API
+    share (empty: valid)."""
+    if not isinstance(doc, dict):
+        return [("policy", "must be a JSON object")]
+    problems: list[tuple[str, str]] = []
+    version = doc.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_POLICY_VERSION:
+        problems.append(("version", f"must be an integer from 1 to {MAX_POLICY_VERSION} (2**53)"))
+    for name in ("allowed_apps", "allowed_domains"):
+        entries = doc.get(name, [])
+        if not isinstance(entries, list) or not all(isinstance(x, str) and x for x in entries):
+            problems.append((name, "must be a list of non-empty strings"))
+        elif name == "allowed_domains":
+            problems += [(f"allowed_domains.{i}", p) for i, e in enumerate(entries)
+                         for p in domain_entry_problems([e])]
+    sampling = doc.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        problems.append(("sampling", "must be an object of selector -> rate"))
+    else:
+        for sel, rate in sampling.items():
+            prefix, sep, rest = str(sel).partition(":")
+            if sel != "*" and (not sep or prefix not in SAMPLING_LEVELS or not rest):
+                problems.append((f"sampling.{sel}", "unknown selector: use *, app:<app id>, kind:<event "
+                                 "kind> or cohort:<name>"))
+            if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate <= 1:
+                problems.append((f"sampling.{sel}", "must be a number in [0, 1]"))
+    text_capture = doc.get("text_capture") or {}
+    if not isinstance(text_capture, dict):
+        problems.append(("text_capture", "must be an object of app id -> none, masked or full"))
+    else:
+        for app, mode in text_capture.items():
+            if mode not in TEXT_CAPTURE_MODES:
+                problems.append((f"text_capture.{app}", "must be none, masked or full"))
+    unknown = set(doc) - set(POLICY_FIELDS)
+    if unknown:
+        problems.append(("policy", f"unknown keys: {sorted(unknown)}"))
+    return problems
+
+
+def policy_update(doc: dict[str, Any], *, actor: str, reason: str = "") -> dict[str, Any]:
+    """A policy_update from a validated policy document (ControlError with every problem
+    otherwise); domains normalised and deduplicated."""
+    problems = policy_problems(doc)
+    if problems:
+        raise ControlError("; ".join(f"{f} {m}" for f, m in problems))
+    policy = {"version": doc["version"], "allowed_apps": doc.get("allowed_apps", []),
+              "allowed_domains": list(normalised_domains(doc.get("allowed_domains", []))),
+              "sampling": {k: float(v) for k, v in (doc.get("sampling") or {}).items()},
+              "text_capture": doc.get("text_capture") or {}}
+    return control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason, policy=policy)
+
+
 def policy_record(path: Path, *, actor: str, reason: str = "") -> dict[str, Any]:
     """A policy_update from a JSON file: {version, allowed_apps, allowed_domains, sampling,
     text_capture}. Every problem is reported at once."""
@@ -48,27 +108,7 @@ def policy_record(path: Path, *, actor: str, reason: str = "") -> dict[str, Any]
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ControlError(f"{path}: {e}") from e
-    problems = []
-    if not isinstance(doc.get("version"), int) or not 1 <= doc["version"] <= MAX_POLICY_VERSION:
-        problems.append(f"version must be an integer from 1 to {MAX_POLICY_VERSION} (2**53)")
-    for name in ("allowed_apps", "allowed_domains"):
-        if not all(isinstance(x, str) and x for x in doc.get(name, [])):
-            problems.append(f"{name} must be a list of non-empty strings")
-        elif name == "allowed_domains":
-            problems += [f"allowed_domains: {p}" for p in domain_entry_problems(doc.get(name, []))]
-    for sel, rate in (doc.get("sampling") or {}).items():
-        if not isinstance(rate, int | float) or not 0 <= rate <= 1:
-            problems.append(f"sampling[{sel!r}] must be a number in [0, 1]")
-    for app, mode in (doc.get("text_capture") or {}).items():
-        if mode not in ("none", "masked", "full"):
-            problems.append(f"text_capture[{app!r}] must be none, masked or full")
-    unknown = set(doc) - {"version", "allowed_apps", "allowed_domains", "sampling", "text_capture"}
-    if unknown:
-        problems.append(f"unknown keys: {sorted(unknown)}")
-    if problems:
-        raise ControlError(f"{path}: " + "; ".join(problems))
-    policy = {"version": doc["version"], "allowed_apps": doc.get("allowed_apps", []),
-              "allowed_domains": list(normalised_domains(doc.get("allowed_domains", []))),
-              "sampling": {k: float(v) for k, v in (doc.get("sampling") or {}).items()},
-              "text_capture": doc.get("text_capture") or {}}
-    return control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason, policy=policy)
+    try:
+        return policy_update(doc, actor=actor, reason=reason)
+    except ControlError as e:
+        raise ControlError(f"{path}: {e}") from None

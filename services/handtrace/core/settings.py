@@ -379,6 +379,58 @@ class ControlSettings(BaseModel):
         return v
 
 
+JwsAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
+"""Asymmetric JWS algorithms only: `none` and HS* are not in the set."""
+
+
+def _default_algorithms() -> list[JwsAlgorithm]:
+    return ["RS256", "ES256", "EdDSA"]
+
+
+class ApiSettings(BaseModel):
+    """The control-plane HTTP API and portal (docs/design/control-plane.md, ADR 0013): the only
+    issuer of authoritative controls; callers authenticate with OIDC bearer tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Address the API binds to.")
+    port: int = Field(default=8080, ge=1, le=65535, description="Port the API listens on.")
+    jwks_file: Path | None = Field(
+        default=None, description="JWKS JSON file with the identity provider's public keys. With "
+        "neither jwks_file nor jwks_url (and no dev_login) the API refuses to start (fails closed).",
+    )
+    jwks_url: str | None = Field(
+        default=None, description="URL of the identity provider's JWKS (fetched, cached jwks_cache_s). "
+        "An unreachable JWKS refuses every token (fails closed).",
+    )
+    jwks_cache_s: float = Field(default=300.0, ge=1, le=86_400, description="How long keys fetched "
+                                "from jwks_url are reused before fetching again.")
+    issuer: str | None = Field(
+        default=None, description="Required `iss` of every token: tokens of another issuer are refused. "
+        "Unset outside dev_login: the API refuses to start (fails closed).",
+    )
+    audience: str = Field(default="handtrace", min_length=1, description="Required `aud` of every "
+                          "token: tokens for another audience are refused.")
+    algorithms: list[JwsAlgorithm] = Field(
+        default_factory=_default_algorithms, min_length=1,
+        description="Accepted JWS algorithms (asymmetric only: `none` and HS* cannot be configured, "
+        "so a public key can never serve as an HMAC secret).",
+    )
+    roles_claim: str = Field(default="roles", min_length=1, description="Claim holding the caller's "
+                             "roles (a list of strings); unknown roles are ignored, none means "
+                             "employee of themself only.")
+    employee_claim: str = Field(default="employee_id", min_length=1, description="Claim holding the "
+                                "caller's employee id (else `sub`).")
+    dev_login: bool = Field(
+        default=False, description="`/login/dev` mints local tokens for any role (development only). "
+        "Allowed only with dev_mode=true AND a loopback host; otherwise the API refuses to start "
+        "(fails closed).",
+    )
+    read_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Longest wait for the "
+                                  "controls, policy or audit topic when the API reads state; past it "
+                                  "the request fails (503) rather than answering from partial state.")
+
+
 class AgentSettings(BaseModel):
     """The endpoint agent on a laptop: what it captures, how it batches, spools and ships."""
 
@@ -610,6 +662,7 @@ class Settings(BaseSettings):
     fleet: FleetSettings = FleetSettings()
     agent: AgentSettings = AgentSettings()
     control: ControlSettings = ControlSettings()
+    api: ApiSettings = ApiSettings()
     store: StoreSettings = StoreSettings()
     demo: DemoSettings = DemoSettings()
     export: ExportSettings = ExportSettings()

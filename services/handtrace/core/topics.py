@@ -37,6 +37,7 @@ class Topics:
     screenshots_accepted: str
     demonstrations: str
     demonstrations_accepted: str
+    audit: str
 
     @classmethod
     def from_settings(cls, s: TopicSettings) -> Topics:
@@ -54,6 +55,7 @@ class Topics:
             screenshots_accepted=f"{p}.screenshots.accepted",
             demonstrations=f"{p}.demonstrations.raw",
             demonstrations_accepted=f"{p}.demonstrations.accepted",
+            audit=f"{p}.audit",
         )
 
 
@@ -127,6 +129,14 @@ def topic_specs(s: TopicSettings, demo: DemoSettings | None = None) -> list[Topi
             {"retention.ms": str(hours), "max.message.bytes": str(frame_max)},
             "Demonstrations and frames that passed the stream's rules, keyed by the employee "
             "pseudonym (partition = source partition); read by the sink's demonstration writer.",
+        ),
+        TopicSpec(
+            t.audit,
+            1,
+            {"retention.ms": "-1", **broker_time},
+            "The control-plane API's audit trail (JSON: who, role, action, target, reason, before -> "
+            "after, allowed or refused), keyed by actor; kept forever, written only by the API "
+            "(docs/design/control-plane.md).",
         ),
         TopicSpec(
             t.heartbeats,

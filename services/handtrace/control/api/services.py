@@ -1,0 +1,407 @@
+"""What the API does to the world, behind three Protocols: Controls (publish signed control
+records), State (fold them back into each employee's capture state, the policy in force) and
+Audit (the trail). ``kafka_services`` are the real ones; ``memory_services`` hold everything in
+memory (unit tests, the portal's page tests)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fastapi import Request
+
+from handtrace.core.clock import now_us
+
+if TYPE_CHECKING:
+    from handtrace.control.api.auth import Principal
+    from handtrace.core.settings import Settings
+
+DEVICE_KINDS = ("pause_start", "pause_end", "exemption_request")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EMPLOYEE_KINDS = ("pause_start", "pause_end", "exemption_request", "exemption_grant", "exemption_revoke")
+
+
+class StateUnavailable(RuntimeError):
+    """The controls, policy or audit topic could not be read in time (the API answers 503)."""
+
+
+class Controls(Protocol):
+    """The only way the API issues anything."""
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Sign and send one control record (schemas/control_event); raises ControlError."""
+
+
+class State(Protocol):
+    """What the controls say now."""
+
+    def employee(self, employee_id: str) -> dict[str, Any]:
+        """{employee_id, mode, paused_until, exempt_since, pending_request}."""
+
+    def pending_requests(self) -> list[dict[str, Any]]:
+        """Exemption requests not answered by a later grant, deny or revoke, oldest first."""
+
+    def policy(self) -> dict[str, Any] | None:
+        """The signed policy in force (None: none published)."""
+
+
+class Audit(Protocol):
+    """The trail of every change and every refusal."""
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one entry (see :func:`audit_entry`)."""
+
+    def entries(self, limit: int) -> list[dict[str, Any]]:
+        """The newest ``limit`` entries, newest first."""
+
+
+@dataclass
+class Services:
+    """The app's collaborators (app.state.services)."""
+
+    controls: Controls
+    state: State
+    audit: Audit
+
+
+def get_services(request: Request) -> Services:
+    """FastAPI dependency: the app's Services."""
+    services: Services = request.app.state.services
+    return services
+
+
+# ---------------------------------------------------------------- shared, pure
+
+
+def iso(at_us: int | None) -> str | None:
+    """An ISO-8601 UTC time from epoch microseconds."""
+    if at_us is None:
+        return None
+    return datetime.fromtimestamp(at_us / 1e6, UTC).isoformat().replace("+00:00", "Z")
+
+
+def audit_entry(caller: Principal, *, action: str, target: str | None, reason: str, outcome: str,
+                before: Any = None, after: Any = None, detail: str = "", method: str = "",
+                path: str = "") -> dict[str, Any]:
+    """One audit entry: who (subject, roles), what, on whom, why, before -> after, outcome."""
+    at = now_us()
+    return {"at": iso(at), "at_us": at, "subject": caller.subject, "name": caller.name,
+            "roles": sorted(r.value for r in caller.roles), "action": action, "target": target,
+            "reason": reason, "before": before, "after": after, "outcome": outcome, "detail": detail,
+            "method": method, "path": path}
+
+
+def control_id(record: dict[str, Any]) -> str:
+    """A control record's id as a UUID string."""
+    raw = record["control_id"]
+    return str(uuid.UUID(bytes=bytes(raw))) if isinstance(raw, bytes | bytearray) else str(raw)
+
+
+def _denials(audit: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Employee id -> time of the latest exemption deny in the audit trail."""
+    out: dict[str, int] = {}
+    for e in audit:
+        if e.get("action") == "exemption_deny" and e.get("outcome") == "allowed" and e.get("target"):
+            out[e["target"]] = max(out.get(e["target"], 0), int(e.get("at_us") or 0))
+    return out
+
+
+def fold_employee(records: Sequence[dict[str, Any]], employee_id: str, denied_at_us: int = 0,
+                  at_us: int | None = None) -> dict[str, Any]:
+    """An employee's capture state from their control records (in topic order)."""
+    now = at_us if at_us is not None else now_us()
+    exempt_since: int | None = None
+    paused_until: int | None = None
+    request: dict[str, Any] | None = None
+    for r in records:
+        if r.get("employee_id") != employee_id:
+            continue
+        kind, at = r["kind"], int(r["occurred_at_us"])
+        if kind == "exemption_grant":
+            exempt_since, request = r.get("exemption_effective_at_us") or at, None
+        elif kind == "exemption_revoke":
+            exempt_since, request = None, None
+        elif kind == "pause_start":
+            paused_until = r.get("pause_ends_at_us")
+        elif kind == "pause_end":
+            paused_until = None
+        elif kind == "exemption_request":
+            request = {"employee_id": employee_id, "reason": r.get("reason", ""), "requested_at": iso(at),
+                       "requested_at_us": at, "control_id": control_id(r)}
+    if request is not None and denied_at_us >= request["requested_at_us"]:
+        request = None
+    if paused_until is not None and paused_until <= now:
+        paused_until = None
+    mode = "exempt" if exempt_since is not None else "paused" if paused_until is not None else "capturing"
+    return {"employee_id": employee_id, "mode": mode, "paused_until": iso(paused_until),
+            "exempt_since": iso(exempt_since), "pending_request": request}
+
+
+def pending_from(records: Sequence[dict[str, Any]], denials: dict[str, int]) -> list[dict[str, Any]]:
+    """Every employee's pending exemption request, oldest first."""
+    employees = {r["employee_id"] for r in records if r.get("kind") == "exemption_request" and r.get("employee_id")}
+    out = [s["pending_request"] for e in sorted(employees)
+           if (s := fold_employee(records, e, denials.get(e, 0)))["pending_request"] is not None]
+    return sorted(out, key=lambda p: p["requested_at_us"])
+
+
+def latest_policy(records: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The highest-version policy among policy_update records."""
+    best: dict[str, Any] | None = None
+    for r in records:
+        pol = r.get("policy")
+        if r.get("kind") == "policy_update" and pol and (best is None or pol["version"] > best["version"]):
+            best = pol
+    return best
+
+
+# ---------------------------------------------------------------- in memory
+
+
+@dataclass
+class MemoryBackend:
+    """Every control and audit entry in lists (thread-safe): what a test or a page test needs."""
+
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class MemoryControls:
+    """Controls kept in a MemoryBackend (validated like the real ones: encodable records)."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Append ``record`` after checking it encodes (schemas/control_event)."""
+        from handtrace.core import codec
+
+        codec.encode_record("control_event", record)
+        with self.backend.lock:
+            self.backend.controls.append(dict(record))
+
+
+class MemoryState:
+    """State folded from a MemoryBackend."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+
+    def employee(self, employee_id: str) -> dict[str, Any]:
+        with self.backend.lock:
+            records, denials = list(self.backend.controls), _denials(self.backend.audit)
+        return fold_employee(records, employee_id, denials.get(employee_id, 0))
+
+    def pending_requests(self) -> list[dict[str, Any]]:
+        with self.backend.lock:
+            records, denials = list(self.backend.controls), _denials(self.backend.audit)
+        return pending_from(records, denials)
+
+    def policy(self) -> dict[str, Any] | None:
+        with self.backend.lock:
+            return latest_policy(self.backend.controls)
+
+
+class MemoryAudit:
+    """The audit trail in a MemoryBackend."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self.backend.lock:
+            self.backend.audit.append(json.loads(json.dumps(entry, default=str)))
+
+    def entries(self, limit: int) -> list[dict[str, Any]]:
+        with self.backend.lock:
+            return list(reversed(self.backend.audit[-limit:])) if limit > 0 else []
+
+
+def memory_services(backend: MemoryBackend | None = None) -> Services:
+    """Services over one in-memory backend (``services.controls.backend`` to inspect it)."""
+    b = backend or MemoryBackend()
+    return Services(controls=MemoryControls(b), state=MemoryState(b), audit=MemoryAudit(b))
+
+
+# ---------------------------------------------------------------- Kafka
+
+
+class KafkaControls:
+    """control/publish.publish: signed by the control-plane key, acks=all."""
+
+    def __init__(self, settings: Settings) -> None:
+        from handtrace.control.publish import _signer
+
+        self.settings = settings
+        self.signer = _signer(settings)  # no signing key outside dev mode: refuse to start
+
+    def publish(self, record: dict[str, Any]) -> None:
+        from handtrace.control.publish import publish
+
+        publish(self.settings, record, timeout_s=self.settings.api.read_timeout_s, signer=self.signer)
+
+
+def _read_to_end(settings: Settings, topic: str, timeout_s: float) -> list[Any]:
+    """Every message of every partition of ``topic`` up to its current end (bounded by
+    ``timeout_s``; StateUnavailable past it)."""
+    import time
+
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from handtrace.core import ids
+
+    deadline = time.monotonic() + timeout_s
+    c = Consumer({**settings.kafka.librdkafka(), "group.id": f"handtrace-api-{ids.uuid7_bytes().hex()}",
+                  "enable.auto.commit": False, "enable.partition.eof": False})
+    out: list[Any] = []
+    try:
+        meta = c.list_topics(topic, timeout=timeout_s)
+        tmeta = meta.topics.get(topic)
+        if tmeta is None or tmeta.error is not None:
+            raise StateUnavailable(f"topic {topic} is not available")
+        ends: dict[int, int] = {}
+        starts = []
+        for p in tmeta.partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                ends[p] = high
+                starts.append(TopicPartition(topic, p, low))
+        if not starts:
+            return out
+        c.assign(starts)
+        while ends:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StateUnavailable(f"timed out reading {topic}")
+            msgs = c.consume(500, min(left, 1.0))
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                out.append(m)
+                p, off = m.partition(), m.offset() or 0
+                if p in ends and off + 1 >= ends[p]:
+                    del ends[p]
+    except KafkaException as e:
+        raise StateUnavailable(f"cannot read {topic}: {e}") from e
+    finally:
+        c.close()
+    return out
+
+
+def _headers(msg: Any) -> list[tuple[str, bytes]]:
+    raw = msg.headers() or []
+    return [(k, v if isinstance(v, bytes) else (v or "").encode())
+            for k, v in (raw.items() if isinstance(raw, dict) else raw)]
+
+
+class KafkaAudit:
+    """The audit topic (<prefix>.audit): JSON values keyed by actor subject."""
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import Producer
+
+        from handtrace.core.producer import producer_config
+        from handtrace.core.topics import Topics
+
+        self.settings = settings
+        self.topic = Topics.from_settings(settings.topics).audit
+        self.producer = Producer(producer_config(settings.kafka))
+        self.lock = threading.Lock()
+
+    def record(self, entry: dict[str, Any]) -> None:
+        errors: list[str] = []
+        with self.lock:
+            self.producer.produce(self.topic, key=str(entry.get("subject", "")).encode(),
+                                  value=json.dumps(entry, default=str, sort_keys=True).encode(),
+                                  on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+            left = self.producer.flush(self.settings.api.read_timeout_s)
+        if left or errors:
+            raise StateUnavailable(f"audit entry not delivered to {self.topic}: {errors or 'timed out'}")
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every entry, oldest first (unreadable ones skipped)."""
+        out = []
+        for m in _read_to_end(self.settings, self.topic, self.settings.api.read_timeout_s):
+            try:
+                doc = json.loads(m.value() or b"")
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(doc, dict):
+                out.append(doc)
+        return out
+
+    def entries(self, limit: int) -> list[dict[str, Any]]:
+        return list(reversed(self.all()[-limit:])) if limit > 0 else []
+
+
+class KafkaState:
+    """The controls topic folded on demand: only records signed by a control-plane key in force,
+    or by a laptop enrolled for the record's own employee, count (forged ones change nothing)."""
+
+    def __init__(self, settings: Settings, audit: KafkaAudit) -> None:
+        from handtrace.control.publish import _control_plane_verifier
+
+        self.settings = settings
+        self.audit = audit
+        self.verifier = _control_plane_verifier(settings)
+
+    def _records(self) -> list[dict[str, Any]]:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        from handtrace.control.publish import ControlError, enrolled_devices
+        from handtrace.core import codec
+        from handtrace.core.signing import CONTROL_PLANE, Refused
+        from handtrace.core.topics import Topics
+
+        timeout = self.settings.api.read_timeout_s
+        try:
+            devices = enrolled_devices(self.settings, timeout)
+        except ControlError as e:
+            raise StateUnavailable(str(e)) from e
+        keys = {d: Ed25519PublicKey.from_public_bytes(bytes(r["public_key"])) for d, r in devices.items()}
+        out = []
+        for m in _read_to_end(self.settings, Topics.from_settings(self.settings.topics).controls, timeout):
+            value = m.value() or b""
+            try:
+                sig = self.verifier.verify(_headers(m), "controls", m.key(), value, keys)
+                rec = codec.decode_record(value, "control_event")
+            except (Refused, codec.DecodeError):
+                continue
+            if sig.kind != CONTROL_PLANE and (devices[sig.signer]["employee_id"] != rec.get("employee_id")
+                                              or rec["kind"] not in DEVICE_KINDS):
+                continue  # a laptop speaks for its own employee, and never grants or revokes (ADR 0009)
+            if rec.get("kind") in EMPLOYEE_KINDS:
+                at = rec["occurred_at_us"]  # timestamp-micros: the decoder gives a datetime
+                if isinstance(at, datetime):
+                    rec["occurred_at_us"] = (at - _EPOCH) // timedelta(microseconds=1)
+                out.append(rec)
+        out.sort(key=lambda r: r["occurred_at_us"])
+        return out
+
+    def employee(self, employee_id: str) -> dict[str, Any]:
+        denials = _denials(self.audit.all())
+        return fold_employee(self._records(), employee_id, denials.get(employee_id, 0))
+
+    def pending_requests(self) -> list[dict[str, Any]]:
+        return pending_from(self._records(), _denials(self.audit.all()))
+
+    def policy(self) -> dict[str, Any] | None:
+        from handtrace.control.publish import ControlError, current_policy
+
+        try:
+            return current_policy(self.settings, self.settings.api.read_timeout_s)
+        except ControlError as e:
+            raise StateUnavailable(str(e)) from e
+
+
+def kafka_services(settings: Settings) -> Services:
+    """The real services: signed records on the controls and policy topics, the audit on
+    <prefix>.audit. ControlError without a control-plane signing key (outside dev mode)."""
+    audit = KafkaAudit(settings)
+    return Services(controls=KafkaControls(settings), state=KafkaState(settings, audit), audit=audit)
