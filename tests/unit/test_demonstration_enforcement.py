@@ -109,7 +109,8 @@ def test_a_demonstration_is_published_per_contract(enforcer: DemonstrationEnforc
     assert h["ht-demo-id"] == dict(msgs[0].headers)["ht-demo-id"] and h["ht-source-offset"] == b"10"
     assert set(demo) == {"demonstration_id", "employee_key", "device_key", "instruction", "started_at_us",
                          "ended_at_us", "sent_at_us", "received_at_us", "consent_version", "policy_version",
-                         "agent_version", "os", "cohort", "screen", "apps", "frames", "frames_dropped", "events_dropped"}
+                         "agent_version", "os", "cohort", "screen", "apps", "frames", "frames_dropped",
+                         "events_dropped"}
     assert demo["demonstration_id"] == h["ht-demo-id"].hex() and demo["received_at_us"] == NOW
     assert demo["instruction"] == "file the travel expense for the Berlin trip"
     assert demo["screen"] == {"width": 1920, "height": 1080, "scale": 1.0} and demo["apps"] == [TEST_APP]
