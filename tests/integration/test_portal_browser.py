@@ -206,3 +206,16 @@ def test_every_control_has_a_label_contrast_is_aa_and_fits_a_laptop_screen(open_
         assert contrast["checked"] >= 5 and not contrast["low"], (name, contrast)
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), f"{name} scrolls sideways"
         assert page.evaluate("document.documentElement.lang") == "en"
+
+
+def test_live_server_stops_and_frees_its_port(services: Services) -> None:
+    import socket
+    import threading
+
+    with live_server(portal_app(services)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert any(t.name == f"uvicorn-{port}" for t in threading.enumerate())
+    assert not any(t.name == f"uvicorn-{port}" for t in threading.enumerate())
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.settimeout(2)
+        s.connect(("127.0.0.1", port))
