@@ -249,3 +249,25 @@ def test_pause_time_in_flash_matches_the_record_across_an_hour(services: Service
     end = datetime.fromtimestamp(records(services)[-1]["pause_ends_at_us"] / 1e6, UTC)
     assert end - datetime.now(UTC) > timedelta(minutes=29)
     assert f"until {end:%H:%M} UTC" in follow(c, r)
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "https://evil.example"},
+    {"Origin": "null"},
+    {"Sec-Fetch-Site": "cross-site", "Origin": "http://testserver"},
+    {"Sec-Fetch-Site": "same-site"},
+], ids=["foreign-origin", "null-origin", "sec-fetch-cross-site", "sec-fetch-same-site"])
+def test_a_form_posted_from_another_site_is_refused_and_audited(services: Services, headers: dict) -> None:
+    r = client(services, ALICE).post("/portal/pause", data={"minutes": "5"}, headers=headers)
+    assert r.status_code == 403 and "Not allowed" in r.text
+    r = client(services, HANNA).post("/portal/hr/e-alice/grant", data={"reason": "x"}, headers=headers)
+    assert r.status_code == 403
+    assert not records(services)
+    assert [(e["subject"], e["outcome"]) for e in audit(services)] == [("alice", "refused"), ("hanna", "refused")]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Origin": "http://testserver"}, {"Sec-Fetch-Site": "same-origin"}],
+                         ids=["no-header", "same-origin", "sec-fetch-same-origin"])
+def test_a_form_posted_from_the_portal_itself_is_accepted(services: Services, headers: dict) -> None:
+    assert client(services, ALICE).post("/portal/pause", data={"minutes": "5"}, headers=headers).status_code == 303
+    assert len(records(services)) == 1

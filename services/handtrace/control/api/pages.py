@@ -5,7 +5,9 @@ functions the JSON routes call), then redirects 303 back with a flash message in
 cookie (a query parameter would let any link put words on the page); an invalid input re-renders
 the page with the message next to its field (422). Who may see or do what is declared by the
 ``principal``/``require`` dependencies, never decided in a handler. Templates are Jinja2 with
-autoescape on; CSRF is held off by the SameSite=Strict session cookie.
+autoescape on. Cross-site form posts are held off twice: the SameSite=Strict session cookie, and
+:func:`same_origin` on every POST (behind an OIDC proxy that adds the Authorization header itself,
+the browser's cookie rules no longer protect the app).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -40,8 +42,27 @@ _env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefine
 _env.filters["path"] = lambda v: quote(str(v), safe="")
 
 Me = Annotated[Principal, Depends(principal)]
-HR = Annotated[Principal, Depends(require(Role.hr, Role.admin))]
 Svc = Annotated[Services, Depends(get_services)]
+
+
+def same_origin(request: Request, who: Me, services: Svc) -> None:
+    """Refuse (403, audited) a form post that a browser says came from another site: Sec-Fetch-Site
+    when the browser sends it, else an Origin that is not this host."""
+    site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    if site is not None:
+        foreign = site not in ("same-origin", "none")
+    else:
+        foreign = origin is not None and (origin == "null" or urlsplit(origin).netloc != request.headers.get("host"))
+    if foreign:
+        services.audit.record(actions.audit_entry(who, request.url.path, target=request.path_params.get("employee_id"),
+                                                  outcome="refused", reason=f"cross-site form post ({origin or site})"))
+        raise HTTPException(403, "form posted from another site")
+
+
+
+HR = Annotated[Principal, Depends(require(Role.hr, Role.admin))]
+POST_GUARDS = [Depends(same_origin)]
 
 
 def _at(value: Any) -> datetime | None:
@@ -107,7 +128,7 @@ def employee_page(request: Request, who: Me, services: Svc) -> HTMLResponse:
     return _employee_page(request, who, services)
 
 
-@router.post("/portal/pause")
+@router.post("/portal/pause", dependencies=POST_GUARDS)
 def pause(request: Request, who: Me, services: Svc, minutes: Annotated[str, Form()] = "",
           reason: Annotated[str, Form()] = "") -> Response:
     """Pause the caller's own capture (any employee_id in the form is ignored: self only)."""
@@ -123,7 +144,7 @@ def pause(request: Request, who: Me, services: Svc, minutes: Annotated[str, Form
     return _back("/", f"Capture paused until {until['text'] if until else ''}.")
 
 
-@router.post("/portal/resume")
+@router.post("/portal/resume", dependencies=POST_GUARDS)
 def resume(who: Me, services: Svc) -> Response:
     """End the caller's own pause now."""
     try:
@@ -133,7 +154,7 @@ def resume(who: Me, services: Svc) -> Response:
     return _back("/", "Capture resumed.")
 
 
-@router.post("/portal/exemption-request")
+@router.post("/portal/exemption-request", dependencies=POST_GUARDS)
 def exemption_request(request: Request, who: Me, services: Svc, reason: Annotated[str, Form()] = "") -> Response:
     """The caller asks HR for an exemption."""
     try:
@@ -152,7 +173,7 @@ def hr_page(request: Request, who: HR, services: Svc) -> HTMLResponse:
     return _hr_page(request, who, services)
 
 
-@router.post("/portal/hr/{employee_id}/grant")
+@router.post("/portal/hr/{employee_id}/grant", dependencies=POST_GUARDS)
 def grant(request: Request, employee_id: str, who: HR, services: Svc, reason: Annotated[str, Form()] = "") -> Response:
     """Grant ``employee_id`` an exemption."""
     try:
@@ -162,7 +183,7 @@ def grant(request: Request, employee_id: str, who: HR, services: Svc, reason: An
     return _back("/hr", f"Exemption granted to {employee_id}.")
 
 
-@router.post("/portal/hr/{employee_id}/deny")
+@router.post("/portal/hr/{employee_id}/deny", dependencies=POST_GUARDS)
 def deny(request: Request, employee_id: str, who: HR, services: Svc, reason: Annotated[str, Form()] = "") -> Response:
     """Deny ``employee_id``'s pending request (an audit entry; nothing changes for them)."""
     try:
