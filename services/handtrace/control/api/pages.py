@@ -43,6 +43,7 @@ _env.filters["path"] = lambda v: quote(str(v), safe="")
 
 Me = Annotated[Principal, Depends(principal)]
 Svc = Annotated[Services, Depends(get_services)]
+HR = Annotated[Principal, Depends(require(Role.hr, Role.admin))]
 
 
 def same_origin(request: Request, who: Me, services: Svc) -> None:
@@ -60,8 +61,6 @@ def same_origin(request: Request, who: Me, services: Svc) -> None:
         raise HTTPException(403, "form posted from another site")
 
 
-
-HR = Annotated[Principal, Depends(require(Role.hr, Role.admin))]
 POST_GUARDS = [Depends(same_origin)]
 
 
