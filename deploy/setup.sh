@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for handtrace: system packages (when missing), the virtualenv with
-# pinned dependencies (constraints.txt), SeaweedFS for the S3 tests (Go module proxy; needs Go),
-# and the Kafka broker jars (Maven Central).
+# Set up a fresh machine for handtrace: system packages (when missing; Debian's chromium for the
+# portal's browser tests among them), the virtualenv with pinned dependencies (constraints.txt),
+# SeaweedFS for the S3 tests (Go module proxy; needs Go), and the Kafka broker jars (Maven Central).
 # Idempotent and quiet when everything is already there. Used by `make setup` and .ci/run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,6 +20,9 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 # Export scrubbing OCRs frames with tesseract; its tests draw text with a real TrueType font.
 command -v tesseract >/dev/null || need_apt+=(tesseract-ocr)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
+# The portal's browser tests drive Debian's Chromium through Playwright (tests/browser.py): the
+# system package, never a browser Playwright downloads (issue #13). HANDTRACE_CHROMIUM overrides.
+[ -x "${HANDTRACE_CHROMIUM:-/usr/bin/chromium}" ] || need_apt+=(chromium)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
     echo "missing system packages: ${need_apt[*]} (install them, then re-run)" >&2

@@ -82,5 +82,5 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         if e.name != "handtrace.control.api.pages":
             raise
     else:
-        app.include_router(pages.router)
+        pages.install(app)  # the pages router and HTML error pages outside /api/
     return app
