@@ -65,63 +65,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 from handtrace.core.framestore import FrameStore, frame_key
 from handtrace.core.pii import MASK_CHAR, MASKED_KEYSYM
-from handtrace.core.rows import STORED_SCHEMA, TS, UUID_BYTES, ipc_stream
+from handtrace.core.rows import (
+    DEMONSTRATION_EVENTS_SCHEMA,
+    DEMONSTRATIONS_SCHEMA,
+    FRAMES_SCHEMA,
+    TS,
+    UUID_BYTES,
+    ipc_stream,
+)
 
 # ------------------------------------------------------------------ tables (as the sink writes them)
 
-_WINDOW = pa.struct([("app_id", pa.string()), ("url", pa.string()), ("x", pa.int32()), ("y", pa.int32()),
-                     ("width", pa.int32()), ("height", pa.int32())])
-_BOX = pa.struct([("x", pa.int32()), ("y", pa.int32()), ("width", pa.int32()), ("height", pa.int32())])
-
-FRAMES_SCHEMA = pa.schema([
-    pa.field("demonstration_id", UUID_BYTES, nullable=False),
-    pa.field("employee_key", pa.string(), nullable=False),
-    pa.field("step", pa.uint32(), nullable=False),
-    pa.field("sha256", pa.string(), nullable=False),
-    pa.field("object_key", pa.string(), nullable=False),
-    pa.field("format", pa.string(), nullable=False),
-    pa.field("bytes", pa.uint32(), nullable=False),
-    pa.field("width", pa.uint32(), nullable=False),
-    pa.field("height", pa.uint32(), nullable=False),
-    pa.field("captured_at", TS, nullable=False),
-    pa.field("reason", pa.string(), nullable=False),
-    pa.field("action_started_at", TS),
-    pa.field("action_event_id", UUID_BYTES),
-    pa.field("windows", pa.list_(_WINDOW), nullable=False),
-    pa.field("filled", pa.list_(_BOX), nullable=False),
-])
-"""``sink.demonstrations.FRAMES_SCHEMA`` (a test keeps them equal; services do not import each other)."""
-
-DEMONSTRATIONS_SCHEMA = pa.schema([
-    pa.field("demonstration_id", UUID_BYTES, nullable=False),
-    pa.field("employee_key", pa.string(), nullable=False),
-    pa.field("device_key", pa.string(), nullable=False),
-    pa.field("cohort", pa.string(), nullable=False),
-    pa.field("instruction", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("started_at", TS, nullable=False),
-    pa.field("ended_at", TS, nullable=False),
-    pa.field("sent_at", TS, nullable=False),
-    pa.field("received_at", TS, nullable=False),
-    pa.field("screen_width", pa.uint32(), nullable=False),
-    pa.field("screen_height", pa.uint32(), nullable=False),
-    pa.field("screen_scale", pa.float32(), nullable=False),
-    pa.field("apps", pa.list_(pa.string()), nullable=False),
-    pa.field("consent_version", pa.string(), nullable=False),
-    pa.field("policy_version", pa.string(), nullable=False),
-    pa.field("agent_version", pa.string(), nullable=False),
-    pa.field("os", pa.string(), nullable=False),
-    pa.field("frames", pa.uint32(), nullable=False),
-    pa.field("events", pa.uint32(), nullable=False),
-    pa.field("missing_frames", pa.uint32(), nullable=False),
-    pa.field("frames_dropped", pa.map_(pa.string(), pa.uint32()), nullable=False),
-    pa.field("events_dropped", pa.map_(pa.string(), pa.uint32()), nullable=False),
-    pa.field("reason", pa.string(), nullable=False),
-])
-"""``sink.demonstrations.DEMONSTRATIONS_SCHEMA``."""
-
-EVENTS_SCHEMA = pa.schema([pa.field("demonstration_id", UUID_BYTES, nullable=False), *STORED_SCHEMA])
-"""``sink.demonstrations.EVENTS_SCHEMA``: ``demonstration_id`` + ``core.rows.STORED_SCHEMA``."""
+EVENTS_SCHEMA = DEMONSTRATION_EVENTS_SCHEMA
+"""The tables' Arrow schemas are ``core.rows``' (shared with the sink)."""
 
 # ------------------------------------------------------------------ vocabulary of the simulation
 
