@@ -85,6 +85,8 @@ def test_ops_previews_what_a_sampling_change_does_then_applies_it(open_as: Any, 
     assert page.last_status == 200
     assert squash(page.locator("#ops-policy-version").inner_text()).startswith("Policy version 7")
     screenshot(page, "portal", "ops")
+    selector, rate = (page.get_by_label(f"{n}, row 1", exact=True).bounding_box() for n in ("Selector", "Rate"))
+    assert selector and rate and abs(selector["y"] - rate["y"]) < 2 and rate["x"] > selector["x"]  # one row
     change_sampling(page)
     summary = page.locator("#sampling-summary")
     assert summary.is_visible()
