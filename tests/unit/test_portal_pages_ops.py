@@ -391,3 +391,14 @@ def test_no_policy_yet_the_pages_start_from_an_empty_one() -> None:
     r = client(services, SEC).post("/portal/security/allowlist", data={
         "allowed_apps": "code", "allowed_domains": "example.com", "reason": "first"})
     assert r.status_code == 303 and policies(services)[-1]["version"] == 1
+
+
+def test_a_policy_in_force_that_no_longer_validates_is_named_not_applied_over() -> None:
+    services = memory_services()
+    backend(services).controls[-1]["policy"]["allowed_apps"] = ["code", "old app", "bad/one"]  # an old record
+    r = client(services, OPS).post("/portal/ops/sampling", data=sampling_form([("*", "0.5")], intent="apply",
+                                                                              reason="cost"))
+    assert r.status_code == 422
+    shown = error_of(r.text, "sampling-form-error") or ""
+    assert "allowed_apps.1: `old app`" in shown and "allowed_apps.2: `bad/one`" in shown
+    assert 'id="apply-button"' not in r.text and [p["version"] for p in policies(services)] == [7]

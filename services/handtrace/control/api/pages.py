@@ -335,8 +335,10 @@ def set_sampling(request: Request, who: Ops, services: Svc, fields: Fields) -> R
         sel = field.removeprefix("rates.") if field.startswith("rates.") else None
         if sel is not None and sel in where:
             page_errors[(where[sel][0], "rate" if "must be a number" in message else "selector")] = message
-        else:
-            page_errors[field if field == "reason" else "form"] = message
+        elif field == "reason":
+            page_errors["reason"] = message
+        else:  # e.g. a section of the policy in force that no longer validates: say all of it
+            page_errors["form"] = "; ".join(filter(None, (page_errors.get("form"), f"{field}: {message}")))
     if apply and not page_errors and fields.get("base_version") != str(current["version"]):
         page_errors["form"] = (f"the policy changed (now version {current['version']}) since this page was "
                                "opened: check what this changes, then apply again")
