@@ -5,6 +5,7 @@ own pause and exemption request)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ SAMPLING_LEVELS = ("app", "kind", "cohort")
 """Sampling selector prefixes (stream/steps/sample.py): ``*`` or ``<level>:<value>``."""
 
 
+APP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}")
+"""A well-formed app id (X11 WM_CLASS instance, a bundle id, an exe name): 1..128 letters, digits
+and ``. _ + @ -``, starting with a letter or digit. Stricter than what a window may report, which
+fails closed: an app id that cannot be written here is never allowlisted."""
+APP_ID_MESSAGE = "is not a well-formed app id (1..128 letters, digits and . _ + @ -, e.g. code or org.mozilla.firefox)"
+
+
 def policy_problems(doc: object) -> list[tuple[str, str]]:
     """Every problem of a policy document {version, allowed_apps, allowed_domains, sampling,
     text_capture} at once, as (field, message) pairs -- the one validation the CLI and the API
@@ -64,6 +72,9 @@ def policy_problems(doc: object) -> list[tuple[str, str]]:
         elif name == "allowed_domains":
             problems += [(f"allowed_domains.{i}", p) for i, e in enumerate(entries)
                          for p in domain_entry_problems([e])]
+        else:
+            problems += [(f"allowed_apps.{i}", f"`{a}` {APP_ID_MESSAGE}") for i, a in enumerate(entries)
+                         if not APP_ID_RE.fullmatch(a)]
     sampling = doc.get("sampling") or {}
     if not isinstance(sampling, dict):
         problems.append(("sampling", "must be an object of selector -> rate"))
@@ -73,6 +84,8 @@ def policy_problems(doc: object) -> list[tuple[str, str]]:
             if sel != "*" and (not sep or prefix not in SAMPLING_LEVELS or not rest):
                 problems.append((f"sampling.{sel}", "unknown selector: use *, app:<app id>, kind:<event "
                                  "kind> or cohort:<name>"))
+            elif prefix == "app" and not APP_ID_RE.fullmatch(rest):
+                problems.append((f"sampling.{sel}", f"unknown selector: `{rest}` {APP_ID_MESSAGE}"))
             if not isinstance(rate, int | float) or isinstance(rate, bool) or not 0 <= rate <= 1:
                 problems.append((f"sampling.{sel}", "must be a number in [0, 1]"))
     text_capture = doc.get("text_capture") or {}
@@ -80,6 +93,8 @@ def policy_problems(doc: object) -> list[tuple[str, str]]:
         problems.append(("text_capture", "must be an object of app id -> none, masked or full"))
     else:
         for app, mode in text_capture.items():
+            if app != "*" and not APP_ID_RE.fullmatch(str(app)):
+                problems.append((f"text_capture.{app}", f"`{app}` {APP_ID_MESSAGE} or *"))
             if mode not in TEXT_CAPTURE_MODES:
                 problems.append((f"text_capture.{app}", "must be none, masked or full"))
     unknown = set(doc) - set(POLICY_FIELDS)

@@ -17,7 +17,15 @@ from handtrace.control.api.auth import Principal
 from handtrace.control.api.roles import Role
 from handtrace.control.api.services import Services
 from handtrace.core.clock import now_us
-from handtrace.core.controls import MAX_PAUSE_MINUTES, ControlError, control_record, pause_record
+from handtrace.core.controls import (
+    MAX_PAUSE_MINUTES,
+    MAX_POLICY_VERSION,
+    ControlError,
+    control_record,
+    pause_record,
+    policy_problems,
+    policy_update,
+)
 
 MAX_REASON_CHARS = 500
 """A reason is a sentence for a person to read, not a document."""
@@ -35,6 +43,16 @@ class Invalid(ValueError):
         self.message = message
 
 
+class Problems(Invalid):
+    """Several fields refused at once (the JSON API answers 422 with all of them); ``field`` and
+    ``message`` are the first."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(*problems[0])
+        self.args = ("; ".join(f"{f}: {m}" for f, m in problems),)
+        self.problems = problems
+
+
 class Refused(PermissionError):
     """The caller may not do this (403); the refusal is already in the audit trail."""
 
@@ -45,12 +63,14 @@ def iso(at_us: int | None) -> str | None:
 
 
 def audit_entry(who: Principal, action: str, *, target: str | None, reason: str = "", before: Any = None,
-                after: Any = None, outcome: str = "allowed", control_id: bytes | None = None) -> dict[str, Any]:
+                after: Any = None, outcome: str = "allowed", control_id: bytes | None = None, method: str = "",
+                path: str = "") -> dict[str, Any]:
     """One audit entry, in the same shape as the JSON API's (``services.audit_entry``), plus the
     control's id when one was published."""
     from handtrace.control.api.services import audit_entry as entry
 
-    return {**entry(who, action=action, target=target, reason=reason, outcome=outcome, before=before, after=after),
+    return {**entry(who, action=action, target=target, reason=reason, outcome=outcome, before=before, after=after,
+                    method=method, path=path),
             "control_id": control_id.hex() if control_id else None}
 
 
@@ -155,3 +175,53 @@ def deny_exemption(services: Services, who: Principal, employee_id: str, reason:
                         before={"pending_request": pending}, after={"pending_request": None})
     services.audit.record(entry)
     return entry
+
+
+# ---------------------------------------------------------------- the policy (ops, security)
+
+EMPTY_POLICY: dict[str, Any] = {"version": 0, "allowed_apps": [], "allowed_domains": [], "sampling": {},
+                                "text_capture": {}}
+"""The policy before any was published (allows nothing: fails closed)."""
+
+
+def plan_policy(services: Services, change: dict[str, Any], reason: str, *, rename: dict[str, str] | None = None,
+                check_reason: bool = True) -> tuple[dict[str, Any], dict[str, Any], list[tuple[str, str]]]:
+    """The policy in force, the document that ``change`` (sections replaced whole) would publish as
+    version + 1, and every problem of it at once -- the CLI's validation (core/controls.py), fields
+    named as the caller's input names them (``rename``: policy section -> input name)."""
+    rename = rename or {}
+    current = services.state.policy() or EMPTY_POLICY
+    version = int(current["version"]) + 1
+    doc = {**{k: current[k] for k in EMPTY_POLICY}, **change, "version": version}
+    problems = []
+    for field, message in policy_problems(doc):
+        head, dot, rest = field.partition(".")
+        problems.append((rename.get(head, head) + dot + rest, message))
+    if version > MAX_POLICY_VERSION:
+        problems.append(("version", "the policy in force leaves no room above it"))
+    if check_reason:
+        if not reason.strip():
+            problems.append(("reason", "is required (kept in the audit trail)"))
+        elif len(reason) > MAX_REASON_CHARS:
+            problems.append(("reason", f"at most {MAX_REASON_CHARS} characters (got {len(reason)})"))
+    return current, doc, problems
+
+
+def change_policy(services: Services, who: Principal, action: str, reason: str, change: dict[str, Any], *,
+                  rename: dict[str, str] | None = None, method: str = "", path: str = "") -> dict[str, Any]:
+    """Publish the policy in force with ``change`` applied as version + 1 (the JSON routes
+    ``PUT /api/v1/policy/...`` and the ops and security pages both call this). :class:`Problems`
+    with every problem, before anything is published; ControlError when publishing fails. One
+    audit entry (``action``; before and after hold the version and the changed sections).
+    Returns the published record."""
+    current, doc, problems = plan_policy(services, change, reason, rename=rename)
+    if problems:
+        raise Problems(problems)
+    record = policy_update(doc, actor=who.subject, reason=reason)
+    services.controls.publish(record)
+    services.audit.record(audit_entry(
+        who, action, target="policy", reason=reason,
+        before={"version": current["version"], **{k: current[k] for k in change}},
+        after={"version": doc["version"], **{k: record["policy"][k] for k in change}},
+        control_id=record["control_id"], method=method, path=path))
+    return record

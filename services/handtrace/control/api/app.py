@@ -9,9 +9,10 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from handtrace.control.api.actions import Problems
 from handtrace.control.api.auth import COOKIE, Authenticator
 from handtrace.control.api.roles import Role
-from handtrace.control.api.routes import Problems, router
+from handtrace.control.api.routes import router
 from handtrace.control.api.services import Services, StateUnavailable, kafka_services
 from handtrace.core.settings import Settings
 

@@ -8,17 +8,16 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from handtrace.control.api import actions
+from handtrace.control.api.actions import Problems
 from handtrace.control.api.auth import Principal, refuse, require, valid_employee_id
 from handtrace.control.api.roles import MATRIX, Action, actor_role
 from handtrace.control.api.services import Services, StateUnavailable, audit_entry, control_id, get_services, iso
 from handtrace.core.controls import (
     MAX_PAUSE_MINUTES,
-    MAX_POLICY_VERSION,
     ControlError,
     control_record,
     pause_record,
-    policy_problems,
-    policy_update,
 )
 
 
@@ -43,14 +42,6 @@ router = APIRouter(prefix="/api/v1", responses={
     422: {"model": ValidationProblems, "description": "Every validation problem at once."},
     503: {"model": ErrorOut, "description": "The control topics could not be read or written in time."},
 })
-
-
-class Problems(Exception):
-    """A request refused with every (field, message) problem at once (422)."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{f}: {m}" for f, m in problems))
-        self.problems = problems
 
 
 def allow(action: Action) -> Any:
@@ -335,32 +326,16 @@ def policy(_caller: Annotated[Principal, allow(Action.read_policy)], services: S
     return _state(services.state.policy)
 
 
-_EMPTY_POLICY: dict[str, Any] = {"version": 0, "allowed_apps": [], "allowed_domains": [], "sampling": {},
-                                 "text_capture": {}}
-
-
 def _change_policy(request: Request, caller: Principal, services: Services, action: str, reason: str,
                    change: dict[str, Any], rename: dict[str, str]) -> Accepted:
-    """Publish the policy in force with ``change`` applied as version + 1, after the CLI's
-    validation (every problem at once; fields named as in the request body)."""
-    current = _state(services.state.policy) or _EMPTY_POLICY
-    version = int(current["version"]) + 1
-    doc = {**{k: current[k] for k in _EMPTY_POLICY}, **change, "version": version}
-    problems = []
-    for field, message in policy_problems(doc):
-        head, dot, rest = field.partition(".")
-        problems.append((rename.get(head, head) + dot + rest, message))
-    if version > MAX_POLICY_VERSION:
-        problems.append(("version", "the policy in force leaves no room above it"))
-    problems += _reason_required(reason)
-    if problems:
-        raise Problems(problems)
-    rec = policy_update(doc, actor=caller.subject, reason=reason)
-    before = {k: current[k] for k in change}
-    after = {k: rec["policy"][k] for k in change}
-    _issue(request, services, caller, action, rec, target="policy", before={"version": current["version"], **before},
-           after={"version": version, **after})
-    return Accepted(control_id=control_id(rec), version=version)
+    """Publish the policy in force with ``change`` applied as version + 1 (actions.change_policy,
+    which the ops and security pages call too)."""
+    try:
+        rec = actions.change_policy(services, caller, action, reason, change, rename=rename, method=request.method,
+                                    path=request.url.path)
+    except ControlError as e:
+        raise HTTPException(status_code=503, detail=f"control not issued: {e}") from None
+    return Accepted(control_id=control_id(rec), version=rec["policy"]["version"])
 
 
 @router.put("/policy/sampling", response_model=Accepted, status_code=202, tags=["policy"],
