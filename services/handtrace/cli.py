@@ -667,7 +667,8 @@ def policy_history(
         return "-" if v is None else v if isinstance(v, str) else json.dumps(v, sort_keys=True)
 
     t = Table(Column("when (UTC)", no_wrap=True), "who", "roles", "action", "target", "reason",
-              Column("before -> after", overflow="fold"), "outcome", title=f"control-plane audit trail, newest first ({len(entries)})")
+              Column("before -> after", overflow="fold"), "outcome",
+              title=f"control-plane audit trail, newest first ({len(entries)})")
     for e in entries:
         t.add_row(e["at"][:19].replace("T", " "), e["subject"], ",".join(e["roles"]), e["action"],
                   e["target"] or "-", e["reason"] or e["detail"][:80],
