@@ -648,15 +648,15 @@ def policy_history(
             f"SELECT at, subject, name, roles, action, target, reason, before, after, outcome, detail, method, "
             f"path, source_partition, source_offset FROM {s.clickhouse.database}.control_audit {where} "
             f"ORDER BY at DESC, source_offset DESC LIMIT %(n)s", parameters={"a": action, "n": limit})
-    except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
-        raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+    except Exception as exc:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
+        raise _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from None
     entries = list(result.named_results())
-    for e in entries:
-        at = e["at"]
-        e["at"] = (at.replace(tzinfo=UTC) if at.tzinfo is None else at).isoformat()  # stored in UTC
+    for entry in entries:
+        at = entry["at"]
+        entry["at"] = (at.replace(tzinfo=UTC) if at.tzinfo is None else at).isoformat()  # stored in UTC
         for side in ("before", "after"):
             try:
-                e[side] = json.loads(e[side])
+                entry[side] = json.loads(entry[side])
             except ValueError:
                 pass
     if as_json:
@@ -669,10 +669,10 @@ def policy_history(
     t = Table(Column("when (UTC)", no_wrap=True), "who", "roles", "action", "target", "reason",
               Column("before -> after", overflow="fold"), "outcome",
               title=f"control-plane audit trail, newest first ({len(entries)})")
-    for e in entries:
-        t.add_row(e["at"][:19].replace("T", " "), e["subject"], ",".join(e["roles"]), e["action"],
-                  e["target"] or "-", e["reason"] or e["detail"][:80],
-                  f"{show(e['before'])} -> {show(e['after'])}", e["outcome"])
+    for entry in entries:
+        t.add_row(entry["at"][:19].replace("T", " "), entry["subject"], ",".join(entry["roles"]), entry["action"],
+                  entry["target"] or "-", entry["reason"] or entry["detail"][:80],
+                  f"{show(entry['before'])} -> {show(entry['after'])}", entry["outcome"])
     console.print(t)
 
 
