@@ -630,6 +630,52 @@ def policy_set(
     _publish(rec)
 
 
+@policy_app.command("history")
+def policy_history(
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Entries to show (newest first).")] = 50,
+    action: Annotated[str | None, typer.Option(help="Only this action (e.g. exemption_grant, "
+                                               "policy_sampling, invalid).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON array instead of a table.")] = False,
+) -> None:
+    """The audit trail of the control plane, from ClickHouse (control_audit, written by the sink):
+    who, roles, when, action, target, reason, before -> after, outcome -- every change and refusal."""
+    from datetime import UTC
+
+    s, client = _warehouse()
+    where = "WHERE action = %(a)s" if action else ""
+    try:
+        result = client.query(
+            f"SELECT at, subject, name, roles, action, target, reason, before, after, outcome, detail, method, "
+            f"path, source_partition, source_offset FROM {s.clickhouse.database}.control_audit {where} "
+            f"ORDER BY at DESC, source_offset DESC LIMIT %(n)s", parameters={"a": action, "n": limit})
+    except Exception as exc:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
+        raise _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from None
+    entries = list(result.named_results())
+    for entry in entries:
+        at = entry["at"]
+        entry["at"] = (at.replace(tzinfo=UTC) if at.tzinfo is None else at).isoformat()  # stored in UTC
+        for side in ("before", "after"):
+            try:
+                entry[side] = json.loads(entry[side])
+            except ValueError:
+                pass
+    if as_json:
+        sys.stdout.write(json.dumps(entries, default=str, indent=1) + "\n")
+        return
+
+    def show(v: Any) -> str:
+        return "-" if v is None else v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+    t = Table(Column("when (UTC)", no_wrap=True), "who", "roles", "action", "target", "reason",
+              Column("before -> after", overflow="fold"), "outcome",
+              title=f"control-plane audit trail, newest first ({len(entries)})")
+    for entry in entries:
+        t.add_row(entry["at"][:19].replace("T", " "), entry["subject"], ",".join(entry["roles"]), entry["action"],
+                  entry["target"] or "-", entry["reason"] or entry["detail"][:80],
+                  f"{show(entry['before'])} -> {show(entry['after'])}", entry["outcome"])
+    console.print(t)
+
+
 @device_app.command("enroll")
 def device_enroll(
     employee: Annotated[str, typer.Argument(help="Employee id the laptop captures for.")],

@@ -144,6 +144,14 @@ class SinkSettings(BaseModel):
     flush_rows: int = Field(default=50_000, ge=1, description="Flush a partition at this many rows.")
     flush_interval_s: float = Field(default=1.0, gt=0, le=60, description="...or this often.")
     group_id: str = Field(default="handtrace-sink", description="Consumer group of the sink.")
+    audit_group_id: str = Field(
+        default="handtrace-sink-audit", description="Consumer group of the sink's audit writer "
+        "(the control-plane audit topic -> ClickHouse `control_audit`; offsets are committed only "
+        "after ClickHouse has the rows).",
+    )
+    audit_batch_messages: int = Field(
+        default=500, ge=1, le=100_000, description="Audit entries taken per poll and inserted together.",
+    )
     session_timeout_s: float = Field(
         default=10.0, ge=6, le=300, description="Kafka group session timeout: how soon a dead "
         "sink's partitions move to a live one (its last flush is then replayed, exactly once).",

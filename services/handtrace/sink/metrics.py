@@ -89,3 +89,14 @@ DEMO_PENDING = Gauge(
     "Demonstrations whose header has arrived but not yet every manifest frame (they hold back "
     "their partition's offset commits).",
 )
+
+# -------------------------------------------------------------- control-plane audit (issue #13)
+AUDIT_ENTRIES = Counter(
+    "handtrace_sink_audit_entries_total",
+    "Audit topic messages handled by the audit writer, by outcome: stored (an audit entry, in "
+    "control_audit), invalid (not a valid entry: stored with action 'invalid' and the message in "
+    "detail, never dropped), duplicate (already stored: a replay after a crash or restart).",
+    ["outcome"],
+)
+for _outcome in ("stored", "invalid", "duplicate"):
+    AUDIT_ENTRIES.labels(_outcome)

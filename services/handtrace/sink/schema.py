@@ -6,6 +6,7 @@ crash between insert and offset commit harmless (see writer.py).
 ``demonstrations``, ``frames`` and ``demonstration_events`` hold submitted demonstrations
 (sink/demonstrations.py; docs/design/demonstrations.md): a demonstration's frames and events rows
 count only once its ``demonstrations`` row says ``complete``.
+``control_audit`` is the control-plane API's audit trail (sink/audit.py).
 """
 
 from __future__ import annotations
@@ -269,6 +270,38 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         )
         ENGINE = MergeTree
         ORDER BY (employee_key, withdrawn_at)
+        """,
+    ),
+    (
+        10,
+        "control-plane audit trail",
+        # One row per entry of the audit topic (sink/audit.py): every change and every refusal
+        # the control-plane API made (issue #13, "Audit"). MergeTree, not Replacing: an audit
+        # trail never collapses rows; exactly once comes from the ledger and the dedup token.
+        # No PARTITION BY: one part per insert, so an insert is all or nothing.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.control_audit
+        (
+            at DateTime64(6, 'UTC') COMMENT 'when the API decided (the broker time for invalid entries)',
+            subject String COMMENT 'who: the subject of the caller token',
+            name String,
+            roles Array(String) COMMENT 'roles of the caller (the true role, not the actor_role of a control)',
+            action LowCardinality(String) COMMENT 'what (pause, exemption_grant, ...); invalid: not an entry',
+            target Nullable(String) COMMENT 'on whom or what',
+            reason String COMMENT 'why, as the caller gave it',
+            before String COMMENT 'JSON',
+            after String COMMENT 'JSON',
+            outcome LowCardinality(String) COMMENT 'allowed | refused | invalid',
+            detail String COMMENT 'for invalid entries: the message as it was (cut at 64 KiB)',
+            method LowCardinality(String),
+            path String,
+            source_partition Int32,
+            source_offset Int64,
+            stored_at DateTime64(6, 'UTC') DEFAULT now64(6)
+        )
+        ENGINE = MergeTree
+        ORDER BY (at, source_offset)
+        SETTINGS non_replicated_deduplication_window = 10000
         """,
     ),
 ]

@@ -14,6 +14,9 @@ Demonstrations (issue #11) are written by a second thread of the same process, t
 lock). One process, so ``python -m handtrace.sink`` keeps owning the embedded data dir alone. The
 two share the stop event; if either dies, the other is stopped and the process exits non-zero (a
 supervisor restarts both; each replays what it had not committed).
+
+The control-plane audit trail (issue #13) is a third thread the same way: the ``AuditWriter``
+(sink/audit.py), group ``sink.audit_group_id``, into ``control_audit``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -32,6 +37,7 @@ from prometheus_client import start_http_server
 from handtrace.core import clickhouse
 from handtrace.core.framestore import open_store
 from handtrace.core.settings import Settings, load_settings
+from handtrace.sink.audit import AuditWriter
 from handtrace.sink.demonstrations import DemoWriter
 from handtrace.sink.writer import Sink
 
@@ -92,25 +98,34 @@ def main() -> None:
     demo = open_demo_writer(settings, client)
     if settings.sink.metrics_port:
         start_http_server(settings.sink.metrics_port, addr=settings.metrics_host)
+    audit_client = demo_client(settings)
+    audit = AuditWriter.on_clickhouse(settings, audit_client)
     failed: list[BaseException] = []
 
-    def run_demo() -> None:
-        try:
-            demo.run(stop)
-        except BaseException as e:  # noqa: BLE001 -- reported below; the events sink stops too
-            log.exception("demonstration writer failed; stopping the sink")
-            failed.append(e)
-            stop.set()
+    def thread(name: str, run: Callable[[threading.Event], None]) -> threading.Thread:
+        def target() -> None:
+            try:
+                run(stop)
+            except BaseException as e:  # noqa: BLE001 -- reported below; the events sink stops too
+                log.exception("%s writer failed; stopping the sink", name)
+                failed.append(e)
+                stop.set()
 
-    demo_thread = threading.Thread(target=run_demo, name="demonstrations", daemon=True)
-    demo_thread.start()
+        th = threading.Thread(target=target, name=name, daemon=True)
+        th.start()
+        return th
+
+    threads = [thread("demonstrations", demo.run), thread("audit", audit.run)]
     try:
         sink.run(stop)
     finally:
         stop.set()
-        demo_thread.join(settings.sink.stop_grace_s)
+        deadline = time.monotonic() + settings.sink.stop_grace_s
+        for th in threads:
+            th.join(max(deadline - time.monotonic(), 0.1))
         try:
             client.close()
+            audit_client.close()
         finally:
             clickhouse.close(settings.clickhouse_dsn())
     if failed:
