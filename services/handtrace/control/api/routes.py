@@ -401,3 +401,39 @@ def audit(_caller: Annotated[Principal, allow(Action.audit)], services: Services
     return list(_state(services.audit.entries, limit))
 
 
+
+
+# ---------------------------------------------------------------- admin
+
+
+class ResignIn(_Body):
+    reason: str = Field(default="", max_length=500, description="Why (kept in the audit trail), e.g. the "
+                        "rotation ticket.")
+
+
+class Resigned(BaseModel):
+    key_id: str = Field(description="The key id now signing (the API's `HANDTRACE_CONTROL__SIGNING_KEY_ID`).")
+    policy_version: int | None = Field(description="The policy in force, re-published as this version "
+                                       "(null: no policy was published).")
+    devices: int = Field(description="Device enrollments re-published.")
+
+
+@router.post("/admin/resign", response_model=Resigned, status_code=202, tags=["admin"],
+             openapi_extra=_rule(Action.rotate_key))
+def resign(body: ResignIn, request: Request, caller: Annotated[Principal, allow(Action.rotate_key)],
+           services: Services_) -> Resigned:
+    """Key rotation, step 4 (docs/operations.md): re-publish the policy in force (version + 1)
+    and every device enrollment signed with the API's current key, so the old key id can be
+    retired everywhere. Controls already honoured are not re-published."""
+    problems = _reason_required(body.reason)
+    if problems:
+        raise Problems(problems)
+    before = (_state(services.state.policy) or {}).get("version")
+    try:
+        done = services.controls.resign(actor=caller.subject, reason=body.reason)
+    except ControlError as e:
+        raise HTTPException(status_code=503, detail=f"not re-signed: {e}") from None
+    services.audit.record(audit_entry(caller, action="key_resign", target="control-plane-key", reason=body.reason,
+                                      outcome="allowed", before={"policy_version": before},
+                                      after=dict(done), method=request.method, path=request.url.path))
+    return Resigned(**done)

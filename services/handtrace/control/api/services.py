@@ -36,6 +36,11 @@ class Controls(Protocol):
     def publish(self, record: dict[str, Any]) -> None:
         """Sign and send one control record (schemas/control_event); raises ControlError."""
 
+    def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
+        """Key rotation: re-publish the policy in force (version + 1) and every enrolled device,
+        signed with the current key. Returns {key_id, policy_version (None: no policy), devices};
+        raises ControlError."""
+
 
 class State(Protocol):
     """What the controls say now."""
@@ -186,6 +191,22 @@ class MemoryControls:
         with self.backend.lock:
             self.backend.controls.append(dict(record))
 
+    def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
+        """The policy in force again as version + 1, as control/publish.resign does (the memory
+        backend holds no devices)."""
+        from handtrace.core.controls import MAX_POLICY_VERSION, ControlError, control_record
+
+        with self.backend.lock:
+            pol = latest_policy(self.backend.controls)
+        if pol is None:
+            return {"key_id": "memory", "policy_version": None, "devices": 0}
+        if int(pol["version"]) + 1 > MAX_POLICY_VERSION:
+            raise ControlError(f"the policy in force has version {pol['version']}: no room above it")
+        rec = control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason,
+                             policy={**pol, "version": int(pol["version"]) + 1})
+        self.publish(rec)
+        return {"key_id": "memory", "policy_version": rec["policy"]["version"], "devices": 0}
+
 
 class MemoryState:
     """State folded from a MemoryBackend."""
@@ -245,6 +266,12 @@ class KafkaControls:
         from handtrace.control.publish import publish
 
         publish(self.settings, record, timeout_s=self.settings.api.read_timeout_s, signer=self.signer)
+
+    def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
+        from handtrace.control.publish import resign
+
+        version, devices = resign(self.settings, actor=actor, reason=reason)
+        return {"key_id": self.signer.signer_id.split(":", 1)[1], "policy_version": version, "devices": devices}
 
 
 def _read_to_end(settings: Settings, topic: str, timeout_s: float) -> list[Any]:
