@@ -38,6 +38,7 @@ class ErrorOut(BaseModel):
 
 
 router = APIRouter(prefix="/api/v1", responses={
+    400: {"model": ErrorOut, "description": "The body could not be parsed (e.g. not UTF-8 JSON)."},
     401: {"model": ErrorOut, "description": "Missing, invalid or expired bearer token."},
     403: {"model": ErrorOut, "description": "The caller's roles may not do this (audited)."},
     422: {"model": ValidationProblems, "description": "Every validation problem at once."},
