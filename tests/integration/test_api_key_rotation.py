@@ -2,10 +2,11 @@
 workers (issue #13, Deliver 2; docs/operations.md "Rotating the control-plane key").
 
 The API signing with key A (kid cp1) publishes a policy and a grant, which a worker trusting A
-and B honours; the API restarted with key B (cp2) re-signs through `POST /admin/resign`; the
-worker restarted with cp1 retired still has the policy (now B's), still holds the exemption it
-folded under A, honours a new grant the API signs with B, and refuses records signed with A
-after the retirement (a grant and a wider policy): they change nothing."""
+and B honours; the API restarted with key B (cp2) re-signs through `POST /admin/resign` (the
+policy, the enrollment, the exemption in force); the worker restarted with cp1 retired still has
+the policy (now B's), still holds the exemption, honours a new grant the API signs with B, and
+refuses records signed with A after the retirement (a grant and a wider policy): they change
+nothing."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # t
     assert client.post("/api/v1/admin/resign", headers=hr, json={"reason": "CHG-7"}).status_code == 403
     r = client.post("/api/v1/admin/resign", headers=admin, json={"reason": "CHG-7 yearly rotation"})
     assert r.status_code == 202, r.text
-    assert r.json() == {"key_id": "cp2", "policy_version": 2, "devices": 1}
+    assert r.json() == {"key_id": "cp2", "policy_version": 2, "devices": 1, "exemptions": 1}
     policies = topic_messages(api_a.kafka.librdkafka(), t.policy)
     b_only = Verifier({"cp2": private_key_from_b64(b_priv).public_key()})
     last = policies[-1]
@@ -135,12 +136,17 @@ def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # t
                                                  retired_key_ids=["cp1"]))
     client = TestClient(create_app(api_b, kafka_services(api_b)))
     assert client.get("/api/v1/policy", headers=hr).json()["version"] == 2
+    # emp-a's exemption, granted under A, was granted again under B: the API (which folds the
+    # controls topic from its start) still shows it with its original time.
+    state = client.get("/api/v1/employees/emp-a/state", headers=hr).json()
+    assert state["mode"] == "exempt", state
+    grants = _metric_sum(retired_s, "handtrace_stream_controls_total", kind="exemption_grant")
 
     # A new grant signed with B applies within the propagation bound ...
     granted_at = time.monotonic()
     assert client.post("/api/v1/exemptions/emp-b/grant", headers=hr, json={"reason": "approved"}
                        ).status_code == 202
-    wait_for(lambda: _metric_sum(retired_s, "handtrace_stream_controls_total", kind="exemption_grant") >= 1,
+    wait_for(lambda: _metric_sum(retired_s, "handtrace_stream_controls_total", kind="exemption_grant") >= grants + 1,
              PROPAGATION_S, "the worker to honour the grant signed with B", worker.tail)
     assert time.monotonic() - granted_at < PROPAGATION_S
 
@@ -161,7 +167,7 @@ def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # t
     wait_for(lambda: _rejected(retired_s, "controls", "retired_key") >= 1
              and _rejected(retired_s, "policy", "retired_key") >= 2, 30,
              "the worker to refuse the records signed with the retired key", worker.tail)
-    assert _metric_sum(retired_s, "handtrace_stream_controls_total", kind="exemption_grant") == 1
+    assert _metric_sum(retired_s, "handtrace_stream_controls_total", kind="exemption_grant") == grants + 1
     assert stream_metric(retired_s, "handtrace_stream_policy_version") == 2
 
     # What is stored now: emp-a (exempt under A, folded before) and emp-b (exempt under B) nothing;

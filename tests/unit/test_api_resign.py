@@ -29,7 +29,7 @@ def api(tmp_path: Path) -> Api:
 def test_admin_resign_republishes_the_policy_in_force_as_the_next_version(api: Api) -> None:
     r = api.client.post("/api/v1/admin/resign", headers=api.as_("root", "admin"), json={"reason": "CHG-42"})
     assert r.status_code == 202, r.text
-    assert r.json() == {"key_id": "memory", "policy_version": 8, "devices": 0}
+    assert r.json() == {"key_id": "memory", "policy_version": 8, "devices": 0, "exemptions": 0}
     rec = api.backend.controls[-1]
     assert rec["kind"] == "policy_update" and rec["actor"] == "root" and rec["reason"] == "CHG-42"
     assert rec["policy"] == {**POLICY, "version": 8}  # same content, only the version moves
@@ -38,7 +38,25 @@ def test_admin_resign_republishes_the_policy_in_force_as_the_next_version(api: A
     assert (entry["action"], entry["outcome"], entry["subject"], entry["reason"]) == (
         "key_resign", "allowed", "root", "CHG-42")
     assert entry["before"] == {"policy_version": 7}
-    assert entry["after"] == {"key_id": "memory", "policy_version": 8, "devices": 0}
+    assert entry["after"] == {"key_id": "memory", "policy_version": 8, "devices": 0, "exemptions": 0}
+
+
+def test_exemptions_in_force_are_granted_again_with_their_effective_time(api: Api) -> None:
+    hr = api.as_("harriet", "hr")
+    for employee in ("ann", "ben", "cid"):
+        assert api.client.post(f"/api/v1/exemptions/{employee}/grant", headers=hr,
+                               json={"reason": "ok"}).status_code == 202
+    assert api.client.post("/api/v1/exemptions/ben/revoke", headers=hr, json={"reason": "ended"}).status_code == 202
+    since = {r["employee_id"]: r["exemption_effective_at_us"] for r in api.backend.controls
+             if r["kind"] == "exemption_grant"}
+    n = len(api.backend.controls)
+    r = api.client.post("/api/v1/admin/resign", headers=api.as_("root", "admin"), json={"reason": "rotation"})
+    assert r.status_code == 202 and r.json()["exemptions"] == 2, r.text
+    again = [rec for rec in api.backend.controls[n:] if rec["kind"] == "exemption_grant"]
+    assert {(g["employee_id"], g["exemption_effective_at_us"], g["actor"]) for g in again} == {
+        ("ann", since["ann"], "root"), ("cid", since["cid"], "root")}  # ben's was revoked: not re-granted
+    for employee, mode in (("ann", "exempt"), ("ben", "capturing"), ("cid", "exempt")):
+        assert api.client.get(f"/api/v1/employees/{employee}/state", headers=hr).json()["mode"] == mode
 
 
 @pytest.mark.parametrize("role", ["employee", "hr", "ops", "security", "auditor"])

@@ -417,15 +417,16 @@ class Resigned(BaseModel):
     policy_version: int | None = Field(description="The policy in force, re-published as this version "
                                        "(null: no policy was published).")
     devices: int = Field(description="Device enrollments re-published.")
+    exemptions: int = Field(description="Exemptions in force granted again (same effective time).")
 
 
 @router.post("/admin/resign", response_model=Resigned, status_code=202, tags=["admin"],
              openapi_extra=_rule(Action.rotate_key))
 def resign(body: ResignIn, request: Request, caller: Annotated[Principal, allow(Action.rotate_key)],
            services: Services_) -> Resigned:
-    """Key rotation, step 4 (docs/operations.md): re-publish the policy in force (version + 1)
-    and every device enrollment signed with the API's current key, so the old key id can be
-    retired everywhere. Controls already honoured are not re-published."""
+    """Key rotation, step 4 (docs/operations.md): re-publish the policy in force (version + 1),
+    every device enrollment and every exemption in force, signed with the API's current key, so
+    the old key id can be retired everywhere."""
     problems = _reason_required(body.reason)
     if problems:
         raise Problems(problems)

@@ -37,9 +37,9 @@ class Controls(Protocol):
         """Sign and send one control record (schemas/control_event); raises ControlError."""
 
     def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
-        """Key rotation: re-publish the policy in force (version + 1) and every enrolled device,
-        signed with the current key. Returns {key_id, policy_version (None: no policy), devices};
-        raises ControlError."""
+        """Key rotation: re-publish the policy in force (version + 1), every enrolled device and
+        every exemption in force, signed with the current key. Returns {key_id, policy_version
+        (None: no policy), devices, exemptions}; raises ControlError."""
 
 
 class State(Protocol):
@@ -147,6 +147,17 @@ def fold_employee(records: Sequence[dict[str, Any]], employee_id: str, denied_at
             "exempt_since": iso(exempt_since), "pending_request": request}
 
 
+def _exemption(records: Sequence[dict[str, Any]], employee_id: str) -> dict[str, Any]:
+    """{exempt_since_us}: the effective time of the employee's exemption in force, else None."""
+    since: int | None = None
+    for r in records:
+        if r.get("employee_id") == employee_id and r["kind"] == "exemption_grant":
+            since = int(r.get("exemption_effective_at_us") or r["occurred_at_us"])
+        elif r.get("employee_id") == employee_id and r["kind"] == "exemption_revoke":
+            since = None
+    return {"exempt_since_us": since}
+
+
 def pending_from(records: Sequence[dict[str, Any]], denials: dict[str, int]) -> list[dict[str, Any]]:
     """Every employee's pending exemption request, oldest first."""
     employees = {r["employee_id"] for r in records if r.get("kind") == "exemption_request" and r.get("employee_id")}
@@ -192,20 +203,26 @@ class MemoryControls:
             self.backend.controls.append(dict(record))
 
     def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
-        """The policy in force again as version + 1, as control/publish.resign does (the memory
-        backend holds no devices)."""
+        """The policy in force again as version + 1 and each exemption in force granted again, as
+        the Kafka controls do (the memory backend holds no devices)."""
         from handtrace.core.controls import MAX_POLICY_VERSION, ControlError, control_record
 
         with self.backend.lock:
             pol = latest_policy(self.backend.controls)
-        if pol is None:
-            return {"key_id": "memory", "policy_version": None, "devices": 0}
-        if int(pol["version"]) + 1 > MAX_POLICY_VERSION:
-            raise ControlError(f"the policy in force has version {pol['version']}: no room above it")
-        rec = control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason,
-                             policy={**pol, "version": int(pol["version"]) + 1})
-        self.publish(rec)
-        return {"key_id": "memory", "policy_version": rec["policy"]["version"], "devices": 0}
+            records = list(self.backend.controls)
+        version = None
+        if pol is not None:
+            version = int(pol["version"]) + 1
+            if version > MAX_POLICY_VERSION:
+                raise ControlError(f"the policy in force has version {pol['version']}: no room above it")
+            self.publish(control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason,
+                                        policy={**pol, "version": version}))
+        exempt = {e: s["exempt_since_us"] for e in sorted({r["employee_id"] for r in records if r.get("employee_id")})
+                  if (s := _exemption(records, e))["exempt_since_us"] is not None}
+        for employee, since in exempt.items():
+            self.publish(control_record("exemption_grant", employee_id=employee, actor=actor, role="hr",
+                                        reason=reason, exemption_effective_at_us=since))
+        return {"key_id": "memory", "policy_version": version, "devices": 0, "exemptions": len(exempt)}
 
 
 class MemoryState:
@@ -268,10 +285,12 @@ class KafkaControls:
         publish(self.settings, record, timeout_s=self.settings.api.read_timeout_s, signer=self.signer)
 
     def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
-        from handtrace.control.publish import resign
+        from handtrace.control.publish import resign, resign_exemptions
 
         version, devices = resign(self.settings, actor=actor, reason=reason)
-        return {"key_id": self.signer.signer_id.split(":", 1)[1], "policy_version": version, "devices": devices}
+        exemptions = resign_exemptions(self.settings, actor=actor, reason=reason)
+        return {"key_id": self.signer.signer_id.split(":", 1)[1], "policy_version": version, "devices": devices,
+                "exemptions": exemptions}
 
 
 def _read_to_end(settings: Settings, topic: str, timeout_s: float) -> list[Any]:
