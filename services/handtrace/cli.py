@@ -717,15 +717,18 @@ def control_resign(
     actor: Annotated[str, typer.Option(help="Ops user rotating the key.")],
     reason: str = "key rotation",
 ) -> None:
-    """Key rotation: re-publish the policy in force (version + 1) and every enrolled device, signed
-    with the current HANDTRACE_CONTROL__SIGNING_KEY; then the old key id can be retired."""
-    from handtrace.control.publish import ControlError, resign
+    """Key rotation: re-publish the policy in force (version + 1), every enrolled device and every
+    exemption in force, signed with the current HANDTRACE_CONTROL__SIGNING_KEY; then the old key
+    id can be retired (the API's POST /api/v1/admin/resign does the same, audited)."""
+    from handtrace.control.publish import ControlError, resign, resign_exemptions
 
     try:
         version, devices = resign(_settings(), actor=actor, reason=reason)
+        exemptions = resign_exemptions(_settings(), actor=actor, reason=reason)
     except ControlError as e:
         raise _fail(str(e)) from None
-    console.print(f"re-signed: policy {'v' + str(version) if version else '(none in force)'}, {devices} devices")
+    console.print(f"re-signed: policy {'v' + str(version) if version else '(none in force)'}, {devices} devices, "
+                  f"{exemptions} exemptions")
 
 
 @control_app.command("keygen")

@@ -24,6 +24,7 @@ CONTRACT = {
     Action.sampling: "- - yes - - yes",
     Action.allowlist: "- - - yes - yes",
     Action.audit: "- - - - yes yes",
+    Action.rotate_key: "- - - - - yes",
 }
 ROLE_ORDER = [Role.employee, Role.hr, Role.ops, Role.security, Role.auditor, Role.admin]
 
@@ -49,6 +50,7 @@ ROUTES: list[tuple[Action, str, str, dict[str, Any] | None]] = [
      {"allowed_apps": ["code"], "allowed_domains": ["github.com"], "reason": "tighten"}),
     (Action.allowlist, "PUT", "/api/v1/policy/text-capture", {"text_capture": {"*": "none"}, "reason": "pii"}),
     (Action.audit, "GET", "/api/v1/audit", None),
+    (Action.rotate_key, "POST", "/api/v1/admin/resign", {"reason": "yearly key rotation"}),
 ]
 
 

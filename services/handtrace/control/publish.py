@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
@@ -37,9 +38,11 @@ from handtrace.core.signing import (
 )
 from handtrace.core.topics import Topics
 
-__all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "control_record",
-           "current_policy", "current_policy_version", "device_record", "enrolled_devices", "pause_record",
-           "policy_record", "publish", "publish_device", "resign"]
+__all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "active_exemptions",
+           "control_record", "current_policy", "current_policy_version", "device_record", "enrolled_devices",
+           "pause_record", "policy_record", "publish", "publish_device", "resign", "resign_exemptions"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _signer(settings: Settings) -> Signer:
@@ -120,39 +123,18 @@ def _control_plane_verifier(settings: Settings) -> Verifier:
 
 def _signed_records(settings: Settings, topic: str, role: str, subject: str,
                     timeout_s: float) -> list[tuple[Signature, dict[str, Any]]]:
-    """Every record of single-partition ``topic`` that a current control-plane key signed, in
-    order (forged or broken ones are skipped)."""
+    """Every record of ``topic`` that a current control-plane key signed, partition by partition,
+    each in order (forged or broken ones are skipped)."""
     check = _control_plane_verifier(settings)
     c = Consumer({**settings.kafka.librdkafka(), "group.id": f"handtrace-cli-{ids.uuid7_bytes().hex()}",
                   "enable.auto.commit": False, "enable.partition.eof": True})
     out: list[tuple[Signature, dict[str, Any]]] = []
     try:
-        tp = TopicPartition(topic, 0)
-        low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
-        if high <= low:
-            return out
-        c.assign([TopicPartition(topic, 0, low)])
-        while True:
-            msg = c.poll(timeout_s)
-            if msg is None:
-                raise ControlError(f"timed out reading {topic}")
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    break
-                raise ControlError(f"{topic}: {err.str()}")
-            value = msg.value() or b""
-            raw_headers = msg.headers() or []
-            headers = [(k, v if isinstance(v, bytes) else (v or "").encode())
-                       for k, v in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)]
-            try:
-                sig = check.verify(headers, role, msg.key(), value)
-                if sig.kind == CONTROL_PLANE:
-                    out.append((sig, codec.decode_record(value, subject)))
-            except (Refused, codec.DecodeError):
-                pass  # a forged or broken record counts for nothing
-            if (msg.offset() or 0) + 1 >= high:
-                break
+        meta = c.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            raise ControlError(f"cannot read {topic}: {meta.error if meta else 'no such topic'}")
+        for partition in sorted(meta.partitions):
+            _read_partition(c, check, topic, partition, role, subject, timeout_s, out)
     except ControlError:
         raise
     except Exception as e:
@@ -160,6 +142,36 @@ def _signed_records(settings: Settings, topic: str, role: str, subject: str,
     finally:
         c.close()
     return out
+
+
+def _read_partition(c: Consumer, check: Verifier, topic: str, partition: int, role: str, subject: str,
+                    timeout_s: float, out: list[tuple[Signature, dict[str, Any]]]) -> None:
+    tp = TopicPartition(topic, partition)
+    low, high = c.get_watermark_offsets(tp, timeout=timeout_s)
+    if high <= low:
+        return
+    c.assign([TopicPartition(topic, partition, low)])
+    while True:
+        msg = c.poll(timeout_s)
+        if msg is None:
+            raise ControlError(f"timed out reading {topic}")
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                break
+            raise ControlError(f"{topic}: {err.str()}")
+        value = msg.value() or b""
+        raw_headers = msg.headers() or []
+        headers = [(k, v if isinstance(v, bytes) else (v or "").encode())
+                   for k, v in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)]
+        try:
+            sig = check.verify(headers, role, msg.key(), value)
+            if sig.kind == CONTROL_PLANE:
+                out.append((sig, codec.decode_record(value, subject)))
+        except (Refused, codec.DecodeError):
+            pass  # a forged or broken record counts for nothing
+        if (msg.offset() or 0) + 1 >= high:
+            break
 
 
 def current_policy(settings: Settings, timeout_s: float = 15.0) -> dict[str, Any] | None:
@@ -209,3 +221,39 @@ def resign(settings: Settings, *, actor: str, reason: str = "key rotation") -> t
         publish_device(settings, device_record(rec["employee_id"], rec["device_id"], bytes(rec["public_key"]),
                                                actor=actor, reason=reason))
     return version, len(devices)
+
+
+def active_exemptions(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]:
+    """Employee id -> effective time (µs) of their exemption in force: a control-plane-signed
+    grant not followed by a revoke on the controls topic (keyed by employee: one partition each)."""
+    topic = Topics.from_settings(settings.topics).controls
+    active: dict[str, int] = {}
+    for _sig, rec in _signed_records(settings, topic, "controls", "control_event", timeout_s):
+        employee, kind = rec.get("employee_id"), rec.get("kind")
+        if not employee:
+            continue
+        if kind == "exemption_grant":
+            active[employee] = _epoch_us(rec.get("exemption_effective_at_us") or rec["occurred_at_us"])
+        elif kind == "exemption_revoke":
+            active.pop(employee, None)
+    return active
+
+
+def _epoch_us(at: Any) -> int:
+    """A timestamp-micros field (the decoder gives a datetime) as epoch microseconds."""
+    if isinstance(at, datetime):
+        return (at - _EPOCH) // timedelta(microseconds=1)
+    return int(at)
+
+
+def resign_exemptions(settings: Settings, *, actor: str, reason: str = "key rotation") -> int:
+    """Key rotation: grant every exemption in force again, with its original effective time,
+    signed with the current key -- so that what was granted under the old key still counts for
+    whoever folds the controls topic from its start once that key is retired (a new stream
+    deployment, the API's state view). Returns how many were re-published. A worker that already
+    holds the exemption folds a second, identical one: a later revoke ends both."""
+    exemptions = active_exemptions(settings)
+    for employee, effective_at_us in sorted(exemptions.items()):
+        publish(settings, control_record("exemption_grant", employee_id=employee, actor=actor, role="hr",
+                                         reason=reason, exemption_effective_at_us=effective_at_us))
+    return len(exemptions)

@@ -28,6 +28,7 @@ class Action(StrEnum):
     sampling = "sampling"
     allowlist = "allowlist"
     audit = "audit"
+    rotate_key = "rotate_key"
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ MATRIX: dict[Action, Rule] = {r.action: r for r in (
     Rule(Action.allowlist, "set allowlists and masking (allowed_apps/domains, text_capture)",
          frozenset({Role.security, Role.admin})),
     Rule(Action.audit, "read the audit trail", frozenset({Role.auditor, Role.admin})),
+    Rule(Action.rotate_key, "re-sign the policy and device enrollments with the API's key (key rotation)",
+         frozenset({Role.admin})),
 )}
 """The role matrix: every route names one of these actions and is guarded by its rule."""
 

@@ -37,6 +37,7 @@ class ErrorOut(BaseModel):
 
 
 router = APIRouter(prefix="/api/v1", responses={
+    400: {"model": ErrorOut, "description": "The body could not be parsed (e.g. not UTF-8 JSON)."},
     401: {"model": ErrorOut, "description": "Missing, invalid or expired bearer token."},
     403: {"model": ErrorOut, "description": "The caller's roles may not do this (audited)."},
     422: {"model": ValidationProblems, "description": "Every validation problem at once."},
@@ -376,3 +377,40 @@ def audit(_caller: Annotated[Principal, allow(Action.audit)], services: Services
     return list(_state(services.audit.entries, limit))
 
 
+
+
+# ---------------------------------------------------------------- admin
+
+
+class ResignIn(_Body):
+    reason: str = Field(default="", max_length=500, description="Why (kept in the audit trail), e.g. the "
+                        "rotation ticket.")
+
+
+class Resigned(BaseModel):
+    key_id: str = Field(description="The key id now signing (the API's `HANDTRACE_CONTROL__SIGNING_KEY_ID`).")
+    policy_version: int | None = Field(description="The policy in force, re-published as this version "
+                                       "(null: no policy was published).")
+    devices: int = Field(description="Device enrollments re-published.")
+    exemptions: int = Field(description="Exemptions in force granted again (same effective time).")
+
+
+@router.post("/admin/resign", response_model=Resigned, status_code=202, tags=["admin"],
+             openapi_extra=_rule(Action.rotate_key))
+def resign(body: ResignIn, request: Request, caller: Annotated[Principal, allow(Action.rotate_key)],
+           services: Services_) -> Resigned:
+    """Key rotation, step 4 (docs/operations.md): re-publish the policy in force (version + 1),
+    every device enrollment and every exemption in force, signed with the API's current key, so
+    the old key id can be retired everywhere."""
+    problems = _reason_required(body.reason)
+    if problems:
+        raise Problems(problems)
+    before = (_state(services.state.policy) or {}).get("version")
+    try:
+        done = services.controls.resign(actor=caller.subject, reason=body.reason)
+    except ControlError as e:
+        raise HTTPException(status_code=503, detail=f"not re-signed: {e}") from None
+    services.audit.record(audit_entry(caller, action="key_resign", target="control-plane-key", reason=body.reason,
+                                      outcome="allowed", before={"policy_version": before},
+                                      after=dict(done), method=request.method, path=request.url.path))
+    return Resigned(**done)

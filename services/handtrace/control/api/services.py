@@ -36,6 +36,11 @@ class Controls(Protocol):
     def publish(self, record: dict[str, Any]) -> None:
         """Sign and send one control record (schemas/control_event); raises ControlError."""
 
+    def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
+        """Key rotation: re-publish the policy in force (version + 1), every enrolled device and
+        every exemption in force, signed with the current key. Returns {key_id, policy_version
+        (None: no policy), devices, exemptions}; raises ControlError."""
+
 
 class State(Protocol):
     """What the controls say now."""
@@ -142,6 +147,17 @@ def fold_employee(records: Sequence[dict[str, Any]], employee_id: str, denied_at
             "exempt_since": iso(exempt_since), "pending_request": request}
 
 
+def _exemption(records: Sequence[dict[str, Any]], employee_id: str) -> dict[str, Any]:
+    """{exempt_since_us}: the effective time of the employee's exemption in force, else None."""
+    since: int | None = None
+    for r in records:
+        if r.get("employee_id") == employee_id and r["kind"] == "exemption_grant":
+            since = int(r.get("exemption_effective_at_us") or r["occurred_at_us"])
+        elif r.get("employee_id") == employee_id and r["kind"] == "exemption_revoke":
+            since = None
+    return {"exempt_since_us": since}
+
+
 def pending_from(records: Sequence[dict[str, Any]], denials: dict[str, int]) -> list[dict[str, Any]]:
     """Every employee's pending exemption request, oldest first."""
     employees = {r["employee_id"] for r in records if r.get("kind") == "exemption_request" and r.get("employee_id")}
@@ -185,6 +201,28 @@ class MemoryControls:
         codec.encode_record("control_event", record)
         with self.backend.lock:
             self.backend.controls.append(dict(record))
+
+    def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
+        """The policy in force again as version + 1 and each exemption in force granted again, as
+        the Kafka controls do (the memory backend holds no devices)."""
+        from handtrace.core.controls import MAX_POLICY_VERSION, ControlError, control_record
+
+        with self.backend.lock:
+            pol = latest_policy(self.backend.controls)
+            records = list(self.backend.controls)
+        version = None
+        if pol is not None:
+            version = int(pol["version"]) + 1
+            if version > MAX_POLICY_VERSION:
+                raise ControlError(f"the policy in force has version {pol['version']}: no room above it")
+            self.publish(control_record("policy_update", employee_id=None, actor=actor, role="ops", reason=reason,
+                                        policy={**pol, "version": version}))
+        exempt = {e: s["exempt_since_us"] for e in sorted({r["employee_id"] for r in records if r.get("employee_id")})
+                  if (s := _exemption(records, e))["exempt_since_us"] is not None}
+        for employee, since in exempt.items():
+            self.publish(control_record("exemption_grant", employee_id=employee, actor=actor, role="hr",
+                                        reason=reason, exemption_effective_at_us=since))
+        return {"key_id": "memory", "policy_version": version, "devices": 0, "exemptions": len(exempt)}
 
 
 class MemoryState:
@@ -245,6 +283,14 @@ class KafkaControls:
         from handtrace.control.publish import publish
 
         publish(self.settings, record, timeout_s=self.settings.api.read_timeout_s, signer=self.signer)
+
+    def resign(self, *, actor: str, reason: str) -> dict[str, Any]:
+        from handtrace.control.publish import resign, resign_exemptions
+
+        version, devices = resign(self.settings, actor=actor, reason=reason)
+        exemptions = resign_exemptions(self.settings, actor=actor, reason=reason)
+        return {"key_id": self.signer.signer_id.split(":", 1)[1], "policy_version": version, "devices": devices,
+                "exemptions": exemptions}
 
 
 def _read_to_end(settings: Settings, topic: str, timeout_s: float) -> list[Any]:
