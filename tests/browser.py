@@ -67,7 +67,7 @@ def chromium() -> Iterator[Any]:
 
 
 @contextmanager
-def live_server(app: Any, timeout_s: float = 15.0) -> Iterator[str]:
+def live_server(app: Any, timeout_s: float = 60.0) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL and
     stops the server (and joins its thread) at exit."""
     import uvicorn

@@ -71,7 +71,7 @@ def open_as(browser: Any, base_url: str) -> Iterator[Any]:
         contexts.append(ctx)
         ctx.add_cookies([{"name": k, "value": v, "url": base_url} for k, v in cookie.items()])
         page = ctx.new_page()
-        page.set_default_timeout(10_000)
+        page.set_default_timeout(30_000)  # a loaded 2-core CI machine
         page.goto(path)
         return page
 
