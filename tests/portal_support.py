@@ -5,6 +5,7 @@ in-memory Services, with session cookies holding tokens minted by the test's ide
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,10 @@ def portal_app(services: Services) -> FastAPI:
 
 def session_cookie(subject: str, roles: list[str], employee_id: str | None = None,
                    name: str | None = None) -> dict[str, str]:
-    """The ``ht_token`` session cookie of a principal: a token from the test's identity provider."""
-    extra: dict[str, Any] = {"name": name or subject}
+    """The ``ht_token`` session cookie of a principal: a token from the test's identity provider,
+    valid for a day (test modules mint them at import; the whole suite takes longer than the
+    10 minutes of a default test token)."""
+    extra: dict[str, Any] = {"name": name or subject, "exp": int(time.time()) + 24 * 3600}
     if employee_id is not None:
         extra["employee_id"] = employee_id
     return {"ht_token": mint(subject, roles, **extra)}
