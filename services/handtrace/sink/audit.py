@@ -42,7 +42,7 @@ from handtrace.core.rows import TS, ipc_stream
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
-from handtrace.sink.errors import ErrorClass, classify
+from handtrace.sink.errors import RowsRefused, retry_clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import Stopped
 
@@ -314,26 +314,10 @@ class AuditWriter:
     # -------------------------------------------------------------- ClickHouse with retries
 
     def _ch(self, what: str, fn: Callable[[], Any], refusable: bool = False) -> Any:
-        """``fn()`` against ClickHouse: outages retried without limit (stop aware); for inserts,
-        rows refused for good (or an unknown error that persists) raise ``_Refused``."""
-        attempt = unknown = 0
-        while True:
-            try:
-                return fn()
-            except Stopped:
-                raise
-            except Exception as e:  # noqa: BLE001
-                c = classify(e)
-                metrics.INSERT_ERRORS.labels(c.cls.value).inc()
-                if refusable and c.cls is ErrorClass.BAD_DATA:
-                    raise _Refused(c.reason) from e
-                if refusable and c.cls is ErrorClass.UNKNOWN:
-                    unknown += 1
-                    if unknown > self.settings.sink.unknown_error_retries:
-                        raise _Refused(c.reason) from e
-                log.warning("%s failed (%s); retrying", what, c.reason)
-                self._backoff(attempt)
-                attempt += 1
+        """``fn()`` against ClickHouse (``errors.retry_clickhouse``): outages retried until
+        stopped; for inserts, rows refused for good raise ``_Refused``."""
+        return retry_clickhouse(what, fn, backoff=self._backoff, log=log, refusable=refusable,
+                                unknown_retries=self.settings.sink.unknown_error_retries, passthrough=(Stopped,))
 
     def _backoff(self, attempt: int) -> None:
         """Jittered exponential wait (≤ 30 s), polling paused partitions so the group keeps us;
@@ -425,9 +409,4 @@ class AuditWriter:
                 self._consumer = None
 
 
-class _Refused(Exception):  # noqa: N818 -- a signal for the writer
-    """ClickHouse refuses the rows for good."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+_Refused = RowsRefused  # ClickHouse refuses the rows for good (errors.retry_clickhouse)

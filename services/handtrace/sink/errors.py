@@ -21,8 +21,13 @@ The classification is by ClickHouse error *code* (clickhouse-connect puts it on
 from __future__ import annotations
 
 import enum
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ErrorClass(enum.Enum):
@@ -201,3 +206,41 @@ def classify(exc: BaseException) -> Classified:
     if type(exc).__name__ in {"OperationalError", "StreamFailureError"}:
         return Classified(ErrorClass.RETRYABLE, type(exc).__name__, None, short_detail(exc))
     return Classified(ErrorClass.UNKNOWN, type(exc).__name__, None, short_detail(exc))
+
+
+class RowsRefused(Exception):  # noqa: N818 -- a signal for the writer, not a failure of ours
+    """ClickHouse refuses these rows for good: bad data, or an unknown error that persists while
+    ClickHouse answers."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def retry_clickhouse(what: str, fn: Callable[[], T], *, backoff: Callable[[int], None], unknown_retries: int,
+                     log: logging.Logger, refusable: bool = False,
+                     passthrough: tuple[type[BaseException], ...] = ()) -> T:
+    """``fn()`` against ClickHouse, for the writers that own their retries (demonstrations,
+    audit): outages are retried without limit through ``backoff(attempt)`` (which raises to
+    stop); with ``refusable`` (inserts), rows ClickHouse refuses for good raise
+    :class:`RowsRefused`. ``passthrough`` exceptions (a stop) propagate untouched."""
+    from handtrace.sink import metrics
+
+    attempt = unknown = 0
+    while True:
+        try:
+            return fn()
+        except passthrough:
+            raise
+        except Exception as e:  # noqa: BLE001 -- classified below
+            c = classify(e)
+            metrics.INSERT_ERRORS.labels(c.cls.value).inc()
+            if refusable and c.cls is ErrorClass.BAD_DATA:
+                raise RowsRefused(c.reason) from e
+            if refusable and c.cls is ErrorClass.UNKNOWN:
+                unknown += 1
+                if unknown > unknown_retries:
+                    raise RowsRefused(c.reason) from e
+            log.warning("%s failed (%s); retrying", what, c.reason)
+            backoff(attempt)
+            attempt += 1
