@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import threading
 import time
 import uuid
@@ -60,7 +59,7 @@ from handtrace.core.rows import (
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
-from handtrace.sink.errors import RowsRefused, retry_clickhouse
+from handtrace.sink.errors import RowsRefused, backoff_in_group, retry_clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import Stopped
 
@@ -539,24 +538,8 @@ class DemoWriter:
                                 unknown_retries=self.settings.sink.unknown_error_retries, passthrough=(Stopped,))
 
     def _backoff(self, attempt: int) -> None:
-        """Jittered exponential wait (≤ 30 s) in the consumer group; ``Stopped`` once stopping."""
-        if self._stop.is_set():
-            raise Stopped
-        delay = min(0.1 * 2 ** min(attempt, 9), 30.0) * (0.8 + 0.4 * random.random())  # noqa: S311
-        c = self._consumer
-        if c is None:
-            self._stop.wait(delay)
-        else:
-            assignment = c.assignment()
-            c.pause(assignment)
-            deadline = time.monotonic() + delay
-            while time.monotonic() < deadline and not self._stop.is_set():
-                c.poll(0.1)  # paused: only callbacks (a revoke drops the partition's state)
-            try:
-                c.resume(c.assignment())
-            except KafkaException as e:  # a rebalance in between: the next poll sorts it out
-                log.warning("resume after a backoff failed: %s", e)
-        if self._stop.is_set():
+        """``errors.backoff_in_group``; ``Stopped`` once stopping."""
+        if not backoff_in_group(self._consumer, self._stop, attempt, log=log):
             raise Stopped
 
     # -------------------------------------------------------------- kafka

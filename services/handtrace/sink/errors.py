@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaException
 
 T = TypeVar("T")
 
@@ -244,3 +249,25 @@ def retry_clickhouse(what: str, fn: Callable[[], T], *, backoff: Callable[[int],
             log.warning("%s failed (%s); retrying", what, c.reason)
             backoff(attempt)
             attempt += 1
+
+
+def backoff_in_group(consumer: Any, stop: threading.Event, attempt: int, *, log: logging.Logger) -> bool:
+    """Jittered exponential wait (at most 30 s) after a failed ClickHouse call, for a writer that
+    owns a consumer: its partitions are paused and polled meanwhile (callbacks only, so the group
+    keeps it and a revoke is seen), then resumed. Returns False when ``stop`` is set (the caller
+    raises its own stop)."""
+    if stop.is_set():
+        return False
+    delay = min(0.1 * 2 ** min(attempt, 9), 30.0) * (0.8 + 0.4 * random.random())  # noqa: S311
+    if consumer is None:
+        stop.wait(delay)
+    else:
+        consumer.pause(consumer.assignment())
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and not stop.is_set():
+            consumer.poll(0.1)
+        try:
+            consumer.resume(consumer.assignment())
+        except KafkaException as e:  # a rebalance in between: the next poll sorts it out
+            log.warning("resume after a backoff failed: %s", e)
+    return not stop.is_set()
