@@ -65,6 +65,41 @@ class Audit(Protocol):
         """The newest ``limit`` entries, newest first."""
 
 
+class WarehouseUnavailable(RuntimeError):
+    """ClickHouse could not be reached (on the embedded engine: no process serves its data dir);
+    the API answers 503 with the message, pages show it in place of the section."""
+
+
+class Warehouse(Protocol):
+    """What the API reads from ClickHouse (and the one thing it writes there: a withdrawal).
+    Keys are HMAC pseudonyms (``employee_key``): the API derives the caller's own with the
+    pseudonym key (control/api/warehouse.py); nobody is ever looked up by another's raw id here.
+    Implementations: ``warehouse.ClickHouseWarehouse`` and ``warehouse.MemoryWarehouse``."""
+
+    def captured(self, employee_key: str, since_us: int, until_us: int) -> dict[str, Any]:
+        """What was stored about one person in [since, until): {"total": int, "by_app_kind":
+        [{"app_id", "kind", "events"}] (descending), "demonstrations": int, "frames": [{
+        "demonstration_id", "step", "captured_at", "sha256", "reason"}] (newest first, <= 12)}."""
+
+    def demonstrations(self, employee_key: str, limit: int) -> list[dict[str, Any]]:
+        """One person's demonstrations, newest first: {"demonstration_id", "instruction",
+        "status", "started_at", "ended_at", "frames", "events", "apps", "withdrawn": bool,
+        "withdrawn_at"}."""
+
+    def frame(self, employee_key: str, demonstration_id: str, step: int) -> dict[str, Any] | None:
+        """One stored frame of this person's ({"object_key", "sha256", "format", "width",
+        "height"}), None when it is not theirs or does not exist (the same answer either way)."""
+
+    def withdraw(self, *, employee_key: str, demonstration_id: str, actor: str, reason: str) -> str:
+        """Withdraw one of this person's demonstrations from training data (a ``withdrawals`` row,
+        as ``handtrace dataset withdraw``). Returns the withdrawal id; raises KeyError when the
+        demonstration is not theirs or does not exist."""
+
+    def traffic(self, since_us: int, until_us: int) -> Any:
+        """What was stored in [since, until) by (app, kind) with episodes and agents, the input of
+        the sampling dry run (``dryrun.Traffic``)."""
+
+
 @dataclass
 class Services:
     """The app's collaborators (app.state.services)."""
@@ -72,6 +107,9 @@ class Services:
     controls: Controls
     state: State
     audit: Audit
+    warehouse: Warehouse | None = None
+    """None: no warehouse configured (the pages say so; the dry run and "captured about me" are
+    unavailable)."""
 
 
 def get_services(request: Request) -> Services:
