@@ -4,6 +4,7 @@ subprocess. A missing service is a test failure with a clear message, never a sk
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi.testclient import TestClient
 
 from handtrace.control.publish import control_record, device_record, publish, publish_device
 from handtrace.core import clickhouse
@@ -182,6 +184,17 @@ class RunningSink:
         self.stop_event.set()
         self.thread.join(60)
         assert not self.thread.is_alive(), "sink did not stop"
+
+
+@pytest.fixture
+def api_client() -> Iterator[Callable[[Settings], TestClient]]:
+    """The control-plane API on the real services (signed records on the real broker), as a
+    TestClient whose app is started and shut down (its consumers closed) around the test."""
+    from handtrace.control.api.app import create_app
+    from handtrace.control.api.services import kafka_services
+
+    with contextlib.ExitStack() as stack:
+        yield lambda s: stack.enter_context(TestClient(create_app(s, kafka_services(s))))
 
 
 @pytest.fixture

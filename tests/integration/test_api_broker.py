@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from handtrace.control.api.app import create_app
-from handtrace.control.api.services import kafka_services
 from handtrace.core import codec, ids
 from handtrace.core.clock import now_us
 from handtrace.core.signing import Refused, Verifier, generate_key_pair, public_key_from_b64
@@ -43,7 +40,7 @@ def _headers(msg: Any) -> list[tuple[str, bytes]]:
 
 
 def test_an_exemption_granted_through_the_api_is_honoured_by_a_running_worker(  # type: ignore[no-untyped-def]
-    settings_factory, stream_worker, tmp_path: Path
+    settings_factory, stream_worker, api_client, tmp_path: Path
 ) -> None:
     priv, pub = generate_key_pair()
     jwks_file = tmp_path / "jwks.json"
@@ -55,7 +52,7 @@ def test_an_exemption_granted_through_the_api_is_honoured_by_a_running_worker(  
     wait_for(lambda: stream_metric(s, "handtrace_stream_policy_version") >= 1, 120,
              "the worker to start and fold the policy", worker.tail)
 
-    client = TestClient(create_app(s, kafka_services(s)))
+    client = api_client(s)
     hr = bearer(mint("harriet", ["hr"]))
     r = client.post("/api/v1/me/exemption-requests", headers=bearer(mint("emp-x", [])),
                     json={"reason": "works council member"})

@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from handtrace.control.api.app import create_app
-from handtrace.control.api.services import kafka_services
 from handtrace.core import codec, ids
 from handtrace.core.clock import now_us
 from handtrace.core.controls import POLICY_KEY, control_record
@@ -75,7 +72,7 @@ def _with_control(s: Settings, control: ControlSettings, **stream: Any) -> Setti
 
 
 def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # type: ignore[no-untyped-def]
-    settings_factory, stream_worker, tmp_path: Path
+    settings_factory, stream_worker, api_client, tmp_path: Path
 ) -> None:
     a_priv, a_pub = generate_key_pair()
     b_priv, b_pub = generate_key_pair()
@@ -92,7 +89,7 @@ def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # t
                            bearer(mint("harriet", ["hr"])))
 
     # 1. Under key A: a policy and an exemption through the API, an enrolled laptop.
-    client = TestClient(create_app(api_a, kafka_services(api_a)))
+    client = api_client(api_a)
     # Readiness by a real request: the fresh topics have leaders once the API can read the policy.
     wait_for(lambda: client.get("/api/v1/policy", headers=hr).status_code == 200, 60, "the API to read the policy")
     r = client.put("/api/v1/policy/allowlist", headers=security,
@@ -109,7 +106,7 @@ def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # t
 
     # 2. The API restarted with key B re-signs what workers read from the start at every start.
     api_b = _with_control(api_a, ControlSettings(signing_key=b_priv, signing_key_id="cp2", public_keys=both))
-    client = TestClient(create_app(api_b, kafka_services(api_b)))
+    client = api_client(api_b)
     assert client.post("/api/v1/admin/resign", headers=hr, json={"reason": "CHG-7"}).status_code == 403
     r = client.post("/api/v1/admin/resign", headers=admin, json={"reason": "CHG-7 yearly rotation"})
     assert r.status_code == 202, r.text
@@ -134,7 +131,7 @@ def test_rotation_through_the_api_retires_the_old_key_and_keeps_the_policy(  # t
     assert stream_metric(retired_s, "handtrace_stream_policy_version") == 2
     api_b = _with_control(api_b, ControlSettings(signing_key=b_priv, signing_key_id="cp2", public_keys=both,
                                                  retired_key_ids=["cp1"]))
-    client = TestClient(create_app(api_b, kafka_services(api_b)))
+    client = api_client(api_b)
     assert client.get("/api/v1/policy", headers=hr).json()["version"] == 2
     # emp-a's exemption, granted under A, was granted again under B: the API (which folds the
     # controls topic from its start) still shows it with its original time.

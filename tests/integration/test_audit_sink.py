@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from handtrace.control.api.app import create_app
 from handtrace.control.api.auth import Principal
 from handtrace.control.api.roles import Role
-from handtrace.control.api.services import KafkaAudit, audit_entry, kafka_services
+from handtrace.control.api.services import KafkaAudit, audit_entry
 from handtrace.core import clickhouse
 from handtrace.core.admin import group_lag
 from handtrace.core.settings import Settings, settings_env
@@ -159,11 +157,13 @@ def audit_writer() -> Iterator[Callable[[Settings], AuditWriter]]:
         clickhouse.close(dsn)
 
 
-def test_a_grant_through_the_api_reaches_control_audit(settings_factory, audit_writer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_grant_through_the_api_reaches_control_audit(  # type: ignore[no-untyped-def]
+    settings_factory, audit_writer, api_client, tmp_path: Path
+) -> None:
     jwks_file = tmp_path / "jwks.json"
     jwks_file.write_text(json.dumps(jwks()))
     s = settings_factory(api={"jwks_file": str(jwks_file), "issuer": ISSUER, "read_timeout_s": 20})
-    client = TestClient(create_app(s, kafka_services(s)))
+    client = api_client(s)
     hr = bearer(mint("harriet", ["hr"]))
     r = client.post("/api/v1/me/exemption-requests", headers=bearer(mint("emp-x", [])),
                     json={"reason": "works council member"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -144,6 +145,19 @@ def _signed_records(settings: Settings, topic: str, role: str, subject: str,
     return out
 
 
+def control_plane_record(check: Verifier, role: str, subject: str, headers: list[tuple[str, bytes]],
+                         key: bytes | None, value: bytes) -> tuple[Signature, dict[str, Any]] | None:
+    """(signature, decoded record) when a current control-plane key signed this message, else None
+    (a forged or broken record counts for nothing)."""
+    try:
+        sig = check.verify(headers, role, key, value)
+        if sig.kind == CONTROL_PLANE:
+            return sig, codec.decode_record(value, subject)
+    except (Refused, codec.DecodeError):
+        pass
+    return None
+
+
 def _read_partition(c: Consumer, check: Verifier, topic: str, partition: int, role: str, subject: str,
                     timeout_s: float, out: list[tuple[Signature, dict[str, Any]]]) -> None:
     tp = TopicPartition(topic, partition)
@@ -160,16 +174,12 @@ def _read_partition(c: Consumer, check: Verifier, topic: str, partition: int, ro
             if err.code() == KafkaError._PARTITION_EOF:
                 break
             raise ControlError(f"{topic}: {err.str()}")
-        value = msg.value() or b""
         raw_headers = msg.headers() or []
         headers = [(k, v if isinstance(v, bytes) else (v or "").encode())
                    for k, v in (raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)]
-        try:
-            sig = check.verify(headers, role, msg.key(), value)
-            if sig.kind == CONTROL_PLANE:
-                out.append((sig, codec.decode_record(value, subject)))
-        except (Refused, codec.DecodeError):
-            pass  # a forged or broken record counts for nothing
+        signed = control_plane_record(check, role, subject, headers, msg.key(), msg.value() or b"")
+        if signed is not None:
+            out.append(signed)
         if (msg.offset() or 0) + 1 >= high:
             break
 
@@ -177,8 +187,13 @@ def _read_partition(c: Consumer, check: Verifier, topic: str, partition: int, ro
 def current_policy(settings: Settings, timeout_s: float = 15.0) -> dict[str, Any] | None:
     """The policy in force: the highest control-plane-signed version on the policy topic."""
     topic = Topics.from_settings(settings.topics).policy
+    return policy_in_force(_signed_records(settings, topic, "policy", "control_event", timeout_s))
+
+
+def policy_in_force(records: Iterable[tuple[Signature, dict[str, Any]]]) -> dict[str, Any] | None:
+    """The highest-versioned policy among control-plane-signed policy records (None: none)."""
     best: dict[str, Any] | None = None
-    for _sig, rec in _signed_records(settings, topic, "policy", "control_event", timeout_s):
+    for _sig, rec in records:
         pol = rec.get("policy")
         if rec.get("kind") == "policy_update" and pol and (best is None or pol["version"] > best["version"]):
             best = pol
@@ -196,8 +211,13 @@ def enrolled_devices(settings: Settings, timeout_s: float = 15.0) -> dict[str, d
     """Device id -> its current DeviceEnrollment (control-plane-signed, newest per device), enrolled
     devices only."""
     topic = Topics.from_settings(settings.topics).devices
+    return devices_enrolled(_signed_records(settings, topic, "devices", "device_enrollment", timeout_s))
+
+
+def devices_enrolled(records: Iterable[tuple[Signature, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Device id -> its newest control-plane-signed enrollment, enrolled devices only."""
     latest: dict[str, tuple[int, dict[str, Any]]] = {}
-    for sig, rec in _signed_records(settings, topic, "devices", "device_enrollment", timeout_s):
+    for sig, rec in records:
         d = rec["device_id"]
         if d not in latest or sig.sent_at_us > latest[d][0]:
             latest[d] = (sig.sent_at_us, rec)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -33,7 +35,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     """The API (and, when pages are present, the portal). Refuses to start (ApiConfigError, or
     ControlError without a signing key) with settings that would be unsafe."""
     authenticator = Authenticator(settings)  # first: fails closed before anything connects
-    app = FastAPI(title="handtrace control plane", version="1",
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.services.close()  # consumers and producers go with the app, not at exit
+
+    app = FastAPI(title="handtrace control plane", version="1", lifespan=lifespan,
                   description="The only issuer of authoritative controls: pauses, exemptions and the "
                   "capture policy, with roles and an audit trail (docs/api.md).")
     app.state.settings = settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,6 +19,7 @@ from handtrace.core.clock import now_us
 
 if TYPE_CHECKING:
     from handtrace.control.api.auth import Principal
+    from handtrace.control.api.tail import Message, TopicTail
     from handtrace.core.settings import Settings
 
 DEVICE_KINDS = ("pause_start", "pause_end", "exemption_request")
@@ -110,6 +111,13 @@ class Services:
     warehouse: Warehouse | None = None
     """None: no warehouse configured (the pages say so; the dry run and "captured about me" are
     unavailable)."""
+
+    def close(self) -> None:
+        """Release what the services hold (consumers, producers, clients): the app's shutdown."""
+        for part in (self.controls, self.state, self.audit, self.warehouse):
+            close = getattr(part, "close", None)
+            if callable(close):
+                close()
 
 
 def get_services(request: Request) -> Services:
@@ -331,57 +339,12 @@ class KafkaControls:
                 "exemptions": exemptions}
 
 
-def _read_to_end(settings: Settings, topic: str, timeout_s: float) -> list[Any]:
-    """Every message of every partition of ``topic`` up to its current end (bounded by
-    ``timeout_s``; StateUnavailable past it)."""
-    import time
-
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-    from handtrace.core import ids
-
-    deadline = time.monotonic() + timeout_s
-    c = Consumer({**settings.kafka.librdkafka(), "group.id": f"handtrace-api-{ids.uuid7_bytes().hex()}",
-                  "enable.auto.commit": False, "enable.partition.eof": False})
-    out: list[Any] = []
+def _audit_entry(m: Message) -> dict[str, Any] | None:
     try:
-        meta = c.list_topics(topic, timeout=timeout_s)
-        tmeta = meta.topics.get(topic)
-        if tmeta is None or tmeta.error is not None:
-            raise StateUnavailable(f"topic {topic} is not available")
-        ends: dict[int, int] = {}
-        starts = []
-        for p in tmeta.partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            if high > low:
-                ends[p] = high
-                starts.append(TopicPartition(topic, p, low))
-        if not starts:
-            return out
-        c.assign(starts)
-        while ends:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StateUnavailable(f"timed out reading {topic}")
-            msgs = c.consume(500, min(left, 1.0))
-            for m in msgs:
-                if m.error() is not None:
-                    continue
-                out.append(m)
-                p, off = m.partition(), m.offset() or 0
-                if p in ends and off + 1 >= ends[p]:
-                    del ends[p]
-    except KafkaException as e:
-        raise StateUnavailable(f"cannot read {topic}: {e}") from e
-    finally:
-        c.close()
-    return out
-
-
-def _headers(msg: Any) -> list[tuple[str, bytes]]:
-    raw = msg.headers() or []
-    return [(k, v if isinstance(v, bytes) else (v or "").encode())
-            for k, v in (raw.items() if isinstance(raw, dict) else raw)]
+        doc = json.loads(m.value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 class KafkaAudit:
@@ -390,6 +353,7 @@ class KafkaAudit:
     def __init__(self, settings: Settings) -> None:
         from confluent_kafka import Producer
 
+        from handtrace.control.api.tail import TopicTail
         from handtrace.core.producer import producer_config
         from handtrace.core.topics import Topics
 
@@ -397,6 +361,7 @@ class KafkaAudit:
         self.topic = Topics.from_settings(settings.topics).audit
         self.producer = Producer(producer_config(settings.kafka))
         self.lock = threading.Lock()
+        self.tail: TopicTail[dict[str, Any]] = TopicTail(settings, self.topic, _audit_entry)
 
     def record(self, entry: dict[str, Any]) -> None:
         errors: list[str] = []
@@ -410,63 +375,86 @@ class KafkaAudit:
 
     def all(self) -> list[dict[str, Any]]:
         """Every entry, oldest first (unreadable ones skipped)."""
-        out = []
-        for m in _read_to_end(self.settings, self.topic, self.settings.api.read_timeout_s):
-            try:
-                doc = json.loads(m.value() or b"")
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(doc, dict):
-                out.append(doc)
-        return out
+        return self.tail.read(self.settings.api.read_timeout_s)
 
     def entries(self, limit: int) -> list[dict[str, Any]]:
         return list(reversed(self.all()[-limit:])) if limit > 0 else []
 
+    def close(self) -> None:
+        self.tail.close()
+        self.producer.flush(1.0)
+
 
 class KafkaState:
     """The controls topic folded on demand: only records signed by a control-plane key in force,
-    or by a laptop enrolled for the record's own employee, count (forged ones change nothing)."""
+    or by a laptop enrolled for the record's own employee, count (forged ones change nothing).
+    The topics are tailed (control/api/tail.py): each message is read and verified once."""
 
     def __init__(self, settings: Settings, audit: KafkaAudit) -> None:
-        from handtrace.control.publish import _control_plane_verifier
+        from handtrace.control.api.tail import TopicTail
+        from handtrace.control.publish import _control_plane_verifier, control_plane_record
+        from handtrace.core.topics import Topics
 
         self.settings = settings
         self.audit = audit
         self.verifier = _control_plane_verifier(settings)
+        topics = Topics.from_settings(settings.topics)
+
+        def signed(role: str, subject: str) -> Callable[[Message], tuple[Any, dict[str, Any]] | None]:
+            return lambda m: control_plane_record(self.verifier, role, subject, m.headers, m.key, m.value)
+
+        self.policies = TopicTail(settings, topics.policy, signed("policy", "control_event"))
+        self.devices = TopicTail(settings, topics.devices, signed("devices", "device_enrollment"))
+        self.controls: TopicTail[Message] = TopicTail(settings, topics.controls, lambda m: m)
+        self._verified: dict[tuple[int, int], dict[str, Any] | None] = {}
+        self._verified_with: Any = None
+        self._lock = threading.Lock()
 
     def _records(self) -> list[dict[str, Any]]:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-        from handtrace.control.publish import ControlError, enrolled_devices
-        from handtrace.core import codec
-        from handtrace.core.signing import CONTROL_PLANE, Refused
-        from handtrace.core.topics import Topics
+        from handtrace.control.publish import devices_enrolled
 
         timeout = self.settings.api.read_timeout_s
-        try:
-            devices = enrolled_devices(self.settings, timeout)
-        except ControlError as e:
-            raise StateUnavailable(str(e)) from e
-        keys = {d: Ed25519PublicKey.from_public_bytes(bytes(r["public_key"])) for d, r in devices.items()}
-        out = []
-        for m in _read_to_end(self.settings, Topics.from_settings(self.settings.topics).controls, timeout):
-            value = m.value() or b""
-            try:
-                sig = self.verifier.verify(_headers(m), "controls", m.key(), value, keys)
-                rec = codec.decode_record(value, "control_event")
-            except (Refused, codec.DecodeError):
-                continue
-            if sig.kind != CONTROL_PLANE and (devices[sig.signer]["employee_id"] != rec.get("employee_id")
-                                              or rec["kind"] not in DEVICE_KINDS):
-                continue  # a laptop speaks for its own employee, and never grants or revokes (ADR 0009)
-            if rec.get("kind") in EMPLOYEE_KINDS:
-                at = rec["occurred_at_us"]  # timestamp-micros: the decoder gives a datetime
-                if isinstance(at, datetime):
-                    rec["occurred_at_us"] = (at - _EPOCH) // timedelta(microseconds=1)
-                out.append(rec)
+        devices = devices_enrolled(self.devices.read(timeout))
+        messages = self.controls.read(timeout)
+        # What a device-signed record means depends on the enrolled devices: verify everything
+        # again only when they change, otherwise only what is new.
+        fingerprint = sorted((d, bytes(r["public_key"]), r["employee_id"]) for d, r in devices.items())
+        with self._lock:
+            if fingerprint != self._verified_with:
+                self._verified, self._verified_with = {}, fingerprint
+            keys = {d: Ed25519PublicKey.from_public_bytes(bytes(r["public_key"])) for d, r in devices.items()}
+            out = []
+            for m in messages:
+                pos = (m.partition, m.offset)
+                if pos not in self._verified:
+                    self._verified[pos] = self._verify(m, devices, keys)
+                rec = self._verified[pos]
+                if rec is not None:
+                    out.append(rec)
         out.sort(key=lambda r: r["occurred_at_us"])
         return out
+
+    def _verify(self, m: Message, devices: dict[str, dict[str, Any]],
+                keys: dict[str, Any]) -> dict[str, Any] | None:
+        from handtrace.core import codec
+        from handtrace.core.signing import CONTROL_PLANE, Refused
+
+        try:
+            sig = self.verifier.verify(m.headers, "controls", m.key, m.value, keys)
+            rec = codec.decode_record(m.value, "control_event")
+        except (Refused, codec.DecodeError):
+            return None
+        if sig.kind != CONTROL_PLANE and (devices[sig.signer]["employee_id"] != rec.get("employee_id")
+                                          or rec["kind"] not in DEVICE_KINDS):
+            return None  # a laptop speaks for its own employee, and never grants or revokes (ADR 0009)
+        if rec.get("kind") not in EMPLOYEE_KINDS:
+            return None
+        at = rec["occurred_at_us"]  # timestamp-micros: the decoder gives a datetime
+        if isinstance(at, datetime):
+            rec["occurred_at_us"] = (at - _EPOCH) // timedelta(microseconds=1)
+        return rec
 
     def employee(self, employee_id: str) -> dict[str, Any]:
         denials = _denials(self.audit.all())
@@ -475,13 +463,14 @@ class KafkaState:
     def pending_requests(self) -> list[dict[str, Any]]:
         return pending_from(self._records(), _denials(self.audit.all()))
 
-    def policy(self) -> dict[str, Any] | None:
-        from handtrace.control.publish import ControlError, current_policy
+    def close(self) -> None:
+        for tail in (self.policies, self.devices, self.controls):
+            tail.close()
 
-        try:
-            return current_policy(self.settings, self.settings.api.read_timeout_s)
-        except ControlError as e:
-            raise StateUnavailable(str(e)) from e
+    def policy(self) -> dict[str, Any] | None:
+        from handtrace.control.publish import policy_in_force
+
+        return policy_in_force(self.policies.read(self.settings.api.read_timeout_s))
 
 
 def kafka_services(settings: Settings) -> Services:
