@@ -112,7 +112,7 @@ def test_exemption_request_needs_a_reason_shown_next_to_the_field(services: Serv
     c = client(services, ALICE)
     r = c.post("/portal/exemption-request", data={"reason": "   "})
     assert r.status_code == 422
-    assert '<p class="error" id="exemption-reason-error">a reason is required</p>' in r.text
+    assert '<p class="error" id="exemption-reason-error">is required (kept in the audit trail)</p>' in r.text
     r = c.post("/portal/exemption-request", data={"reason": "x" * 501})
     assert r.status_code == 422 and "at most 500 characters" in r.text
     assert not records(services) and not audit(services)
@@ -157,7 +157,7 @@ def test_hr_decision_needs_a_reason_next_to_that_rows_field(services: Services, 
     n_rec, n_audit = len(records(services)), len(audit(services))
     r = client(services, HANNA).post(f"/portal/hr/e-alice/{action}", data={"reason": ""})
     assert r.status_code == 422
-    assert f'<p class="error" id="{action}-reason-error-1">a reason is required</p>' in r.text
+    assert f'<p class="error" id="{action}-reason-error-1">is required (kept in the audit trail)</p>' in r.text
     assert (len(records(services)), len(audit(services))) == (n_rec, n_audit)
 
 
@@ -198,12 +198,15 @@ def test_what_people_type_is_escaped_everywhere(services: Services) -> None:
     # ... in a re-rendered field value, in a flash naming an employee id, and in the path.
     r = alice.post("/portal/pause", data={"minutes": "99", "reason": '"><script>alert(2)</script>'})
     assert r.status_code == 422 and "<script>alert(2)" not in r.text and "&#34;&gt;&lt;script&gt;" in r.text
-    weird = '<img src=x onerror=alert(1)>"'
+    weird = "<b>x\"&'<i>"  # a valid employee id (printable, no spaces)
     r = hr.post(f"/portal/hr/{weird}/grant", data={"reason": "ok"})
     assert r.status_code == 303, r.text
     page = hr.get(r.headers["location"])
-    assert "<img" not in page.text
-    assert "Exemption granted to &lt;img src=x onerror=alert(1)&gt;&#34;." in page.text
+    assert "<b>x" not in page.text
+    assert "Exemption granted to &lt;b&gt;x&#34;&amp;&#39;&lt;i&gt;." in page.text
+    # One with a space is not an employee id: refused on the page as in the JSON API.
+    r = hr.post("/portal/hr/<img src=x>/grant", data={"reason": "ok"})
+    assert r.status_code == 422 and "<img src=x>" not in r.text
 
 
 def test_policy_absent_says_nothing_is_captured() -> None:

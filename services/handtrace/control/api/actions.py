@@ -11,9 +11,9 @@ entry; an action on someone the caller may not act on writes one ``refused`` ent
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
-from handtrace.control.api.auth import Principal
+from handtrace.control.api.auth import Principal, valid_employee_id
 from handtrace.control.api.roles import Role
 from handtrace.control.api.services import Services
 from handtrace.core.clock import now_us
@@ -74,23 +74,35 @@ def audit_entry(who: Principal, action: str, *, target: str | None, reason: str 
             "control_id": control_id.hex() if control_id else None}
 
 
-def _refuse(services: Services, who: Principal, action: str, target: str | None, why: str) -> Refused:
-    services.audit.record(audit_entry(who, action, target=target, outcome="refused", reason=why))
+def _refuse(services: Services, who: Principal, action: str, target: str | None, why: str, at: Where) -> Refused:
+    services.audit.record(audit_entry(who, action, target=target, outcome="refused", reason=why, **at))
     return Refused(why)
+
+
+class Where(TypedDict):
+    """The request's method and path, kept with its audit entry (empty for calls that come from
+    no request)."""
+
+    method: str
+    path: str
+
+
+def where(method: str = "", path: str = "") -> Where:
+    return {"method": method, "path": path}
 
 
 def _reason(reason: str, *, required: bool) -> str:
     reason = (reason or "").strip()
     if required and not reason:
-        raise Invalid("reason", "a reason is required")
+        raise Invalid("reason", "is required (kept in the audit trail)")
     if len(reason) > MAX_REASON_CHARS:
         raise Invalid("reason", f"at most {MAX_REASON_CHARS} characters (got {len(reason)})")
     return reason
 
 
-def _self(services: Services, who: Principal, action: str) -> str:
+def _self(services: Services, who: Principal, action: str, at: Where) -> str:
     if not who.employee_id:
-        raise _refuse(services, who, action, None, "your account is not linked to an employee id")
+        raise _refuse(services, who, action, None, "your account is not linked to an employee id", at)
     return who.employee_id
 
 
@@ -98,81 +110,112 @@ def _mode(state: dict[str, Any]) -> dict[str, Any]:
     return {k: state.get(k) for k in ("mode", "paused_until", "exempt_since")}
 
 
-def pause_self(services: Services, who: Principal, minutes: float, reason: str = "") -> dict[str, Any]:
-    """Pause the caller's own capture for ``minutes`` (more than 0, at most 30); returns the record."""
-    employee_id = _self(services, who, "pause_start")
-    reason = _reason(reason, required=False)
-    try:
-        record = pause_record(employee_id, minutes, actor=who.subject, role="employee", reason=reason)
-    except ControlError as e:
-        raise Invalid("minutes", f"between 1 and {MAX_PAUSE_MINUTES} minutes") from e
-    before = _mode(services.state.employee(employee_id))
+def _issue(services: Services, who: Principal, action: str, record: dict[str, Any], *, target: str, reason: str,
+           before: Any, after: Any, at: Where) -> dict[str, Any]:
+    """Publish ``record`` (ControlError when it was not issued: nothing is audited as done), then
+    write its one audit entry."""
     services.controls.publish(record)
-    services.audit.record(audit_entry(
-        who, "pause_start", target=employee_id, reason=reason, before=before,
-        after={"mode": "paused", "paused_until": iso(record["pause_ends_at_us"])}, control_id=record["control_id"]))
+    services.audit.record(audit_entry(who, action, target=target, reason=reason, before=before, after=after,
+                                      control_id=record["control_id"], **at))
     return record
 
 
-def resume_self(services: Services, who: Principal, reason: str = "") -> dict[str, Any]:
+def pause_self(services: Services, who: Principal, minutes: float, reason: str = "", *,
+               at: Where | None = None) -> dict[str, Any]:
+    """Pause the caller's own capture for ``minutes`` (1 to 30); returns the record."""
+    at = at or where()
+    employee_id = _self(services, who, "pause_start", at)
+    reason = _reason(reason, required=False)
+    if not 1 <= minutes <= MAX_PAUSE_MINUTES:
+        raise Invalid("minutes", f"must be between 1 and {MAX_PAUSE_MINUTES}")
+    try:
+        record = pause_record(employee_id, minutes, actor=who.subject, role="employee", reason=reason)
+    except ControlError as e:
+        raise Invalid("minutes", f"must be between 1 and {MAX_PAUSE_MINUTES}") from e
+    before = _mode(services.state.employee(employee_id))
+    return _issue(services, who, "pause_start", record, target=employee_id, reason=reason, before=before,
+                  after={"mode": "paused", "paused_until": iso(record["pause_ends_at_us"])}, at=at)
+
+
+def resume_self(services: Services, who: Principal, reason: str = "", *, at: Where | None = None) -> dict[str, Any]:
     """End the caller's own pause now."""
-    employee_id = _self(services, who, "pause_end")
+    at = at or where()
+    employee_id = _self(services, who, "pause_end", at)
     reason = _reason(reason, required=False)
     state = services.state.employee(employee_id)
     now = now_us()
     record = control_record("pause_end", employee_id=employee_id, actor=who.subject, role="employee",
                             reason=reason, at_us=now, pause_ends_at_us=now)
-    services.controls.publish(record)
-    services.audit.record(audit_entry(who, "pause_end", target=employee_id, reason=reason, before=_mode(state),
-                                      after={"mode": "exempt" if state.get("mode") == "exempt" else "capturing",
-                                             "paused_until": None},
-                                      control_id=record["control_id"]))
-    return record
+    return _issue(services, who, "pause_end", record, target=employee_id, reason=reason, before=_mode(state),
+                  after={"mode": "exempt" if state.get("mode") == "exempt" else "capturing", "paused_until": None},
+                  at=at)
 
 
-def request_exemption(services: Services, who: Principal, reason: str) -> dict[str, Any]:
+def request_exemption(services: Services, who: Principal, reason: str, *, at: Where | None = None) -> dict[str, Any]:
     """The caller asks HR for an exemption for themself (a reason is required)."""
-    employee_id = _self(services, who, "exemption_request")
+    at = at or where()
+    employee_id = _self(services, who, "exemption_request", at)
     reason = _reason(reason, required=True)
     record = control_record("exemption_request", employee_id=employee_id, actor=who.subject, role="employee",
                             reason=reason)
     before = services.state.employee(employee_id).get("pending_request")
-    services.controls.publish(record)
-    services.audit.record(audit_entry(who, "exemption_request", target=employee_id, reason=reason,
-                                      before={"pending_request": before},
-                                      after={"pending_request": {"reason": reason}}, control_id=record["control_id"]))
-    return record
+    return _issue(services, who, "exemption_request", record, target=employee_id, reason=reason,
+                  before={"pending_request": before}, after={"pending_request": {"reason": reason}}, at=at)
 
 
-def _decider(services: Services, who: Principal, action: str, employee_id: str) -> None:
+def _decider(services: Services, who: Principal, action: str, employee_id: str, reason: str, at: Where) -> str:
     # The routes check the role with auth.require; this second check keeps a caller that forgot it safe.
     if not who.roles & EXEMPTION_DECIDERS:
-        raise _refuse(services, who, action, employee_id, "only hr or admin decide exemptions")
+        raise _refuse(services, who, action, employee_id, "only hr or admin decide exemptions", at)
+    problems = []
+    if not valid_employee_id(employee_id):
+        problems.append(("employee_id", "is not an employee id (1..128 printable characters, no spaces)"))
+    try:
+        reason = _reason(reason, required=True)
+    except Invalid as e:
+        problems.append((e.field, e.message))
+    if problems:
+        raise Problems(problems)
+    return reason
 
 
-def grant_exemption(services: Services, who: Principal, employee_id: str, reason: str) -> dict[str, Any]:
+def grant_exemption(services: Services, who: Principal, employee_id: str, reason: str, *,
+                    at: Where | None = None) -> dict[str, Any]:
     """HR (or admin) grants ``employee_id`` an exemption from now on (a reason is required)."""
-    _decider(services, who, "exemption_grant", employee_id)
-    reason = _reason(reason, required=True)
+    at = at or where()
+    reason = _decider(services, who, "exemption_grant", employee_id, reason, at)
     now = now_us()
     record = control_record("exemption_grant", employee_id=employee_id, actor=who.subject, role="hr",
                             reason=reason, at_us=now, exemption_effective_at_us=now)
     before = _mode(services.state.employee(employee_id))
-    services.controls.publish(record)
-    services.audit.record(audit_entry(who, "exemption_grant", target=employee_id, reason=reason, before=before,
-                                      after={"mode": "exempt", "exempt_since": iso(now), "paused_until": None},
-                                      control_id=record["control_id"]))
-    return record
+    return _issue(services, who, "exemption_grant", record, target=employee_id, reason=reason, before=before,
+                  after={"mode": "exempt", "exempt_since": iso(now), "paused_until": None}, at=at)
 
 
-def deny_exemption(services: Services, who: Principal, employee_id: str, reason: str) -> dict[str, Any]:
+def revoke_exemption(services: Services, who: Principal, employee_id: str, reason: str, *,
+                     at: Where | None = None) -> dict[str, Any]:
+    """HR (or admin) ends ``employee_id``'s exemption: capture is stored again from now on."""
+    at = at or where()
+    reason = _decider(services, who, "exemption_revoke", employee_id, reason, at)
+    record = control_record("exemption_revoke", employee_id=employee_id, actor=who.subject, role="hr",
+                            reason=reason)
+    before = _mode(services.state.employee(employee_id))
+    return _issue(services, who, "exemption_revoke", record, target=employee_id, reason=reason, before=before,
+                  after={"mode": "capturing", "exempt_since": None}, at=at)
+
+
+def deny_exemption(services: Services, who: Principal, employee_id: str, reason: str, *,
+                   at: Where | None = None) -> dict[str, Any]:
     """HR (or admin) denies ``employee_id``'s pending request: nothing is published, the audit
-    entry (action ``exemption_deny``) is the decision. Returns that entry."""
-    _decider(services, who, "exemption_deny", employee_id)
-    reason = _reason(reason, required=True)
+    entry (action ``exemption_deny``) is the decision. Returns that entry. Invalid when there is
+    no pending request."""
+    at = at or where()
+    reason = _decider(services, who, "exemption_deny", employee_id, reason, at)
     pending = services.state.employee(employee_id).get("pending_request")
+    if pending is None:
+        raise Invalid("employee_id", "has no pending exemption request to deny")
     entry = audit_entry(who, "exemption_deny", target=employee_id, reason=reason,
-                        before={"pending_request": pending}, after={"pending_request": None})
+                        before={"pending_request": pending}, after={"pending_request": None}, **at)
     services.audit.record(entry)
     return entry
 

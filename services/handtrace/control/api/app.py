@@ -11,11 +11,12 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
-from handtrace.control.api.actions import Problems
+from handtrace.control.api.actions import Invalid, Problems, Refused
 from handtrace.control.api.auth import COOKIE, Authenticator
 from handtrace.control.api.roles import Role
 from handtrace.control.api.routes import router
 from handtrace.control.api.services import Services, StateUnavailable, kafka_services
+from handtrace.core.controls import ControlError
 from handtrace.core.settings import Settings
 
 
@@ -52,9 +53,17 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return problems_response([(_field(e.get("loc", ())), str(e.get("msg", "invalid"))) for e in exc.errors()])
 
-    @app.exception_handler(Problems)
-    async def _problems(_request: Request, exc: Problems) -> JSONResponse:
-        return problems_response(exc.problems)
+    @app.exception_handler(Invalid)
+    async def _problems(_request: Request, exc: Invalid) -> JSONResponse:
+        return problems_response(exc.problems if isinstance(exc, Problems) else [(exc.field, exc.message)])
+
+    @app.exception_handler(Refused)
+    async def _refused(_request: Request, exc: Refused) -> JSONResponse:
+        return JSONResponse(status_code=403, content={"detail": str(exc)})  # already in the audit trail
+
+    @app.exception_handler(ControlError)
+    async def _not_issued(_request: Request, exc: ControlError) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": f"control not issued: {exc}"})
 
     @app.exception_handler(StateUnavailable)
     async def _unavailable(_request: Request, exc: StateUnavailable) -> JSONResponse:

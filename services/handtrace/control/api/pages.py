@@ -172,6 +172,10 @@ def employee_page(request: Request, who: Me, services: Svc) -> HTMLResponse:
     return _employee_page(request, who, services)
 
 
+def _where(request: Request) -> actions.Where:
+    return actions.where(request.method, request.url.path)
+
+
 @router.post("/portal/pause", dependencies=POST_GUARDS)
 def pause(request: Request, who: Me, services: Svc, minutes: Annotated[str, Form()] = "",
           reason: Annotated[str, Form()] = "") -> Response:
@@ -179,7 +183,7 @@ def pause(request: Request, who: Me, services: Svc, minutes: Annotated[str, Form
     try:
         if minutes not in {str(m) for m in PAUSE_MINUTES}:
             raise actions.Invalid("minutes", f"choose {', '.join(map(str, PAUSE_MINUTES))} minutes")
-        record = actions.pause_self(services, who, int(minutes), reason)
+        record = actions.pause_self(services, who, int(minutes), reason, at=_where(request))
     except actions.Refused as e:
         raise HTTPException(403, str(e)) from None
     except actions.Invalid as e:
@@ -189,10 +193,10 @@ def pause(request: Request, who: Me, services: Svc, minutes: Annotated[str, Form
 
 
 @router.post("/portal/resume", dependencies=POST_GUARDS)
-def resume(who: Me, services: Svc) -> Response:
+def resume(request: Request, who: Me, services: Svc) -> Response:
     """End the caller's own pause now."""
     try:
-        actions.resume_self(services, who)
+        actions.resume_self(services, who, at=_where(request))
     except actions.Refused as e:
         raise HTTPException(403, str(e)) from None
     return _back("/", "Capture resumed.")
@@ -202,7 +206,7 @@ def resume(who: Me, services: Svc) -> Response:
 def exemption_request(request: Request, who: Me, services: Svc, reason: Annotated[str, Form()] = "") -> Response:
     """The caller asks HR for an exemption."""
     try:
-        actions.request_exemption(services, who, reason)
+        actions.request_exemption(services, who, reason, at=_where(request))
     except actions.Refused as e:
         raise HTTPException(403, str(e)) from None
     except actions.Invalid as e:
@@ -221,7 +225,7 @@ def hr_page(request: Request, who: HR, services: Svc) -> HTMLResponse:
 def grant(request: Request, employee_id: str, who: HR, services: Svc, reason: Annotated[str, Form()] = "") -> Response:
     """Grant ``employee_id`` an exemption."""
     try:
-        actions.grant_exemption(services, who, employee_id, reason)
+        actions.grant_exemption(services, who, employee_id, reason, at=_where(request))
     except actions.Invalid as e:
         return _hr_page(request, who, services, 422, {(employee_id, "grant"): e.message})
     return _back("/hr", f"Exemption granted to {employee_id}.")
@@ -231,7 +235,7 @@ def grant(request: Request, employee_id: str, who: HR, services: Svc, reason: An
 def deny(request: Request, employee_id: str, who: HR, services: Svc, reason: Annotated[str, Form()] = "") -> Response:
     """Deny ``employee_id``'s pending request (an audit entry; nothing changes for them)."""
     try:
-        actions.deny_exemption(services, who, employee_id, reason)
+        actions.deny_exemption(services, who, employee_id, reason, at=_where(request))
     except actions.Invalid as e:
         return _hr_page(request, who, services, 422, {(employee_id, "deny"): e.message})
     return _back("/hr", f"Exemption request of {employee_id} denied.")

@@ -11,13 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from handtrace.control.api import actions
 from handtrace.control.api.actions import Problems
 from handtrace.control.api.auth import Principal, refuse, require, valid_employee_id
-from handtrace.control.api.roles import MATRIX, Action, actor_role
+from handtrace.control.api.roles import MATRIX, Action
 from handtrace.control.api.services import Services, StateUnavailable, audit_entry, control_id, get_services, iso
 from handtrace.core.controls import (
     MAX_PAUSE_MINUTES,
     ControlError,
-    control_record,
-    pause_record,
 )
 
 
@@ -152,16 +150,8 @@ def _state(fn: Any, *args: Any) -> Any:
         raise HTTPException(status_code=503, detail=f"control state unavailable: {e}") from None
 
 
-def _issue(request: Request, services: Services, caller: Principal, action: str, record: dict[str, Any], *,
-           target: str | None, before: Any, after: Any) -> None:
-    """Publish a control record, then audit it (one entry)."""
-    try:
-        services.controls.publish(record)
-    except ControlError as e:
-        raise HTTPException(status_code=503, detail=f"control not issued: {e}") from None
-    services.audit.record(audit_entry(caller, action=action, target=target, reason=record.get("reason", ""),
-                                      outcome="allowed", before=before, after=after, method=request.method,
-                                      path=request.url.path))
+def _at(request: Request) -> actions.Where:
+    return actions.where(request.method, request.url.path)
 
 
 def _reason_required(reason: str) -> list[tuple[str, str]]:
@@ -206,14 +196,8 @@ def my_state(caller: Annotated[Principal, allow(Action.own)], services: Services
 def pause(body: PauseIn, request: Request, caller: Annotated[Principal, allow(Action.own)],
           services: Services_) -> Accepted:
     """Pause capture of the caller for 1..30 minutes: nothing captured in it is stored."""
-    if not 1 <= body.minutes <= MAX_PAUSE_MINUTES:
-        raise Problems([("minutes", f"must be between 1 and {MAX_PAUSE_MINUTES}")])
-    me_id = _own(caller)
-    rec = pause_record(me_id, body.minutes, actor=caller.subject, role=actor_role(Action.own), reason=body.reason)
-    before = _state(services.state.employee, me_id)["mode"]
-    until = iso(rec["pause_ends_at_us"])
-    _issue(request, services, caller, "pause", rec, target=me_id, before=before, after=f"paused until {until}")
-    return Accepted(control_id=control_id(rec), paused_until=until)
+    rec = actions.pause_self(services, caller, body.minutes, body.reason, at=_at(request))
+    return Accepted(control_id=control_id(rec), paused_until=iso(rec["pause_ends_at_us"]))
 
 
 @router.post("/me/resume", response_model=Accepted, status_code=202, tags=["employee"],
@@ -221,11 +205,7 @@ def pause(body: PauseIn, request: Request, caller: Annotated[Principal, allow(Ac
 def resume(request: Request, caller: Annotated[Principal, allow(Action.own)], services: Services_,
            body: ReasonIn | None = None) -> Accepted:
     """End the caller's pause now."""
-    me_id = _own(caller)
-    rec = control_record("pause_end", employee_id=me_id, actor=caller.subject, role=actor_role(Action.own),
-                         reason=body.reason if body else "")
-    before = _state(services.state.employee, me_id)["mode"]
-    _issue(request, services, caller, "resume", rec, target=me_id, before=before, after="resumed")
+    rec = actions.resume_self(services, caller, body.reason if body else "", at=_at(request))
     return Accepted(control_id=control_id(rec))
 
 
@@ -234,13 +214,7 @@ def resume(request: Request, caller: Annotated[Principal, allow(Action.own)], se
 def request_exemption(body: ReasonIn, request: Request, caller: Annotated[Principal, allow(Action.own)],
                       services: Services_) -> Accepted:
     """Ask HR for an exemption from capture (HR grants or denies it)."""
-    problems = _reason_required(body.reason)
-    if problems:
-        raise Problems(problems)
-    me_id = _own(caller)
-    rec = control_record("exemption_request", employee_id=me_id, actor=caller.subject,
-                         role=actor_role(Action.own), reason=body.reason)
-    _issue(request, services, caller, "exemption_request", rec, target=me_id, before=None, after="requested")
+    rec = actions.request_exemption(services, caller, body.reason, at=_at(request))
     return Accepted(control_id=control_id(rec))
 
 
@@ -267,30 +241,14 @@ def exemption_requests(_caller: Annotated[Principal, allow(Action.exemptions)], 
     return list(_state(services.state.pending_requests))
 
 
+_DECISIONS = {"grant": actions.grant_exemption, "deny": actions.deny_exemption, "revoke": actions.revoke_exemption}
+
+
 def _decide(kind: Literal["grant", "deny", "revoke"], employee_id: str, body: ReasonIn, request: Request,
             caller: Principal, services: Services) -> Accepted:
-    problems = _reason_required(body.reason)
-    if not valid_employee_id(employee_id):
-        problems.insert(0, ("employee_id", "is not an employee id (1..128 printable characters, no spaces)"))
-    if problems:
-        raise Problems(problems)
-    before = _state(services.state.employee, employee_id)
-    role = actor_role(Action.exemptions)
-    if kind == "deny":
-        # Nothing changes for the employee: a deny is an audit entry only (no control kind).
-        if before["pending_request"] is None:
-            raise Problems([("employee_id", "has no pending exemption request to deny")])
-        services.audit.record(audit_entry(caller, action="exemption_deny", target=employee_id, reason=body.reason,
-                                          outcome="allowed", before="requested", after="denied",
-                                          method=request.method, path=request.url.path))
-        return Accepted()
-    rec = control_record(f"exemption_{kind}", employee_id=employee_id, actor=caller.subject, role=role,
-                         reason=body.reason)
-    if kind == "grant":
-        rec["exemption_effective_at_us"] = rec["occurred_at_us"]
-    _issue(request, services, caller, f"exemption_{kind}", rec, target=employee_id, before=before["mode"],
-           after="exempt" if kind == "grant" else "capturing")
-    return Accepted(control_id=control_id(rec))
+    out = _DECISIONS[kind](services, caller, employee_id, body.reason, at=_at(request))
+    # A deny publishes nothing (its audit entry is the decision): no control id.
+    return Accepted() if kind == "deny" else Accepted(control_id=control_id(out))
 
 
 @router.post("/exemptions/{employee_id}/grant", response_model=Accepted, status_code=202, tags=["hr"],
