@@ -115,7 +115,10 @@ def encode(v: Any) -> Any:
     if isinstance(v, dict):
         return {"$": "map", "v": [[encode(k), encode(x)] for k, x in v.items()]}
     if isinstance(v, dt.datetime):
-        return {"$": "datetime", "v": v.replace(tzinfo=None).isoformat(), "tz": _tz(v.tzinfo)}
+        tz = _tz(v.tzinfo)
+        if tz is not None and tz[0] == "pytz":  # pytz's zone objects differ per offset: send the instant
+            return {"$": "datetime", "v": v.astimezone(dt.UTC).replace(tzinfo=None).isoformat(), "tz": tz}
+        return {"$": "datetime", "v": v.replace(tzinfo=None).isoformat(), "tz": tz, "fold": v.fold}
     if isinstance(v, dt.date):
         return {"$": "date", "v": v.isoformat()}
     if isinstance(v, dt.time):
@@ -148,7 +151,11 @@ def decode(v: Any) -> Any:
     if tag == "map":
         return {decode(k): decode(e) for k, e in x}
     if tag == "datetime":
-        return dt.datetime.fromisoformat(x).replace(tzinfo=_untz(v.get("tz")))
+        tz = _untz(v.get("tz"))
+        naive = dt.datetime.fromisoformat(x)
+        if v["tz"] is not None and v["tz"][0] == "pytz":
+            return tz.fromutc(naive.replace(tzinfo=tz)) if tz is not None else naive
+        return naive.replace(tzinfo=tz, fold=int(v.get("fold", 0)))
     if tag == "date":
         return dt.date.fromisoformat(x)
     if tag == "time":
