@@ -73,8 +73,9 @@ for t in tables:
 for sql, p in [(typed, None), params, server_params]:
     r = client.query(sql, parameters=p)
     local[sql] = (r.column_names, r.result_rows, client.query_arrow(sql, parameters=p))
-client.command(f"CREATE TABLE {db}.canary (x UInt8) ENGINE = MergeTree ORDER BY x")
-client.command(f"INSERT INTO {db}.canary VALUES (1)")
+client.command(f"CREATE TABLE IF NOT EXISTS {db}.canary (x UInt8) ENGINE = MergeTree ORDER BY x")
+if client.command(f"SELECT count() FROM {db}.canary") == 0:
+    client.command(f"INSERT INTO {db}.canary VALUES (1)")
 with open(out, "wb") as f:
     pickle.dump(local, f)
 stop = threading.Event()
@@ -345,3 +346,19 @@ def test_the_kind_is_the_formatters_first_keyword(read: str, write: str, rest: s
     assert chserve.check_read(f"{read} {rest}") == f"{read} {rest}"
     with pytest.raises(chserve.StatementRefused, match=write):
         chserve.check_read(f"{write} {rest}")
+
+
+def test_a_reader_follows_a_restarted_owner(tmp_path: Path) -> None:
+    data = tmp_path / "clickhouse"
+    proc = _start_owner(data, tmp_path / "local.pickle")
+    try:
+        client = clickhouse.reader(f"chdb://{data}")
+        assert client.command("SELECT 1") == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        with pytest.raises(clickhouse.ClickHouseUnavailable, match="not being served"):
+            client.command("SELECT 1")
+        proc = _start_owner(data, tmp_path / "local2.pickle")
+        assert client.command("SELECT 2") == 2  # a new port and token, read from the endpoint file
+    finally:
+        _stop(proc)

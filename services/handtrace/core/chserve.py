@@ -419,6 +419,15 @@ def endpoint_of(path: Path) -> dict[str, Any] | None:
     return dict(ep)
 
 
+def _served(path: Path) -> dict[str, Any]:
+    ep = endpoint_of(path)
+    if ep is None:
+        raise ClickHouseUnavailable(
+            f"the embedded ClickHouse at {path} is not being served: start the sink (handtrace sink run) "
+            "to query it while the pipeline runs, or point HANDTRACE_CLICKHOUSE__DSN at a ClickHouse server")
+    return ep
+
+
 class RemoteResult:
     """The part of clickhouse-connect's QueryResult the code uses."""
 
@@ -446,24 +455,27 @@ class RemoteResult:
 class RemoteClient:
     """The subset of the clickhouse-connect client the code uses, run by the data dir's owner."""
 
-    def __init__(self, path: Path, endpoint: dict[str, Any], *, timeout_s: float = QUERY_TIMEOUT_S) -> None:
+    def __init__(self, path: Path, endpoint: dict[str, Any], *, timeout_s: float = QUERY_TIMEOUT_S,
+                 follow: bool = False) -> None:
         self.path = path
+        self._timeout_s = timeout_s
+        self._follow = follow
+        self._use(endpoint)
+
+    def _use(self, endpoint: dict[str, Any]) -> None:
         url = str(endpoint["url"])
         host, _, port = url.removeprefix("http://").partition(":")
         self._host, self._port, self._token = host, int(port), str(endpoint["token"])
-        self._timeout_s = timeout_s
 
     @classmethod
     def for_dir(cls, path: Path) -> RemoteClient:
-        """A client of the owner serving ``path`` (ClickHouseUnavailable if none does)."""
-        ep = endpoint_of(path)
-        if ep is None:
-            raise ClickHouseUnavailable(
-                f"the embedded ClickHouse at {path} is not being served: start the sink (handtrace sink run) "
-                "to query it while the pipeline runs, or point HANDTRACE_CLICKHOUSE__DSN at a ClickHouse server")
-        return cls(path, ep)
+        """A client of the owner serving ``path`` (ClickHouseUnavailable if none does). It
+        re-reads the endpoint on each call, so it outlives a restart of the sink."""
+        return cls(path, _served(path), follow=True)
 
     def _post(self, route: str, body: dict[str, Any]) -> tuple[str, bytes]:
+        if self._follow:
+            self._use(_served(self.path))
         conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
             try:

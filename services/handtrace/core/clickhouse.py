@@ -131,7 +131,7 @@ def open_for_cli(dsn: str) -> Any:
         except ClickHouseUnavailable:
             endpoint = None  # left by a dead owner: the dir is free unless someone else holds it
         if endpoint is not None:
-            return RemoteClient(path.resolve(), endpoint)
+            return RemoteClient(path.resolve(), endpoint, follow=True)
     return connect(dsn)
 
 
