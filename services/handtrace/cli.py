@@ -763,14 +763,15 @@ def query(
     sql: Annotated[str, typer.Argument(help="SQL to run against the handtrace database.")],
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
 ) -> None:
-    """Run SQL against ClickHouse (the embedded engine only while no sink/demo holds it)."""
+    """Run SQL against ClickHouse. The embedded engine: through the sink (or demo) that owns it
+    while one runs (read statements only), else opened here."""
     from handtrace.core import clickhouse
 
     s = _settings()
     try:
-        client = clickhouse.connect(s.clickhouse_dsn())
+        client = clickhouse.open_for_cli(s.clickhouse_dsn())
         result = client.query(sql)
-    except clickhouse.ClickHouseLocked as e:
+    except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
         raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
@@ -987,8 +988,10 @@ def _warehouse() -> tuple[Settings, Any]:
 
     s = _settings()
     try:
-        client = clickhouse.connect(s.clickhouse_dsn())
-        migrate(client, s.clickhouse.database)
+        # the sink's endpoint while it runs (it migrated at start), else the dir itself
+        client = clickhouse.open_for_cli(s.clickhouse_dsn())
+        if not clickhouse.is_remote(client):
+            migrate(client, s.clickhouse.database)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
     return s, client

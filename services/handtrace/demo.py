@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -32,7 +33,7 @@ from handtrace.core.procs import spawn_owned, stop_child
 from handtrace.core.resources import data_file
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
-from handtrace.sink.service import open_sink
+from handtrace.sink.service import open_sink, serve_queries
 from handtrace.sink.writer import Sink
 
 
@@ -100,6 +101,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
     fleet_proc: subprocess.Popen[bytes] | None = None
     stop_sink = threading.Event()
     sink_thread: threading.Thread | None = None
+    server: Any = None
     dsn = settings.clickhouse_dsn()
     run_started = datetime.now(UTC)
     try:
@@ -115,7 +117,9 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         publish(settings, policy_record(policy_path, actor="demo", reason="demo policy"))
         console.print(f"[green]✓[/] policy published ({policy_path})")
         sink = open_sink(settings)
-        console.print(f"[green]✓[/] ClickHouse ready at {dsn}")
+        server = serve_queries(settings, stop_sink)
+        console.print(f"[green]✓[/] ClickHouse ready at {dsn}"
+                      + (" (handtrace query works meanwhile)" if server is not None else ""))
         log_path = settings.state_dir / "stream-worker.log"
         with open(log_path, "ab") as log:
             # Owned children: killed by the kernel if the demo itself dies by SIGKILL (issue #10).
@@ -182,6 +186,8 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
         for child in (stream_proc, fleet_proc):
             if child is not None:
                 stop_child(child, 30)
+        if server is not None:
+            server.stop()
         clickhouse.close(dsn)
         if broker is not None and started_broker:
             broker.stop()

@@ -103,3 +103,40 @@ def close(dsn: str) -> None:
             fd = _locks.pop(str(path), None)
             if fd is not None:
                 os.close(fd)
+
+
+def reader(dsn: str) -> Any:
+    """A client that only reads (and records through ``insert`` into ``chserve.WRITABLE``); it
+    never takes the embedded lock. A server DSN: the normal client. ``chdb://``: a
+    ``chserve.RemoteClient`` to the process that owns the dir, or ClickHouseUnavailable when no
+    process serves it."""
+    path = embedded_path(dsn)
+    if path is None:
+        return connect(dsn)
+    from handtrace.core.chserve import RemoteClient
+
+    return RemoteClient.for_dir(path.resolve())
+
+
+def open_for_cli(dsn: str) -> Any:
+    """For commands that only read or record: the owner's endpoint when the embedded dir is
+    served, else the dir opened by this process (``connect``; ClickHouseLocked if another
+    process holds it without serving it)."""
+    path = embedded_path(dsn)
+    if path is not None and _normalise(dsn) not in _clients:
+        from handtrace.core.chserve import RemoteClient, endpoint_of
+
+        try:
+            endpoint = endpoint_of(path.resolve())
+        except ClickHouseUnavailable:
+            endpoint = None  # left by a dead owner: the dir is free unless someone else holds it
+        if endpoint is not None:
+            return RemoteClient(path.resolve(), endpoint, follow=True)
+    return connect(dsn)
+
+
+def is_remote(client: Any) -> bool:
+    """True for a client that reaches an embedded dir through its owner (no DDL through it)."""
+    from handtrace.core.chserve import RemoteClient
+
+    return isinstance(client, RemoteClient)

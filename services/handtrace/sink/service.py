@@ -34,7 +34,7 @@ from typing import Any
 import clickhouse_connect
 from prometheus_client import start_http_server
 
-from handtrace.core import clickhouse
+from handtrace.core import chserve, clickhouse
 from handtrace.core.framestore import open_store
 from handtrace.core.settings import Settings, load_settings
 from handtrace.sink.audit import AuditWriter
@@ -61,6 +61,13 @@ def demo_client(settings: Settings) -> Any:
 def open_demo_writer(settings: Settings, client: Any) -> DemoWriter:
     """The demonstration writer on ``client`` and the configured frame store."""
     return DemoWriter.on_clickhouse(settings, client, open_store(settings))
+
+
+def serve_queries(settings: Settings, stop: threading.Event) -> chserve.Server | None:
+    """Serve the embedded data dir this process owns to other processes (``handtrace query``,
+    the dataset CLI, the API) until ``stop``; None for a ClickHouse server, which serves itself."""
+    dsn = settings.clickhouse_dsn()
+    return chserve.serve(dsn, stop) if clickhouse.embedded_path(dsn) is not None else None
 
 
 def _exit_after(grace_s: float) -> None:
@@ -100,6 +107,8 @@ def main() -> None:
         start_http_server(settings.sink.metrics_port, addr=settings.metrics_host)
     audit_client = demo_client(settings)
     audit = AuditWriter.on_clickhouse(settings, audit_client)
+    # the embedded dir is this process's alone: serve it to the CLI and the API meanwhile
+    server = serve_queries(settings, stop)
     failed: list[BaseException] = []
 
     def thread(name: str, run: Callable[[threading.Event], None]) -> threading.Thread:
@@ -124,6 +133,8 @@ def main() -> None:
         for th in threads:
             th.join(max(deadline - time.monotonic(), 0.1))
         try:
+            if server is not None:
+                server.stop()
             client.close()
             audit_client.close()
         finally:

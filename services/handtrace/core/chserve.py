@@ -1,0 +1,544 @@
+"""Serve the embedded ClickHouse to the other processes of this machine (control plane part 3 A).
+
+Only one process may open a ``chdb://`` data dir (``core/clickhouse.py`` locks it). That process
+(the sink, the demo) calls :func:`serve`; the others reach it through :class:`RemoteClient`, which
+``clickhouse.reader`` / ``clickhouse.open_for_cli`` hand out.
+
+Transport: HTTP on 127.0.0.1 (a random port) with a random bearer token. Both are in
+``<datadir>/query.endpoint`` (mode 0600): whoever may read that file may read the data dir
+anyway, so the token grants nothing the file system does not. A Unix socket would need a path
+under 108 bytes, which long data dirs (pytest's tmp dirs) exceed.
+
+What runs: one read statement per request. The kind is decided by ClickHouse's own parser:
+``formatQuery`` parses the text (it refuses several statements and syntax errors) and prints the
+one statement it parsed; its first keyword is the kind, and *that printed statement* is what is
+executed, so nothing the parser did not see can run. ``EXPLAIN AST`` on the engine was not used:
+it executes a second statement after a ``;`` and reads ``SET x = 1`` as a SELECT. Reads run in
+sessions with ``readonly = 1`` (no writes, no settings changes, no ``file()``/``url()`` table
+functions) as a second wall. Writes only through :meth:`RemoteClient.insert` into
+:data:`WRITABLE`. Values travel as tagged JSON (rows) or Arrow IPC (``query_arrow``); nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import hmac
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import queue
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import clickhouse_connect
+import pyarrow as pa
+from clickhouse_connect.driver.binding import bind_query
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from handtrace.core.clickhouse import ClickHouseUnavailable, embedded_path
+
+log = logging.getLogger("handtrace.chserve")
+
+ENDPOINT_FILE = "query.endpoint"
+WRITABLE = ("withdrawals", "dataset_exports")
+"""Tables the endpoint inserts into (through ``insert()`` only): withdrawals and export records,
+which the dataset CLI records while the sink runs."""
+READ_KINDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "EXPLAIN", "EXISTS")
+CONNECT_TIMEOUT_S = 2.0
+QUERY_TIMEOUT_S = 3600.0
+_ARROW = "application/vnd.apache.arrow.stream"
+
+
+class StatementRefused(DatabaseError):
+    """The endpoint does not run this statement (not a read, several statements, or a write
+    outside ``WRITABLE``)."""
+
+
+class RemoteError(DatabaseError):
+    """ClickHouse (in the owner process) failed the statement; the message is ClickHouse's."""
+
+
+# ------------------------------------------------------------------ values as tagged JSON
+
+
+def _tz(tz: dt.tzinfo | None) -> Any:
+    if tz is None:
+        return None
+    if isinstance(tz, ZoneInfo):
+        return ["zoneinfo", tz.key]
+    zone = getattr(tz, "zone", None)  # pytz
+    if isinstance(zone, str):
+        return ["pytz", zone]
+    offset = tz.utcoffset(None)
+    if isinstance(tz, dt.timezone) and offset is not None:
+        return ["fixed", offset.total_seconds(), tz.tzname(None)]
+    raise TypeError(f"cannot send a time zone of type {type(tz).__name__}")
+
+
+def _untz(v: Any) -> dt.tzinfo | None:
+    if v is None:
+        return None
+    kind = v[0]
+    if kind == "zoneinfo":
+        return ZoneInfo(v[1])
+    if kind == "pytz":
+        import pytz  # clickhouse-connect depends on it
+
+        return pytz.timezone(v[1])  # type: ignore[no-any-return]
+    if kind == "fixed":
+        off = dt.timedelta(seconds=v[1])
+        return dt.UTC if off == dt.timedelta(0) and v[2] == "UTC" else dt.timezone(off, v[2])
+    raise ValueError(f"unknown time zone tag {kind!r}")
+
+
+def encode(v: Any) -> Any:
+    """A JSON-able form of ``v`` that :func:`decode` turns back into an equal value of the same
+    type (the types clickhouse-connect returns and takes). Unknown types raise TypeError."""
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, list):
+        return [encode(x) for x in v]
+    if isinstance(v, tuple):
+        return {"$": "tuple", "v": [encode(x) for x in v]}
+    if isinstance(v, dict):
+        return {"$": "map", "v": [[encode(k), encode(x)] for k, x in v.items()]}
+    if isinstance(v, dt.datetime):
+        tz = _tz(v.tzinfo)
+        if tz is not None and tz[0] == "pytz":  # pytz's zone objects differ per offset: send the instant
+            return {"$": "datetime", "v": v.astimezone(dt.UTC).replace(tzinfo=None).isoformat(), "tz": tz}
+        return {"$": "datetime", "v": v.replace(tzinfo=None).isoformat(), "tz": tz, "fold": v.fold}
+    if isinstance(v, dt.date):
+        return {"$": "date", "v": v.isoformat()}
+    if isinstance(v, dt.time):
+        return {"$": "time", "v": v.isoformat()}
+    if isinstance(v, dt.timedelta):
+        return {"$": "timedelta", "v": [v.days, v.seconds, v.microseconds]}
+    if isinstance(v, uuid.UUID):
+        return {"$": "uuid", "v": str(v)}
+    if isinstance(v, Decimal):
+        return {"$": "decimal", "v": str(v)}
+    if isinstance(v, bytes | bytearray):
+        return {"$": "bytes", "v": base64.b64encode(v).decode()}
+    if isinstance(v, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return {"$": f"ip{v.version}", "v": str(v)}
+    if isinstance(v, set | frozenset):
+        return {"$": "set", "v": [encode(x) for x in v]}
+    raise TypeError(f"cannot send a value of type {type(v).__name__}")
+
+
+def decode(v: Any) -> Any:
+    """The value :func:`encode` encoded."""
+    if isinstance(v, list):
+        return [decode(x) for x in v]
+    if not isinstance(v, dict):
+        return v
+    tag: Any = v.get("$")
+    x: Any = v.get("v")
+    if tag == "tuple":
+        return tuple(decode(e) for e in x)
+    if tag == "map":
+        return {decode(k): decode(e) for k, e in x}
+    if tag == "datetime":
+        tz = _untz(v.get("tz"))
+        naive = dt.datetime.fromisoformat(x)
+        if v["tz"] is not None and v["tz"][0] == "pytz":
+            return tz.fromutc(naive.replace(tzinfo=tz)) if tz is not None else naive
+        return naive.replace(tzinfo=tz, fold=int(v.get("fold", 0)))
+    if tag == "date":
+        return dt.date.fromisoformat(x)
+    if tag == "time":
+        return dt.time.fromisoformat(x)
+    if tag == "timedelta":
+        return dt.timedelta(days=x[0], seconds=x[1], microseconds=x[2])
+    if tag == "uuid":
+        return uuid.UUID(x)
+    if tag == "decimal":
+        return Decimal(x)
+    if tag == "bytes":
+        return base64.b64decode(x)
+    if tag == "ip4":
+        return ipaddress.IPv4Address(x)
+    if tag == "ip6":
+        return ipaddress.IPv6Address(x)
+    if tag == "set":
+        return {decode(e) for e in x}
+    raise ValueError(f"unknown value tag {tag!r}")
+
+
+# ------------------------------------------------------------------ the statement classifier
+
+
+def _identifier(name: str) -> bool:
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and all(c.isalnum() or c == "_" for c in name) \
+        and name.isascii()
+
+
+def writable_table(table: str) -> str:
+    """``table`` quoted for an INSERT if it is one of :data:`WRITABLE` (optionally qualified with
+    a database), else StatementRefused."""
+    parts = table.split(".")
+    if len(parts) > 2 or not all(_identifier(p) for p in parts) or parts[-1] not in WRITABLE:
+        raise StatementRefused(f"INSERT into {table!r} is refused: the query endpoint inserts only into "
+                               f"{', '.join(WRITABLE)}")
+    return ".".join(f"`{p}`" for p in parts)
+
+
+def statement_kind(canonical: str) -> str:
+    """The kind of a statement as ClickHouse's formatter printed it (its first keyword)."""
+    words = canonical.lstrip("( \n").split(None, 1)
+    return words[0].upper() if words else ""
+
+
+def check_read(canonical: str) -> str:
+    """``canonical`` (formatQuery's output) if it is a read statement, else StatementRefused
+    naming its kind."""
+    kind = statement_kind(canonical)
+    if kind not in READ_KINDS:
+        raise StatementRefused(f"{kind or 'an empty'} statement refused: the query endpoint runs read statements "
+                               f"only ({', '.join(READ_KINDS)}); records are written through insert() into "
+                               f"{', '.join(WRITABLE)}")
+    # The formatter starts each top-level clause on its own line and escapes newlines in
+    # literals, so a line starting INTO OUTFILE is the clause (which readonly does not stop).
+    if any(line.startswith("INTO OUTFILE") for line in canonical.splitlines()):
+        raise StatementRefused("SELECT ... INTO OUTFILE refused: the query endpoint writes no files")
+    return canonical
+
+
+# ------------------------------------------------------------------ the server
+
+
+class Server:
+    """The query endpoint of one data dir, served by a daemon thread of the owner process."""
+
+    def __init__(self, dsn: str, stop: threading.Event) -> None:
+        path = embedded_path(dsn)
+        if path is None:
+            raise ValueError(f"only an embedded ClickHouse (chdb://) is served, not {dsn}")
+        self.path = path.resolve()
+        self.dsn = f"chdb://{self.path}"
+        self.token = secrets.token_urlsafe(32)
+        self.endpoint_file = self.path / ENDPOINT_FILE
+        self._readers: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._writer = clickhouse_connect.get_client(dsn=self.dsn)
+        self._writer_lock = threading.Lock()
+        self._parser = self._reader()
+        self._parser_lock = threading.Lock()
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
+        self._stopped = False
+        self._write_endpoint()
+        self._thread = threading.Thread(target=self._http.serve_forever, name="chserve", daemon=True)
+        self._thread.start()
+        def stop_when_told() -> None:
+            stop.wait()
+            self.stop()
+
+        self._watch = threading.Thread(target=stop_when_told, name="chserve-stop", daemon=True)
+        self._watch.start()
+
+    def _reader(self) -> Any:
+        client = clickhouse_connect.get_client(dsn=self.dsn)
+        client.command("SET readonly = 1")  # this session only: the sink's clients are not affected
+        return client
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Any]:
+        """A read-only client of this process's engine for one request."""
+        try:
+            client = self._readers.get_nowait()
+        except queue.Empty:
+            client = self._reader()
+        try:
+            yield client
+        finally:
+            self._readers.put(client)
+
+    def _write_endpoint(self) -> None:
+        tmp = self.path / f".{ENDPOINT_FILE}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": self.url, "token": self.token, "pid": os.getpid(), "dsn": self.dsn}, f)
+        os.replace(tmp, self.endpoint_file)
+
+    def prepare(self, sql: str, parameters: Any) -> tuple[str, Any]:
+        """The statement to run (formatQuery's print of the one statement in ``sql``, parameters
+        bound as the client would) and the parameters it still needs, or StatementRefused."""
+        final, server_binds = bind_query(sql, parameters, None)
+        if isinstance(final, bytes):
+            raise StatementRefused("binary query parameters are not supported by the query endpoint")
+        with self._parser_lock:
+            try:
+                canonical = self._parser.query("SELECT formatQuery({q:String})", parameters={"q": final}).first_row[0]
+            except DatabaseError as e:
+                raise StatementRefused(f"statement refused: {_first_line(e)}") from None
+        check_read(str(canonical))
+        # client-side binding left literals (run without parameters, so a '%' stays a '%');
+        # server-side binding left the {name:Type} markers, which formatQuery keeps
+        return str(canonical), (parameters if server_binds else None)
+
+    def insert(self, table: str, rows: list[Any], column_names: Sequence[str]) -> int:
+        """Insert ``rows`` into a writable table; returns the number of rows written."""
+        quoted = writable_table(table)
+        if not all(isinstance(c, str) and _identifier(c) for c in column_names):
+            raise StatementRefused("INSERT refused: column names must be plain identifiers")
+        with self._writer_lock:
+            summary = self._writer.insert(quoted, rows, column_names=list(column_names))
+        return int(getattr(summary, "written_rows", len(rows)) or len(rows))
+
+    def stop(self) -> None:
+        """Stop serving and remove the endpoint file (if it is still ours)."""
+        if getattr(self, "_stopped", True):
+            return
+        self._stopped = True
+        try:
+            if json.loads(self.endpoint_file.read_text()).get("token") == self.token:
+                self.endpoint_file.unlink()
+        except (OSError, ValueError):
+            pass
+        self._http.shutdown()
+        self._http.server_close()
+        while not self._readers.empty():
+            with contextlib.suppress(Exception):
+                self._readers.get_nowait().close()
+        for client in (self._parser, self._writer):
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
+def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base signature
+            log.debug("chserve: " + format, *args)
+
+        def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _error(self, status: int, kind: str, message: str) -> None:
+            self._send(status, json.dumps({"error": kind, "message": message}).encode())
+
+        def do_POST(self) -> None:  # noqa: N802 -- http.server's name
+            auth = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {server.token}".encode()):
+                self._error(401, "unauthorized", "wrong or missing token (read it from the data dir's "
+                                                 f"{ENDPOINT_FILE})")
+                return
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                if self.path == "/v1/insert":
+                    n = server.insert(str(body["table"]), decode(body["rows"]), list(body["column_names"]))
+                    self._send(200, json.dumps({"written_rows": n}).encode())
+                    return
+                if self.path != "/v1/query":
+                    self._error(404, "not_found", f"no route {self.path}")
+                    return
+                sql, params = server.prepare(str(body["sql"]), decode(body.get("parameters")))
+                mode = body.get("as", "rows")
+                with server.reader() as client:
+                    if mode == "arrow":
+                        table = client.query_arrow(sql, parameters=params)
+                        sink = pa.BufferOutputStream()
+                        with pa.ipc.new_stream(sink, table.schema) as w:
+                            w.write_table(table)
+                        self._send(200, sink.getvalue().to_pybytes(), _ARROW)
+                        return
+                    if mode == "command":
+                        value = client.command(sql, parameters=params)
+                        summary = getattr(value, "summary", None)
+                        out = {"summary": summary} if summary is not None else {"value": encode(value)}
+                        self._send(200, json.dumps(out).encode())
+                        return
+                    result = client.query(sql, parameters=params)
+                    rows = encode(result.result_rows)
+                self._send(200, json.dumps({"column_names": list(result.column_names), "rows": rows}).encode())
+            except StatementRefused as e:
+                self._error(403, "refused", str(e))
+            except (DatabaseError, TypeError, ValueError, KeyError) as e:
+                self._error(400, "clickhouse", str(e).strip() or repr(e))
+            except Exception as e:  # noqa: BLE001 -- the caller gets the message; this thread lives on
+                log.exception("chserve request failed")
+                self._error(500, "internal", repr(e))
+
+    return Handler
+
+
+def serve(dsn: str, stop: threading.Event) -> Server:
+    """Serve the embedded ClickHouse ``dsn`` (opened by this process) to the processes of this
+    machine until ``stop`` is set (or :meth:`Server.stop`)."""
+    return Server(dsn, stop)
+
+
+# ------------------------------------------------------------------ the client
+
+
+def endpoint_of(path: Path) -> dict[str, Any] | None:
+    """The endpoint served for the data dir ``path``: None if none is served, ClickHouseUnavailable
+    if the file was left by a process that is gone."""
+    f = path / ENDPOINT_FILE
+    try:
+        ep = json.loads(f.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ClickHouseUnavailable(f"cannot read the query endpoint {f}: {e}") from None
+    pid = int(ep.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        raise ClickHouseUnavailable(
+            f"the embedded ClickHouse at {path} is not being served: {f} was left by process {pid}, which is "
+            "gone (it did not stop cleanly). Start the sink (handtrace sink run), or stop everything and query "
+            "the dir directly.") from None
+    except PermissionError:
+        pass  # alive, another user's
+    return dict(ep)
+
+
+def _served(path: Path) -> dict[str, Any]:
+    ep = endpoint_of(path)
+    if ep is None:
+        raise ClickHouseUnavailable(
+            f"the embedded ClickHouse at {path} is not being served: start the sink (handtrace sink run) "
+            "to query it while the pipeline runs, or point HANDTRACE_CLICKHOUSE__DSN at a ClickHouse server")
+    return ep
+
+
+class RemoteResult:
+    """The part of clickhouse-connect's QueryResult the code uses."""
+
+    def __init__(self, column_names: Sequence[str], result_rows: list[Any]) -> None:
+        self.column_names = tuple(column_names)
+        self.result_rows = result_rows
+
+    @property
+    def row_count(self) -> int:
+        return len(self.result_rows)
+
+    @property
+    def first_row(self) -> Any:
+        return self.result_rows[0]
+
+    @property
+    def first_item(self) -> Any:
+        return dict(zip(self.column_names, self.result_rows[0], strict=True))
+
+    def named_results(self) -> Iterator[dict[str, Any]]:
+        for row in self.result_rows:
+            yield dict(zip(self.column_names, row, strict=True))
+
+
+class RemoteClient:
+    """The subset of the clickhouse-connect client the code uses, run by the data dir's owner."""
+
+    def __init__(self, path: Path, endpoint: dict[str, Any], *, timeout_s: float = QUERY_TIMEOUT_S,
+                 follow: bool = False) -> None:
+        self.path = path
+        self._timeout_s = timeout_s
+        self._follow = follow
+        self._use(endpoint)
+
+    def _use(self, endpoint: dict[str, Any]) -> None:
+        url = str(endpoint["url"])
+        host, _, port = url.removeprefix("http://").partition(":")
+        self._host, self._port, self._token = host, int(port), str(endpoint["token"])
+
+    @classmethod
+    def for_dir(cls, path: Path) -> RemoteClient:
+        """A client of the owner serving ``path`` (ClickHouseUnavailable if none does). It
+        re-reads the endpoint on each call, so it outlives a restart of the sink."""
+        return cls(path, _served(path), follow=True)
+
+    def _post(self, route: str, body: dict[str, Any]) -> tuple[str, bytes]:
+        if self._follow:
+            self._use(_served(self.path))
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
+        try:
+            try:
+                conn.connect()
+            except OSError as e:
+                raise ClickHouseUnavailable(
+                    f"the embedded ClickHouse at {self.path} is not being served: its owner does not answer at "
+                    f"{self._host}:{self._port} ({e}); start the sink (handtrace sink run)") from None
+            assert conn.sock is not None  # noqa: S101 -- connect() set it
+            conn.sock.settimeout(self._timeout_s)
+            payload = json.dumps(body).encode()
+            conn.request("POST", route, payload, {"Authorization": f"Bearer {self._token}",
+                                                  "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise ClickHouseUnavailable(f"the query endpoint of {self.path} failed: {e}") from None
+        finally:
+            conn.close()
+        if resp.status != 200:
+            try:
+                err = json.loads(data)
+                kind, message = str(err.get("error")), str(err.get("message"))
+            except ValueError:
+                kind, message = "internal", data[:200].decode(errors="replace")
+            if kind == "refused":
+                raise StatementRefused(message)
+            if kind == "unauthorized":
+                raise ClickHouseUnavailable(f"the query endpoint of {self.path} refused the token: {message}")
+            raise RemoteError(message)
+        return resp.getheader("Content-Type") or "", data
+
+    def query(self, query: str, parameters: Any = None, **_settings: Any) -> RemoteResult:
+        """Run a read statement; rows with the same Python values as a local client."""
+        _, data = self._post("/v1/query", {"sql": query, "parameters": encode(parameters), "as": "rows"})
+        body = json.loads(data)
+        return RemoteResult(body["column_names"], [tuple(r) for r in decode(body["rows"])])
+
+    def query_arrow(self, query: str, parameters: Any = None, **_settings: Any) -> pa.Table:
+        """Run a read statement; the result as an Arrow table (Arrow IPC on the wire)."""
+        _, data = self._post("/v1/query", {"sql": query, "parameters": encode(parameters), "as": "arrow"})
+        with pa.ipc.open_stream(data) as r:
+            return r.read_all()
+
+    def command(self, cmd: str, parameters: Any = None, **_settings: Any) -> Any:
+        """Run a read statement as clickhouse-connect's ``command`` (its value)."""
+        _, data = self._post("/v1/query", {"sql": cmd, "parameters": encode(parameters), "as": "command"})
+        body = json.loads(data)
+        if "summary" in body:
+            from clickhouse_connect.driver.summary import QuerySummary
+
+            return QuerySummary(body["summary"])
+        return decode(body["value"])
+
+    def insert(self, table: str, data: Sequence[Sequence[Any]], column_names: Sequence[str] | str = "*",
+               **_settings: Any) -> int:
+        """Insert rows into one of :data:`WRITABLE`; returns the rows written."""
+        if isinstance(column_names, str):
+            raise StatementRefused("insert through the query endpoint needs the column names")
+        rows = [list(r) for r in data]
+        _, out = self._post("/v1/insert", {"table": table, "column_names": list(column_names),
+                                           "rows": encode(rows)})
+        return int(json.loads(out)["written_rows"])
+
+    def close(self) -> None:
+        """Nothing to release (one connection per call)."""
