@@ -92,14 +92,15 @@ PNG_1PX = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000
 """A 1x1 PNG: a frame's stored bytes."""
 
 
-def own_data_warehouse(api: Api, employee_id: str, demonstration_id: str, *, t0_us: int | None = None) -> Any:
-    """A MemoryWarehouse holding one demonstration of ``employee_id`` (key derived as the API
-    does), its frame 0 (a PNG in the app's frame store) and two of their events today."""
+def own_data_warehouse(api: Api | Settings, employee_id: str, demonstration_id: str, *,
+                       t0_us: int | None = None) -> Any:
+    """A MemoryWarehouse holding one demonstration of ``employee_id`` (key derived as the API of
+    ``api`` or with these settings does), its frame 0 (a PNG in the app's frame store) and two of their events today."""
     from handtrace.control.api.warehouse import MemoryWarehouse, employee_key
     from handtrace.core.clock import now_us
     from handtrace.core.framestore import frame_key, open_store
 
-    settings = api.client.app.state.settings  # type: ignore[attr-defined]
+    settings = api if isinstance(api, Settings) else api.client.app.state.settings  # type: ignore[attr-defined]
     key = employee_key(settings, employee_id)
     at = now_us() if t0_us is None else t0_us
     sha = hashlib.sha256(PNG_1PX).hexdigest()
