@@ -181,3 +181,16 @@ def test_clickhouse_errors_are_warehouse_unavailable(seeded: Seeded, tmp_path: P
     w = ClickHouseWarehouse(s, client_factory=down)
     with pytest.raises(WarehouseUnavailable, match="start the sink"):
         w.frame(seeded.a, seeded.result.demonstration_ids[0], 0)
+
+
+def test_a_participant_withdrawal_withdraws_all_of_theirs(seeded: Seeded) -> None:
+    """`handtrace dataset withdraw --participant` (erasure, consent withdrawn) shows on every one of
+    that person's demonstrations, and on nobody else's."""
+    from handtrace.export.dataset import withdraw
+
+    w = seeded.warehouse()
+    withdraw(seeded.client, DB, employee_key=seeded.b, actor="dpo", reason="consent withdrawn")
+    theirs = w.demonstrations(seeded.b, 100)
+    assert theirs and all(d["withdrawn"] and d["withdrawn_at"] for d in theirs)
+    assert [d["demonstration_id"] for d in w.demonstrations(seeded.a, 100) if d["withdrawn"]] == \
+        [seeded.result.demonstration_ids[2]]

@@ -197,3 +197,21 @@ def test_frames_answer_only_their_owner(tmp_path_factory: pytest.TempPathFactory
         assert r.status_code == 200 and r.content == PNG_1PX
     else:
         assert r.status_code == 404 and r.json() == {"detail": "no such demonstration or frame of yours"}
+
+
+def test_a_caller_without_an_employee_id_is_refused(tmp_path: Path) -> None:
+    """Tokens always carry one (the subject by default); the own-data code still refuses without."""
+    from handtrace.control.api import actions, own
+    from handtrace.control.api.auth import Principal
+    from handtrace.control.api.roles import Role
+
+    api, w = two_employees(tmp_path)
+    nobody = Principal(subject="svc", employee_id=None, roles=frozenset({Role.admin}), name="svc")
+    settings_ = api.client.app.state.settings  # type: ignore[attr-defined]
+    for call in (lambda: own.captured(api.services, settings_, nobody, None),
+                 lambda: own.demonstrations(api.services, settings_, nobody),
+                 lambda: own.withdraw(api.services, settings_, nobody, ALICE_DEMO, "r"),
+                 lambda: own.frame_image(api.services, settings_, nobody, ALICE_DEMO, 0)):
+        with pytest.raises(actions.Refused):
+            call()
+    assert w.withdrawals == []
