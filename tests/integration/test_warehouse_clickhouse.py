@@ -26,6 +26,7 @@ from handtrace.core.framestore import LocalStore
 from handtrace.core.rows import from_ipc, to_ipc
 from handtrace.core.settings import Settings
 from handtrace.export import simulate
+from handtrace.export.dataset import withdraw
 from handtrace.sink.schema import migrate
 from tests.demo_messages import events_ipc
 
@@ -139,6 +140,7 @@ def test_frame_lookup_is_self_only(seeded: Seeded) -> None:
 
 
 def test_demonstrations_and_withdrawal(seeded: Seeded) -> None:
+    """The only test that writes (the others read what the fixture seeded)."""
     w = seeded.warehouse()
     ids = seeded.result.demonstration_ids
     a_demos = w.demonstrations(seeded.a, 100)
@@ -165,6 +167,13 @@ def test_demonstrations_and_withdrawal(seeded: Seeded) -> None:
     assert [i for i, d in after.items() if d["withdrawn"]] == [ids[2]]
     assert not any(d["withdrawn"] for d in w.demonstrations(seeded.b, 100))
 
+    # `handtrace dataset withdraw --participant` (erasure, consent withdrawn) shows on every one of
+    # that person's demonstrations, and on nobody else's.
+    withdraw(seeded.client, DB, employee_key=seeded.b, actor="dpo", reason="consent withdrawn")
+    theirs = w.demonstrations(seeded.b, 100)
+    assert theirs and all(d["withdrawn"] and d["withdrawn_at"] for d in theirs)
+    assert [d["demonstration_id"] for d in w.demonstrations(seeded.a, 100) if d["withdrawn"]] == [ids[2]]
+
 
 def test_clickhouse_errors_are_warehouse_unavailable(seeded: Seeded, tmp_path: Path) -> None:
     s = Settings(state_dir=tmp_path, clickhouse={"dsn": seeded.settings.clickhouse_dsn(), "database": "missing_db"},
@@ -182,15 +191,3 @@ def test_clickhouse_errors_are_warehouse_unavailable(seeded: Seeded, tmp_path: P
     with pytest.raises(WarehouseUnavailable, match="start the sink"):
         w.frame(seeded.a, seeded.result.demonstration_ids[0], 0)
 
-
-def test_a_participant_withdrawal_withdraws_all_of_theirs(seeded: Seeded) -> None:
-    """`handtrace dataset withdraw --participant` (erasure, consent withdrawn) shows on every one of
-    that person's demonstrations, and on nobody else's."""
-    from handtrace.export.dataset import withdraw
-
-    w = seeded.warehouse()
-    withdraw(seeded.client, DB, employee_key=seeded.b, actor="dpo", reason="consent withdrawn")
-    theirs = w.demonstrations(seeded.b, 100)
-    assert theirs and all(d["withdrawn"] and d["withdrawn_at"] for d in theirs)
-    assert [d["demonstration_id"] for d in w.demonstrations(seeded.a, 100) if d["withdrawn"]] == \
-        [seeded.result.demonstration_ids[2]]
