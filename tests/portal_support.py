@@ -15,6 +15,7 @@ from handtrace.control.api.app import create_app
 from handtrace.control.api.services import MemoryBackend, Services
 from handtrace.control.api.services import memory_services as api_memory_services
 from handtrace.core.controls import policy_update
+from handtrace.core.settings import Settings
 from tests.unit.api_support import api_settings, mint
 
 TEST_POLICY_DOC = {"version": 7, "allowed_apps": ["code", "firefox"], "allowed_domains": ["example.com"],
@@ -42,9 +43,15 @@ def memory_services(policy: dict[str, Any] | None = TEST_POLICY_DOC) -> Services
     return services
 
 
+def portal_settings() -> Settings:
+    """The settings ``portal_app`` serves with (the test's identity provider, a pseudonym key,
+    the frame store under the same temporary state dir)."""
+    return api_settings(_JWKS_DIR)
+
+
 def portal_app(services: Services) -> FastAPI:
     """The control plane (API and portal pages) acting through ``services``."""
-    return create_app(api_settings(_JWKS_DIR), services)
+    return create_app(portal_settings(), services)
 
 
 def session_cookie(subject: str, roles: list[str], employee_id: str | None = None,

@@ -219,3 +219,45 @@ def test_live_server_stops_and_frees_its_port(services: Services) -> None:
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):
         s.settimeout(2)
         s.connect(("127.0.0.1", port))
+
+
+def test_employee_sees_what_is_stored_and_withdraws_a_demonstration(open_as: Any, services: Services) -> None:
+    """The own-data sections (docs/portal.md): counts by app and kind with a total, a thumbnail
+    of a demonstration frame that really loads, and a withdrawal with a reason, audited."""
+    import uuid
+
+    from tests.portal_support import portal_settings
+    from tests.unit.api_support import own_data_warehouse
+
+    demo = str(uuid.UUID(int=0xA11CE))
+    warehouse = own_data_warehouse(portal_settings(), "e-alice", demo)
+    warehouse.demos[0]["instruction"] = "file the travel expense"
+    services.warehouse = warehouse
+    page = open_as(ALICE, javascript=False)
+    table = page.locator("#captured-table")
+    assert table.get_by_role("row").filter(has_text="code").inner_text().split() == ["code", "click", "2"]
+    assert re.sub(r"\s+", " ", table.locator("tfoot").inner_text()).strip() == "Total 2"
+    assert "not kept as images" in page.locator("#captured").inner_text()
+    thumb = page.get_by_role("img", name=re.compile(r"^Frame 0 of a demonstration, before a click"))
+    assert thumb.count() == 1
+    thumb.scroll_into_view_if_needed()
+    assert page.evaluate("""() => { const i = document.querySelector('ul.thumbs img');
+                                    return i.complete && i.naturalWidth > 0; }"""), "the frame image loads"
+    contrast = page.evaluate(CONTRAST_JS)
+    assert not contrast["low"], contrast
+    for control in page.evaluate(LABELS_JS):
+        assert control["labels"], f"#{control['id']} has no label"
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "scrolls sideways"
+    screenshot(page, "portal", "employee-own-data")
+
+    page.get_by_label(re.compile(r"^Reason to withdraw “file the travel expense”")).fill("it shows a customer")
+    page.get_by_role("button", name=re.compile(r"^Withdraw “file the travel expense”")).click()
+    page.wait_for_url(re.compile(r"/(#demonstrations)?$"))
+    assert page.get_by_role("status").inner_text().strip().startswith("Demonstration withdrawn")
+    row = page.locator("#demonstration-1")
+    assert "Yes" in row.inner_text() and row.get_by_role("button").count() == 0
+    [w] = warehouse.withdrawals
+    assert (w["demonstration_id"], w["actor"], w["reason"]) == (demo, "alice", "it shows a customer")
+    [entry] = [e for e in services.audit.entries(100) if e["action"] == "demonstration_withdraw"]
+    assert (entry["outcome"], entry["subject"], entry["target"]) == ("allowed", "alice", demo)
+    screenshot(page, "portal", "employee-withdrawn")

@@ -27,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
 
 from handtrace.control.api.app import create_app
 from handtrace.control.api.services import MemoryBackend, memory_services
+from handtrace.control.api.warehouse import MemoryWarehouse
 from handtrace.core.controls import control_record
 from tests.unit.api_support import api_settings, bearer, mint
 
@@ -51,6 +52,7 @@ def _app() -> Any:
                                              reason="works council"))
     services.controls.publish(control_record("exemption_grant", employee_id="eve", actor="hr-0", role="hr",
                                              reason="approved", exemption_effective_at_us=1))
+    services.warehouse = MemoryWarehouse()  # own-data routes answer (empty) rather than 503
     # The test's identity provider's JWKS is written once to a private temporary directory.
     return create_app(api_settings(Path(tempfile.mkdtemp(prefix="handtrace-fuzz-"))), services)
 

@@ -12,7 +12,7 @@ import pytest
 from handtrace.control.api.docs import openapi
 from handtrace.control.api.roles import MATRIX, Action, Role, actor_role, allowed, matrix_markdown
 from handtrace.core.controls import control_record
-from tests.unit.api_support import Api, make_api
+from tests.unit.api_support import Api, make_api, own_data_warehouse
 
 # The contract's table, row by row (docs/design/control-plane.md), in role order
 # employee, hr, ops, security, auditor, admin.
@@ -25,11 +25,15 @@ CONTRACT = {
     Action.allowlist: "- - - yes - yes",
     Action.audit: "- - - - yes yes",
     Action.rotate_key: "- - - - - yes",
+    Action.own_data: "self self self self self self",
 }
 ROLE_ORDER = [Role.employee, Role.hr, Role.ops, Role.security, Role.auditor, Role.admin]
 
 POLICY = {"version": 1, "allowed_apps": ["code"], "allowed_domains": ["github.com"], "sampling": {"*": 1.0},
           "text_capture": {"*": "masked"}}
+
+CAROL_DEMO = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
+"""A demonstration of carol's in the seeded warehouse (the own-data routes act on it)."""
 
 # (action, method, path, body): every route of the API, acting on someone else ("bob") where it
 # names an employee.
@@ -51,6 +55,10 @@ ROUTES: list[tuple[Action, str, str, dict[str, Any] | None]] = [
     (Action.allowlist, "PUT", "/api/v1/policy/text-capture", {"text_capture": {"*": "none"}, "reason": "pii"}),
     (Action.audit, "GET", "/api/v1/audit", None),
     (Action.rotate_key, "POST", "/api/v1/admin/resign", {"reason": "yearly key rotation"}),
+    (Action.own_data, "GET", "/api/v1/me/captured", None),
+    (Action.own_data, "GET", "/api/v1/me/demonstrations", None),
+    (Action.own_data, "POST", f"/api/v1/me/demonstrations/{CAROL_DEMO}/withdraw", {"reason": "not for training"}),
+    (Action.own_data, "GET", f"/api/v1/me/frames/{CAROL_DEMO}/0", None),
 ]
 
 
@@ -61,6 +69,7 @@ def seeded(tmp_path: Path) -> Api:
                                                  role="employee", reason="please"))
     api.services.controls.publish(control_record("policy_update", employee_id=None, actor="ops-0", role="ops",
                                                  policy=POLICY))
+    api.services.warehouse = own_data_warehouse(api, "carol", CAROL_DEMO)
     return api
 
 
@@ -75,7 +84,8 @@ def test_the_matrix_is_the_contracts() -> None:
 def test_every_route_is_in_the_matrix_walk() -> None:
     """ROUTES covers the whole OpenAPI document, and each route's published rule is its action's."""
     spec = openapi()
-    published = {(m.upper(), p.replace("{employee_id}", "bob")): op["x-action"]
+    published = {(m.upper(), p.replace("{employee_id}", "bob").replace("{demonstration_id}", CAROL_DEMO)
+                  .replace("{step}", "0")): op["x-action"]
                  for p, ops in spec["paths"].items() for m, op in ops.items()}
     assert published == {(m, p): a.value for a, m, p, _b in ROUTES}
 
@@ -104,7 +114,7 @@ def test_route_x_role(tmp_path: Path, role: Role, action: Action, method: str, p
         else:
             assert len(audit) == 1 and audit[0]["outcome"] == "allowed", audit
             assert audit[0]["subject"] == "carol" and role.value in audit[0]["roles"]
-            assert changes == (0 if path.endswith("/deny") else 1)
+            assert changes == (0 if path.endswith(("/deny", "/withdraw")) else 1)
     else:
         assert r.status_code == 403, (role, path, r.status_code, r.text)
         assert len(audit) == 1, audit

@@ -437,6 +437,12 @@ class ApiSettings(BaseModel):
     read_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Longest wait for the "
                                   "controls, policy or audit topic when the API reads state; past it "
                                   "the request fails (503) rather than answering from partial state.")
+    warehouse: bool = Field(default=True, description="Show employees what is stored about them (\"Captured "
+                            "about me\", their demonstrations and frames, withdrawal) by reading ClickHouse "
+                            "(`clickhouse.dsn`; on the embedded engine the sink must be running: it serves the "
+                            "data dir). Needs the workers' pseudonym key (`stream.pseudonym_key`) to derive the "
+                            "caller's own pseudonym; without it these sections answer 503 and nothing else is "
+                            "affected. Off: the sections say no warehouse is configured.")
 
 
 class AgentSettings(BaseModel):

@@ -147,11 +147,13 @@ def _back(to: str, message: str) -> RedirectResponse:
 
 
 def _employee_page(request: Request, who: Principal, services: Services, status: int = 200,
-                   errors: dict[str, str] | None = None, values: dict[str, str] | None = None) -> HTMLResponse:
+                   errors: dict[str, str] | None = None, values: dict[str, str] | None = None,
+                   own_data: dict[str, Any] | None = None) -> HTMLResponse:
     state = services.state.employee(who.employee_id) if who.employee_id else None
     return _render(request, "employee.html.j2", status, who=who, state=state, policy=services.state.policy(),
                    is_hr=bool(who.roles & actions.EXEMPTION_DECIDERS), minutes_choices=PAUSE_MINUTES,
-                   errors=errors or {}, values=values or {})
+                   errors=errors or {}, values=values or {},
+                   own=own_data_sections(request, who, services, **(own_data or {})))
 
 
 def _hr_page(request: Request, who: Principal, services: Services, status: int = 200,
@@ -239,6 +241,60 @@ def deny(request: Request, employee_id: str, who: HR, services: Svc, reason: Ann
     except actions.Invalid as e:
         return _hr_page(request, who, services, 422, {(employee_id, "deny"): e.message})
     return _back("/hr", f"Exemption request of {employee_id} denied.")
+
+
+# ---------------------------------------------------------------- employee: own stored data (Part 3 B)
+
+
+def own_data_sections(request: Request, who: Principal, services: Services, *,
+                      withdraw_errors: dict[str, str] | None = None,
+                      withdraw_values: dict[str, str] | None = None) -> dict[str, Any]:
+    """The employee page's "Captured about me today" and "My demonstrations": each section holds
+    its data or the reason it cannot be shown (the rest of the page works either way)."""
+    from handtrace.control.api import own
+    from handtrace.control.api.services import WarehouseUnavailable
+
+    settings = request.app.state.settings
+    out: dict[str, Any] = {"captured": None, "captured_error": None, "demonstrations": [],
+                           "demonstrations_error": None, "withdraw_errors": withdraw_errors or {},
+                           "withdraw_values": withdraw_values or {}}
+    if who.employee_id is None:
+        return out
+    try:
+        out["captured"] = own.captured(services, settings, who, None)
+    except WarehouseUnavailable as e:
+        out["captured_error"] = str(e)
+    try:
+        out["demonstrations"] = own.demonstrations(services, settings, who)
+    except WarehouseUnavailable as e:
+        out["demonstrations_error"] = str(e)
+    return out
+
+
+@router.post("/portal/me/demonstrations/{demonstration_id}/withdraw", dependencies=POST_GUARDS)
+def withdraw_demonstration(request: Request, demonstration_id: str, who: Me, services: Svc,
+                           reason: Annotated[str, Form()] = "") -> Response:
+    """Withdraw one of the caller's own demonstrations from training data (as ``POST
+    /api/v1/me/demonstrations/{id}/withdraw``: own.withdraw, one audit entry); another person's
+    or an unknown one: the same 404 page."""
+    from handtrace.control.api import own
+    from handtrace.control.api.services import WarehouseUnavailable
+
+    try:
+        own.withdraw(services, request.app.state.settings, who, demonstration_id, reason, method=request.method,
+                     path=request.url.path)
+    except own.NotFound:
+        raise HTTPException(404, own.NOT_FOUND) from None
+    except actions.Refused as e:
+        raise HTTPException(403, str(e)) from None
+    except actions.Invalid as e:
+        return _employee_page(request, who, services, 422, own_data={
+            "withdraw_errors": {demonstration_id: e.message}, "withdraw_values": {demonstration_id: reason}})
+    except WarehouseUnavailable as e:
+        return _employee_page(request, who, services, 503, own_data={
+            "withdraw_errors": {demonstration_id: f"not withdrawn: {e}"},
+            "withdraw_values": {demonstration_id: reason}})
+    return _back("/#demonstrations", "Demonstration withdrawn: it will be left out of training data.")
 
 
 async def form_fields(request: Request) -> dict[str, str]:

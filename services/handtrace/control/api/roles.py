@@ -29,6 +29,7 @@ class Action(StrEnum):
     allowlist = "allowlist"
     audit = "audit"
     rotate_key = "rotate_key"
+    own_data = "own_data"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ MATRIX: dict[Action, Rule] = {r.action: r for r in (
     Rule(Action.audit, "read the audit trail", frozenset({Role.auditor, Role.admin})),
     Rule(Action.rotate_key, "re-sign the policy and device enrollments with the API's key (key rotation)",
          frozenset({Role.admin})),
+    Rule(Action.own_data, "see what is stored about oneself (events, frames, demonstrations), withdraw one's "
+         "demonstrations", ALL, self_only=True),
 )}
 """The role matrix: every route names one of these actions and is guarded by its rule."""
 
@@ -67,7 +70,7 @@ def allowed(action: Action, roles: frozenset[Role]) -> bool:
 def actor_role(action: Action) -> str:
     """The control record's ``actor_role`` (schemas/control_event: employee | hr | ops | system)
     for a change made under ``action``; the true role is kept in the audit entry."""
-    if action is Action.own:
+    if action in (Action.own, Action.own_data):
         return "employee"
     if action is Action.exemptions:
         return "hr"

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from handtrace.control.api import actions
+from handtrace.control.api import actions, own
 from handtrace.control.api.actions import Problems
 from handtrace.control.api.auth import Principal, refuse, require, valid_employee_id
 from handtrace.control.api.roles import MATRIX, Action
-from handtrace.control.api.services import Services, StateUnavailable, audit_entry, control_id, get_services, iso
+from handtrace.control.api.services import (
+    Services,
+    StateUnavailable,
+    WarehouseUnavailable,
+    audit_entry,
+    control_id,
+    get_services,
+    iso,
+)
 from handtrace.core.controls import (
     MAX_PAUSE_MINUTES,
     ControlError,
@@ -372,3 +380,117 @@ def resign(body: ResignIn, request: Request, caller: Annotated[Principal, allow(
                                       outcome="allowed", before={"policy_version": before},
                                       after=dict(done), method=request.method, path=request.url.path))
     return Resigned(**done)
+
+
+# ---------------------------------------------------------------- employee: own data (Part 3 B)
+
+
+class CapturedCount(BaseModel):
+    app_id: str = Field(description="The app (empty: events without an app).")
+    kind: str
+    events: int
+
+
+class CapturedFrame(BaseModel):
+    demonstration_id: str
+    step: int
+    captured_at: str
+    sha256: str
+    reason: str = Field(description="What the frame precedes (click, drag, scroll, typing, hotkey, end).")
+
+
+class Captured(BaseModel):
+    day: str = Field(description="The UTC day counted.")
+    total: int = Field(description="Events stored about the caller that day (passive and demonstrations).")
+    by_app_kind: list[CapturedCount]
+    demonstrations: int = Field(description="Demonstrations the caller started that day.")
+    frames: list[CapturedFrame] = Field(description="The newest frames (at most 12). Passive screenshots are "
+                                        "not kept as images, only their hashes: none to show.")
+
+
+class Demonstration(BaseModel):
+    demonstration_id: str
+    instruction: str
+    status: str
+    started_at: str | None
+    ended_at: str | None
+    frames: int
+    events: int
+    apps: list[str]
+    withdrawn: bool
+    withdrawn_at: str | None
+
+
+class Withdrawn(BaseModel):
+    withdrawal_id: str
+
+
+class WithdrawIn(_Body):
+    reason: str = Field(default="", max_length=500, description="Why (required; kept with the withdrawal and in "
+                        "the audit trail).")
+
+
+def _own_data(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an own-data function: 503 when the warehouse is unavailable, the same 404 for another
+    person's and an unknown demonstration, 422 for an invalid field, 403 without an employee id."""
+    try:
+        return fn(*args, **kwargs)
+    except WarehouseUnavailable as e:
+        raise HTTPException(status_code=503, detail=f"warehouse unavailable: {e}") from None
+    except own.NotFound:
+        raise HTTPException(status_code=404, detail=own.NOT_FOUND) from None
+    except actions.Refused as e:
+        raise HTTPException(status_code=403, detail=f"forbidden: {e}") from None
+    except actions.Invalid as e:
+        raise Problems([(e.field, e.message)]) from None
+
+
+_OWN_DATA_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "Not the caller's, or no such demonstration/frame (the same answer)."},
+    503: {"model": ErrorOut, "description": "No warehouse configured, or ClickHouse/the frame store unreachable."},
+}
+DemonstrationId = Annotated[str, Path(min_length=1, max_length=64, description="Demonstration id (UUID).")]
+
+
+@router.get("/me/captured", response_model=Captured, tags=["employee"], responses=_OWN_DATA_ERRORS,
+            openapi_extra=_rule(Action.own_data))
+def my_captured(request: Request, caller: Annotated[Principal, allow(Action.own_data)], services: Services_,
+                day: Annotated[str | None, Query(description="UTC day, YYYY-MM-DD (default: today).")] = None
+                ) -> dict[str, Any]:
+    """What was stored about the caller on one day: events by app and kind, demonstrations, the
+    newest frames."""
+    result: dict[str, Any] = _own_data(own.captured, services, request.app.state.settings, caller, day)
+    return result
+
+
+@router.get("/me/demonstrations", response_model=list[Demonstration], tags=["employee"],
+            responses=_OWN_DATA_ERRORS, openapi_extra=_rule(Action.own_data))
+def my_demonstrations(request: Request, caller: Annotated[Principal, allow(Action.own_data)],
+                      services: Services_) -> list[dict[str, Any]]:
+    """The caller's demonstrations, newest first (at most 100), with whether each is withdrawn."""
+    result: list[dict[str, Any]] = _own_data(own.demonstrations, services, request.app.state.settings, caller)
+    return result
+
+
+@router.post("/me/demonstrations/{demonstration_id}/withdraw", response_model=Withdrawn, status_code=202,
+             tags=["employee"], responses=_OWN_DATA_ERRORS, openapi_extra=_rule(Action.own_data))
+def withdraw_demonstration(demonstration_id: DemonstrationId, body: WithdrawIn, request: Request,
+                           caller: Annotated[Principal, allow(Action.own_data)], services: Services_) -> Withdrawn:
+    """Withdraw one of the caller's demonstrations from training data: later exports leave it out,
+    exports that contain it become stale. Audited (``demonstration_withdraw``), refusals too."""
+    wid = _own_data(own.withdraw, services, request.app.state.settings, caller, demonstration_id, body.reason,
+                    method=request.method, path=request.url.path)
+    return Withdrawn(withdrawal_id=wid)
+
+
+@router.get("/me/frames/{demonstration_id}/{step}", tags=["employee"], response_class=Response,
+            responses={**_OWN_DATA_ERRORS, 200: {"content": {"image/png": {}, "image/webp": {}},
+                                                 "description": "The frame's image bytes."}},
+            openapi_extra=_rule(Action.own_data))
+def my_frame(demonstration_id: DemonstrationId, step: Annotated[int, Path(ge=0, le=2**32 - 1)], request: Request,
+             caller: Annotated[Principal, allow(Action.own_data)], services: Services_) -> Response:
+    """One frame of one of the caller's demonstrations, as stored (private: not cached by proxies)."""
+    data, media_type = _own_data(own.frame_image, services, request.app.state.settings, caller, demonstration_id,
+                                 step)
+    return Response(content=data, media_type=media_type,
+                    headers={"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"})

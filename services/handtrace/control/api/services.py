@@ -477,4 +477,10 @@ def kafka_services(settings: Settings) -> Services:
     """The real services: signed records on the controls and policy topics, the audit on
     <prefix>.audit. ControlError without a control-plane signing key (outside dev mode)."""
     audit = KafkaAudit(settings)
-    return Services(controls=KafkaControls(settings), state=KafkaState(settings, audit), audit=audit)
+    warehouse: Warehouse | None = None
+    if settings.api.warehouse:
+        from handtrace.control.api.warehouse import ClickHouseWarehouse
+
+        warehouse = ClickHouseWarehouse(settings)
+    return Services(controls=KafkaControls(settings), state=KafkaState(settings, audit), audit=audit,
+                    warehouse=warehouse)
