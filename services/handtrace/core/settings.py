@@ -437,6 +437,11 @@ class ApiSettings(BaseModel):
     read_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Longest wait for the "
                                   "controls, policy or audit topic when the API reads state; past it "
                                   "the request fails (503) rather than answering from partial state.")
+    dry_run_window_s: int = Field(
+        default=3600, ge=60, le=7 * 86_400, description="Recent window of stored events that the sampling "
+        "dry run (`PUT /api/v1/policy/sampling?dry_run=true`, the ops page's preview) estimates from. A dry "
+        "run publishes nothing; without a readable warehouse it says it is unavailable instead of guessing.",
+    )
 
 
 class AgentSettings(BaseModel):
