@@ -53,6 +53,10 @@ BYTES_BASIS = ("bytes: each row's uncompressed size in ClickHouse's column encod
                "its strings), times the events table's compression ratio from system.parts "
                "(compressed / uncompressed: {ratio:.3g})")
 
+MAX_SCALE = 1e6
+"""A group whose rate would grow more than this many times is unknown too: so few of its rows were
+kept that scaling them says nothing (and the arithmetic would overflow)."""
+
 NOTES = (
     "Assumes the rates in force now were in force for the whole window.",
     "A group's stored rows scale by (rate after / rate now): rows of one rate are kept or dropped by whole episode.",
@@ -240,6 +244,9 @@ def estimate(traffic: Traffic, current_rates: Mapping[str, Any], new_rates: Mapp
             unknown.append({**line, "why": "rate now is 0: nothing stored under it to scale from"})
             continue
         k = r_after / r_now
+        if k > MAX_SCALE:
+            unknown.append({**line, "why": f"rate now is too small to scale from (x{k:.3g})"})
+            continue
         rows_now += g.rows
         rows_after += g.rows * k
         bytes_now += g.bytes
