@@ -303,4 +303,25 @@ def change_ratio(now: float | None, after: float | None) -> str:
     return f"x{after / now:.3g}"
 
 
-__all__ = ["Estimate", "Group", "Metric", "Traffic", "dry_run", "estimate", "traffic", "unavailable"]
+def show(value: float | None, unit: str) -> str:
+    """One metric's value for a person: shares as percentages, bytes with a unit, rates to three
+    significant figures; "-" when there is nothing to show."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    if unit == "share":
+        return f"{value * 100:.3g}%"
+    if unit == "bytes/h":
+        for scale, name in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+            if value >= scale:
+                return f"{value / scale:.3g} {name}/h"
+        return f"{value:.3g} B/h"
+    return f"{value:.3g} {unit}"
+
+
+def duration(seconds: float) -> str:
+    """A window length in words ("1 hour", "30 minutes", "2 days")."""
+    for size, name in ((86_400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {name}{'' if n == 1 else 's'}"
+    return f"{seconds:g} seconds"
