@@ -53,9 +53,9 @@ BYTES_BASIS = ("bytes: each row's uncompressed size in ClickHouse's column encod
                "its strings), times the events table's compression ratio from system.parts "
                "(compressed / uncompressed: {ratio:.3g})")
 
-MAX_SCALE = 1e6
-"""A group whose rate would grow more than this many times is unknown too: so few of its rows were
-kept that scaling them says nothing (and the arithmetic would overflow)."""
+MIN_RATE_NOW = 1e-6
+"""A group whose rate now is below this is unknown too: so few of its rows were kept that scaling
+them up says nothing (and the arithmetic would overflow)."""
 
 NOTES = (
     "Assumes the rates in force now were in force for the whole window.",
@@ -243,10 +243,10 @@ def estimate(traffic: Traffic, current_rates: Mapping[str, Any], new_rates: Mapp
         if r_now <= 0.0:
             unknown.append({**line, "why": "rate now is 0: nothing stored under it to scale from"})
             continue
-        k = r_after / r_now
-        if k > MAX_SCALE:
-            unknown.append({**line, "why": f"rate now is too small to scale from (x{k:.3g})"})
+        if r_now < MIN_RATE_NOW:
+            unknown.append({**line, "why": f"rate now ({r_now:.3g}) is too small to scale from"})
             continue
+        k = r_after / r_now
         rows_now += g.rows
         rows_after += g.rows * k
         bytes_now += g.bytes
