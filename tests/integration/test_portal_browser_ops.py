@@ -1,6 +1,7 @@
 """The ops, security and auditor pages in a real headless Chromium (Debian's, driven by Playwright;
 tests/browser.py) against the app served by uvicorn on a loopback port: ops previews a sampling
-change and applies it (the policy version goes up), security is shown `co.uk` refused next to the
+change, sees the estimate of what it would store (from a fake warehouse's traffic) before the
+Apply button, and applies it (the policy version goes up), security is shown `co.uk` refused next to the
 field and then applies a valid domain, the auditor sees those changes, an employee is refused each
 page; labels, contrast and a laptop-sized screen. Screenshots land in tests/artifacts/portal/."""
 
@@ -16,6 +17,7 @@ from handtrace.control.api.services import Services
 from tests.browser import VIEWPORT, chromium, live_server, screenshot
 from tests.integration.test_portal_browser import CONTRAST_JS, LABELS_JS
 from tests.portal_support import memory_services, portal_app, session_cookie
+from tests.unit.test_portal_pages_dry_run import FakeWarehouse
 
 OPS = session_cookie("olga", ["ops"], name="Olga Ops")
 SEC = session_cookie("sam", ["security"], name="Sam Security")
@@ -31,7 +33,9 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def services() -> Services:
-    return memory_services()
+    s = memory_services()
+    s.warehouse = FakeWarehouse()  # an hour of 3600 key presses and 14400 pointer moves, 4 agents
+    return s
 
 
 @pytest.fixture
@@ -84,6 +88,8 @@ def test_ops_previews_what_a_sampling_change_does_then_applies_it(open_as: Any, 
     page = open_as(OPS, "/ops", javascript=False)  # plain HTML forms: no JavaScript needed
     assert page.last_status == 200
     assert squash(page.locator("#ops-policy-version").inner_text()).startswith("Policy version 7")
+    assert squash(page.locator("#fleet-summary").inner_text()) == (
+        "Events stored per second 5 events/s Agents seen 4 Bytes stored per hour per agent 2.7 MB/h")
     screenshot(page, "portal", "ops")
     selector, rate = (page.get_by_label(f"{n}, row 1", exact=True).bounding_box() for n in ("Selector", "Rate"))
     assert selector and rate and abs(selector["y"] - rate["y"]) < 2 and rate["x"] > selector["x"]  # one row
@@ -92,7 +98,17 @@ def test_ops_previews_what_a_sampling_change_does_then_applies_it(open_as: Any, 
     assert summary.is_visible()
     rows = [squash(r.inner_text()) for r in summary.get_by_role("row").all()[1:]]
     assert rows == ["* - (all kept) 0.5 - → 0.5 (added)", "kind:pointer_move 0.25 0.1 0.25 → 0.1 (changed)"], rows
-    assert "not the estimate from recent ClickHouse data" in summary.inner_text()
+    estimate = page.locator("#estimate-table")
+    assert estimate.is_visible()
+    assert squash(estimate.locator("caption").inner_text()) == (
+        "Estimated effect of these rates, from the last 1 hour of stored events")
+    lines = [squash(r.inner_text()) for r in estimate.get_by_role("row").all()]
+    # key presses fall to `*` 0.5 (from 1), pointer moves 0.25 -> 0.1: (1800 + 5760) / 3600 s
+    assert lines[:2] == ["Metric Now After Change", "Events stored per second 5 events/s 2.1 events/s x0.42"], lines
+    assert lines[-1] == "Share of demonstrations kept 100% 100% unchanged", lines
+    assert "from 4 agents" in page.locator("#estimate-basis").inner_text()
+    apply_box, estimate_box = page.locator("#apply-button").bounding_box(), estimate.bounding_box()
+    assert apply_box and estimate_box and estimate_box["y"] < apply_box["y"]  # read before applying
     assert policy_version(services) == 7  # a preview publishes nothing
     screenshot(page, "portal", "ops-preview")
 

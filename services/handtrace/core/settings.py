@@ -443,6 +443,11 @@ class ApiSettings(BaseModel):
                             "data dir). Needs the workers' pseudonym key (`stream.pseudonym_key`) to derive the "
                             "caller's own pseudonym; without it these sections answer 503 and nothing else is "
                             "affected. Off: the sections say no warehouse is configured.")
+    dry_run_window_s: int = Field(
+        default=3600, ge=60, le=7 * 86_400, description="Recent window of stored events that the sampling "
+        "dry run (`PUT /api/v1/policy/sampling?dry_run=true`, the ops page's preview) estimates from. A dry "
+        "run publishes nothing; without a readable warehouse it says it is unavailable instead of guessing.",
+    )
 
 
 class AgentSettings(BaseModel):

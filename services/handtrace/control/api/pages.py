@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from handtrace.control.api import actions
+from handtrace.control.api import actions, dryrun
 from handtrace.control.api.auth import Principal, principal, require
 from handtrace.control.api.roles import MATRIX, Action, Role, allowed
 from handtrace.control.api.services import Services, get_services
@@ -123,6 +123,9 @@ def _show(value: Any) -> str:
 
 _env.filters["show"] = _show
 _env.filters["rate"] = lambda v: "-" if v is None else f"{float(v):g}"
+_env.filters["metric"] = dryrun.show
+_env.filters["change"] = dryrun.change_ratio
+_env.filters["duration"] = dryrun.duration
 
 
 def _nav(who: Principal | None) -> list[tuple[str, str]]:
@@ -362,16 +365,26 @@ def _sampling_form(rows: list[dict[str, str]]) -> tuple[dict[str, Any], dict[str
     return rates, where, errors
 
 
+def _sampling_estimate(request: Request, services: Services, current: dict[str, Any],
+                       rates: dict[str, Any]) -> dict[str, Any]:
+    """The dry run of ``rates`` against the rates in force (control/api/dryrun.py), as the API's
+    ``?dry_run=true`` answers it; ``{"available": False, "why"}`` without a readable warehouse."""
+    return dryrun.dry_run(services.warehouse, current, rates, window_s=request.app.state.settings.api.dry_run_window_s)
+
+
 def _ops_page(request: Request, who: Principal, services: Services, status: int = 200, *,
               rows: list[dict[str, str]] | None = None, errors: dict[Any, str] | None = None, reason: str = "",
-              summary: list[dict[str, Any]] | None = None) -> HTMLResponse:
+              summary: list[dict[str, Any]] | None = None, estimate: dict[str, Any] | None = None) -> HTMLResponse:
     policy = services.state.policy() or actions.EMPTY_POLICY
     if rows is None:
         rows = [{"selector": s, "rate": f"{float(r):g}"} for s, r in sorted(policy["sampling"].items())]
         rows += _blank_rows(EMPTY_ROWS, "selector", "rate")
     errors = errors or {}
+    # The fleet impact summary: what the rates in force store (the dry run of no change).
+    fleet = _sampling_estimate(request, services, policy["sampling"], policy["sampling"])
     return _render(request, "ops.html.j2", status, who=who, policy=policy, rows=rows, errors=errors,
-                   reason=reason, summary=summary, can_apply=summary is not None and set(errors) <= {"reason"})
+                   reason=reason, summary=summary, can_apply=summary is not None and set(errors) <= {"reason"},
+                   estimate=estimate, fleet=fleet)
 
 
 @router.get("/ops", response_class=HTMLResponse)
@@ -405,8 +418,9 @@ def set_sampling(request: Request, who: Ops, services: Svc, fields: Fields) -> R
     summary = None if errors or any(isinstance(k, tuple) for k in page_errors) else \
         sampling_changes(current["sampling"], rates)
     if page_errors or not apply:
+        estimate = None if summary is None else _sampling_estimate(request, services, current["sampling"], rates)
         return _ops_page(request, who, services, 422 if page_errors else 200, rows=rows, errors=page_errors,
-                         reason=reason, summary=summary)
+                         reason=reason, summary=summary, estimate=estimate)
     try:
         record = actions.change_policy(services, who, "policy_sampling", reason, {"sampling": rates},
                                        rename={"sampling": "rates"}, method=request.method, path=request.url.path)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from handtrace.control.api import actions, own
+from handtrace.control.api import actions, dryrun, own
 from handtrace.control.api.actions import Problems
 from handtrace.control.api.auth import Principal, refuse, require, valid_employee_id
 from handtrace.control.api.roles import MATRIX, Action
@@ -305,11 +306,32 @@ def _change_policy(request: Request, caller: Principal, services: Services, acti
     return Accepted(control_id=control_id(rec), version=rec["policy"]["version"])
 
 
+class DryRunOut(BaseModel):
+    estimate: dict[str, Any] = Field(description="`{available: true, metrics: [{metric, label, unit, now, after}], "
+                                     "groups, basis: {window_s, rows_seen, agents, groups, unknown_groups, "
+                                     "unseen_selectors, ignored_selectors, bytes, ...}, notes}` or `{available: "
+                                     "false, why}` when no warehouse can be read (control/api/dryrun.py).")
+
+
 @router.put("/policy/sampling", response_model=Accepted, status_code=202, tags=["policy"],
-             openapi_extra=_rule(Action.sampling))
+             openapi_extra=_rule(Action.sampling),
+             responses={200: {"model": DryRunOut, "description": "`dry_run=true`: the estimate; nothing is "
+                              "published and no change is audited."}})
 def set_sampling(body: SamplingIn, request: Request, caller: Annotated[Principal, allow(Action.sampling)],
-                 services: Services_) -> Accepted:
-    """Replace the sampling rates (ops, admin); workers apply the new version live."""
+                 services: Services_, dry_run: Annotated[bool, Query(
+                     description="Validate as a real change, then answer 200 with the estimate of what these "
+                     "rates would store (from the last `api.dry_run_window_s` of stored events) instead of "
+                     "publishing.")] = False) -> Any:
+    """Replace the sampling rates (ops, admin); workers apply the new version live. With
+    `dry_run=true`: the same validation (422), then the estimate, nothing published."""
+    if dry_run:
+        current, _doc, problems = actions.plan_policy(services, {"sampling": body.rates}, body.reason,
+                                                      rename={"sampling": "rates"})
+        if problems:
+            raise Problems(problems)
+        window_s = request.app.state.settings.api.dry_run_window_s
+        return JSONResponse(status_code=200, content={"estimate": dryrun.dry_run(
+            services.warehouse, current["sampling"], body.rates, window_s=window_s)})
     return _change_policy(request, caller, services, "policy_sampling", body.reason, {"sampling": body.rates},
                           {"sampling": "rates"})
 

@@ -18,7 +18,9 @@ Matching is exact and case-sensitive. ``app:`` sees ``app_id`` as the rows carry
 step after the allowlist step (which fills ``app_id`` within each batch), otherwise only rows
 stamped by the agent (always the focus changes) match an app selector. Selectors with another
 prefix are ignored (forward compatible); :func:`sampling_problems` lists them so the control
-plane can reject a policy.
+plane can reject a policy. The rule is one function, :meth:`_Rules.decide`, applied per distinct
+(app, kind, cohort) of a frame; :func:`rate_for` / :func:`deciding_selector` expose it to the
+control plane's dry run (control/api/dryrun.py), so the estimate cannot drift from the step.
 
 Invalid rates fail closed: a value that is not a real number in [0, 1] (NaN, negative, > 1,
 bool, string, None) makes its selector a rate of 0, and the rows it decides are dropped as
@@ -100,6 +102,22 @@ def sampling_problems(sampling: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def deciding_selector(sampling: Mapping[str, Any], app_id: str | None, kind: str | None,
+                      cohort: str | None = None) -> tuple[str | None, float]:
+    """The selector of ``sampling`` that decides a row with this app, kind and cohort (None: none
+    matches, the row is kept) and the rate it keeps, by the step's own precedence rule
+    (``app:`` > ``kind:`` > ``cohort:`` > ``*``); an invalid rate counts as 0 (the step drops those
+    rows). ``None`` for a value means the row has none: no selector of that level matches it."""
+    selector, rate = _Rules.of(sampling, set(_LEVEL_COLUMN.values())).decide(app_id, kind, cohort)
+    return selector, max(rate, 0.0)
+
+
+def rate_for(sampling: Mapping[str, Any], app_id: str | None, kind: str | None, cohort: str | None = None) -> float:
+    """The share of episodes whose rows of this app, kind and cohort the step keeps (see
+    :func:`deciding_selector`)."""
+    return deciding_selector(sampling, app_id, kind, cohort)[1]
+
+
 @dataclass(frozen=True)
 class _Rules:
     levels: dict[str, dict[str, float]]  # level -> value -> rate (_INVALID when invalid)
@@ -120,23 +138,37 @@ class _Rules:
                 levels[prefix][rest] = rate
         return cls({k: v for k, v in levels.items() if v}, default)
 
-    def selector_expr(self) -> pl.Expr:
-        """Per-row selector that decides its rate (as written in the policy): the first matching
-        level, then ``*``; null when none matches (rate 1.0)."""
-        parts = [
-            pl.when(pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String).is_in(list(m)))
-            .then(pl.lit(f"{lvl}:") + pl.col(_LEVEL_COLUMN[lvl]).cast(pl.String))
-            for lvl, m in self.levels.items()  # dict keeps _LEVELS order: most specific first
-        ]
-        fallback = pl.lit(None, dtype=pl.String) if self.default is None else pl.lit("*")
-        return pl.coalesce(*parts, fallback)
+    def decide(self, app_id: str | None, kind: str | None, cohort: str | None) -> tuple[str | None, float]:
+        """The precedence rule, for one row's app, kind and cohort (None: the row has none, or the
+        frame lacks the column): the selector that decides it as written in the policy, or None
+        when none matches, and its rate (1.0 for none, ``_INVALID`` for an invalid value). The
+        step applies this per distinct (app, kind, cohort) of a frame; the dry run of the control
+        plane per stored (app, kind) group (:func:`deciding_selector`)."""
+        values = {"app": app_id, "kind": kind, "cohort": cohort}
+        for lvl, rates in self.levels.items():  # dict keeps _LEVELS order: most specific first
+            value = values[lvl]
+            if value is not None and value in rates:
+                return f"{lvl}:{value}", rates[value]
+        return ("*", self.default) if self.default is not None else (None, 1.0)
 
-    def rate_of(self, selector: pl.Expr) -> pl.Expr:
-        """The rate of a deciding selector (1.0 for none)."""
-        rates = {f"{lvl}:{v}": r for lvl, m in self.levels.items() for v, r in m.items()}
-        if self.default is not None:
-            rates["*"] = self.default
-        return selector.replace_strict(rates, default=None, return_dtype=pl.Float64).fill_null(1.0)
+    def decide_frame(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``_selector`` and ``_rate`` of every row of ``frame`` (same order), by :meth:`decide`
+        over the distinct (app, kind, cohort) of the frame joined back: bounded Python, no per-row."""
+        cols = [c for c in _LEVEL_COLUMN.values() if c in frame.columns]
+        if not cols:
+            selector, rate = self.decide(None, None, None)
+            return pl.DataFrame({"_selector": pl.repeat(selector, frame.height, dtype=pl.String, eager=True),
+                                 "_rate": pl.repeat(rate, frame.height, dtype=pl.Float64, eager=True)})
+        values = frame.select(pl.col(c).cast(pl.String) for c in cols)
+        combos = values.unique()
+        decided = [self.decide(*(row.get(c) for c in _LEVEL_COLUMN.values()))
+                   for row in combos.iter_rows(named=True)]
+        combos = combos.with_columns(
+            pl.Series("_selector", [d[0] for d in decided], dtype=pl.String),
+            pl.Series("_rate", [d[1] for d in decided], dtype=pl.Float64),
+        )
+        return values.join(combos, on=cols, how="left", nulls_equal=True, maintain_order="left").select(
+            "_selector", "_rate")
 
     @property
     def trivial(self) -> bool:
@@ -184,8 +216,8 @@ class SampleStep:
             return StepResult(frame)
         emp, dev = _id_columns(frame)
         window = pl.col("captured_at_us").dt.epoch("us") // (self.episode_s * _US)
-        t = frame.select(pl.col(emp), pl.col(dev), window.alias("_ep"), rules.selector_expr().alias("_selector"))
-        t = t.with_columns(rules.rate_of(pl.col("_selector")).alias("_rate"))
+        t = pl.concat([frame.select(pl.col(emp), pl.col(dev), window.alias("_ep")), rules.decide_frame(frame)],
+                      how="horizontal")
         rate = pl.col("_rate")
         if t.get_column("_rate").min() >= 1.0:  # type: ignore[operator]
             kept_all = pl.repeat(False, t.height, eager=True)
