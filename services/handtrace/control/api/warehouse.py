@@ -215,7 +215,7 @@ class MemoryWarehouse:
     employee_key, instruction, status, started_at_us, ended_at_us, frames, events, apps};
     ``frames`` {demonstration_id, employee_key, step, captured_at_us, sha256, reason, object_key,
     format, width, height}; ``withdrawals`` as written. ``unavailable``: every call raises
-    WarehouseUnavailable with it; ``traffic_result``: what ``traffic`` returns."""
+    WarehouseUnavailable with it; ``traffic_result``: what ``traffic`` returns (default: nothing stored)."""
 
     events: list[dict[str, Any]] = field(default_factory=list)
     demonstration_events: list[dict[str, Any]] = field(default_factory=list)
@@ -292,4 +292,9 @@ class MemoryWarehouse:
 
     def traffic(self, since_us: int, until_us: int) -> Any:
         self._check()
-        return self.traffic_result
+        if self.traffic_result is not None:
+            return self.traffic_result
+        from handtrace.control.api.dryrun import Traffic
+
+        return Traffic(since_us=since_us, until_us=until_us, episode_s=600, groups=(), episodes=0, agents=0,
+                       demonstrations=0, bytes_basis="nothing stored (in memory)")
