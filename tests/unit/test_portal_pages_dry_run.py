@@ -13,13 +13,17 @@ from fastapi.testclient import TestClient
 
 from handtrace.control.api.dryrun import Group, Traffic
 from handtrace.control.api.services import Services
+from handtrace.control.api.warehouse import MemoryWarehouse
 from tests.portal_support import backend, memory_services, portal_app, session_cookie
 
 OPS = session_cookie("olga", ["ops"], name="Olga Ops")
 
 
-class FakeWarehouse:
+class FakeWarehouse(MemoryWarehouse):
+    """An hour of traffic for the dry run; the rest of the Warehouse (own data) empty."""
+
     def __init__(self, fail: Exception | None = None) -> None:
+        super().__init__()
         self.fail = fail
 
     def traffic(self, since_us: int, until_us: int) -> Traffic:
