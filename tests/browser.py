@@ -109,3 +109,54 @@ def screenshot(page: Any, *parts: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+# What the portal's browser tests check on every page: WCAG contrast of text (4.5:1) and a label
+# for every control.
+
+CONTRAST_JS = """() => {
+  const parse = c => { const m = c.match(/rgba?\\(([^)]+)\\)/); if (!m) return null;
+    const p = m[1].split(/[ ,\\/]+/).filter(Boolean).map(Number);
+    return {r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1}; };
+  const lum = c => { const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+    return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b); };
+  const bg = el => { for (let e = el; e; e = e.parentElement) { const c = parse(getComputedStyle(e).backgroundColor);
+    if (c && c.a > 0.99) return c; } return {r: 255, g: 255, b: 255, a: 1}; };
+  const low = []; let checked = 0;
+  for (const el of document.querySelectorAll('body *')) {
+    if (![...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+    const st = getComputedStyle(el), box = el.getBoundingClientRect();
+    if (st.display === 'none' || st.visibility === 'hidden' || box.width <= 1 || box.height <= 1) continue;
+    const a = lum(parse(st.color)), b = lum(bg(el));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05); checked++;
+    if (ratio < 4.5) low.push(`${el.tagName} "${el.textContent.trim().slice(0, 40)}": ${ratio.toFixed(2)}`);
+  }
+  return {checked, low};
+}"""
+
+LABELS_JS = """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea')].map(el => ({
+  id: el.id, labels: [...(el.labels || [])].map(l => l.textContent.replace(/\\s+/g, ' ').trim())}))"""
+
+
+@contextmanager
+def signed_in_pages(browser: Any, base_url: str) -> Iterator[Any]:
+    """``open_(cookie, path="/", javascript=True)`` -> a page of a fresh browser context signed in
+    with ``cookie`` (``page.last_status``: the HTTP status of the navigation); every context is
+    closed on exit."""
+    contexts: list[Any] = []
+
+    def open_(cookie: dict[str, str], path: str = "/", javascript: bool = True) -> Any:
+        ctx = browser.new_context(viewport=VIEWPORT, java_script_enabled=javascript, base_url=base_url)
+        contexts.append(ctx)
+        ctx.add_cookies([{"name": k, "value": v, "url": base_url} for k, v in cookie.items()])
+        page = ctx.new_page()
+        page.set_default_timeout(30_000)  # a loaded 2-core CI machine
+        response = page.goto(path)
+        page.last_status = response.status if response is not None else None
+        return page
+
+    try:
+        yield open_
+    finally:
+        for ctx in contexts:
+            ctx.close()

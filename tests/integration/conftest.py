@@ -420,3 +420,35 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
     finally:
         server.kill()
+
+
+# ---------------------------------------------------------------- the portal in a real browser
+# (test_portal_browser*.py; each module defines its own ``services`` fixture)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium through Playwright (tests/browser.py: fails loudly when missing)."""
+    from tests.browser import chromium
+
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def base_url(services: Any) -> Iterator[str]:
+    """The portal over the module's ``services``, served by uvicorn on a loopback port."""
+    from tests.browser import live_server
+    from tests.portal_support import portal_app
+
+    with live_server(portal_app(services)) as url:
+        yield url
+
+
+@pytest.fixture
+def open_as(browser: Any, base_url: str) -> Iterator[Any]:
+    """``open_as(cookie, path="/", javascript=True)`` -> a signed-in page (tests/browser.py)."""
+    from tests.browser import signed_in_pages
+
+    with signed_in_pages(browser, base_url) as open_:
+        yield open_

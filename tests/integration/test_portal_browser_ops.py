@@ -8,15 +8,13 @@ page; labels, contrast and a laptop-sized screen. Screenshots land in tests/arti
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from handtrace.control.api.services import Services
-from tests.browser import VIEWPORT, chromium, live_server, screenshot
-from tests.integration.test_portal_browser import CONTRAST_JS, LABELS_JS
-from tests.portal_support import memory_services, portal_app, session_cookie
+from tests.browser import CONTRAST_JS, LABELS_JS, screenshot
+from tests.portal_support import memory_services, session_cookie
 from tests.unit.test_portal_pages_dry_run import FakeWarehouse
 
 OPS = session_cookie("olga", ["ops"], name="Olga Ops")
@@ -25,43 +23,11 @@ AUDITOR = session_cookie("ada", ["auditor"], name="Ada Auditor")
 ALICE = session_cookie("alice", ["employee"], "e-alice", "Alice Martin")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as b:
-        yield b
-
-
 @pytest.fixture
 def services() -> Services:
     s = memory_services()
     s.warehouse = FakeWarehouse()  # an hour of 3600 key presses and 14400 pointer moves, 4 agents
     return s
-
-
-@pytest.fixture
-def base_url(services: Services) -> Iterator[str]:
-    with live_server(portal_app(services)) as url:
-        yield url
-
-
-@pytest.fixture
-def open_as(browser: Any, base_url: str) -> Iterator[Any]:
-    """``open_as(cookie, path, javascript=True)`` -> a page of a fresh browser context signed in."""
-    contexts: list[Any] = []
-
-    def open_(cookie: dict[str, str], path: str, javascript: bool = True) -> Any:
-        ctx = browser.new_context(viewport=VIEWPORT, java_script_enabled=javascript, base_url=base_url)
-        contexts.append(ctx)
-        ctx.add_cookies([{"name": k, "value": v, "url": base_url} for k, v in cookie.items()])
-        page = ctx.new_page()
-        page.set_default_timeout(30_000)  # a loaded 2-core CI machine
-        response = page.goto(path)
-        page.last_status = response.status if response is not None else None
-        return page
-
-    yield open_
-    for ctx in contexts:
-        ctx.close()
 
 
 def squash(s: str) -> str:
