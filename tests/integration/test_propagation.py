@@ -7,10 +7,12 @@ them at its next start before it captures anything; a forged and an unsigned pol
 written straight to the policy topic change nothing on either.
 
 The agent reads the control plane only at its wakeups (every ``agent.batch_interval_s``: no
-wakeup of its own, for the battery). Its bound is therefore that interval plus one read: the
-agents here wake every 2 s; at the default 30 s (120 s on battery) the bound is the interval
-(docs/BENCHMARKS.md, "Propagation"). What the agent captures meanwhile still reaches a worker
-that already honours the change (the first bound), so nothing it excludes is stored."""
+wakeup of its own, for the battery). Its bound is therefore its wakeup period plus one read
+(~0.1 s): the agents here have a 2 s batch interval, floored to a 5 s period by the shipper's idle
+delay once their spool is drained; at the default 30 s (120 s on battery) the bound is that
+interval (docs/BENCHMARKS.md, "Propagation"; docs/adr/0014-how-agents-learn-policy.md). What
+the agent captures meanwhile still reaches a worker that already honours the change (the first
+bound), so nothing it excludes is stored."""
 
 from __future__ import annotations
 
