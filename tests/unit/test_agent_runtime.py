@@ -547,3 +547,62 @@ def test_what_the_agent_sends_passes_the_streams_rules(tmp_path: Path) -> None:
     stored = pl.concat([pl.from_arrow(t) for t in out.rows.values()])
     chrome_text = stored.filter((pl.col("app_id") == "google-chrome") & pl.col("kind").is_in(["key_down"]))
     assert chrome_text.get_column("text").null_count() == chrome_text.height  # `none` stays none
+
+
+class FakeFollower:
+    """A control-plane follower whose next read returns what the test published meanwhile."""
+
+    def __init__(self, policy: Policy | None, exempt_from_us: int | None = None) -> None:
+        self.policy = policy
+        self.state = type("State", (), {"exempt_from_us": exempt_from_us})()
+        self.next: tuple[Policy | None, int | None] | None = None
+        self.reads: list[float] = []
+
+    def refresh(self, timeout_s: float = 5.0) -> bool:
+        self.reads.append(timeout_s)
+        if self.next is None:
+            return False
+        self.policy, self.state.exempt_from_us = self.next
+        self.next = None
+        return True
+
+
+def _agent_with(tmp_path: Path, follower: FakeFollower, **cfg: Any) -> tuple[Agent, FakeSource]:
+    src, clock = FakeSource(), Clock()
+    spool = Spool(tmp_path / "spool", max_bytes=64 << 20, fsync=False, clock_us=clock)
+    settings = AgentSettings(employee_id="emp-1", device_id="dev-1", **cfg)
+    return Agent(settings, src, spool, follower=follower, clock=clock, battery_fn=lambda: False,
+                 battery_info=lambda: (None, None)), src
+
+
+def test_an_agent_applies_what_changed_while_it_was_off_before_capturing(tmp_path: Path) -> None:
+    newer = Policy.from_record({"version": 4, "allowed_apps": ["code"], "allowed_domains": [], "sampling": {},
+                                "text_capture": {"*": "full"}})
+    cached = FakeFollower(POLICY)
+    agent, src = _agent_with(tmp_path, cached)
+    assert agent.local.version == 3
+    cached.next = (newer, T0 - S)  # granted (and a new policy) while the laptop was off
+    agent.start()
+    try:
+        assert cached.reads == [3.0]  # controls_at_start_s
+        assert agent.mode == "exempt" and src.running is False  # never started under the old state
+        assert agent.local.version == 4
+    finally:
+        agent.stop()
+
+
+def test_an_offline_start_keeps_the_cached_controls_and_zero_turns_the_read_off(tmp_path: Path) -> None:
+    follower = FakeFollower(POLICY)
+    agent, src = _agent_with(tmp_path, follower, controls_at_start_s=0)
+    agent.start()
+    try:
+        assert follower.reads == [] and src.running and agent.local.version == 3
+    finally:
+        agent.stop()
+    follower = FakeFollower(POLICY)  # unreachable: refresh says nothing changed
+    agent, src = _agent_with(tmp_path / "b", follower)
+    agent.start()
+    try:
+        assert follower.reads == [3.0] and src.running and agent.local.version == 3
+    finally:
+        agent.stop()

@@ -474,10 +474,7 @@ class Agent:
         now = self.clock() if now is None else now
         # Controls first: an exemption granted since the last wakeup drops what is still in
         # memory from its effective time before anything more is sealed.
-        if self.follower is not None and self.cfg.follow_control_plane and self.follower.refresh():
-            if self.follower.policy is not None and self.follower.policy.version >= self.local.version:
-                self.local = LocalPolicy(self.follower.policy)
-            self._apply_exemption(self.follower.state.exempt_from_us)
+        self.read_controls()
         self.tick(now)
         self.seal(now)
         if now >= self._next_heartbeat_us:
@@ -491,6 +488,16 @@ class Agent:
                               payload_bytes_sent=result.payload_bytes,
                               wire_bytes_sent=getattr(result, "wire_bytes", 0) or 0)
         return result
+
+    def read_controls(self, timeout_s: float = 5.0, *, start_source: bool = True) -> bool:
+        """Read what the control plane published since the last read (policy, this employee's
+        exemption) and apply it; True when something changed. Only at a wakeup or at start."""
+        if self.follower is None or not self.cfg.follow_control_plane or not self.follower.refresh(timeout_s):
+            return False
+        if self.follower.policy is not None and self.follower.policy.version >= self.local.version:
+            self.local = LocalPolicy(self.follower.policy)
+        self._apply_exemption(self.follower.state.exempt_from_us, start_source=start_source)
+        return True
 
     def heartbeat(self, now: int) -> bytes:
         """The encoded Heartbeat for now."""
@@ -518,8 +525,13 @@ class Agent:
 
     # ---------------------------------------------------------------- threads
     def start(self) -> None:
-        """Start capture and the tick and wakeup threads."""
+        """Start capture and the tick and wakeup threads. The control plane is read first (for
+        at most ``controls_at_start_s``): a laptop that was off when the policy changed or an
+        exemption was granted applies them before it captures anything (docs/adr/0014). Offline,
+        the cached controls stay in force (none cached: nothing is captured, fails closed)."""
         self._stop.clear()
+        if self.cfg.controls_at_start_s > 0:
+            self.read_controls(self.cfg.controls_at_start_s, start_source=False)
         if self._mode != "exempt":
             self.source.start(self.on_event)  # CaptureUnavailable: nothing started, nothing to undo
             self._source_running = True

@@ -500,6 +500,13 @@ class AgentSettings(BaseModel):
                                      "policy at all: nothing is captured (fails closed).")
     follow_control_plane: bool = Field(default=True, description="Read the policy and this employee's "
                                        "exemption grants from Kafka at each wakeup.")
+    controls_at_start_s: float = Field(default=3.0, ge=0, le=30, description="At start, read the "
+                                       "control plane (policy, this employee's exemption) for at most "
+                                       "this long before capturing, so a laptop that was off when they "
+                                       "changed applies them before capturing anything. Broker "
+                                       "unreachable: capture starts after this delay under the cached "
+                                       "controls (none cached: nothing captured, fails closed). 0: no "
+                                       "read at start (the first wakeup reads them).")
     focus_poll_s: float = Field(default=0.25, ge=0.02, le=5, description="How often the focused window "
                                 "is checked; events whose window is ambiguous (focus changed within "
                                 "one poll) are dropped, fail closed.")
