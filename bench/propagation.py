@@ -206,6 +206,7 @@ def main() -> None:
         broker = start_broker(root)
         worker: subprocess.Popen[bytes] | None = None
         agents: list[AgentProcess] = []
+        api: Api | None = None
         try:
             priv, pub = generate_key_pair()
             (root / "jwks.json").write_text(json.dumps(jwks()))
@@ -247,6 +248,8 @@ def main() -> None:
         finally:
             for a in agents:
                 a.stop()
+            if api is not None:
+                api.close()
             if worker is not None and worker.poll() is None:
                 worker.terminate()
                 try:

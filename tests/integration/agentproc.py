@@ -89,7 +89,14 @@ class Api:
 
     @classmethod
     def of(cls, settings: Settings) -> Api:
-        return cls(TestClient(create_app(settings, kafka_services(settings))))
+        """The app started (its lifespan entered): call :meth:`close` when done."""
+        client = TestClient(create_app(settings, kafka_services(settings)))
+        client.__enter__()
+        return cls(client)
+
+    def close(self) -> None:
+        """Shut the app down: its consumers and producers go (before the broker does)."""
+        self.client.__exit__(None, None, None)
 
     def set_allowlist(self, apps: list[str], domains: list[str]) -> Sent:
         """Security replaces the allowlists."""

@@ -120,6 +120,7 @@ def test_api_controls_reach_a_running_worker_and_agent_within_10_s_and_an_offlin
     a = AgentProcess(s, "emp-a", tmp_path / "laptop-a", batch_interval_s=AGENT_INTERVAL_S)
     b = AgentProcess(s, "emp-b", tmp_path / "laptop-b", batch_interval_s=AGENT_INTERVAL_S)
     latencies: dict[str, float] = {}
+    api: Api | None = None
     try:
         a.start()
         b.start()
@@ -209,5 +210,7 @@ def test_api_controls_reach_a_running_worker_and_agent_within_10_s_and_an_offlin
     finally:
         a.stop()
         b.stop()
+        if api is not None:
+            api.close()
         print("propagation latencies (s):", {k: round(v, 2) for k, v in latencies.items()})
     assert all(v < BOUND_S for v in latencies.values()), latencies
