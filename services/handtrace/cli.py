@@ -36,6 +36,8 @@ device_app = typer.Typer(help="Laptops whose own key may pause and resume captur
                          no_args_is_help=True)
 control_app.add_typer(exemption_app, name="exemption")
 control_app.add_typer(policy_app, name="policy")
+app.add_typer(policy_app, name="policy", help="The global capture policy (also `handtrace control policy`): "
+              "`handtrace policy history` shows every change and refusal from the audit trail.")
 control_app.add_typer(device_app, name="device")
 app.add_typer(control_app, name="control")
 app.add_typer(kafka_app, name="kafka")

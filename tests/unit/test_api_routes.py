@@ -48,6 +48,16 @@ def test_an_employee_sees_and_acts_on_themself_only(api: Api) -> None:
     assert [rec["employee_id"] for rec in api.backend.controls] == ["alice"]
 
 
+def test_reading_another_persons_state_is_a_data_access_in_the_trail(api: Api) -> None:
+    api.client.get("/api/v1/me/state", headers=api.as_("alice"))
+    api.client.get("/api/v1/employees/alice/state", headers=api.as_("alice"))
+    assert api.audit() == [], "reading one's own state is not audited"
+    assert api.client.get("/api/v1/employees/bob/state", headers=api.as_("hanna", "hr")).status_code == 200
+    (entry,) = api.audit()
+    assert (entry["subject"], entry["action"], entry["target"], entry["outcome"], entry["method"]) == (
+        "hanna", "other_state", "bob", "allowed", "GET")
+
+
 def test_refusal_does_not_reveal_whether_the_employee_exists(api: Api) -> None:
     api.client.post("/api/v1/me/pause", headers=api.as_("bob"), json={"minutes": 10})
     alice = api.as_("alice")
@@ -103,12 +113,13 @@ def test_request_grant_revoke_and_deny(api: Api) -> None:
     assert [r["kind"] for r in api.backend.controls] == ["exemption_request", "exemption_request",
                                                           "exemption_grant"]
     assert [e["action"] for e in api.audit()] == ["exemption_request", "exemption_request", "exemption_grant",
-                                                  "exemption_deny"]
+                                                  "exemption_deny", "other_state", "other_state"]
     grant = api.backend.controls[-1]
     assert grant["exemption_effective_at_us"] == grant["occurred_at_us"]
     api.client.post("/api/v1/exemptions/bob/revoke", headers=hr, json={"reason": "left the union"})
     assert api.client.get("/api/v1/employees/bob/state", headers=hr).json()["mode"] == "capturing"
-    assert api.audit()[-1]["before"]["mode"] == "exempt" and api.audit()[-1]["after"]["mode"] == "capturing"
+    revoked = [e for e in api.audit() if e["action"] == "exemption_revoke"][-1]
+    assert revoked["before"]["mode"] == "exempt" and revoked["after"]["mode"] == "capturing"
 
 
 def test_a_request_after_a_deny_is_pending_again(api: Api) -> None:

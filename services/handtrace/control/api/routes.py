@@ -236,10 +236,16 @@ def employee_state(employee_id: EmployeeId, request: Request,
                    caller: Annotated[Principal, allow(Action.own)], services: Services_) -> dict[str, Any]:
     """An employee's capture state (hr, admin; anyone for themself)."""
     _employee(employee_id)
-    if employee_id != caller.employee_id and not (caller.roles & MATRIX[Action.other_state].roles):
+    if employee_id == caller.employee_id:
+        return dict(_state(services.state.employee, employee_id))
+    if not caller.roles & MATRIX[Action.other_state].roles:
         refuse(request, caller, Action.other_state.value, target=employee_id,
                why="only hr and admin see another employee")
-    return dict(_state(services.state.employee, employee_id))
+    state = dict(_state(services.state.employee, employee_id))
+    # Reading one named person's data, not one's own, is a data access: it is in the trail.
+    services.audit.record(audit_entry(caller, action=Action.other_state.value, target=employee_id, reason="",
+                                      outcome="allowed", method=request.method, path=request.url.path))
+    return state
 
 
 @router.get("/exemption-requests", response_model=list[PendingRequest], tags=["hr"],
