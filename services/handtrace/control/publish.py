@@ -22,6 +22,7 @@ from handtrace.core.controls import (
     POLICY_KEY,
     ControlError,
     control_record,
+    erasure_record,
     pause_record,
     policy_record,
 )
@@ -41,6 +42,7 @@ from handtrace.core.topics import Topics
 
 __all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "active_exemptions",
            "control_record", "current_policy", "current_policy_version", "device_record", "enrolled_devices",
+           "erasure_record", "erasures_in_force",
            "pause_record", "policy_record", "publish", "publish_device", "resign", "resign_exemptions"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -245,18 +247,30 @@ def resign(settings: Settings, *, actor: str, reason: str = "key rotation") -> t
 
 def active_exemptions(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]:
     """Employee id -> effective time (µs) of their exemption in force: a control-plane-signed
-    grant not followed by a revoke on the controls topic (keyed by employee: one partition each)."""
+    grant not followed by a revoke on the controls topic (keyed by employee: one partition each).
+    Erasures are not exemptions here (:func:`erasures_in_force`)."""
     topic = Topics.from_settings(settings.topics).controls
     active: dict[str, int] = {}
     for _sig, rec in _signed_records(settings, topic, "controls", "control_event", timeout_s):
         employee, kind = rec.get("employee_id"), rec.get("kind")
-        if not employee:
+        if not employee or rec.get("erasure_id"):
             continue
         if kind == "exemption_grant":
             active[employee] = _epoch_us(rec.get("exemption_effective_at_us") or rec["occurred_at_us"])
         elif kind == "exemption_revoke":
             active.pop(employee, None)
     return active
+
+
+def erasures_in_force(settings: Settings, timeout_s: float = 15.0) -> dict[str, list[dict[str, Any]]]:
+    """Employee id -> the control-plane-signed erasure suppressions on the controls topic (no
+    revoke ends them)."""
+    topic = Topics.from_settings(settings.topics).controls
+    out: dict[str, list[dict[str, Any]]] = {}
+    for _sig, rec in _signed_records(settings, topic, "controls", "control_event", timeout_s):
+        if rec.get("kind") == "exemption_grant" and rec.get("employee_id") and rec.get("erasure_id"):
+            out.setdefault(rec["employee_id"], []).append(rec)
+    return out
 
 
 def _epoch_us(at: Any) -> int:
@@ -276,4 +290,9 @@ def resign_exemptions(settings: Settings, *, actor: str, reason: str = "key rota
     for employee, effective_at_us in sorted(exemptions.items()):
         publish(settings, control_record("exemption_grant", employee_id=employee, actor=actor, role="hr",
                                          reason=reason, exemption_effective_at_us=effective_at_us))
-    return len(exemptions)
+    # Erasures too, with their erasure id (each applied once per id by the workers).
+    erasures = erasures_in_force(settings)
+    for employee, recs in sorted(erasures.items()):
+        for erasure_id in dict.fromkeys(str(r["erasure_id"]) for r in recs):
+            publish(settings, erasure_record(employee, erasure_id, actor=actor, reason=reason))
+    return len(exemptions) + len(erasures)

@@ -1,0 +1,93 @@
+"""The stream rule of an erasure (`handtrace erase`, docs/adr/0015-erasure.md): once an authentic
+erasure control is folded, no row of that employee is kept -- whatever the capture time, the
+order the controls arrive in, replays of them, later revokes, or a worker restart between them
+(the state goes through the changelog JSON) -- and nobody else's rows are touched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handtrace.core import codec
+from handtrace.core.controls import erasure_record
+from handtrace.stream.controls import dumps, fold, loads
+from handtrace.stream.policy import EmployeeControls
+from handtrace.stream.steps import BatchContext
+from handtrace.stream.steps.exemption import ExemptionStep
+from tests.unit.test_controls_auth import AUTH, DEV_A, MIN, T0, grant, msg, pause, revoke
+
+ERASED, OTHER = "emp-a", "emp-b"
+YEAR = 365 * 24 * 60 * MIN
+
+
+def erasure(at: int = T0, erasure_id: str = "0190f0f0-aaaa-7bbb-8ccc-000000000001") -> dict[str, Any]:
+    return erasure_record(ERASED, erasure_id, actor="dpo-1", reason="art. 17 request", at_us=at)
+
+
+def frame(rows: list[tuple[str, int]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"employee_id": [e for e, _ in rows], "captured_at_us": [t for _, t in rows], "n": list(range(len(rows)))},
+        schema={"employee_id": pl.String, "captured_at_us": pl.Int64, "n": pl.Int64},
+    ).with_columns(pl.col("captured_at_us").cast(pl.Datetime("us", "UTC")))
+
+
+def others(at: int, kind: int) -> dict[str, Any]:
+    return (grant(ERASED, at), revoke(ERASED, at), pause(ERASED, at))[kind]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-5 * YEAR, 5 * YEAR), st.integers(0, 2)), max_size=6),
+    st.integers(0, 6), st.integers(0, 3), st.lists(st.integers(0, 8), max_size=4),
+    st.lists(st.tuples(st.sampled_from([ERASED, OTHER]), st.integers(-50 * YEAR, 50 * YEAR)), max_size=200),
+    st.floats(0, 10),
+)
+def test_after_an_erasure_no_row_of_that_employee_is_kept(controls, position, replays, restarts, rows,
+                                                          margin_s) -> None:  # type: ignore[no-untyped-def]
+    # Other controls of the same person before and after it (revokes included), the erasure
+    # replayed, the worker restarted (state through its changelog JSON) at random points.
+    recs = [others(T0 + dt // 1000, k) for dt, k in controls]
+    position = min(position, len(recs))
+    er = erasure(T0)
+    seq = [msg(r, at=T0 + i * MIN) for i, r in enumerate(recs)]
+    erasure_msg = msg(er, at=T0 + position * MIN)
+    seq.insert(position, erasure_msg)
+    seq += [erasure_msg] * replays
+    state = EmployeeControls()
+    for i, m in enumerate(seq):
+        if i in restarts:
+            state = loads(dumps(state))
+        state = fold(state, m, AUTH, now_us=T0 + len(seq) * MIN).state
+    state = loads(dumps(state))
+    assert state.erasures == (er["erasure_id"],)
+    ctx = BatchContext(T0, controls={ERASED: state})
+    rows = [(e, T0 + t) for e, t in rows]
+    out = ExemptionStep(skew_margin_s=margin_s)(frame(rows), ctx)
+    kept = out.frame.get_column("n").to_list()
+    assert [rows[i][0] for i in kept] == [OTHER] * len(kept)
+    assert len(kept) == sum(e == OTHER for e, _ in rows)
+    assert out.dropped.get("erased", 0) == len(rows) - len(kept)
+
+
+def test_only_the_control_plane_can_erase() -> None:
+    """An unsigned or device-signed erasure changes nothing; an employee's own exemption request
+    carrying an erasure id is not an erasure."""
+    assert fold(EmployeeControls(), msg(erasure(), None), AUTH, now_us=T0).outcome == "unsigned"
+    assert fold(EmployeeControls(), msg(erasure(), DEV_A), AUTH, now_us=T0).outcome == "not_permitted"
+    request = {**erasure(), "kind": "exemption_request", "actor_role": "employee"}
+    r = fold(EmployeeControls(), msg(request, DEV_A), AUTH, now_us=T0)
+    assert r.applied and r.state.erasures == ()
+
+
+def test_an_erasure_is_a_v2_control_and_a_v1_grant_reads_without_one() -> None:
+    value = codec.encode_record("control_event", erasure())
+    assert codec.writer_schema(value, "control_event").version == 2
+    assert codec.decode_record(value, "control_event")["erasure_id"] == erasure()["erasure_id"]
+    assert codec.decode_record(codec.encode_record("control_event", grant(ERASED)), "control_event")["erasure_id"] is None
+
+
+def test_state_written_before_erasures_existed_loads_without_any() -> None:
+    assert loads('{"pauses": [], "exemptions": [[1, null, 0]], "seen": []}').erasures == ()
