@@ -28,8 +28,9 @@ from typing import Any, Protocol
 
 from handtrace.core.ids import uuid7
 
-EMPLOYEE_KEY_RE = re.compile(r"[0-9a-f]{32}")
-"""An employee pseudonym (HMAC, stream/steps/pseudonymise.py): 32 lowercase hex characters."""
+EMPLOYEE_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
+"""An employee pseudonym: lowercase hex (32 from the stream's HMAC, stream/steps/pseudonymise.py; 64 from
+the simulator)."""
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -52,7 +53,7 @@ class FrameObjects(Protocol):
 def check_employee_key(employee_key: str) -> str:
     """``employee_key`` if it is a pseudonym, else ValueError (nothing else reaches a statement)."""
     if not EMPLOYEE_KEY_RE.fullmatch(employee_key):
-        raise ValueError(f"not an employee pseudonym (32 lowercase hex): {employee_key!r}")
+        raise ValueError(f"not an employee pseudonym (lowercase hex): {employee_key!r}")
     return employee_key
 
 
