@@ -1,0 +1,110 @@
+"""Erasure through the real pipeline (issue #14 part E, "Done when"): a person's events are
+stored by the running stream worker and sink process; `handtrace erase` (another process) sends
+the signed suppression and has the sink -- which owns the embedded data dir -- delete the rows;
+0 rows are left and a receipt is recorded; afterwards NEW events of that person and LATE ones
+(captured before the erasure) are dropped by the stream, while another person's are stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handtrace.core import chserve, clickhouse
+from handtrace.core.admin import group_lag
+from handtrace.core.clock import now_us
+from handtrace.core.settings import Settings, settings_env
+from handtrace.stream.app import pseudonym_key
+from handtrace.stream.steps.pseudonymise import pseudonym
+from tests.factories import make_batch
+from tests.integration.conftest import producer, start_sink_process, stream_metric, topics_of, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+GONE, KEPT = "emp-gone", "emp-kept"
+
+
+def cli(s: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}, **settings_env(s),
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "handtrace.cli", *args],  # noqa: S603
+                          env=env, capture_output=True, text=True, timeout=180, check=False)
+
+
+def stored(s: Settings, employee_key: str) -> int:
+    r = cli(s, "query", f"SELECT count() AS n FROM {s.clickhouse.database}.events WHERE employee_key = "
+                        f"'{employee_key}'", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    return int(json.loads(r.stdout)["n"])
+
+
+def test_erase_while_the_pipeline_runs_then_new_and_late_events_are_dropped(  # type: ignore[no-untyped-def]
+        settings_factory, stream_worker, tmp_path: Path) -> None:
+    s = settings_factory()
+    t = topics_of(s)
+    data = Path(clickhouse.embedded_path(s.clickhouse_dsn()) or "")
+    gone_key, kept_key = (pseudonym(pseudonym_key(s), "employee", e) for e in (GONE, KEPT))
+    worker = stream_worker(s)
+    p = producer(s)
+    for seq, who in enumerate((GONE, KEPT, GONE)):
+        payload, _ = make_batch(who, 60, seed=seq, seq=seq + 1)
+        p.produce(t.events, key=who.encode(), value=payload)
+    assert p.flush(30) == 0
+
+    def drained() -> bool:
+        return (group_lag(s.kafka, s.stream.app_id, t.events) == 0
+                and group_lag(s.kafka, s.sink.group_id, t.stored) == 0)
+
+    log = tmp_path / "sink.log"
+    sink = start_sink_process(s, log)
+    try:
+        wait_for(lambda: (data / chserve.ENDPOINT_FILE).exists(), 120, "the sink to serve its data dir",
+                 lambda: log.read_text()[-3000:])
+        wait_for(lambda: drained() and stored(s, gone_key) > 0 and stored(s, kept_key) > 0, 180,
+                 "the pipeline to store both people's events", worker.tail)
+        before_gone, before_kept = stored(s, gone_key), stored(s, kept_key)
+        erased_at = now_us()
+
+        blank = cli(s, "erase", GONE, "--actor", " ", "--reason", "r")
+        assert blank.returncode == 1 and "--actor and --reason" in blank.stderr, blank.stderr
+
+        r = cli(s, "erase", GONE, "--actor", "dpo-1", "--reason", "Art. 17 request #7", "--json")
+        assert r.returncode == 0, r.stderr
+        receipt = json.loads(r.stdout)
+        assert receipt["employee_key"] == gone_key and receipt["found"] is True
+        assert receipt["rows_removed"]["events"] == before_gone
+        assert stored(s, gone_key) == 0 and stored(s, kept_key) == before_kept
+
+        listed = cli(s, "erase", "receipts", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [json.loads(x)["receipt_id"] for x in listed.stdout.splitlines()] == [receipt["receipt_id"]]
+        w = cli(s, "query", f"SELECT kind, employee_key FROM {s.clickhouse.database}.withdrawals", "--format", "csv")
+        assert w.stdout.splitlines()[1:] == [f"participant,{gone_key}"], (w.stdout, w.stderr)
+
+        nobody = cli(s, "erase", "emp-never-seen", "--actor", "dpo-1", "--reason", "r")
+        assert nobody.returncode == 0, nobody.stderr
+        assert "nothing was stored about emp-never-seen" in nobody.stdout and "suppression" in nobody.stdout
+
+        # The worker folds the suppression (a signed grant on the controls topic) ...
+        wait_for(lambda: stream_metric(s, 'handtrace_stream_controls_total{kind="exemption_grant"}') >= 2, 120,
+                 "the worker to apply the erasure controls", worker.tail)
+        # ... then new events and late ones (captured an hour before the erasure) are dropped.
+        late_t0 = erased_at - 3_600_000_000
+        for seq, (who, t0) in enumerate([(GONE, None), (GONE, late_t0), (KEPT, None), (KEPT, late_t0)], start=10):
+            payload, _ = make_batch(who, 40, seed=seq, seq=seq, t0_us=t0)
+            p.produce(t.events, key=who.encode(), value=payload)
+        assert p.flush(30) == 0
+        wait_for(lambda: stream_metric(s, 'handtrace_stream_events_total{decision="erased"}') >= 80 and drained()
+                 and stored(s, kept_key) > before_kept, 180,
+                 "the new and late events to be judged and the other person's stored", worker.tail)
+        assert stored(s, gone_key) == 0
+        assert stream_metric(s, 'handtrace_stream_events_total{decision="erased"}') == 80
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(60)
+    assert sink.returncode == 0, log.read_text()[-3000:]
