@@ -1207,12 +1207,16 @@ def erase_person(
     actor: Annotated[str, typer.Option(help="Who requests the erasure (kept on the receipt).")] = "",
     reason: Annotated[str, typer.Option(help="Why, e.g. the Art. 17 request reference (kept on the receipt).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the receipt (or the receipts) as JSON.")] = False,
+    settle_timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait, before deleting, until the pipeline holds nothing more of the person "
+                    "(0: do not wait; the receipt says settled=false).")] = 120.0,
 ) -> None:
     """Erase one person (GDPR Art. 17): a signed suppression the stream enforces for every
     capture time, deletion of their rows in every table and of their frames, a re-query that
     must find nothing, then a receipt; exports containing them become stale. `handtrace erase
     receipts` lists the receipts (docs/operations.md, "Erasure")."""
     from handtrace.control.publish import ControlError, erasure_record, publish
+    from handtrace.control.settle import settle_after_suppression
     from handtrace.core import clickhouse
     from handtrace.core.erasure import ErasureError, erase, receipts
     from handtrace.core.framestore import StoreError
@@ -1228,7 +1232,8 @@ def erase_person(
         for r in rows:
             console.print(f"{r['receipt_id']}  {r['employee_key']}  requested {r['requested_at']:%Y-%m-%d %H:%M:%S}  "
                           f"verified {r['verified_at']:%Y-%m-%d %H:%M:%S}  by {r['actor']}: {r['reason']}  "
-                          f"rows {sum(r['rows_removed'].values())}  objects {r['objects_removed']}")
+                          f"rows {sum(r['rows_removed'].values())}  objects {r['objects_removed']}"
+                          + ("" if r["settled"] else "  (not settled)"))
         err.print(f"{len(rows)} erasure receipts")
         return
     if not employee_id.strip():
@@ -1239,17 +1244,28 @@ def erase_person(
     key = _employee_key(s, employee_id)
     store = _open_frame_store()
 
+    sent: list[tuple[int, int]] = []
+
     def suppress(erasure_id: str) -> None:
         try:
-            publish(s, erasure_record(employee_id, erasure_id, actor=actor.strip(), reason=reason.strip()))
+            sent.append(publish(s, erasure_record(employee_id, erasure_id, actor=actor.strip(),
+                                                  reason=reason.strip())))
         except ControlError as e:
             raise ErasureError(f"the suppression could not be sent ({e}); nothing was deleted") from None
 
     say = (lambda _m: None) if as_json else (lambda m: err.print(f"  {m}"))
+
+    def settle() -> bool:
+        if settle_timeout <= 0:
+            say("not waiting for the pipeline (--settle-timeout 0): the receipt says settled=false")
+            return False
+        partition, offset = sent[-1]
+        return settle_after_suppression(s, partition, offset, settle_timeout, say)
+
     try:
         receipt = erase(client, s.clickhouse.database, store, key, actor=actor, reason=reason, tables=ERASABLE,
                         suppress=suppress, delete=client.erase if clickhouse.is_remote(client) else None,
-                        progress=say)
+                        settle=settle, progress=say)
     except (ErasureError, StoreError, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -1259,6 +1275,9 @@ def erase_person(
         console.print(f"[yellow]nothing was stored about {employee_id}[/] (pseudonym {key}); the suppression "
                       f"stands: the stream drops anything of them from now on. Receipt {receipt.receipt_id}.")
         return
+    if not receipt.settled:
+        err.print("[yellow]warning:[/] the pipeline was not seen to settle before the deletion: rows of them in "
+                  "flight may have been stored since; run handtrace erase again once it has caught up")
     console.print(f"[green]✓[/] {employee_id} erased: {sum(receipt.rows_removed.values())} rows, "
                   f"{receipt.objects_removed} objects; verified {receipt.verified_at:%Y-%m-%d %H:%M:%S} UTC; "
                   f"receipt {receipt.receipt_id}. Exports containing them: handtrace dataset list --stale")

@@ -2,7 +2,9 @@
 stored by the running stream worker and sink process; `handtrace erase` (another process) sends
 the signed suppression and has the sink -- which owns the embedded data dir -- delete the rows;
 0 rows are left and a receipt is recorded; afterwards NEW events of that person and LATE ones
-(captured before the erasure) are dropped by the stream, while another person's are stored."""
+(captured before the erasure) are dropped by the stream, while another person's are stored.
+Before deleting, the command waits until the pipeline holds nothing more of the person
+(control/settle.py); with the worker stopped it gives up and the receipt says ``settled: false``."""
 
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ def test_erase_while_the_pipeline_runs_then_new_and_late_events_are_dropped(  # 
         assert r.returncode == 0, r.stderr
         receipt = json.loads(r.stdout)
         assert receipt["employee_key"] == gone_key and receipt["found"] is True
+        assert receipt["settled"] is True  # the worker folded it and the pipeline drained before the deletion
         assert receipt["rows_removed"]["events"] == before_gone
         assert stored(s, gone_key) == 0 and stored(s, kept_key) == before_kept
 
@@ -104,6 +107,12 @@ def test_erase_while_the_pipeline_runs_then_new_and_late_events_are_dropped(  # 
                  "the new and late events to be judged and the other person's stored", worker.tail)
         assert stored(s, gone_key) == 0
         assert stream_metric(s, 'handtrace_stream_events_total{decision="erased"}') == 80
+
+        # With the worker stopped nothing folds the control: the wait gives up, the receipt says so.
+        worker.stop()
+        unsettled = cli(s, "erase", KEPT, "--actor", "dpo-1", "--reason", "r", "--settle-timeout", "3", "--json")
+        assert unsettled.returncode == 0, unsettled.stderr
+        assert json.loads(unsettled.stdout)["settled"] is False and stored(s, kept_key) == 0
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(60)

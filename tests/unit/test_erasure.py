@@ -93,9 +93,12 @@ def test_one_person_is_erased_with_a_receipt_and_the_other_is_untouched(
     assert before[gone]["events"] == 14 and all(objects.values())
     steps: list[str] = []
     r = erase(client, DB, store, gone, actor=" dpo-1 ", reason="Art. 17 request #12", tables=ERASABLE,
-              suppress=lambda eid: steps.append(f"suppress {eid}"), progress=steps.append)
+              suppress=lambda eid: steps.append(f"suppress {eid}"), progress=steps.append,
+              settle=lambda: steps.append("settle") is None)
 
-    assert steps[0] == f"suppress {r.erasure_control_id}"  # the suppression goes out before anything is deleted
+    # the suppression goes out, then the pipeline settles, then anything is deleted
+    assert steps[0] == f"suppress {r.erasure_control_id}" and steps[2] == "settle"
+    assert steps[3].startswith("rows deleted from") and r.settled
     assert r.rows_removed == before[gone] and r.objects_removed == len(objects[gone]) and r.found
     assert count_rows(client, DB, gone, ERASABLE) == dict.fromkeys(ERASABLE, 0)
     assert list(store.list(f"frames/{gone}/")) == []
@@ -108,6 +111,7 @@ def test_one_person_is_erased_with_a_receipt_and_the_other_is_untouched(
     assert row["reason"] == "Art. 17 request #12" and row["objects_removed"] == len(objects[gone])
     assert {k: int(v) for k, v in row["rows_removed"].items()} == before[gone]
     assert row["erasure_control_id"] == r.erasure_control_id and row["withdrawal_id"] == r.withdrawal_id
+    assert row["settled"] is True
     withdrawn = client.query(f"SELECT toString(withdrawal_id), kind, employee_key FROM {DB}.withdrawals").result_rows
     assert withdrawn == [(r.withdrawal_id, "participant", gone)]
     (stale,) = stale_exports(client, DB)
@@ -120,7 +124,7 @@ def test_a_person_never_stored_gets_the_suppression_and_an_empty_receipt(
     client, store, people = warehouse
     sent: list[str] = []
     r = erase(client, DB, store, "ab" * 16, actor="dpo-1", reason="r", tables=ERASABLE, suppress=sent.append)
-    assert sent == [r.erasure_control_id] and not r.found
+    assert sent == [r.erasure_control_id] and not r.found and not r.settled  # no settle step: not claimed
     assert r.rows_removed == dict.fromkeys(ERASABLE, 0) and r.objects_removed == 0
     assert all(sum(count_rows(client, DB, p, ERASABLE).values()) > 0 for p in people)
 

@@ -56,23 +56,31 @@ def _signer(settings: Settings) -> Signer:
 
 
 def _send(settings: Settings, topic: str, role: str, key: bytes, value: bytes, timeout_s: float,
-          signer: Signer | None = None) -> None:
+          signer: Signer | None = None) -> tuple[int, int]:
     signer = signer or _signer(settings)
     errors: list[str] = []
+    delivered: list[tuple[int, int]] = []
+
+    def report(err: Any, msg: Any) -> None:
+        if err:
+            errors.append(str(err))
+        else:
+            delivered.append((int(msg.partition()), int(msg.offset())))
+
     p = Producer(producer_config(settings.kafka))
     # Signed as late as possible: ht-sent-at is compared with the broker's append time.
     headers: list[tuple[str, str | bytes | None]] = list(signer.headers(role, key, value))
-    p.produce(topic, key=key, value=value, headers=headers,
-              on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+    p.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
     remaining = p.flush(timeout_s)
-    if remaining or errors:
+    if remaining or errors or not delivered:
         raise ControlError(f"control not delivered to {topic}: {errors or 'timed out'}")
+    return delivered[0]
 
 
 def publish(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0,
-            signer: Signer | None = None) -> None:
-    """Sign one control and send it; wait until the broker has it (acks=all). Refused
-    (ControlError) without a signing key outside dev mode."""
+            signer: Signer | None = None) -> tuple[int, int]:
+    """Sign one control and send it; wait until the broker has it (acks=all) and return its
+    (partition, offset). Refused (ControlError) without a signing key outside dev mode."""
     topics = Topics.from_settings(settings.topics)
     if record["kind"] == "policy_update":
         topic, key, role = topics.policy, POLICY_KEY, "policy"
@@ -80,7 +88,7 @@ def publish(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0,
         if not record.get("employee_id"):
             raise ControlError(f"{record['kind']} needs an employee id")
         topic, key, role = topics.controls, record["employee_id"].encode(), "controls"
-    _send(settings, topic, role, key, codec.encode_record("control_event", record), timeout_s, signer)
+    return _send(settings, topic, role, key, codec.encode_record("control_event", record), timeout_s, signer)
 
 
 def device_record(employee_id: str, device_id: str, public_key: str | bytes | None, *, actor: str,

@@ -100,6 +100,9 @@ class Receipt:
     objects_removed: int
     erasure_control_id: str
     withdrawal_id: str
+    settled: bool = False
+    """True: before the deletion the pipeline was seen to hold nothing more of the person that it
+    could still store (control/settle.py); False: not checked or not reached in time."""
     found: bool = field(default=True)
     """False: nothing was stored about the person (the suppression stands all the same)."""
 
@@ -109,21 +112,23 @@ class Receipt:
                 "reason": self.reason, "requested_at": self.requested_at.isoformat(),
                 "verified_at": self.verified_at.isoformat(), "rows_removed": self.rows_removed,
                 "objects_removed": self.objects_removed, "erasure_control_id": self.erasure_control_id,
-                "withdrawal_id": self.withdrawal_id, "found": self.found}
+                "withdrawal_id": self.withdrawal_id, "settled": self.settled, "found": self.found}
 
 
 RECEIPT_COLUMNS = ["receipt_id", "employee_key", "actor", "reason", "requested_at", "verified_at", "rows_removed",
-                   "objects_removed", "erasure_control_id", "withdrawal_id"]
+                   "objects_removed", "erasure_control_id", "withdrawal_id", "settled"]
 
 
 def erase(client: Any, database: str, store: FrameObjects | None, employee_key: str, *, actor: str, reason: str,
           tables: Sequence[str], suppress: Callable[[str], None],
-          delete: Callable[[str], dict[str, int]] | None = None,
+          delete: Callable[[str], dict[str, int]] | None = None, settle: Callable[[], bool] | None = None,
           progress: Callable[[str], None] = lambda _m: None, erasure_id: str | None = None) -> Receipt:
     """Erase one person (module docstring) and return the receipt. ``suppress(erasure_id)`` sends
-    the signed erasure control (raises to stop before anything is deleted); ``delete`` deletes
-    the rows in the owner process (default: :func:`delete_rows` on ``client``). NotVerified when
-    anything is left; ErasureError for a failed step."""
+    the signed erasure control (raises to stop before anything is deleted); ``settle()`` waits
+    until the pipeline holds nothing more of the person (control/settle.py; its result is the
+    receipt's ``settled``); ``delete`` deletes the rows in the owner process (default:
+    :func:`delete_rows` on ``client``). NotVerified when anything is left; ErasureError for a
+    failed step."""
     actor, reason = actor.strip(), reason.strip()
     if not actor or not reason:
         raise ErasureError("an erasure needs --actor and --reason (both are kept on the receipt)")
@@ -132,6 +137,7 @@ def erase(client: Any, database: str, store: FrameObjects | None, employee_key: 
     requested_at = datetime.now(UTC)
     suppress(erasure_id)
     progress(f"suppression sent: the stream drops everything of {employee_key} from now on (erasure {erasure_id})")
+    settled = settle() if settle is not None else False
     try:
         removed = delete(employee_key) if delete is not None else delete_rows(client, database, employee_key, tables)
     except ErasureError:
@@ -162,11 +168,11 @@ def erase(client: Any, database: str, store: FrameObjects | None, employee_key: 
                                 "actor", "reason"])
     rid = uuid7()
     receipt = Receipt(str(rid), employee_key, actor, reason, requested_at, verified_at,
-                      {t: int(removed.get(t, 0)) for t in tables}, objects, erasure_id, str(wid),
+                      {t: int(removed.get(t, 0)) for t in tables}, objects, erasure_id, str(wid), settled,
                       found=bool(sum(removed.values()) or objects))
     client.insert(f"{database}.erasure_receipts",
                   [[rid, employee_key, actor, reason, requested_at, verified_at, receipt.rows_removed, objects,
-                    erasure_id, wid]], column_names=RECEIPT_COLUMNS)
+                    erasure_id, wid, settled]], column_names=RECEIPT_COLUMNS)
     progress(f"receipt {rid} recorded")
     return receipt
 
@@ -186,7 +192,7 @@ def receipts(client: Any, database: str) -> list[dict[str, Any]]:
     """Every erasure receipt, newest first."""
     result = client.query(
         f"SELECT toString(receipt_id) AS receipt_id, employee_key, actor, reason, requested_at, verified_at, "
-        f"rows_removed, objects_removed, erasure_control_id, toString(withdrawal_id) AS withdrawal_id "
+        f"rows_removed, objects_removed, erasure_control_id, toString(withdrawal_id) AS withdrawal_id, settled "
         f"FROM {database}.erasure_receipts ORDER BY requested_at DESC")
     return list(result.named_results())
 

@@ -322,7 +322,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             rows_removed Map(String, UInt64) COMMENT 'table -> rows deleted',
             objects_removed UInt64 COMMENT 'frame store objects deleted',
             erasure_control_id String COMMENT 'erasure_id of the signed suppression on the controls topic',
-            withdrawal_id UUID COMMENT 'the withdrawals row that marks exports containing them stale'
+            withdrawal_id UUID COMMENT 'the withdrawals row that marks exports containing them stale',
+            settled Bool COMMENT 'the pipeline held nothing more of them before the deletion (control/settle.py)'
         )
         ENGINE = MergeTree
         ORDER BY (requested_at, receipt_id)
