@@ -17,7 +17,7 @@ from handtrace.stream.controls import dumps, fold, loads
 from handtrace.stream.policy import EmployeeControls
 from handtrace.stream.steps import BatchContext
 from handtrace.stream.steps.exemption import ExemptionStep
-from tests.unit.test_controls_auth import AUTH, DEV_A, MIN, T0, grant, msg, pause, revoke
+from tests.unit.test_controls_auth import AUTH, DEV_A, MIN, T0, VERIFIER, grant, msg, pause, revoke
 
 ERASED, OTHER = "emp-a", "emp-b"
 YEAR = 365 * 24 * 60 * MIN
@@ -92,3 +92,22 @@ def test_an_erasure_is_a_v2_control_and_a_v1_grant_reads_without_one() -> None:
 
 def test_state_written_before_erasures_existed_loads_without_any() -> None:
     assert loads('{"pauses": [], "exemptions": [[1, null, 0]], "seen": []}').erasures == ()
+
+
+def test_the_agent_stays_off_and_the_api_shows_exempt_after_an_erasure_whatever_is_revoked(tmp_path: Any) -> None:
+    """The other readers of the controls topic agree with the stream: a revoke after an erasure
+    does not turn capture back on (agent) nor show the person as capturing (API state view)."""
+    from handtrace.agent.controlplane import ControlPlaneFollower, ControlState
+    from handtrace.control.api.services import fold_employee
+    from tests.unit.test_controls_auth import _KafkaMsg
+
+    f = ControlPlaneFollower({}, policy_topic="p", controls_topic="c", employee_id=ERASED,
+                             state_path=tmp_path / "cp.json", verifier=VERIFIER)
+    er = erasure(T0)
+    records = [er, revoke(ERASED, T0 + MIN), grant(ERASED, T0 + 2 * MIN), revoke(ERASED, T0 + 3 * MIN)]
+    for i, r in enumerate(records):
+        f._on_control(_KafkaMsg(msg(r, at=T0 + i * MIN), i))
+        assert f.state.exempt_from_us is not None, f"capture back on after {r['kind']}"
+        assert fold_employee(records[: i + 1], ERASED, at_us=T0 + 4 * MIN)["mode"] == "exempt"
+    assert ControlState.from_json(f.state.to_json()).erased_from_us == T0
+    assert fold_employee([grant(ERASED), revoke(ERASED, T0 + MIN)], ERASED, at_us=T0 + 4 * MIN)["mode"] == "capturing"
