@@ -1253,7 +1253,9 @@ def erase_person(
         except ControlError as e:
             raise ErasureError(f"the suppression could not be sent ({e}); nothing was deleted") from None
 
-    say = (lambda _m: None) if as_json else (lambda m: err.print(f"  {m}"))
+    def say(line: str) -> None:
+        if not as_json:
+            err.print(f"  {line}")
 
     def settle() -> bool:
         if settle_timeout <= 0:
