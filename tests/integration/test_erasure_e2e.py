@@ -1,7 +1,8 @@
 """Erasure through the real pipeline (issue #14 part E, "Done when"): a person's events are
-stored by the running stream worker and sink process; `handtrace erase` (another process) sends
+stored by the running stream worker and sink process (and their demonstrations, frames in the
+frame store and an export containing them were there before); `handtrace erase` (another process) sends
 the signed suppression and has the sink -- which owns the embedded data dir -- delete the rows;
-0 rows are left and a receipt is recorded; afterwards NEW events of that person and LATE ones
+0 rows are left in every erasable table, 0 objects, a receipt is recorded and the export is stale; afterwards NEW events of that person and LATE ones
 (captured before the erasure) are dropped by the stream, while another person's are stored.
 Before deleting, the command waits until the pipeline holds nothing more of the person
 (control/settle.py); with the worker stopped it gives up and the receipt says ``settled: false``."""
@@ -20,7 +21,11 @@ import pytest
 from handtrace.core import chserve, clickhouse
 from handtrace.core.admin import group_lag
 from handtrace.core.clock import now_us
+from handtrace.core.framestore import FrameStore, open_store
 from handtrace.core.settings import Settings, settings_env
+from handtrace.export.dataset import stale_exports
+from handtrace.export.simulate import seed_demonstrations
+from handtrace.sink.schema import ERASABLE, migrate
 from handtrace.stream.app import pseudonym_key
 from handtrace.stream.steps.pseudonymise import pseudonym
 from tests.factories import make_batch
@@ -45,12 +50,52 @@ def stored(s: Settings, employee_key: str) -> int:
     return int(json.loads(r.stdout)["n"])
 
 
+def seed_demonstrations_of(s: Settings, store: FrameStore, employee_key: str) -> str:
+    """Complete demonstrations with frames of ``employee_key`` (the simulator's, relabelled) and an
+    export containing them, written before the sink starts; returns the export id."""
+    db, dsn = s.clickhouse.database, s.clickhouse_dsn()
+    client = clickhouse.connect(dsn)
+    try:
+        migrate(client, db)
+        (p0,) = seed_demonstrations(client, db, store, n=2, steps=4, participants=1, seed=5, workers=1,
+                                    frame_kind="plain").participants
+        keys = {"k": employee_key, "p": p0}
+        for t in ("demonstrations", "frames", "demonstration_events"):
+            cols = [r[0] for r in client.query(
+                "SELECT name FROM system.columns WHERE database = {d:String} AND table = {t:String} AND "
+                "default_kind NOT IN ('MATERIALIZED', 'ALIAS') ORDER BY position", parameters={"d": db, "t": t}
+            ).result_rows]
+            values = ["{k:String}" if c == "employee_key" else "replaceOne(object_key, {p:String}, {k:String})"
+                      if c == "object_key" else f"`{c}`" for c in cols]
+            # an explicit column list: chdb's client silently runs nothing for INSERT .. SELECT * without one
+            client.command(f"INSERT INTO {db}.{t} ({', '.join(f'`{c}`' for c in cols)}) SELECT {', '.join(values)} "
+                           f"FROM {db}.{t} WHERE employee_key = {{p:String}}", parameters=keys)
+            assert client.command(f"SELECT count() FROM {db}.{t} WHERE employee_key = {{k:String}}",
+                                  parameters=keys) > 0, t
+            client.command(f"ALTER TABLE {db}.{t} DELETE WHERE employee_key = {{p:String}} SETTINGS mutations_sync = 2",
+                           parameters=keys)
+        for key in list(store.list(f"frames/{p0}/")):
+            store.put(key.replace(p0, employee_key), store.get(key))
+            store.delete(key)
+        export = "0190f0f0-0000-7000-8000-00000000e001"
+        client.command(f"INSERT INTO {db}.dataset_exports (export_id, created_at, finished_at, actor, output, "
+                       f"participants) VALUES ('{export}', now64(6), now64(6), 'ana', '/exports/x', [{{k:String}}])",
+                       parameters=keys)
+        return export
+    finally:
+        clickhouse.close(dsn)
+
+
 def test_erase_while_the_pipeline_runs_then_new_and_late_events_are_dropped(  # type: ignore[no-untyped-def]
         settings_factory, stream_worker, tmp_path: Path) -> None:
     s = settings_factory()
     t = topics_of(s)
     data = Path(clickhouse.embedded_path(s.clickhouse_dsn()) or "")
     gone_key, kept_key = (pseudonym(pseudonym_key(s), "employee", e) for e in (GONE, KEPT))
+    store = open_store(s)
+    export = seed_demonstrations_of(s, store, gone_key)
+    objects = len(list(store.list(f"frames/{gone_key}/")))
+    assert objects > 0
     worker = stream_worker(s)
     p = producer(s)
     for seq, who in enumerate((GONE, KEPT, GONE)):
@@ -81,7 +126,15 @@ def test_erase_while_the_pipeline_runs_then_new_and_late_events_are_dropped(  # 
         assert receipt["employee_key"] == gone_key and receipt["found"] is True
         assert receipt["settled"] is True  # the worker folded it and the pipeline drained before the deletion
         assert receipt["rows_removed"]["events"] == before_gone
+        assert all(receipt["rows_removed"][t] > 0 for t in ERASABLE), receipt
+        assert receipt["objects_removed"] == objects and list(store.list(f"frames/{gone_key}/")) == []
         assert stored(s, gone_key) == 0 and stored(s, kept_key) == before_kept
+        reader = clickhouse.reader(s.clickhouse_dsn())
+        left = reader.query(" UNION ALL ".join(f"SELECT count() FROM {s.clickhouse.database}.{t} WHERE employee_key = "
+                                               f"'{gone_key}'" for t in ERASABLE)).result_rows
+        assert [n for (n,) in left] == [0] * len(ERASABLE)
+        assert [(x.export_id, x.participants) for x in stale_exports(reader, s.clickhouse.database)] == [
+            (export, [gone_key])]
 
         listed = cli(s, "erase", "receipts", "--json")
         assert listed.returncode == 0, listed.stderr
