@@ -1,11 +1,12 @@
 """Erasure through the real pipeline (issue #14 part E, "Done when"): a person's events are
-stored by the running stream worker and sink process (and their demonstrations, frames in the
-frame store and an export containing them were there before); `handtrace erase` (another process) sends
-the signed suppression and has the sink -- which owns the embedded data dir -- delete the rows;
-0 rows are left in every erasable table, 0 objects, a receipt is recorded and the export is stale; afterwards NEW events of that person and LATE ones
-(captured before the erasure) are dropped by the stream, while another person's are stored.
-Before deleting, the command waits until the pipeline holds nothing more of the person
-(control/settle.py); with the worker stopped it gives up and the receipt says ``settled: false``."""
+stored by the running stream worker and sink process (their demonstrations, frames in the frame
+store and an export containing them were there before); `handtrace erase` (another process)
+sends the signed suppression and has the sink -- which owns the embedded data dir -- delete the
+rows; 0 rows are left in every erasable table, 0 objects, a receipt is recorded and the export
+is stale; afterwards NEW events of that person and LATE ones (captured before the erasure) are
+dropped by the stream, while another person's are stored. Before deleting, the command waits
+until the pipeline holds nothing more of the person (control/settle.py); with the worker
+stopped it gives up and the receipt says ``settled: false``."""
 
 from __future__ import annotations
 
