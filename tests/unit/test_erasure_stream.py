@@ -8,18 +8,28 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handtrace.core import codec
+from handtrace.core.clock import HEADER_SENT_AT, now_us
 from handtrace.core.controls import erasure_record
+from handtrace.core.partitioning import partition_for_key
+from handtrace.core.settings import Settings
+from handtrace.stream.app import pseudonym_key, worker_pipeline
 from handtrace.stream.controls import dumps, fold, loads
-from handtrace.stream.policy import EmployeeControls
+from handtrace.stream.pipeline import SourceMessage
+from handtrace.stream.policy import EmployeeControls, Policy
 from handtrace.stream.steps import BatchContext
 from handtrace.stream.steps.exemption import ExemptionStep
+from handtrace.stream.steps.pseudonymise import pseudonym
+from tests.factories import TEST_POLICY, make_batch
 from tests.unit.test_controls_auth import AUTH, DEV_A, MIN, T0, VERIFIER, grant, msg, pause, revoke
 
 ERASED, OTHER = "emp-a", "emp-b"
+PARTS = 3
+POLICY = Policy(version=1, allowed_apps=frozenset(TEST_POLICY["allowed_apps"]),
+                allowed_domains=tuple(TEST_POLICY["allowed_domains"]), text_capture={"*": "full"})
 YEAR = 365 * 24 * 60 * MIN
 
 
@@ -111,3 +121,33 @@ def test_the_agent_stays_off_and_the_api_shows_exempt_after_an_erasure_whatever_
         assert fold_employee(records[: i + 1], ERASED, at_us=T0 + 4 * MIN)["mode"] == "exempt"
     assert ControlState.from_json(f.state.to_json()).erased_from_us == T0
     assert fold_employee([grant(ERASED), revoke(ERASED, T0 + MIN)], ERASED, at_us=T0 + 4 * MIN)["mode"] == "capturing"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([ERASED, OTHER]), st.integers(-20 * 60, -1)), min_size=1, max_size=6),
+       st.randoms(use_true_random=False))
+def test_the_worker_pipeline_stores_nothing_of_an_erased_employee(tmp_path_factory, batches, rnd) -> None:  # type: ignore[no-untyped-def]
+    """The real step composition (worker_pipeline): batches of both people, captured up to 20 hours
+    ago, in any order: no stored row carries the erased pseudonym, every event of the other person
+    is judged as without an erasure, and what the erasure drops is counted as `erased`."""
+    s = Settings(state_dir=tmp_path_factory.mktemp("s"), dev_mode=True, stream={"pseudonym_key": "k" * 40},
+                 topics={"partitions": PARTS})
+    pipe = worker_pipeline(s)
+    now = now_us()
+    msgs = []
+    for i, (who, minutes) in enumerate(batches):
+        t0 = now + minutes * MIN
+        payload, _ids = make_batch(who, 30, seed=i, seq=i + 1, t0_us=t0)
+        msgs.append(SourceMessage(payload, partition_for_key(who.encode(), PARTS), i, who.encode(), t0 + 30_000,
+                                  ((HEADER_SENT_AT, str(t0 + 30_000).encode()),)))
+    rnd.shuffle(msgs)
+    erased = {ERASED: EmployeeControls(erasures=("e-1",))}
+    out = pipe.process_many(msgs, now, policy=POLICY, controls=erased)
+    without = pipe.process_many(msgs, now, policy=POLICY, controls={})
+    gone = pseudonym(pseudonym_key(s), "employee", ERASED)
+    keys = [k for t in out.rows.values() for k in t.column("employee_key").to_pylist()]
+    assert gone not in keys
+    kept_without = [k for t in without.rows.values() for k in t.column("employee_key").to_pylist()]
+    assert sorted(keys) == sorted(k for k in kept_without if k != gone)
+    assert out.dropped["erased"] == kept_without.count(gone)
+    assert kept_without.count(gone) > 0 or all(who == OTHER for who, _ in batches)
