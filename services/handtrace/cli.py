@@ -1203,7 +1203,8 @@ def dataset_reissue(
 
 @app.command("erase")
 def erase_person(
-    employee_id: Annotated[str, typer.Argument(help="The employee id to erase (`receipts`: list the receipts).")],
+    employee_id: Annotated[str, typer.Argument(
+        help="The employee id to erase (`receipts` without --actor/--reason: list the receipts).")],
     actor: Annotated[str, typer.Option(help="Who requests the erasure (kept on the receipt).")] = "",
     reason: Annotated[str, typer.Option(help="Why, e.g. the Art. 17 request reference (kept on the receipt).")] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the receipt (or the receipts) as JSON.")] = False,
