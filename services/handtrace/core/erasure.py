@@ -161,18 +161,22 @@ def erase(client: Any, database: str, store: FrameObjects | None, employee_key: 
                           f"{prefix} are still there: no receipt recorded; run handtrace erase again")
     verified_at = datetime.now(UTC)
     progress("verified: 0 rows in every table, 0 objects")
-    wid = uuid7()
-    client.insert(f"{database}.withdrawals",
-                  [[wid, "participant", employee_key, None, verified_at, actor, f"erasure: {reason}"]],
-                  column_names=["withdrawal_id", "kind", "employee_key", "demonstration_id", "withdrawn_at",
-                                "actor", "reason"])
-    rid = uuid7()
+    wid, rid = uuid7(), uuid7()
     receipt = Receipt(str(rid), employee_key, actor, reason, requested_at, verified_at,
                       {t: int(removed.get(t, 0)) for t in tables}, objects, erasure_id, str(wid), settled,
                       found=bool(sum(removed.values()) or objects))
-    client.insert(f"{database}.erasure_receipts",
-                  [[rid, employee_key, actor, reason, requested_at, verified_at, receipt.rows_removed, objects,
-                    erasure_id, wid, settled]], column_names=RECEIPT_COLUMNS)
+    try:
+        client.insert(f"{database}.withdrawals",
+                      [[wid, "participant", employee_key, None, verified_at, actor, f"erasure: {reason}"]],
+                      column_names=["withdrawal_id", "kind", "employee_key", "demonstration_id", "withdrawn_at",
+                                    "actor", "reason"])
+        client.insert(f"{database}.erasure_receipts",
+                      [[rid, employee_key, actor, reason, requested_at, verified_at, receipt.rows_removed, objects,
+                        erasure_id, wid, settled]], column_names=RECEIPT_COLUMNS)
+    except Exception as e:
+        raise ErasureError(f"the person is erased (verified 0 rows, 0 objects) but the receipt could not be "
+                           f"recorded: {_first_line(e)} -- if the sink runs an older version, restart it (migration "
+                           "11 adds erasure_receipts), then run handtrace erase again for the receipt") from e
     progress(f"receipt {rid} recorded")
     return receipt
 
