@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -204,8 +203,3 @@ def receipts(client: Any, database: str) -> list[dict[str, Any]]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else repr(e)
-
-
-def new_erasure_id() -> str:
-    """A fresh erasure id (the suppression control's and the receipt's link)."""
-    return str(uuid.UUID(bytes=uuid7().bytes))
