@@ -1202,5 +1202,91 @@ def dataset_reissue(
     console.print(f"  replaces {export_id}: delete the old copy at its output (handtrace dataset list shows where)")
 
 
+
+@app.command("erase")
+def erase_person(
+    employee_id: Annotated[str, typer.Argument(
+        help="The employee id to erase (`receipts` without --actor/--reason: list the receipts).")],
+    actor: Annotated[str, typer.Option(help="Who requests the erasure (kept on the receipt).")] = "",
+    reason: Annotated[str, typer.Option(help="Why, e.g. the Art. 17 request reference (kept on the receipt).")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the receipt (or the receipts) as JSON.")] = False,
+    settle_timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait, before deleting, until the pipeline holds nothing more of the person "
+                    "(0: do not wait; the receipt says settled=false).")] = 120.0,
+) -> None:
+    """Erase one person (GDPR Art. 17): a signed suppression the stream enforces for every
+    capture time, deletion of their rows in every table and of their frames, a re-query that
+    must find nothing, then a receipt; exports containing them become stale. `handtrace erase
+    receipts` lists the receipts (docs/operations.md, "Erasure")."""
+    from handtrace.control.publish import ControlError, erasure_record, publish
+    from handtrace.control.settle import settle_after_suppression
+    from handtrace.core import clickhouse
+    from handtrace.core.erasure import ErasureError, erase, receipts
+    from handtrace.core.framestore import StoreError
+    from handtrace.sink.schema import ERASABLE
+
+    if employee_id == "receipts" and not actor and not reason:
+        s, client = _warehouse()
+        rows = receipts(client, s.clickhouse.database)
+        if as_json:
+            for r in rows:
+                sys.stdout.write(json.dumps(r, default=str) + "\n")
+            return
+        for r in rows:
+            console.print(f"{r['receipt_id']}  {r['employee_key']}  requested {r['requested_at']:%Y-%m-%d %H:%M:%S}  "
+                          f"verified {r['verified_at']:%Y-%m-%d %H:%M:%S}  by {r['actor']}: {r['reason']}  "
+                          f"rows {sum(r['rows_removed'].values())}  objects {r['objects_removed']}"
+                          + ("" if r["settled"] else "  (not settled)"))
+        err.print(f"{len(rows)} erasure receipts")
+        return
+    if not employee_id.strip():
+        raise _fail("give the employee id to erase")
+    if not actor.strip() or not reason.strip():
+        raise _fail("an erasure needs --actor and --reason (both are kept on the receipt); nothing was done")
+    s, client = _warehouse()
+    key = _employee_key(s, employee_id)
+    store = _open_frame_store()
+
+    sent: list[tuple[int, int]] = []
+
+    def suppress(erasure_id: str) -> None:
+        try:
+            sent.append(publish(s, erasure_record(employee_id, erasure_id, actor=actor.strip(),
+                                                  reason=reason.strip())))
+        except ControlError as e:
+            raise ErasureError(f"the suppression could not be sent ({e}); nothing was deleted") from None
+
+    def say(line: str) -> None:
+        if not as_json:
+            err.print(f"  {line}")
+
+    def settle() -> bool:
+        if settle_timeout <= 0:
+            say("not waiting for the pipeline (--settle-timeout 0): the receipt says settled=false")
+            return False
+        partition, offset = sent[-1]
+        return settle_after_suppression(s, partition, offset, settle_timeout, say)
+
+    try:
+        receipt = erase(client, s.clickhouse.database, store, key, actor=actor, reason=reason, tables=ERASABLE,
+                        suppress=suppress, delete=client.erase if clickhouse.is_remote(client) else None,
+                        settle=settle, progress=say)
+    except (ErasureError, StoreError, clickhouse.ClickHouseUnavailable) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        sys.stdout.write(json.dumps(receipt.as_json()) + "\n")
+        return
+    if not receipt.found:
+        console.print(f"[yellow]nothing was stored about {employee_id}[/] (pseudonym {key}); the suppression "
+                      f"stands: the stream drops anything of them from now on. Receipt {receipt.receipt_id}.")
+        return
+    if not receipt.settled:
+        err.print("[yellow]warning:[/] the pipeline was not seen to settle before the deletion: rows of them in "
+                  "flight may have been stored since; run handtrace erase again once it has caught up")
+    console.print(f"[green]✓[/] {employee_id} erased: {sum(receipt.rows_removed.values())} rows, "
+                  f"{receipt.objects_removed} objects; verified {receipt.verified_at:%Y-%m-%d %H:%M:%S} UTC; "
+                  f"receipt {receipt.receipt_id}. Exports containing them: handtrace dataset list --stale")
+
+
 if __name__ == "__main__":
     app()

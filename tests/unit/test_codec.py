@@ -160,6 +160,7 @@ def control_events() -> list[dict[str, Any]]:
         "pause_starts_at_us": None,
         "pause_ends_at_us": None,
         "exemption_effective_at_us": None,
+        "erasure_id": None,
         "policy": None,
     }
     return [
@@ -197,6 +198,15 @@ def control_events() -> list[dict[str, Any]]:
             actor="hr-anna",
             actor_role="hr",
             exemption_effective_at_us=T0 + 2,
+        ),
+        dict(
+            base,
+            control_id=uuid7_bytes(),
+            kind="exemption_grant",
+            actor="dpo-1",
+            actor_role="hr",
+            exemption_effective_at_us=T0 + 3,
+            erasure_id="0190f0f0-aaaa-7bbb-8ccc-000000000001",
         ),
         dict(
             base,

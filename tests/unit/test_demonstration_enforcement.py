@@ -196,6 +196,14 @@ def test_an_exempt_employee_yields_nothing(enforcer: DemonstrationEnforcer) -> N
         assert out.demonstrations == {"exempt": 1}
 
 
+def test_an_erased_employee_yields_nothing_whatever_the_times(enforcer: DemonstrationEnforcer) -> None:
+    """An erasure (handtrace erase) covers demonstrations captured long before or after it."""
+    for frames in (three_frames(), [demo_frame(T0 + 1000 * 86_400 * S, seed=3)]):
+        out = run(enforcer, upload(frames), controls={EMP: EmployeeControls(erasures=("e-1",))})
+        assert out.accepted == [] and out.deadletters == []
+        assert out.demonstrations == {"exempt": 1}
+
+
 def test_events_are_not_sampled(enforcer: DemonstrationEnforcer) -> None:
     nothing = Policy.from_record({"version": 2, "allowed_apps": [TEST_APP], "allowed_domains": ["google.com"],
                                   "sampling": {"*": 0.0}, "text_capture": {"*": "full"}})

@@ -53,6 +53,9 @@ class ControlState:
     """Records not honoured, by reason (unsigned, bad_signature, unknown_key, stale_version, ...)."""
     seen: list[str] = field(default_factory=list)
     """Control ids of the last grants and revokes applied (a replay is applied once)."""
+    erased_from_us: int | None = None
+    """Set by an erasure (an exemption grant with an erasure id, ``handtrace erase``): capture stays
+    off for good -- no revoke ends it (docs/adr/0015-erasure.md)."""
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -63,7 +66,7 @@ class ControlState:
     def from_json(cls, text: str) -> ControlState:
         d = json.loads(text)
         return cls(**{k: d[k] for k in ("policy", "exempt_from_us", "policy_offset", "controls_offset",
-                                         "undecodable", "refused", "seen") if k in d})
+                                         "undecodable", "refused", "seen", "erased_from_us") if k in d})
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -232,8 +235,10 @@ class ControlPlaneFollower:
         at = _us(rec.get("exemption_effective_at_us")) or _us(rec.get("occurred_at_us"))
         if kind == "exemption_grant" and at is not None:
             self.state.exempt_from_us = at
+            if rec.get("erasure_id") and self.state.erased_from_us is None:
+                self.state.erased_from_us = at
         elif kind == "exemption_revoke":
-            self.state.exempt_from_us = None
+            self.state.exempt_from_us = self.state.erased_from_us
 
     def _save(self) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from handtrace.core.controls import (
     POLICY_KEY,
     ControlError,
     control_record,
+    erasure_record,
     pause_record,
     policy_record,
 )
@@ -41,6 +42,7 @@ from handtrace.core.topics import Topics
 
 __all__ = ["MAX_PAUSE_MINUTES", "MAX_POLICY_VERSION", "POLICY_KEY", "ControlError", "active_exemptions",
            "control_record", "current_policy", "current_policy_version", "device_record", "enrolled_devices",
+           "erasure_record", "erasures_in_force",
            "pause_record", "policy_record", "publish", "publish_device", "resign", "resign_exemptions"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,23 +56,31 @@ def _signer(settings: Settings) -> Signer:
 
 
 def _send(settings: Settings, topic: str, role: str, key: bytes, value: bytes, timeout_s: float,
-          signer: Signer | None = None) -> None:
+          signer: Signer | None = None) -> tuple[int, int]:
     signer = signer or _signer(settings)
     errors: list[str] = []
+    delivered: list[tuple[int, int]] = []
+
+    def report(err: Any, msg: Any) -> None:
+        if err:
+            errors.append(str(err))
+        else:
+            delivered.append((int(msg.partition()), int(msg.offset())))
+
     p = Producer(producer_config(settings.kafka))
     # Signed as late as possible: ht-sent-at is compared with the broker's append time.
     headers: list[tuple[str, str | bytes | None]] = list(signer.headers(role, key, value))
-    p.produce(topic, key=key, value=value, headers=headers,
-              on_delivery=lambda err, _m: errors.append(str(err)) if err else None)
+    p.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
     remaining = p.flush(timeout_s)
-    if remaining or errors:
+    if remaining or errors or not delivered:
         raise ControlError(f"control not delivered to {topic}: {errors or 'timed out'}")
+    return delivered[0]
 
 
 def publish(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0,
-            signer: Signer | None = None) -> None:
-    """Sign one control and send it; wait until the broker has it (acks=all). Refused
-    (ControlError) without a signing key outside dev mode."""
+            signer: Signer | None = None) -> tuple[int, int]:
+    """Sign one control and send it; wait until the broker has it (acks=all) and return its
+    (partition, offset). Refused (ControlError) without a signing key outside dev mode."""
     topics = Topics.from_settings(settings.topics)
     if record["kind"] == "policy_update":
         topic, key, role = topics.policy, POLICY_KEY, "policy"
@@ -78,7 +88,7 @@ def publish(settings: Settings, record: dict[str, Any], timeout_s: float = 30.0,
         if not record.get("employee_id"):
             raise ControlError(f"{record['kind']} needs an employee id")
         topic, key, role = topics.controls, record["employee_id"].encode(), "controls"
-    _send(settings, topic, role, key, codec.encode_record("control_event", record), timeout_s, signer)
+    return _send(settings, topic, role, key, codec.encode_record("control_event", record), timeout_s, signer)
 
 
 def device_record(employee_id: str, device_id: str, public_key: str | bytes | None, *, actor: str,
@@ -245,18 +255,30 @@ def resign(settings: Settings, *, actor: str, reason: str = "key rotation") -> t
 
 def active_exemptions(settings: Settings, timeout_s: float = 15.0) -> dict[str, int]:
     """Employee id -> effective time (µs) of their exemption in force: a control-plane-signed
-    grant not followed by a revoke on the controls topic (keyed by employee: one partition each)."""
+    grant not followed by a revoke on the controls topic (keyed by employee: one partition each).
+    Erasures are not exemptions here (:func:`erasures_in_force`)."""
     topic = Topics.from_settings(settings.topics).controls
     active: dict[str, int] = {}
     for _sig, rec in _signed_records(settings, topic, "controls", "control_event", timeout_s):
         employee, kind = rec.get("employee_id"), rec.get("kind")
-        if not employee:
+        if not employee or rec.get("erasure_id"):
             continue
         if kind == "exemption_grant":
             active[employee] = _epoch_us(rec.get("exemption_effective_at_us") or rec["occurred_at_us"])
         elif kind == "exemption_revoke":
             active.pop(employee, None)
     return active
+
+
+def erasures_in_force(settings: Settings, timeout_s: float = 15.0) -> dict[str, list[dict[str, Any]]]:
+    """Employee id -> the control-plane-signed erasure suppressions on the controls topic (no
+    revoke ends them)."""
+    topic = Topics.from_settings(settings.topics).controls
+    out: dict[str, list[dict[str, Any]]] = {}
+    for _sig, rec in _signed_records(settings, topic, "controls", "control_event", timeout_s):
+        if rec.get("kind") == "exemption_grant" and rec.get("employee_id") and rec.get("erasure_id"):
+            out.setdefault(rec["employee_id"], []).append(rec)
+    return out
 
 
 def _epoch_us(at: Any) -> int:
@@ -276,4 +298,9 @@ def resign_exemptions(settings: Settings, *, actor: str, reason: str = "key rota
     for employee, effective_at_us in sorted(exemptions.items()):
         publish(settings, control_record("exemption_grant", employee_id=employee, actor=actor, role="hr",
                                          reason=reason, exemption_effective_at_us=effective_at_us))
-    return len(exemptions)
+    # Erasures too, with their erasure id (each applied once per id by the workers).
+    erasures = erasures_in_force(settings)
+    for employee, recs in sorted(erasures.items()):
+        for erasure_id in dict.fromkeys(str(r["erasure_id"]) for r in recs):
+            publish(settings, erasure_record(employee, erasure_id, actor=actor, reason=reason))
+    return len(exemptions) + len(erasures)

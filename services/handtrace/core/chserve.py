@@ -16,8 +16,9 @@ executed, so nothing the parser did not see can run. ``EXPLAIN AST`` on the engi
 it executes a second statement after a ``;`` and reads ``SET x = 1`` as a SELECT. Reads run in
 sessions with ``readonly = 1`` (no writes, no settings changes, no ``file()``/``url()`` table
 functions) as a second wall. Writes only through :meth:`RemoteClient.insert` into
-:data:`WRITABLE`. Values travel as tagged JSON (rows) or Arrow IPC (``query_arrow``); nothing is
-ever unpickled.
+:data:`WRITABLE`, and through the fixed erase operation (:meth:`RemoteClient.erase`: an employee
+key, nothing else; the owner's erasable tables). Values travel as tagged JSON (rows) or Arrow IPC
+(``query_arrow``); nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ from handtrace.core.clickhouse import ClickHouseUnavailable, embedded_path
 log = logging.getLogger("handtrace.chserve")
 
 ENDPOINT_FILE = "query.endpoint"
-WRITABLE = ("withdrawals", "dataset_exports")
+WRITABLE = ("withdrawals", "dataset_exports", "erasure_receipts")
 """Tables the endpoint inserts into (through ``insert()`` only): withdrawals and export records,
-which the dataset CLI records while the sink runs."""
+which the dataset CLI records while the sink runs, and erasure receipts (``handtrace erase``)."""
 READ_KINDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "EXPLAIN", "EXISTS")
 CONNECT_TIMEOUT_S = 2.0
 QUERY_TIMEOUT_S = 3600.0
@@ -222,7 +223,8 @@ def check_read(canonical: str) -> str:
 class Server:
     """The query endpoint of one data dir, served by a daemon thread of the owner process."""
 
-    def __init__(self, dsn: str, stop: threading.Event) -> None:
+    def __init__(self, dsn: str, stop: threading.Event, *, erasable: Sequence[str] = (),
+                 database: str | None = None) -> None:
         path = embedded_path(dsn)
         if path is None:
             raise ValueError(f"only an embedded ClickHouse (chdb://) is served, not {dsn}")
@@ -230,6 +232,8 @@ class Server:
         self.dsn = f"chdb://{self.path}"
         self.token = secrets.token_urlsafe(32)
         self.endpoint_file = self.path / ENDPOINT_FILE
+        self.erasable = tuple(erasable)
+        self.database = database
         self._readers: queue.LifoQueue[Any] = queue.LifoQueue()
         self._writer = clickhouse_connect.get_client(dsn=self.dsn)
         self._writer_lock = threading.Lock()
@@ -300,6 +304,21 @@ class Server:
             summary = self._writer.insert(quoted, rows, column_names=list(column_names))
         return int(getattr(summary, "written_rows", len(rows)) or len(rows))
 
+    def erase(self, employee_key: str) -> dict[str, int]:
+        """The fixed erase operation (``handtrace erase``): delete every row of one employee key
+        from the owner's erasable tables; returns the rows each held. Nothing but a pseudonym
+        comes from the request: the tables and the database are the owner's."""
+        from handtrace.core.erasure import check_employee_key, delete_rows
+
+        if not self.erasable or self.database is None:
+            raise StatementRefused("this endpoint does not erase (its owner named no erasable tables)")
+        try:
+            check_employee_key(employee_key)
+        except ValueError as e:
+            raise StatementRefused(str(e)) from None
+        with self._writer_lock:
+            return delete_rows(self._writer, self.database, employee_key, self.erasable)
+
     def stop(self) -> None:
         """Stop serving and remove the endpoint file (if it is still ours)."""
         if getattr(self, "_stopped", True):
@@ -354,6 +373,9 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                     n = server.insert(str(body["table"]), decode(body["rows"]), list(body["column_names"]))
                     self._send(200, json.dumps({"written_rows": n}).encode())
                     return
+                if self.path == "/v1/erase":
+                    self._send(200, json.dumps({"rows_removed": server.erase(str(body["employee_key"]))}).encode())
+                    return
                 if self.path != "/v1/query":
                     self._error(404, "not_found", f"no route {self.path}")
                     return
@@ -387,10 +409,11 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(dsn: str, stop: threading.Event) -> Server:
+def serve(dsn: str, stop: threading.Event, *, erasable: Sequence[str] = (), database: str | None = None) -> Server:
     """Serve the embedded ClickHouse ``dsn`` (opened by this process) to the processes of this
-    machine until ``stop`` is set (or :meth:`Server.stop`)."""
-    return Server(dsn, stop)
+    machine until ``stop`` is set (or :meth:`Server.stop`). With ``erasable`` tables of
+    ``database``, it also runs the fixed erase operation (:meth:`Server.erase`)."""
+    return Server(dsn, stop, erasable=erasable, database=database)
 
 
 # ------------------------------------------------------------------ the client
@@ -539,6 +562,12 @@ class RemoteClient:
         _, out = self._post("/v1/insert", {"table": table, "column_names": list(column_names),
                                            "rows": encode(rows)})
         return int(json.loads(out)["written_rows"])
+
+    def erase(self, employee_key: str) -> dict[str, int]:
+        """Have the owner delete every row of ``employee_key`` from its erasable tables (the
+        fixed erase operation); returns the rows each table held."""
+        _, out = self._post("/v1/erase", {"employee_key": employee_key})
+        return {str(t): int(n) for t, n in json.loads(out)["rows_removed"].items()}
 
     def close(self) -> None:
         """Nothing to release (one connection per call)."""

@@ -42,6 +42,18 @@ def pause_record(employee_id: str, minutes: float, *, actor: str, role: str = "e
                           at_us=start, pause_starts_at_us=start, pause_ends_at_us=start + int(minutes * 60e6))
 
 
+def erasure_record(employee_id: str, erasure_id: str, *, actor: str, reason: str,
+                   at_us: int | None = None) -> dict[str, Any]:
+    """The suppression of an erasure (``handtrace erase``): an exemption grant carrying
+    ``erasure_id``, which the stream applies to every capture time and no revoke ends
+    (docs/adr/0015-erasure.md)."""
+    if not employee_id or not erasure_id:
+        raise ControlError("an erasure needs an employee id and an erasure id")
+    at = at_us if at_us is not None else now_us()
+    return control_record("exemption_grant", employee_id=employee_id, actor=actor, role="hr", reason=reason,
+                          at_us=at, exemption_effective_at_us=at, erasure_id=erasure_id)
+
+
 POLICY_FIELDS = ("version", "allowed_apps", "allowed_domains", "sampling", "text_capture")
 TEXT_CAPTURE_MODES = ("none", "masked", "full")
 SAMPLING_LEVELS = ("app", "kind", "cohort")

@@ -304,7 +304,43 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         SETTINGS non_replicated_deduplication_window = 10000
         """,
     ),
+    (
+        11,
+        "erasure receipts",
+        # One row per verified erasure (handtrace erase, core/erasure.py, issue #14 part E): who
+        # asked, why, when, what was removed, and when a re-query found nothing left. Written only
+        # after that re-query; kept after the erasure (the controller must be able to show it).
+        """
+        CREATE TABLE IF NOT EXISTS {db}.erasure_receipts
+        (
+            receipt_id UUID,
+            employee_key String COMMENT 'HMAC pseudonym of the erased employee (never the raw id)',
+            actor String,
+            reason String,
+            requested_at DateTime64(6, 'UTC'),
+            verified_at DateTime64(6, 'UTC') COMMENT 'when the re-query found 0 rows and 0 objects',
+            rows_removed Map(String, UInt64) COMMENT 'table -> rows deleted',
+            objects_removed UInt64 COMMENT 'frame store objects deleted',
+            erasure_control_id String COMMENT 'erasure_id of the signed suppression on the controls topic',
+            withdrawal_id UUID COMMENT 'the withdrawals row that marks exports containing them stale',
+            settled Bool COMMENT 'the pipeline held nothing more of them before the deletion (control/settle.py)'
+        )
+        ENGINE = MergeTree
+        ORDER BY (requested_at, receipt_id)
+        """,
+    ),
 ]
+
+ERASABLE: tuple[str, ...] = ("events", "demonstrations", "frames", "demonstration_events")
+"""Tables whose rows of a person ``handtrace erase`` deletes (by ``employee_key``). A table with an
+``employee_key`` column must be here or in :data:`KEPT_AFTER_ERASURE` (a unit test fails
+otherwise), so a new table cannot be forgotten. Rollups keyed by person belong here too."""
+
+KEPT_AFTER_ERASURE: dict[str, str] = {
+    "withdrawals": "the record that the person was withdrawn: later exports leave them out, older ones are stale",
+    "erasure_receipts": "the proof of the erasure itself (pseudonym only, no captured data)",
+}
+"""Tables with an ``employee_key`` column that keep the person's pseudonym after an erasure, and why."""
 
 
 def migrate(client: Any, database: str) -> list[int]:

@@ -67,7 +67,11 @@ def serve_queries(settings: Settings, stop: threading.Event) -> chserve.Server |
     """Serve the embedded data dir this process owns to other processes (``handtrace query``,
     the dataset CLI, the API) until ``stop``; None for a ClickHouse server, which serves itself."""
     dsn = settings.clickhouse_dsn()
-    return chserve.serve(dsn, stop) if clickhouse.embedded_path(dsn) is not None else None
+    if clickhouse.embedded_path(dsn) is None:
+        return None
+    from handtrace.sink.schema import ERASABLE
+
+    return chserve.serve(dsn, stop, erasable=ERASABLE, database=settings.clickhouse.database)
 
 
 def _exit_after(grace_s: float) -> None:

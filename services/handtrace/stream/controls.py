@@ -1,4 +1,4 @@
-"""Folding ControlEvent records into per-employee control state (pauses, exemptions) -- only
+"""Folding ControlEvent records into per-employee control state (pauses, exemptions, erasures) -- only
 records that are authentic (docs/adr/0009-authentic-controls.md).
 
 A record on the controls topic is honoured only if
@@ -277,6 +277,10 @@ def apply_control(state: EmployeeControls, rec: Mapping[str, Any], *, now_us: in
                 pauses[i] = PauseWindow(w.starts_at_us, end_b - w.offset_us, w.offset_us)
                 break
         state = replace(state, pauses=tuple(pauses))
+    elif kind == "exemption_grant" and rec.get("erasure_id"):
+        # An erasure: every capture time, never revoked (a revoke only closes open exemptions).
+        if rec["erasure_id"] not in state.erasures:
+            state = replace(state, erasures=(*state.erasures, str(rec["erasure_id"])))
     elif kind == "exemption_grant":
         start = _us(rec.get("exemption_effective_at_us")) or at
         state = replace(state, exemptions=(*state.exemptions, Exemption(start, None, offset_us)))
@@ -307,6 +311,7 @@ def dumps(state: EmployeeControls) -> str:
         "pauses": [[w.starts_at_us, w.ends_at_us, w.offset_us] for w in state.pauses],
         "exemptions": [[e.from_us, e.until_us, e.offset_us] for e in state.exemptions],
         "seen": [[c, t] for c, t in state.seen],
+        "erasures": list(state.erasures),
     })
 
 
@@ -324,4 +329,5 @@ def loads(text: str | None) -> EmployeeControls:
         pauses=tuple(PauseWindow(*_window(w)) for w in d.get("pauses", [])),
         exemptions=tuple(Exemption(*_window(e)) for e in d.get("exemptions", [])),
         seen=tuple((str(c), int(t)) for c, t in d.get("seen", [])),
+        erasures=tuple(str(e) for e in d.get("erasures", [])),
     )

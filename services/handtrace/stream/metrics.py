@@ -89,7 +89,7 @@ DEMONSTRATIONS = Counter(
 DEMONSTRATION_FRAMES = Counter(
     "handtrace_stream_demonstration_frames_total",
     "Demonstration frames by where they were judged (manifest: an entry of a header; message: the "
-    "image itself) and outcome: accepted, or the rule that refused them (paused, exempt, "
+    "image itself) and outcome: accepted, or the rule that refused them (paused, exempt, erased, "
     "no_app_context, not_allowlisted_app, invalid_url, not_allowlisted_domain, unredactable_url, "
     "invalid_time, step_error). A frame is stored only if both passed.",
     ["part", "outcome"],

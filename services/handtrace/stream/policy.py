@@ -40,3 +40,6 @@ class EmployeeControls:
     pauses: tuple[PauseWindow, ...] = ()
     exemptions: tuple[Exemption, ...] = ()
     seen: tuple[tuple[str, int], ...] = ()
+    erasures: tuple[str, ...] = ()
+    """Erasure ids (``handtrace erase``) applied to this employee: nothing of them is stored,
+    whatever the capture time, and no control ends it (docs/adr/0015-erasure.md)."""

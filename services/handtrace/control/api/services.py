@@ -167,6 +167,7 @@ def fold_employee(records: Sequence[dict[str, Any]], employee_id: str, denied_at
     """An employee's capture state from their control records (in topic order)."""
     now = at_us if at_us is not None else now_us()
     exempt_since: int | None = None
+    erased_since: int | None = None  # an erasure (handtrace erase): no revoke ends it
     paused_until: int | None = None
     request: dict[str, Any] | None = None
     for r in records:
@@ -175,8 +176,10 @@ def fold_employee(records: Sequence[dict[str, Any]], employee_id: str, denied_at
         kind, at = r["kind"], int(r["occurred_at_us"])
         if kind == "exemption_grant":
             exempt_since, request = r.get("exemption_effective_at_us") or at, None
+            if r.get("erasure_id") and erased_since is None:
+                erased_since = exempt_since
         elif kind == "exemption_revoke":
-            exempt_since, request = None, None
+            exempt_since, request = erased_since, None
         elif kind == "pause_start":
             paused_until = r.get("pause_ends_at_us")
         elif kind == "pause_end":
@@ -196,11 +199,13 @@ def fold_employee(records: Sequence[dict[str, Any]], employee_id: str, denied_at
 def _exemption(records: Sequence[dict[str, Any]], employee_id: str) -> dict[str, Any]:
     """{exempt_since_us}: the effective time of the employee's exemption in force, else None."""
     since: int | None = None
+    erased: int | None = None
     for r in records:
         if r.get("employee_id") == employee_id and r["kind"] == "exemption_grant":
             since = int(r.get("exemption_effective_at_us") or r["occurred_at_us"])
+            erased = since if r.get("erasure_id") and erased is None else erased
         elif r.get("employee_id") == employee_id and r["kind"] == "exemption_revoke":
-            since = None
+            since = erased
     return {"exempt_since_us": since}
 
 
