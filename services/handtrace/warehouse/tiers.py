@@ -390,8 +390,8 @@ def analyse(client: Any, sql: str) -> Touched:
     if not _starts_like(sql, kind):
         raise NotAnalysable(f"not SQL: the text does not start with a statement keyword "
                             f"(ClickHouse would read it as {canonical[:80]!r})")
-    if kind not in READ_KINDS:
-        return Touched(canonical, kind)
+    if kind not in READ_KINDS or any(line.startswith("INTO OUTFILE") for line in canonical.splitlines()):
+        return Touched(canonical, kind)  # nothing resolved: admins only (the analyzer does not explain OUTFILE)
     if not _bare_identifiers_ok(canonical):
         raise NotAnalysable("quoted names with escapes or control characters (line breaks...) are refused: "
                             "they would forge the analysis")
@@ -456,11 +456,11 @@ def check(touched: Touched, role: str, *, database: str, purpose: str | None = N
                           "access audit with the query")
     if role == "admin":
         return
+    if any(line.startswith("INTO OUTFILE") for line in touched.canonical.splitlines()):
+        raise TierRefused(f"{who}: INTO OUTFILE is for admins only (use --format and a redirect)")
     if touched.kind not in READ_KINDS or touched.root is None:
         raise TierRefused(f"{who}: only SELECT queries are run for {_role_word(role)} "
                           f"(this is a {touched.kind or 'empty'} statement)")
-    if any(line.startswith("INTO OUTFILE") for line in touched.canonical.splitlines()):
-        raise TierRefused(f"{who}: INTO OUTFILE is for admins only (use --format and a redirect)")
     for name in sorted(touched.table_functions):
         if name not in HARMLESS_TABLE_FUNCTIONS:
             raise TierRefused(f"{who}: table function {name}() reads outside the handtrace tables; "
@@ -640,6 +640,7 @@ def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str |
     """Analyse, check, run and audit one query for ``role``. TierRefused (refused, audited),
     QueryFailed (ClickHouse failed it, audited) or the :class:`Answer` (audited before it is
     returned; an audit that cannot be written fails the call)."""
+    from handtrace.core.chserve import StatementRefused
     from handtrace.core.clickhouse import is_remote
 
     row: dict[str, Any] = {
@@ -669,6 +670,8 @@ def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str |
         try:
             result = client.query(executed.canonical, settings=settings) if settings else client.query(
                 executed.canonical)
+        except StatementRefused as e:  # the sink's query endpoint runs reads only
+            raise TierRefused(str(e)) from None
         except Exception as e:  # noqa: BLE001 -- ClickHouse's message, audited
             raise QueryFailed(_clickhouse_message(e)) from None
     except TierRefused as e:
