@@ -376,8 +376,10 @@ def test_server_grants_parse_with_clickhouse_parser(client: Any) -> None:
     for col in ("text", "window_title", "url", "screenshot_sha256"):
         assert f" {col}," not in events and f"({col}," not in events and f", {col})" not in events
     assert not any(f"{DB}.frames" in s for s in analyst)
-    assert (f"CREATE ROW POLICY IF NOT EXISTS handtrace_researcher_text ON {DB}.demonstration_events FOR SELECT "
-            "USING (text IS NULL) OR text_masked TO handtrace_researcher") in stmts
+    assert (f"CREATE ROW POLICY IF NOT EXISTS handtrace_researcher_masked_text ON {DB}.demonstration_events "
+            "FOR SELECT USING (text IS NULL) OR text_masked TO handtrace_researcher") in stmts
+    assert (f"CREATE ROW POLICY IF NOT EXISTS handtrace_not_researcher_all_rows ON {DB}.demonstration_events "
+            "FOR SELECT USING 1 TO ALL EXCEPT handtrace_researcher") in stmts
     with pytest.raises(ValueError, match="not a database name"):
         tiers.server_grants_sql("x; DROP")
 

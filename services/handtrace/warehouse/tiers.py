@@ -169,13 +169,15 @@ def rules_markdown() -> str:
         if t.counted:
             classes += "; counted only: " + ", ".join(CLASSES[c] for c in t.counted)
         lines.append(f"| {t.role} | {', '.join(t.tables)} | {classes} | {t.summary} |")
-    lines += ["", "| table | column | class |", "|---|---|---|"]
+    lines += ["", "| table | columns | class |", "|---|---|---|"]
     for name, rule in TABLES.items():
-        special = {c: k for c, k in rule.columns.items() if k != "activity"}
-        for c, k in special.items():
-            lines.append(f"| {name} | {c} | {CLASSES[k]} |")
-        if any(k == "activity" for k in rule.columns.values()):
-            lines.append(f"| {name} | every other column | {CLASSES['activity']} |")
+        by_class: dict[str, list[str]] = {}
+        for c, k in rule.columns.items():
+            by_class.setdefault(k, []).append(c)
+        for k, cols in by_class.items():
+            shown = "every other column" if k == "activity" else ("every column" if cols == ["*"] else
+                                                                  ", ".join(cols))
+            lines.append(f"| {name} | {shown} | {CLASSES[k]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -712,14 +714,16 @@ def server_grants_sql(database: str) -> list[str]:
                 continue
             cols = [c for c, k in rule.columns.items() if k in tier.classes or k in tier.counted]
             out.append(f"GRANT SELECT({', '.join(cols)}) ON {database}.{table} TO {r}")
-    # Row policies: once a table has one, roles without one see no rows -- so each role that reads
-    # the table gets its own (researchers: typed text only where it is masked or absent).
+    # Row policies are permissive and, once a table has one, a user matched by none sees no rows:
+    # so researchers get the masked-text policy and everyone else (the sink's user included) one
+    # that passes every row.
     for table, rule in TABLES.items():
         if rule.columns.get("text") != "text":
             continue
-        readers = [role for role, t in TIERS.items() if table in t.tables]
-        for role in readers:
-            cond = "(text IS NULL) OR text_masked" if TIERS[role].masked_text else "1"
-            out.append(f"CREATE ROW POLICY IF NOT EXISTS handtrace_{role}_text ON {database}.{table} "
-                       f"FOR SELECT USING {cond} TO handtrace_{role}")
+        for role, t in TIERS.items():
+            if t.masked_text and table in t.tables:
+                out.append(f"CREATE ROW POLICY IF NOT EXISTS handtrace_{role}_masked_text ON {database}.{table} "
+                           f"FOR SELECT USING (text IS NULL) OR text_masked TO handtrace_{role}")
+                out.append(f"CREATE ROW POLICY IF NOT EXISTS handtrace_not_{role}_all_rows ON {database}.{table} "
+                           f"FOR SELECT USING 1 TO ALL EXCEPT handtrace_{role}")
     return out
