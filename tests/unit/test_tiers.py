@@ -439,3 +439,75 @@ def test_cli_query_is_the_admin_form_and_is_audited(client: Any, cli_env: dict[s
 def test_cli_unknown_role(cli_env: dict[str, str]) -> None:
     r = invoke(cli_env, "sql", "--role", "boss", "SELECT 1")
     assert r.exit_code == 2 and "unknown role 'boss'" in r.output
+
+
+# ------------------------------------------------------------------ through the sink's query endpoint
+
+OWNER = r"""
+import signal, sys, threading
+from handtrace.core import chserve, clickhouse
+from handtrace.sink.schema import migrate
+
+dsn, db = sys.argv[1:3]
+c = clickhouse.connect(dsn)
+migrate(c, db)
+c.command(f"INSERT INTO {db}.events (event_id, employee_key, kind, text, text_masked, app_id, window_title) "
+          "SELECT generateUUIDv4(), concat('person-', toString(number % 6)), 'key', 'SECRET', 0, "
+          "'shared', 'SECRET' FROM numbers(1, 30)")
+c.command(f"INSERT INTO {db}.events (event_id, employee_key, kind, app_id) "
+          "VALUES (generateUUIDv4(), 'p-x', 'key', 'solo')")
+c.command(f"INSERT INTO {db}.demonstration_events (event_id, employee_key, kind, text, text_masked) "
+          "VALUES (generateUUIDv4(), 'person-1', 'key', '•', 1), (generateUUIDv4(), 'person-1', 'key', 'SECRET', 0)")
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+server = chserve.serve(dsn, stop)
+stop.wait()
+server.stop()
+clickhouse.close(dsn)
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from handtrace.core import chserve
+
+    data = tmp_path_factory.mktemp("served") / "clickhouse"
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "services")})
+    try:
+        deadline = time.monotonic() + 120
+        while not (data / chserve.ENDPOINT_FILE).exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the owner died: {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
+            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
+            time.sleep(0.2)
+        remote = clickhouse.reader(f"chdb://{data}")
+        assert clickhouse.is_remote(remote)
+        yield remote
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+
+
+def test_tiers_and_audit_work_through_the_endpoint(served: Any) -> None:
+    a = tiers.run(served, f"SELECT app_id, count() AS n FROM {DB}.events GROUP BY app_id ORDER BY app_id",
+                  role="analyst", database=DB, k=K, actor="ana")
+    assert a.rows == [("shared", 30)]  # 'solo' (one person) is suppressed
+    with pytest.raises(tiers.TierRefused, match="column events.window_title"):
+        tiers.run(served, f"SELECT count() FROM (SELECT * FROM {DB}.events) WHERE window_title != ''",
+                  role="analyst", database=DB, k=K, actor="ana")
+    with pytest.raises(tiers.TierRefused, match="the sink's query endpoint cannot apply"):
+        tiers.run(served, f"SELECT text FROM {DB}.demonstration_events", role="researcher", database=DB, k=K,
+                  actor="rey", purpose="p")
+    with pytest.raises(tiers.TierRefused, match="DROP statement refused"):
+        tiers.run(served, f"DROP TABLE {DB}.events", role="admin", database=DB, k=K, actor="root")
+    audit = served.query(f"SELECT actor, role, outcome, rows FROM {DB}.access_audit ORDER BY at").result_rows
+    assert audit == [("ana", "analyst", "allowed", 1), ("ana", "analyst", "refused", 0),
+                     ("rey", "researcher", "refused", 0), ("root", "admin", "refused", 0)]
+    assert served.query(f"EXISTS TABLE {DB}.events").result_rows == [(1,)]
