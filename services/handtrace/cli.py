@@ -802,7 +802,7 @@ def _run_tiered(sql: str, *, role: str, purpose: str | None, actor: str | None, 
                            k=s.warehouse.k_anonymity, actor=actor, purpose=purpose)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
-    except (tiers.TierRefused, tiers.QueryFailed) as e:
+    except (tiers.TierRefused, tiers.QueryFailed, tiers.AuditUnavailable) as e:
         raise _fail(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
         raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None

@@ -436,6 +436,23 @@ def test_cli_query_is_the_admin_form_and_is_audited(client: Any, cli_env: dict[s
     assert (audit["role"], audit["outcome"], audit["rows"]) == ("admin", "allowed", 1)
 
 
+def test_no_answer_without_an_audit_row(client: Any) -> None:
+    """A database without access_audit (not migrated): the query is not answered."""
+
+    class NoAudit:
+        def __init__(self, inner: Any) -> None:
+            self.client = inner
+
+        def query(self, *a: Any, **kw: Any) -> Any:
+            return self.client.query(*a, **kw)
+
+        def insert(self, table: str, *a: Any, **kw: Any) -> Any:
+            raise RuntimeError(f"Table {table} does not exist")
+
+    with pytest.raises(tiers.AuditUnavailable, match="the access audit could not be written"):
+        tiers.run(NoAudit(client), f"SELECT count() FROM {DB}.events", role="admin", database=DB, k=K)
+
+
 def test_cli_unknown_role(cli_env: dict[str, str]) -> None:
     r = invoke(cli_env, "sql", "--role", "boss", "SELECT 1")
     assert r.exit_code == 2 and "unknown role 'boss'" in r.output

@@ -632,16 +632,26 @@ def os_user() -> str:
         return "unknown"
 
 
+class AuditUnavailable(Exception):
+    """The access audit could not be written: nothing is answered (fails closed)."""
+
+
 def _audit(client: Any, database: str, row: dict[str, Any]) -> None:
     names = list(row)
-    client.insert(f"{database}.access_audit", [[row[n] for n in names]], column_names=names)
+    try:
+        client.insert(f"{database}.access_audit", [[row[n] for n in names]], column_names=names)
+    except Exception as e:  # noqa: BLE001 -- whatever failed, the query is not answered
+        raise AuditUnavailable(
+            f"the access audit could not be written, so the query is not answered ({_first_line(e)[:300]}); "
+            f"{database}.access_audit is created by the sink's migrations (start the sink once, or the demo)"
+        ) from None
 
 
 def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str | None = None,
         purpose: str | None = None) -> Answer:
     """Analyse, check, run and audit one query for ``role``. TierRefused (refused, audited),
     QueryFailed (ClickHouse failed it, audited) or the :class:`Answer` (audited before it is
-    returned; an audit that cannot be written fails the call)."""
+    returned); AuditUnavailable when the audit row cannot be written (nothing is answered)."""
     from handtrace.core.chserve import StatementRefused
     from handtrace.core.clickhouse import is_remote
 
