@@ -256,6 +256,8 @@ def test_researcher_reads_per_person_demonstrations_and_only_masked_text(client:
     assert b.rows == [(0,)]
     audit = last_audit(client)
     assert (audit["outcome"], audit["purpose"]) == ("allowed", "p")
+    # not reading text does not lift the filter: key codes of unmasked typing spell it too
+    assert run(client, "SELECT count() FROM {db}.demonstration_events", role="researcher", purpose="p").rows == [(8,)]
     f = run(client, "SELECT object_key, instruction FROM {db}.frames AS f JOIN {db}.demonstrations AS d "
                     "ON f.employee_key = d.employee_key LIMIT 1", role="researcher", purpose="p")
     assert f.rows == [("frames/SECRET-OBJECT", "SECRET-INSTRUCTION")]
@@ -360,6 +362,35 @@ def test_no_generated_query_leaks_a_forbidden_value_or_a_small_group(client: Any
         assert "solo" not in shown and "pair" not in shown, (sql, shown)
         assert last_audit(client)["outcome"] == "allowed"
     assert client.query(f"SELECT count() FROM {DB}.access_audit").result_rows[0][0] == before + 1
+
+
+@st.composite
+def researcher_queries(draw: st.DrawFn) -> str:
+    cols = draw(st.lists(st.sampled_from(["text", "key_code", "kind", "employee_key", "upper(text)",
+                                          "concat(text, '')", "count()", "groupArray(text)"]),
+                         min_size=1, max_size=3, unique=True))
+    source = draw(st.sampled_from([
+        "{db}.demonstration_events", "(SELECT * FROM {db}.demonstration_events)",
+        "{db}.demonstration_events AS de JOIN {db}.frames AS f USING (employee_key)",
+        "(SELECT text AS kind, text, key_code, employee_key FROM {db}.demonstration_events)"]))
+    where = draw(st.sampled_from(["", "WHERE NOT text_masked", "WHERE text LIKE '%SECRET%'", "WHERE 1"]))
+    body = f"SELECT {', '.join(cols)} FROM {source} {where}"
+    if any(c in ("count()", "groupArray(text)") for c in cols):
+        plain = [c for c in cols if c not in ("count()", "groupArray(text)")]
+        body += f" GROUP BY {', '.join(plain)}" if plain else ""
+    return body
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sql=researcher_queries())
+def test_researchers_never_see_unmasked_text(client: Any, sql: str) -> None:
+    try:
+        a = run(client, sql, role="researcher", purpose="property")
+    except (tiers.TierRefused, tiers.QueryFailed):
+        assert last_audit(client)["outcome"] in ("refused", "failed")
+    else:
+        assert "UNMASKED" not in json.dumps(a.rows, default=str), (sql, a.rows)
+        assert last_audit(client)["outcome"] == "allowed"
 
 
 # ------------------------------------------------------------------ a ClickHouse server

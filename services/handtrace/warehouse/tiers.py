@@ -28,9 +28,9 @@
 4. **Audit.** Every query, allowed, refused or failed, is one row of ``access_audit`` (written
    before any row is handed back; if the audit cannot be written, nothing is returned).
 
-Researcher reads of typed text are filtered by the engine to rows whose text is masked or absent
-(``additional_table_filters``, a per-query row policy); the sink's query endpoint runs readonly
-sessions that cannot carry it, so through the endpoint such reads are refused (use a server DSN,
+Researcher reads of the tables holding typed text are filtered by the engine to rows whose text
+is masked or absent (``additional_table_filters``, a per-query row policy); the sink's query
+endpoint runs readonly sessions that cannot carry it, so through the endpoint such reads are refused (use a server DSN,
 where :func:`server_grants_sql`'s row policy does it, or query while the sink is stopped).
 """
 
@@ -511,17 +511,17 @@ def check(touched: Touched, role: str, *, database: str, purpose: str | None = N
 
 
 def text_filters(touched: Touched, role: str, *, database: str) -> dict[str, str]:
-    """The per-table row filters ``role`` needs for what ``touched`` reads: a researcher reading
-    typed text sees only rows whose text is masked or absent."""
+    """The per-table row filters ``role`` needs for what ``touched`` reads: a researcher reading a
+    table that holds typed text sees only its rows whose text is masked or absent -- whatever
+    columns they read (the key codes of unmasked typing spell the text too)."""
     tier = TIERS[role]
     if not tier.masked_text:
         return {}
     out = {}
-    for qualified in sorted(touched.columns):
-        db, table, column = (qualified.split(".", 2) + ["", ""])[:3]
-        name = table if db == database else None
-        if name in TABLES and TABLES[name].column_class(column) == "text":
-            out[f"{db}.{table}"] = "text IS NULL OR text_masked"
+    for qualified in sorted(touched.tables):
+        name = _split_table(qualified, database)
+        if name in TABLES and "text" in TABLES[name].columns.values():
+            out[qualified] = "text IS NULL OR text_masked"
     return out
 
 
@@ -671,9 +671,9 @@ def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str |
                 executed = with_k_anonymity(client, touched, database=database, k=k)
             filters = text_filters(touched, role, database=database)
             if filters and is_remote(client):
-                raise TierRefused(f"refused for role {role}: typed text is filtered to masked text by a per-query "
-                                  "row filter, which the sink's query endpoint cannot apply; query a ClickHouse "
-                                  "server, or while the sink is stopped")
+                raise TierRefused(f"refused for role {role}: {', '.join(filters)} is filtered to rows with masked "
+                                  "or no typed text by a per-query row filter, which the sink's query endpoint "
+                                  "cannot apply; query a ClickHouse server, or while the sink is stopped")
             settings = {"readonly": 1}
             if filters:
                 settings["additional_table_filters"] = "{" + ", ".join(
