@@ -98,6 +98,7 @@ def assert_refused(client: Any, sql: str, fragment: str, role: str = "analyst", 
     assert client.query(f"SELECT count() FROM {DB}.access_audit").result_rows[0][0] == before + 1
     audit = last_audit(client)
     assert (audit["outcome"], audit["role"], audit["actor"]) == ("refused", role, "tester")
+    assert audit["os_user"] == tiers.os_user() != ""
     assert audit["query"] == sql.format(db=DB) and audit["reason"] == str(e.value) and audit["rows"] == 0
     return str(e.value)
 

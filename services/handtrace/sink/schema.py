@@ -316,6 +316,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         (
             at DateTime64(6, 'UTC') COMMENT 'when the query was decided',
             actor String COMMENT 'who: --actor, else the OS user',
+            os_user String COMMENT 'the OS user that ran it (whatever --actor says)',
             role LowCardinality(String) COMMENT 'analyst | researcher | auditor | admin',
             purpose String COMMENT 'the stated purpose (researcher: required)',
             query String COMMENT 'the text as given (cut at 64 KiB)',

@@ -656,9 +656,9 @@ def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str |
     from handtrace.core.clickhouse import is_remote
 
     row: dict[str, Any] = {
-        "at": dt.datetime.now(dt.UTC), "actor": actor or os_user(), "role": role, "purpose": purpose or "",
-        "query": sql[:MAX_QUERY_CHARS], "executed": "", "tables": [], "columns": [], "rows": 0,
-        "outcome": "refused", "reason": ""}
+        "at": dt.datetime.now(dt.UTC), "actor": actor or os_user(), "os_user": os_user(), "role": role,
+        "purpose": purpose or "", "query": sql[:MAX_QUERY_CHARS], "executed": "", "tables": [], "columns": [],
+        "rows": 0, "outcome": "refused", "reason": ""}
     touched: Touched | None = None
     try:
         touched = analyse(client, sql)
