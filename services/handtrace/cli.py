@@ -764,32 +764,63 @@ def api_run() -> None:
 def query(
     sql: Annotated[str, typer.Argument(help="SQL to run against the handtrace database.")],
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
+    actor: Annotated[str | None, typer.Option(help="Who runs it (recorded in access_audit; default: "
+                                                   "the OS user).")] = None,
 ) -> None:
-    """Run SQL against ClickHouse. The embedded engine: through the sink (or demo) that owns it
-    while one runs (read statements only), else opened here."""
-    from handtrace.core import clickhouse
+    """Run SQL against ClickHouse as admin (recorded in access_audit; `handtrace sql --role` for
+    the other tiers). The embedded engine: through the sink (or demo) that owns it while one runs
+    (read statements only), else opened here."""
+    _run_tiered(sql, role="admin", purpose=None, actor=actor, fmt=fmt)
 
+
+@app.command("sql")
+def sql_command(
+    sql: Annotated[str, typer.Argument(help="One SELECT against the handtrace database.")],
+    role: Annotated[str, typer.Option(help="analyst | researcher | auditor | admin (docs/warehouse.md).")],
+    purpose: Annotated[str | None, typer.Option(help="Why (required for researcher; recorded).")] = None,
+    actor: Annotated[str | None, typer.Option(help="Who runs it (recorded; default: the OS user).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
+) -> None:
+    """Run one query under an access tier: ClickHouse's analyzer resolves what it reads, the tier
+    refuses what it may not read (analysts: aggregates over >= warehouse.k_anonymity people only),
+    and every attempt is recorded in access_audit."""
+    from handtrace.warehouse.tiers import ROLES
+
+    if role not in ROLES:
+        raise _fail(f"unknown role {role!r}: one of {', '.join(ROLES)}", 2)
+    _run_tiered(sql, role=role, purpose=purpose, actor=actor, fmt=fmt)
+
+
+def _run_tiered(sql: str, *, role: str, purpose: str | None, actor: str | None, fmt: str) -> None:
+    from handtrace.core import clickhouse
+    from handtrace.warehouse import tiers
+
+    if fmt not in ("table", "json", "csv"):
+        raise _fail(f"unknown --format {fmt!r}: table, json or csv", 2)
     s = _settings()
     try:
         client = clickhouse.open_for_cli(s.clickhouse_dsn())
-        result = client.query(sql)
+        answer = tiers.run(client, sql, role=role, database=s.clickhouse.database,
+                           k=s.warehouse.k_anonymity, actor=actor, purpose=purpose)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
+        raise _fail(str(e)) from None
+    except (tiers.TierRefused, tiers.QueryFailed, tiers.AuditUnavailable) as e:
         raise _fail(str(e)) from None
     except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
         raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     if fmt == "json":
-        for row in result.named_results():
+        for row in answer.named_results():
             sys.stdout.write(json.dumps(row, default=str) + "\n")
         return
     if fmt == "csv":
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(result.column_names)
-        w.writerows(result.result_rows)
+        w.writerow(answer.column_names)
+        w.writerows(answer.rows)
         return
-    t = Table(*result.column_names)
-    for row in result.result_rows:
+    t = Table(*answer.column_names)
+    for row in answer.rows:
         t.add_row(*[str(v) for v in row])
     console.print(t)
 

@@ -53,9 +53,10 @@ from handtrace.core.clickhouse import ClickHouseUnavailable, embedded_path
 log = logging.getLogger("handtrace.chserve")
 
 ENDPOINT_FILE = "query.endpoint"
-WRITABLE = ("withdrawals", "dataset_exports", "erasure_receipts")
+WRITABLE = ("withdrawals", "dataset_exports", "erasure_receipts", "access_audit")
 """Tables the endpoint inserts into (through ``insert()`` only): withdrawals and export records,
-which the dataset CLI records while the sink runs, and erasure receipts (``handtrace erase``)."""
+which the dataset CLI records while the sink runs, erasure receipts (``handtrace erase``) and the
+access audit of ``handtrace sql``."""
 READ_KINDS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "EXPLAIN", "EXISTS")
 CONNECT_TIMEOUT_S = 2.0
 QUERY_TIMEOUT_S = 3600.0

@@ -662,6 +662,19 @@ class ExportSettings(BaseModel):
         return self
 
 
+class WarehouseSettings(BaseModel):
+    """The warehouse (issue #14): access tiers and the access audit (``handtrace sql``;
+    docs/warehouse.md)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    k_anonymity: int = Field(default=5, ge=2, le=10_000, description="The analyst tier answers only "
+                             "aggregates: every group of its results counts at least this many distinct "
+                             "people (employee_key); smaller groups are suppressed (left out of the "
+                             "result), queries that cannot be checked are refused (fails closed). "
+                             "At least 2: k = 1 would hand out per-person rows.")
+
+
 class Settings(BaseSettings):
     """All handtrace settings. Environment: HANDTRACE_<FIELD>, nested with `__`."""
 
@@ -692,6 +705,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     demo: DemoSettings = DemoSettings()
     export: ExportSettings = ExportSettings()
+    warehouse: WarehouseSettings = WarehouseSettings()
 
     @model_validator(mode="after")
     def _distinct_metrics_ports(self) -> Settings:

@@ -7,6 +7,7 @@ crash between insert and offset commit harmless (see writer.py).
 (sink/demonstrations.py; docs/design/demonstrations.md): a demonstration's frames and events rows
 count only once its ``demonstrations`` row says ``complete``.
 ``control_audit`` is the control-plane API's audit trail (sink/audit.py).
+``access_audit`` records every query run through the access tiers (warehouse/tiers.py).
 """
 
 from __future__ import annotations
@@ -302,6 +303,32 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ENGINE = MergeTree
         ORDER BY (at, source_offset)
         SETTINGS non_replicated_deduplication_window = 10000
+        """,
+    ),    # 11 is erasure (part E, branch erase).
+    (
+        12,
+        "access audit",
+        # One row per query run through the access tiers (warehouse/tiers.py; docs/warehouse.md):
+        # who asked what under which role and purpose, what it touched, and whether it was
+        # answered. Written for refusals too. MergeTree: an audit trail never collapses rows.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.access_audit
+        (
+            at DateTime64(6, 'UTC') COMMENT 'when the query was decided',
+            actor String COMMENT 'who: --actor, else the OS user',
+            os_user String COMMENT 'the OS user that ran it (whatever --actor says)',
+            role LowCardinality(String) COMMENT 'analyst | researcher | auditor | admin',
+            purpose String COMMENT 'the stated purpose (researcher: required)',
+            query String COMMENT 'the text as given (cut at 64 KiB)',
+            executed String COMMENT 'the statement run (with the k-anonymity clause for analysts)',
+            tables Array(String) COMMENT 'tables read (database.table), as ClickHouse resolved them',
+            columns Array(String) COMMENT 'columns read (database.table.column)',
+            rows UInt64 COMMENT 'rows returned',
+            outcome LowCardinality(String) COMMENT 'allowed | refused | failed',
+            reason String COMMENT 'why refused or failed'
+        )
+        ENGINE = MergeTree
+        ORDER BY at
         """,
     ),
     (
