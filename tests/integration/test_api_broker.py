@@ -98,10 +98,11 @@ def test_an_exemption_granted_through_the_api_is_honoured_by_a_running_worker(  
     # Every change is on the audit topic, keyed by its actor.
     audit = [(m.key(), json.loads(m.value())) for m in topic_messages(s.kafka.librdkafka(), t.audit)]
     assert [(k, e["action"], e["outcome"]) for k, e in audit] == [
-        (b"emp-x", "exemption_request", "allowed"), (b"harriet", "exemption_grant", "allowed")]
-    assert audit[1][1]["before"] == "capturing" and audit[1][1]["after"] == "exempt"
+        (b"emp-x", "exemption_request", "allowed"), (b"harriet", "exemption_grant", "allowed"),
+        (b"harriet", "other_state", "allowed")]  # HR read emp-x's state: a data access, in the trail
+    assert audit[1][1]["before"]["mode"] == "capturing" and audit[1][1]["after"]["mode"] == "exempt"
     assert audit[1][1]["roles"] == ["employee", "hr"] and audit[1][1]["reason"] == "approved by HR"
     # ... and read back through the API, newest first (a refusal is one more entry).
     assert client.get("/api/v1/audit", headers=hr).status_code == 403
     trail = client.get("/api/v1/audit", headers=bearer(mint("aud", ["auditor"]))).json()
-    assert [e["action"] for e in trail] == ["audit", "exemption_grant", "exemption_request"]
+    assert [e["action"] for e in trail] == ["audit", "other_state", "exemption_grant", "exemption_request"]
