@@ -820,8 +820,8 @@ def _run_tiered(sql: str, *, role: str, purpose: str | None, actor: str | None, 
         w.writerows(answer.rows)
         return
     t = Table(*answer.column_names)
-    for row in answer.rows:
-        t.add_row(*[str(v) for v in row])
+    for values in answer.rows:
+        t.add_row(*[str(v) for v in values])
     console.print(t)
 
 
