@@ -278,3 +278,86 @@ def test_blank_actor_or_a_key_that_is_not_a_pseudonym_is_refused(
     with pytest.raises(ValueError, match="not an employee pseudonym"):
         export_subject(client, DB, store, employee_id="alice", employee_key="' OR 1=1 --", out=tmp_path / "b",
                        actor="dpo-1")
+
+
+# ---------------------------------------------------------------- while the sink runs: through its endpoint
+
+OWNER = r"""
+import signal, sys, threading
+from handtrace.core import chserve, clickhouse
+from handtrace.sink.schema import ERASABLE, migrate
+from handtrace.stream.steps.pseudonymise import pseudonym
+sys.path.insert(0, sys.argv[3])
+from tests.unit.test_subject_access import add_readable_events
+
+dsn, db, _root, key = sys.argv[1:5]
+client = clickhouse.connect(dsn)
+migrate(client, db)
+for name in ("alice", "bob"):
+    add_readable_events(client, pseudonym(key.encode(), "employee", name), name, 5)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+server = chserve.serve(dsn, stop, erasable=ERASABLE, database=db)
+stop.wait()
+server.stop()
+clickhouse.close(dsn)
+"""
+
+
+def test_the_cli_exports_through_the_owners_endpoint_while_it_runs(tmp_path: Path) -> None:
+    """`handtrace subject export` while another process (the sink) owns the embedded engine: the
+    reads and the audit row go through its query endpoint; the person is found by the HMAC of the
+    id they gave."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from handtrace.core import chserve
+    from handtrace.stream.steps.pseudonymise import pseudonym
+
+    root = str(Path(__file__).resolve().parents[2])
+    services = str(Path(root) / "services")
+    state, key = tmp_path / "state", "k" * 40
+    data = state / "clickhouse"
+    env = {**os.environ, "PYTHONPATH": f"{services}:{root}", "HANDTRACE_STATE_DIR": str(state),
+           "HANDTRACE_STREAM__PSEUDONYM_KEY": key, "HANDTRACE_STORE__URL": f"file://{tmp_path / 'frames'}",
+           "COLUMNS": "400"}
+    env.pop("HANDTRACE_CLICKHOUSE__DSN", None)
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB, root, key], env=env,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (data / chserve.ENDPOINT_FILE).exists():
+            assert owner.poll() is None, owner.stderr.read().decode()[-3000:] if owner.stderr else ""
+            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
+            time.sleep(0.2)
+        out = tmp_path / "export"
+        done = subprocess.run([sys.executable, "-m", "handtrace.cli", "subject", "export", "alice", "--out", str(out),
+                               "--actor", "dpo-1", "--reason", "Art. 15 #9", "--no-controls"], env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+        assert "events: 5/5" in done.stderr and "recorded in access_audit" in done.stdout
+        me, other = (pseudonym(key.encode(), "employee", n) for n in ("alice", "bob"))
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["employee_key"] == me and manifest["counts"]["events"] == 5
+        events = [r for p in sorted((out / "events").iterdir()) for r in read_csv(p)]
+        assert len(events) == 5 and all("alice" in e["text"] for e in events)
+        assert not any(other in p.read_text() or "bob" in p.read_text() for p in out.rglob("*") if p.is_file())
+        assert "the controls topic was not read" in (out / "SUMMARY.md").read_text()
+        again = subprocess.run([sys.executable, "-m", "handtrace.cli", "subject", "export", "alice", "--out",
+                                str(out), "--actor", "dpo-1", "--no-controls"], env=env, capture_output=True,
+                               text=True, timeout=180)
+        assert again.returncode == 1 and "not an empty directory" in again.stderr + again.stdout
+        remote = clickhouse.open_for_cli(f"chdb://{data}")
+        assert clickhouse.is_remote(remote)
+        (row,) = audit_rows(remote)
+        assert row["actor"] == "dpo-1" and row["reason"] == "Art. 15 #9" and me in row["query"]
+    finally:
+        owner.send_signal(signal.SIGTERM)
+        try:
+            owner.wait(30)
+        except subprocess.TimeoutExpired:
+            owner.kill()
+            owner.wait(10)
