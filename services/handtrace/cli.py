@@ -1340,7 +1340,7 @@ def subject_export(
     from handtrace.core import clickhouse
     from handtrace.core.framestore import StoreError
     from handtrace.warehouse import tiers
-    from handtrace.warehouse.subject import SubjectAccessError, export_subject
+    from handtrace.warehouse.subject import SubjectAccessError, controls_from_topic, export_subject
 
     if not employee_id.strip():
         raise _fail("give the employee id whose data to export", 2)
@@ -1350,20 +1350,9 @@ def subject_export(
     key = _employee_key(s, employee_id)
     store = _open_frame_store()
 
-    def read_controls() -> list[dict[str, Any]]:
-        from handtrace.control.api.services import KafkaAudit, KafkaState
-
-        audit = KafkaAudit(s)
-        state = KafkaState(s, audit)
-        try:
-            return state.records()
-        finally:
-            state.close()
-            audit.close()
-
     try:
         r = export_subject(client, s.clickhouse.database, store, employee_id=employee_id, employee_key=key, out=out,
-                           actor=actor, reason=reason, controls=read_controls if controls else None,
+                           actor=actor, reason=reason, controls=(lambda: controls_from_topic(s)) if controls else None,
                            progress=lambda line: err.print(f"  {line}", markup=False, highlight=False))
     except (SubjectAccessError, StoreError, tiers.AuditUnavailable, clickhouse.ClickHouseUnavailable,
             ValueError) as e:

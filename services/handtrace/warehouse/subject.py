@@ -236,6 +236,21 @@ def _demonstrations(client: Any, db: str, store: Any, key: str, w: _Writer,
     return {"demonstrations": len(demos), "demonstration_events": n_events, "frames": n_frames, "range": rng}
 
 
+def controls_from_topic(settings: Any) -> list[dict[str, Any]]:
+    """Every verified employee control on the controls topic, oldest first: signed by a
+    control-plane key in force, or by a laptop enrolled for that record's own employee (forged
+    records are left out), as the API folds them (control/api/services.KafkaState)."""
+    from handtrace.control.api.services import KafkaAudit, KafkaState
+
+    audit = KafkaAudit(settings)
+    state = KafkaState(settings, audit)
+    try:
+        return state.records()
+    finally:
+        state.close()
+        audit.close()
+
+
 def _controls(records: Sequence[dict[str, Any]], employee_id: str, w: _Writer) -> tuple[int, tuple[str, str] | None]:
     def t(us: Any) -> str:
         return "" if us is None else dt.datetime.fromtimestamp(int(us) / 1e6, dt.UTC).isoformat()
