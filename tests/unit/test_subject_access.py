@@ -147,7 +147,7 @@ def test_only_the_asking_persons_data_is_exported_and_counts_match(
     assert summary.startswith("# What handtrace holds about alice")
     for kind, n in expected.items():
         assert f"| {kind.replace('_', ' ')} | {n} |" in summary
-    assert "Not included" in summary and "Passive screenshots are not kept" in summary
+    assert "Not included" in summary and "Passive screenshots (when enabled) are not stored" in summary
     assert "Nothing is held" not in summary
 
     # demonstrations and frames: byte-identical to the store, hashes right

@@ -255,11 +255,12 @@ def _controls(records: Sequence[dict[str, Any]], employee_id: str, w: _Writer) -
     def t(us: Any) -> str:
         return "" if us is None else dt.datetime.fromtimestamp(int(us) / 1e6, dt.UTC).isoformat()
 
+    from handtrace.control.api.services import control_id
+
     mine = sorted((r for r in records if r.get("employee_id") == employee_id), key=lambda r: r["occurred_at_us"])
     rows = []
     for r in mine:
-        cid = r.get("control_id")
-        cid = cid.hex() if isinstance(cid, bytes | bytearray) else str(cid or "")
+        cid = control_id(r) if r.get("control_id") is not None else ""
         rows.append([t(r["occurred_at_us"]), r["kind"], r.get("actor", ""), r.get("actor_role", ""),
                      r.get("reason", ""), t(r.get("pause_ends_at_us")), t(r.get("exemption_effective_at_us")),
                      r.get("erasure_id") or "", cid])
@@ -408,10 +409,12 @@ FILES_EXPLAINED = (
 )
 
 NOT_INCLUDED = (
-    "Passive screenshots are not kept as images: events keep only a screenshot's hash and size "
-    "(screenshot_sha256); the pixels were discarded by the stream.",
-    "Data still in transit: the raw Kafka topics hold events before enforcement (pause, exemption, "
-    "redaction) until their retention expires; they are not readable through the warehouse and are not copied here.",
+    "Passive screenshots (when enabled) are not stored by the warehouse: the images pass through Kafka "
+    "topics (screenshots.raw, screenshots.accepted) and are deleted when the topics' retention expires (72 h by "
+    "default); events keep only each screenshot's hash and size (screenshot_sha256).",
+    "Data in transit: the raw Kafka topics hold what your laptop sent, before enforcement (pause, exemption, "
+    "redaction), until their retention expires; they are not readable through the warehouse and are not copied "
+    "here.",
     "Heartbeats (agent health: battery, CPU, bandwidth) are stored per device, without any employee id, and "
     "cannot be linked to you by the warehouse: they are not included.",
     "Other people's data: rows are selected by your pseudonym only; queries in access.csv are listed because they "
@@ -428,11 +431,13 @@ def _summary(r: SubjectExport, employee_id: str, now: dt.datetime, w: _Writer) -
     if not r.found:
         lines += ["**Nothing is held about you**: no events, demonstrations, frames, controls, exports, "
                   "withdrawals or erasure receipts were found under your id or your pseudonym.", ""]
-    lines += ["| what | count | first | last |", "|---|---:|---|---|"]
+    lines += ["| what | count | first (UTC) | last (UTC) |", "|---|---:|---|---|"]
     for kind in ("events", "demonstrations", "demonstration_events", "frames", "controls", "control_audit",
                  "exports", "withdrawals", "erasures", "access"):
-        first, last = r.ranges.get(kind, ("", ""))
-        lines.append(f"| {kind.replace('_', ' ')} | {r.counts.get(kind, 0)} | {first[:19]} | {last[:19]} |")
+        first, last = r.ranges.get(kind, r.ranges.get("demonstrations", ("", "")) if kind in (
+            "demonstration_events", "frames") and r.counts.get(kind) else ("", ""))
+        lines.append(f"| {kind.replace('_', ' ')} | {r.counts.get(kind, 0)} | {first[:19].replace('T', ' ')} "
+                     f"| {last[:19].replace('T', ' ')} |")
     lines += ["", "## The files", ""]
     lines += [f"- `{name}`: {what}" for name, what in FILES_EXPLAINED]
     lines += ["", "## Not included, and why", ""]
