@@ -1333,6 +1333,8 @@ def subject_export(
     reason: Annotated[str, typer.Option(help="e.g. the Art. 15 request reference (recorded).")] = "",
     controls: Annotated[bool, typer.Option(help="Read the person's controls from the controls topic "
                                                 "(--no-controls: the summary says they were not read).")] = True,
+    heartbeats: Annotated[bool, typer.Option(help="Read the heartbeats of their devices from the fleet store "
+                                                  "(--no-heartbeats: the summary says they were not read).")] = True,
 ) -> None:
     """Write everything held about one person as files they can read (events by day,
     demonstrations with their frames, controls, exports, withdrawals, erasures, the access audit)
@@ -1340,7 +1342,12 @@ def subject_export(
     from handtrace.core import clickhouse
     from handtrace.core.framestore import StoreError
     from handtrace.warehouse import tiers
-    from handtrace.warehouse.subject import SubjectAccessError, controls_from_topic, export_subject
+    from handtrace.warehouse.subject import (
+        SubjectAccessError,
+        controls_from_topic,
+        export_subject,
+        heartbeats_in_child,
+    )
 
     if not employee_id.strip():
         raise _fail("give the employee id whose data to export", 2)
@@ -1353,6 +1360,7 @@ def subject_export(
     try:
         r = export_subject(client, s.clickhouse.database, store, employee_id=employee_id, employee_key=key, out=out,
                            actor=actor, reason=reason, controls=(lambda: controls_from_topic(s)) if controls else None,
+                           heartbeats=heartbeats_in_child if heartbeats else None,
                            progress=lambda line: err.print(f"  {line}", markup=False, highlight=False))
     except (SubjectAccessError, StoreError, tiers.AuditUnavailable, clickhouse.ClickHouseUnavailable,
             ValueError) as e:

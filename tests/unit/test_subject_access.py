@@ -22,9 +22,10 @@ from handtrace.core import clickhouse
 from handtrace.core.controls import control_record, pause_record
 from handtrace.core.framestore import LocalStore
 from handtrace.export.simulate import seed_demonstrations
+from handtrace.fleet.store import migrate as migrate_fleet
 from handtrace.sink.schema import migrate
 from handtrace.warehouse import tiers
-from handtrace.warehouse.subject import SubjectAccessError, export_subject
+from handtrace.warehouse.subject import SubjectAccessError, export_subject, write_heartbeats
 from tests.unit.test_erasure import add_events
 
 DB = "handtrace"
@@ -32,10 +33,11 @@ T0 = datetime(2026, 11, 2, 22, 0, tzinfo=UTC)
 PEOPLE = ("alice", "bob")
 
 
-def add_readable_events(client: Any, employee_key: str, name: str, n: int) -> None:
+def add_readable_events(client: Any, employee_key: str, name: str, n: int, device_key: str | None = None) -> None:
     """``n`` events of one person with text, titles and URLs naming them, every 30 min from 22:00
-    (so they span two days)."""
-    rows = [[uuid.uuid4(), uuid.UUID(int=2), employee_key, "dev", "focus_change", T0 + timedelta(minutes=30 * i),
+    (so they span two days), from device ``device_key`` (default ``devkey-<name>``)."""
+    rows = [[uuid.uuid4(), uuid.UUID(int=2), employee_key, device_key or f"devkey-{name}", "focus_change",
+             T0 + timedelta(minutes=30 * i),
              T0, f"app-{name}", f"typed by {name} #{i}", False, f"Title of {name}",
              f"https://example.com/{name}/{i}", i] for i in range(n)]
     client.insert(f"{DB}.events", rows, column_names=["event_id", "batch_id", "employee_key", "device_key", "kind",
@@ -73,9 +75,27 @@ def warehouse(tmp_path: Path) -> Iterator[tuple[Any, LocalStore, dict[str, str]]
                                               "", [f"{DB}.events"], [f"{DB}.events.app_id"], 1, "allowed", ""]],
                       column_names=["at", "actor", "os_user", "role", "purpose", "query", "executed", "tables",
                                     "columns", "rows", "outcome", "reason"])
+        add_heartbeats(client, DB, ("laptop-alice", "laptop-bob", "kiosk"))
         yield client, store, keys
     finally:
         clickhouse.close(dsn)
+
+
+def add_heartbeats(client: Any, db: str, devices: tuple[str, ...]) -> None:
+    """Three heartbeats a day apart per device, in the fleet store's table (raw device ids)."""
+    migrate_fleet(client, db)
+    rows = [[uuid.uuid4(), d, T0 + timedelta(days=i), T0 + timedelta(days=i), T0, 80.0 - i]
+            for d in devices for i in range(3)]
+    client.insert(f"{db}.heartbeats", rows, column_names=["heartbeat_id", "device_id", "sent_at", "received_at",
+                                                           "agent_started_at", "battery_percent"])
+
+
+DEVICE_KEYS = {"laptop-alice": "devkey-alice", "laptop-bob": "devkey-bob", "kiosk": "devkey-kiosk"}
+"""The device pseudonyms of the fixture (the stream's HMAC in production)."""
+
+
+def heartbeats_here(client: Any) -> Any:
+    return lambda keys, path: write_heartbeats(client, DB, keys, DEVICE_KEYS.__getitem__, path, batch_rows=2)
 
 
 def controls() -> list[dict[str, Any]]:
@@ -104,7 +124,8 @@ def test_only_the_asking_persons_data_is_exported_and_counts_match(
     out = tmp_path / "alice"
     lines: list[str] = []
     r = export_subject(client, DB, store, employee_id="alice", employee_key=keys["alice"], out=out,
-                       actor="dpo-1", reason="Art. 15 #7", controls=controls, progress=lines.append, batch_rows=4)
+                       actor="dpo-1", reason="Art. 15 #7", controls=controls, progress=lines.append, batch_rows=4,
+                       heartbeats=heartbeats_here(client))
     me, other = keys["alice"], keys["bob"]
 
     def ch(sql: str, key: str = me) -> int:
@@ -121,7 +142,10 @@ def test_only_the_asking_persons_data_is_exported_and_counts_match(
     for kind, n in expected.items():
         assert r.counts[kind] == n, kind
     assert r.counts["controls"] == 3 and r.counts["control_audit"] == 1 and r.counts["exports"] == 1
-    assert r.counts["withdrawals"] == 0 and r.counts["access"] == 1
+    assert r.counts["withdrawals"] == 0 and r.counts["access"] == 1 and r.counts["heartbeats"] == 3
+    beats = read_csv(out / "heartbeats.csv")  # only the device her data came from (paged: batch_rows=2 < 3)
+    assert {b["device_id"] for b in beats} == {"laptop-alice"} and [b["battery_percent"] for b in beats] == [
+        "80.0", "79.0", "78.0"]
 
     # events: one file per UTC day, every row theirs, batched (batch_rows=4 < rows of a day)
     days = sorted(p.name for p in (out / "events").iterdir())
@@ -231,7 +255,8 @@ def test_unreadable_controls_are_said_in_the_summary(
 
     r = export_subject(client, DB, store, employee_id="alice", employee_key=keys["alice"], out=tmp_path / "a",
                        actor="dpo-1", controls=broker_down)
-    assert r.notes and "timed out" in r.notes[0]
+    assert len(r.notes) == 2 and "timed out" in r.notes[0] and "the fleet store was not read" in r.notes[1]
+    assert r.counts["heartbeats"] == 0 and read_csv(tmp_path / "a" / "heartbeats.csv") == []
     assert "Could not be read for this export" in (tmp_path / "a" / "SUMMARY.md").read_text()
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["notes"] == r.notes
 
@@ -294,12 +319,24 @@ dsn, db, _root, key = sys.argv[1:5]
 client = clickhouse.connect(dsn)
 migrate(client, db)
 for name in ("alice", "bob"):
-    add_readable_events(client, pseudonym(key.encode(), "employee", name), name, 5)
+    add_readable_events(client, pseudonym(key.encode(), "employee", name), name, 5,
+                        device_key=pseudonym(key.encode(), "device", f"laptop-{name}"))
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 server = chserve.serve(dsn, stop, erasable=ERASABLE, database=db)
 stop.wait()
 server.stop()
+clickhouse.close(dsn)
+"""
+
+FLEET = r"""
+import sys
+from handtrace.core import clickhouse
+sys.path.insert(0, sys.argv[3])
+from tests.unit.test_subject_access import add_heartbeats
+
+dsn, db = sys.argv[1:3]
+add_heartbeats(clickhouse.connect(dsn), db, ("laptop-alice", "laptop-bob"))
 clickhouse.close(dsn)
 """
 
@@ -325,6 +362,9 @@ def test_the_cli_exports_through_the_owners_endpoint_while_it_runs(tmp_path: Pat
            "HANDTRACE_STREAM__PSEUDONYM_KEY": key, "HANDTRACE_STORE__URL": f"file://{tmp_path / 'frames'}",
            "COLUMNS": "400"}
     env.pop("HANDTRACE_CLICKHOUSE__DSN", None)
+    fleet = subprocess.run([sys.executable, "-c", FLEET, f"chdb://{state / 'clickhouse-fleet'}", DB, root], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert fleet.returncode == 0, fleet.stderr[-3000:]
     owner = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB, root, key], env=env,
                              stderr=subprocess.PIPE)
     try:
@@ -346,6 +386,10 @@ def test_the_cli_exports_through_the_owners_endpoint_while_it_runs(tmp_path: Pat
         assert len(events) == 5 and all("alice" in e["text"] for e in events)
         assert not any(other in p.read_text() or "bob" in p.read_text() for p in out.rglob("*") if p.is_file())
         assert "the controls topic was not read" in (out / "SUMMARY.md").read_text()
+        # heartbeats: the fleet store (a dir of its own, read by a child process), her laptop only
+        assert manifest["counts"]["heartbeats"] == 3 and manifest["notes"] == [
+            "controls (pauses, exemption requests and grants): the controls topic was not read"]
+        assert {b["device_id"] for b in read_csv(out / "heartbeats.csv")} == {"laptop-alice"}
         again = subprocess.run([sys.executable, "-m", "handtrace.cli", "subject", "export", "alice", "--out",
                                 str(out), "--actor", "dpo-1", "--no-controls"], env=env, capture_output=True,
                                text=True, timeout=180)

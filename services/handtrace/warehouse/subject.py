@@ -236,6 +236,62 @@ def _demonstrations(client: Any, db: str, store: Any, key: str, w: _Writer,
     return {"demonstrations": len(demos), "demonstration_events": n_events, "frames": n_frames, "range": rng}
 
 
+HEARTBEAT_COLUMNS = ("sent_at", "device_id", "state", "battery_percent", "charging", "cpu_percent", "rss_bytes",
+                     "upload_bytes_per_hour", "agent_drain_percent_per_hour", "events_captured", "events_sent",
+                     "events_dropped", "spool_depth_events", "agent_version", "os", "cohort")
+"""Columns of heartbeats.csv (the fleet store's ``heartbeats`` table, fleet/store.py)."""
+
+HeartbeatSource = Callable[[set[str], Path], tuple[int, "tuple[str, str] | None"]]
+"""Writes the heartbeats of the devices whose pseudonyms are given into the CSV at the path;
+returns (rows, (first, last) sent_at or None)."""
+
+
+def device_keys(client: Any, database: str, employee_key: str) -> set[str]:
+    """The device pseudonyms the person's captured data came from (events, demonstrations)."""
+    check_employee_key(employee_key)
+    rows = client.query(" UNION DISTINCT ".join(
+        f"SELECT DISTINCT device_key FROM {database}.{t} WHERE employee_key = {{k:String}}"
+        for t in ("events", "demonstrations", "demonstration_events")), parameters={"k": employee_key}).result_rows
+    return {str(r[0]) for r in rows if r[0]}
+
+
+def write_heartbeats(client: Any, database: str, keys: set[str], device_pseudonym: Callable[[str], str],
+                     path: Path, batch_rows: int = 50_000) -> tuple[int, tuple[str, str] | None]:
+    """Write into ``path`` (CSV) the heartbeats of the devices whose pseudonym is in ``keys``.
+    The fleet store keeps raw device ids and no employee id: a device is the person's when the
+    stream's pseudonym of its id (``device_pseudonym``, HMAC) is one their data carries -- one
+    HMAC per distinct device id, never per row. Keyset-paged (memory: one batch)."""
+    ids = [str(r[0]) for r in client.query(f"SELECT DISTINCT device_id FROM {database}.heartbeats").result_rows]
+    mine = sorted(d for d in ids if device_pseudonym(d) in keys)
+    n = 0
+    first = last = None
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(HEARTBEAT_COLUMNS)
+        after: tuple[str, str] | None = None
+        while mine:
+            where = "device_id IN {ids:Array(String)}"
+            params: dict[str, Any] = {"ids": mine}
+            if after is not None:
+                where += (" AND (sent_at, heartbeat_id) > "
+                          "(toDateTime64({t:String}, 6, 'UTC'), toUUID({h:String}))")
+                params |= {"t": after[0], "h": after[1]}
+            rows = client.query(
+                f"SELECT toString(sent_at) AS c_sent, {', '.join(HEARTBEAT_COLUMNS[1:])}, "
+                f"toString(heartbeat_id) AS c_id FROM {database}.heartbeats FINAL WHERE {where} "
+                f"ORDER BY sent_at, heartbeat_id LIMIT {int(batch_rows)}", parameters=params).result_rows
+            for r in rows:
+                w.writerow([_iso(v) if not isinstance(v, dict) else json.dumps(v) for v in r[:-1]])
+            if not rows:
+                break
+            n += len(rows)
+            first = first or str(rows[0][0])
+            last, after = str(rows[-1][0]), (str(rows[-1][0]), str(rows[-1][-1]))
+            if len(rows) < batch_rows:
+                break
+    return n, (first, last) if first and last else None
+
+
 def controls_from_topic(settings: Any) -> list[dict[str, Any]]:
     """Every verified employee control on the controls topic, oldest first: signed by a
     control-plane key in force, or by a laptop enrolled for that record's own employee (forged
@@ -249,6 +305,54 @@ def controls_from_topic(settings: Any) -> list[dict[str, Any]]:
     finally:
         state.close()
         audit.close()
+
+
+def heartbeats_in_child(keys: set[str], path: Path, timeout_s: float = 600.0) -> tuple[int, tuple[str, str] | None]:
+    """:func:`write_heartbeats` in a child process with this process's settings (environment): an
+    embedded engine can open one data dir per process, and the fleet store is a dir of its own
+    (fleet/store.fleet_dsn). RuntimeError with the child's message when it fails (e.g. the fleet
+    exporter holds the dir)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "handtrace.warehouse.subject", "heartbeats", str(path)],
+                          input=json.dumps(sorted(keys)), capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+    if done.returncode != 0:
+        lines = [x for x in done.stderr.strip().splitlines() if x.strip()]
+        raise RuntimeError(lines[-1] if lines else f"the heartbeat reader exited with {done.returncode}")
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    rng = doc["range"]
+    return int(doc["rows"]), (str(rng[0]), str(rng[1])) if rng else None
+
+
+def _heartbeats_main(path: str) -> int:
+    """Child entry of :func:`heartbeats_in_child`: device pseudonyms (JSON list) on stdin."""
+    import sys
+
+    from handtrace.core import clickhouse
+    from handtrace.core.settings import load_settings
+    from handtrace.fleet.store import fleet_dsn
+    from handtrace.stream.app import pseudonym_key
+    from handtrace.stream.steps.pseudonymise import pseudonym
+
+    s = load_settings()
+    keys = set(json.loads(sys.stdin.read() or "[]"))
+    dsn = fleet_dsn(s)
+    where = clickhouse.embedded_path(dsn)
+    if where is not None and not where.exists():
+        raise SystemExit(f"no fleet store on this host ({where}): heartbeats are stored only where the fleet "
+                         "exporter runs with fleet.store_heartbeats")
+    client = clickhouse.open_for_cli(dsn)
+    hmac_key = pseudonym_key(s)
+    try:
+        n, rng = write_heartbeats(client, s.clickhouse.database, keys,
+                                  lambda d: pseudonym(hmac_key, "device", d), Path(path))
+    finally:
+        if not clickhouse.is_remote(client):
+            clickhouse.close(dsn)
+    print(json.dumps({"rows": n, "range": list(rng) if rng else None}))  # noqa: T201 -- the parent reads it
+    return 0
 
 
 def _controls(records: Sequence[dict[str, Any]], employee_id: str, w: _Writer) -> tuple[int, tuple[str, str] | None]:
@@ -277,12 +381,15 @@ def _query_csv(client: Any, w: _Writer, rel: str, sql: str, params: dict[str, An
 
 def export_subject(client: Any, database: str, store: Any, *, employee_id: str, employee_key: str, out: Path,
                    actor: str, reason: str = "", controls: Callable[[], Sequence[dict[str, Any]]] | None = None,
+                   heartbeats: HeartbeatSource | None = None,
                    progress: Callable[[str], None] = lambda _m: None, batch_rows: int = 50_000,
                    now: dt.datetime | None = None) -> SubjectExport:
     """Write everything held about one person into ``out`` (new or empty; module docstring) and
     record the export in ``access_audit``. ``employee_key`` is the pseudonym of ``employee_id``
     (the caller derives it); ``controls()`` returns the verified control records of the controls
-    topic (control/api/services.KafkaState.records; None or an exception: noted as not read).
+    topic (control/api/services.KafkaState.records; None or an exception: noted as not read);
+    ``heartbeats(device_keys, path)`` writes heartbeats.csv (:func:`write_heartbeats`, run where
+    the fleet store can be opened; None or an exception: noted as not read).
     SubjectAccessError for a refused or failed export; tiers.AuditUnavailable when the audit row
     cannot be written (the files are removed then)."""
     from handtrace.warehouse import tiers
@@ -322,12 +429,25 @@ def export_subject(client: Any, database: str, store: Any, *, employee_id: str, 
                 records = controls()
             except Exception as e:  # noqa: BLE001 -- said in the summary, not a crash
                 notes.append(f"controls (pauses, exemption requests and grants): the controls topic could not be "
-                             f"read ({str(e).strip().splitlines()[0] if str(e).strip() else repr(e)})")
+                             f"read ({_first_line(e)})")
                 records = []
             counts["controls"], rng = _controls(records, employee_id, w)
             if rng:
                 ranges["controls"] = rng
         progress(f"controls: {counts['controls']}")
+        counts["heartbeats"] = 0
+        hb_path = w.path("heartbeats.csv")
+        try:
+            if heartbeats is None:
+                raise LookupError("the fleet store was not read")
+            counts["heartbeats"], rng = heartbeats(device_keys(client, db, employee_key), hb_path)
+            if rng:
+                ranges["heartbeats"] = rng
+        except Exception as e:  # noqa: BLE001 -- said in the summary, not a crash
+            notes.append(f"heartbeats (agent health of your devices): {_first_line(e)}")
+            w.csv("heartbeats.csv", HEARTBEAT_COLUMNS, [])
+        w.done("heartbeats.csv")
+        progress(f"heartbeats: {counts['heartbeats']}")
         queries: list[tuple[str, str, str, dict[str, Any]]] = [
             ("control_audit", "control_audit.csv",
              f"SELECT at, action, outcome, subject AS by_subject, name AS by_name, roles AS by_roles, reason, "
@@ -388,6 +508,11 @@ def export_subject(client: Any, database: str, store: Any, *, employee_id: str, 
     return result
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
 def _clear(out: Path) -> None:
     for p in out.iterdir() if out.exists() else ():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -401,6 +526,8 @@ FILES_EXPLAINED = (
     ("controls.csv", "your pauses, exemption requests, grants and revokes, with who issued them, their role and why"),
     ("control_audit.csv", "what the control-plane API did, refused or showed about you (e.g. a manager viewing your "
                           "capture state), and by whom"),
+    ("heartbeats.csv", "agent health reports (battery, CPU, bandwidth, events sent) of the devices your data came "
+                       "from; a device shared with others reports for all of its users"),
     ("exports.csv", "training-data exports you appear in, and whether you have been withdrawn since"),
     ("withdrawals.csv", "your withdrawals from training data (a demonstration, or you as a participant)"),
     ("erasures.csv", "erasure receipts about you (what was deleted, when it was verified)"),
@@ -415,8 +542,8 @@ NOT_INCLUDED = (
     "Data in transit: the raw Kafka topics hold what your laptop sent, before enforcement (pause, exemption, "
     "redaction), until their retention expires; they are not readable through the warehouse and are not copied "
     "here.",
-    "Heartbeats (agent health: battery, CPU, bandwidth) are stored per device, without any employee id, and "
-    "cannot be linked to you by the warehouse: they are not included.",
+    "Heartbeats of devices your captured data never came from: the fleet store keeps device ids and no employee "
+    "id, so a device is linked to you only through the pseudonymous device key on your events and demonstrations.",
     "Other people's data: rows are selected by your pseudonym only; queries in access.csv are listed because they "
     "read a table that holds your rows -- a query is not per person, so most of them did not look at you.",
     "Your raw employee id is not stored with your captured data: it is replaced by a pseudonym (an HMAC) before "
@@ -432,8 +559,8 @@ def _summary(r: SubjectExport, employee_id: str, now: dt.datetime, w: _Writer) -
         lines += ["**Nothing is held about you**: no events, demonstrations, frames, controls, exports, "
                   "withdrawals or erasure receipts were found under your id or your pseudonym.", ""]
     lines += ["| what | count | first (UTC) | last (UTC) |", "|---|---:|---|---|"]
-    for kind in ("events", "demonstrations", "demonstration_events", "frames", "controls", "control_audit",
-                 "exports", "withdrawals", "erasures", "access"):
+    for kind in ("events", "demonstrations", "demonstration_events", "frames", "controls", "heartbeats",
+                 "control_audit", "exports", "withdrawals", "erasures", "access"):
         first, last = r.ranges.get(kind, r.ranges.get("demonstrations", ("", "")) if kind in (
             "demonstration_events", "frames") and r.counts.get(kind) else ("", ""))
         lines.append(f"| {kind.replace('_', ' ')} | {r.counts.get(kind, 0)} | {first[:19].replace('T', ' ')} "
@@ -457,3 +584,16 @@ def _manifest(r: SubjectExport, employee_id: str, now: dt.datetime, actor: str, 
     buf = io.StringIO()
     json.dump(doc, buf, indent=2, ensure_ascii=False)
     w.path("manifest.json").write_text(buf.getvalue() + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # the heartbeat reader's child process (heartbeats_in_child)
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "heartbeats":
+        raise SystemExit("usage: python -m handtrace.warehouse.subject heartbeats PATH (device keys on stdin)")
+    try:
+        raise SystemExit(_heartbeats_main(sys.argv[2]))
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 -- one line for the parent's note
+        raise SystemExit(f"the fleet store could not be read: {_first_line(e)}") from None
