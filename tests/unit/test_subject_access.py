@@ -20,10 +20,11 @@ import pytest
 
 from handtrace.core import clickhouse
 from handtrace.core.controls import control_record, pause_record
+from handtrace.core.erasure import erase
 from handtrace.core.framestore import LocalStore
 from handtrace.export.simulate import seed_demonstrations
 from handtrace.fleet.store import migrate as migrate_fleet
-from handtrace.sink.schema import migrate
+from handtrace.sink.schema import ERASABLE, migrate
 from handtrace.warehouse import tiers
 from handtrace.warehouse.subject import SubjectAccessError, export_subject, write_heartbeats
 from tests.unit.test_erasure import add_events
@@ -405,3 +406,21 @@ def test_the_cli_exports_through_the_owners_endpoint_while_it_runs(tmp_path: Pat
         except subprocess.TimeoutExpired:
             owner.kill()
             owner.wait(10)
+
+
+def test_after_an_erasure_the_person_sees_the_receipt_and_nothing_else_of_theirs(
+        warehouse: tuple[Any, LocalStore, dict[str, str]], tmp_path: Path) -> None:
+    client, store, keys = warehouse
+    receipt = erase(client, DB, store, keys["alice"], actor="dpo-1", reason="Art. 17 #3", tables=ERASABLE,
+                    suppress=lambda _e: None)
+    r = export_subject(client, DB, store, employee_id="alice", employee_key=keys["alice"], out=tmp_path / "a",
+                       actor="dpo-1", controls=controls, heartbeats=heartbeats_here(client))
+    assert all(r.counts[k] == 0 for k in ("events", "demonstrations", "demonstration_events", "frames",
+                                          "heartbeats", "access"))
+    assert r.counts["erasures"] == 1 and r.counts["withdrawals"] == 1 and r.counts["exports"] == 1
+    (e,) = read_csv(tmp_path / "a" / "erasures.csv")
+    assert e["receipt_id"] == receipt.receipt_id and e["reason"] == "Art. 17 #3"
+    assert json.loads(e["rows_removed"])["events"] == receipt.rows_removed["events"] > 0
+    (exp,) = read_csv(tmp_path / "a" / "exports.csv")
+    assert exp["you_are_withdrawn"] in ("true", "True", "1")
+    assert not (tmp_path / "a" / "events").exists() and not (tmp_path / "a" / "demonstrations").exists()

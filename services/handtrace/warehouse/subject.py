@@ -475,7 +475,10 @@ def export_subject(client: Any, database: str, store: Any, *, employee_id: str, 
             if rng:
                 ranges[kind] = rng
         held = [f"{db}.{t}" for t in PERSON_TABLES if counts.get(t)]
-        since = min((r[0] for k, r in ranges.items() if k in ("events", "demonstrations")), default=None)
+        # one format before comparing (events: "YYYY-MM-DD hh:mm:ss.ffffff", others ISO with "T"),
+        # cut to the second: earlier, never later, than the first row
+        since = min((r[0].replace("T", " ")[:19] for k, r in ranges.items() if k in ("events", "demonstrations")),
+                    default=None)
         if held and since:
             counts["access"], rng = _query_csv(
                 client, w, "access.csv",
