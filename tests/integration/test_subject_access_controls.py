@@ -44,7 +44,7 @@ def test_the_export_lists_the_persons_verified_controls_only(settings_factory: A
                            controls=lambda: controls_from_topic(s))
     finally:
         clickhouse.close(dsn)
-    assert r.notes == [] and r.counts["controls"] == 3
+    assert not [n for n in r.notes if n.startswith("controls")] and r.counts["controls"] == 3
     with (tmp_path / "out" / "controls.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(c["kind"], c["actor"], c["actor_role"], c["reason"]) for c in rows] == [

@@ -296,15 +296,17 @@ def controls_from_topic(settings: Any) -> list[dict[str, Any]]:
     """Every verified employee control on the controls topic, oldest first: signed by a
     control-plane key in force, or by a laptop enrolled for that record's own employee (forged
     records are left out), as the API folds them (control/api/services.KafkaState)."""
+    from typing import cast
+
     from handtrace.control.api.services import KafkaAudit, KafkaState
 
-    audit = KafkaAudit(settings)
-    state = KafkaState(settings, audit)
+    # records() never reads the API's audit trail (only pending requests do, for denials): no
+    # audit producer to open
+    state = KafkaState(settings, cast(KafkaAudit, None))
     try:
         return state.records()
     finally:
         state.close()
-        audit.close()
 
 
 def heartbeats_in_child(keys: set[str], path: Path, timeout_s: float = 600.0) -> tuple[int, tuple[str, str] | None]:
