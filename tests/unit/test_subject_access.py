@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from handtrace.core import clickhouse
 from handtrace.core.controls import control_record, pause_record
@@ -424,3 +426,62 @@ def test_after_an_erasure_the_person_sees_the_receipt_and_nothing_else_of_theirs
     (exp,) = read_csv(tmp_path / "a" / "exports.csv")
     assert exp["you_are_withdrawn"] in ("true", "True", "1")
     assert not (tmp_path / "a" / "events").exists() and not (tmp_path / "a" / "demonstrations").exists()
+
+
+# ---------------------------------------------------------------- the invariant, over generated people
+
+_PEOPLE = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3)), min_size=2, max_size=4)
+"""Per person: events, and how many distinct timestamps they share (0: all distinct)."""
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(people=_PEOPLE, asker=st.integers(0, 3), batch_rows=st.integers(1, 7), spread_h=st.integers(1, 60))
+def test_an_export_holds_exactly_the_askers_events_whatever_the_paging(
+        tmp_path_factory: pytest.TempPathFactory, people: list[tuple[int, int]], asker: int, batch_rows: int,
+        spread_h: int) -> None:
+    """Exactly the asking person's events (by event id), each once, whatever the batch size, the
+    days they span and ties on capture time (keyset paging must neither skip nor repeat)."""
+    client = _shared_client(tmp_path_factory)
+    db = f"p{uuid.uuid4().hex[:12]}"
+    migrate(client, db)
+    asker %= len(people)
+    ids: list[set[str]] = []
+    for p, (n, ties) in enumerate(people):
+        key = f"{p:02x}" * 16
+        times = [T0 + timedelta(minutes=(i % ties if ties else i) * 60 * spread_h // max(n, 1)) for i in range(n)]
+        rows = [[uuid.uuid4(), uuid.UUID(int=3), key, "dev", "click", t, t, f"app{p}", f"person {p}"]
+                for t in times]
+        if rows:
+            client.insert(f"{db}.events", rows, column_names=["event_id", "batch_id", "employee_key", "device_key",
+                                                               "kind", "captured_at", "received_at", "app_id",
+                                                               "text"])
+        ids.append({str(r[0]) for r in rows})
+    out = tmp_path_factory.mktemp("export")
+    r = export_subject(client, db, None, employee_id=f"person-{asker}", employee_key=f"{asker:02x}" * 16, out=out,
+                       actor="dpo-1", batch_rows=batch_rows)
+    got = [e for p in sorted((out / "events").glob("*.csv")) for e in read_csv(p)] if ids[asker] else []
+    assert [e["event_id"] for e in got] != [] or not ids[asker]
+    assert sorted(e["event_id"] for e in got) == sorted(ids[asker])  # each once, none missing
+    assert all(e["text"] == f"person {asker}" for e in got)
+    assert r.counts["events"] == len(ids[asker]) and r.found == bool(ids[asker])
+    assert [e["time"] for e in got] == sorted(e["time"] for e in got)
+
+
+_CLIENT: dict[str, Any] = {}
+
+
+def _shared_client(factory: pytest.TempPathFactory) -> Any:
+    # one embedded dir per process at a time: the property test's examples share one, each with
+    # a database of its own (closed at the end of the session by the fixture below)
+    if "c" not in _CLIENT:
+        dsn = f"chdb://{factory.mktemp('prop') / 'ch'}"
+        _CLIENT["dsn"], _CLIENT["c"] = dsn, clickhouse.connect(dsn)
+    return _CLIENT["c"]
+
+
+@pytest.fixture(autouse=True)
+def _close_shared_client() -> Iterator[None]:
+    yield
+    if "c" in _CLIENT:
+        clickhouse.close(_CLIENT.pop("dsn"))
+        _CLIENT.clear()
