@@ -202,6 +202,7 @@ def test_only_the_asking_persons_data_is_exported_and_counts_match(
     assert controls_rows[2]["actor"] == "hr-2" and controls_rows[2]["actor_role"] == "hr"
     (exp,) = read_csv(out / "exports.csv")
     assert exp["output"] == "/exports/both" and exp["you_are_withdrawn"] in ("false", "False", "0")
+    assert exp["your_withdrawn_demonstrations_in_it"] == "0"
     assert "queries are not per person" in summary or "not per person" in summary
 
     # audited: role admin, the purpose, the actor; and progress lines were given
@@ -215,10 +216,21 @@ def test_only_the_asking_persons_data_is_exported_and_counts_match(
 def test_the_withdrawn_person_sees_their_withdrawal_and_exports_marked(
         warehouse: tuple[Any, LocalStore, dict[str, str]], tmp_path: Path) -> None:
     client, store, keys = warehouse
+    demos = [r[0] for r in client.query(f"SELECT demonstration_id FROM {DB}.demonstrations WHERE employee_key = "
+                                        "{k:String} ORDER BY started_at", parameters={"k": keys["bob"]}).result_rows]
+    client.insert(f"{DB}.dataset_exports", [[uuid.uuid4(), T0, T0 + timedelta(hours=1), "ana", "/exports/demos",
+                                             [keys["bob"]], demos]],
+                  column_names=["export_id", "created_at", "finished_at", "actor", "output", "participants",
+                                "demonstration_ids"])
+    client.insert(f"{DB}.withdrawals", [[uuid.uuid4(), "demonstration", keys["bob"], demos[0], T0, "bob", "oops"]],
+                  column_names=["withdrawal_id", "kind", "employee_key", "demonstration_id", "withdrawn_at",
+                                "actor", "reason"])
     r = export_subject(client, DB, store, employee_id="bob", employee_key=keys["bob"], out=tmp_path / "b",
                        actor="dpo-1", controls=controls)
-    assert r.counts["exports"] == 2 and r.counts["withdrawals"] == 1 and r.counts["controls"] == 1
-    assert all(e["you_are_withdrawn"] in ("true", "True", "1") for e in read_csv(tmp_path / "b" / "exports.csv"))
+    assert r.counts["exports"] == 3 and r.counts["withdrawals"] == 2 and r.counts["controls"] == 1
+    exports = read_csv(tmp_path / "b" / "exports.csv")
+    assert all(e["you_are_withdrawn"] in ("true", "True", "1") for e in exports)
+    assert [e["your_withdrawn_demonstrations_in_it"] for e in exports] == ["0", "0", "1"]
     for p in (tmp_path / "b").rglob("*.csv"):
         assert keys["alice"] not in p.read_text() and "alice" not in p.read_text().lower()
 

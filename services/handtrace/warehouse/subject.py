@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import pyarrow.csv as pacsv
 from handtrace.core.erasure import check_employee_key
 
 PURPOSE = "subject access request"
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 PERSON_TABLES = ("events", "demonstrations", "demonstration_events", "frames")
 """Tables holding captured data of a person, keyed by ``employee_key`` (sink.schema.ERASABLE)."""
 
@@ -402,6 +404,8 @@ def export_subject(client: Any, database: str, store: Any, *, employee_id: str, 
     if not employee_id.strip():
         raise SubjectAccessError("give the employee id whose data to export")
     check_employee_key(employee_key)
+    if not _IDENTIFIER.fullmatch(database):
+        raise ValueError(f"not a plain database name: {database!r}")
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
     out = Path(out)
@@ -460,6 +464,9 @@ def export_subject(client: Any, database: str, store: Any, *, employee_id: str, 
              f"e.output AS output, length(e.demonstration_ids) AS demonstrations_in_export, "
              f"(SELECT count() FROM {db}.withdrawals WHERE employee_key = {{k:String}} "
              f"AND kind = 'participant') > 0 AS you_are_withdrawn, "
+             f"arrayCount(x -> has((SELECT groupArray(assumeNotNull(demonstration_id)) FROM {db}.withdrawals "
+             f"WHERE employee_key = {{k:String}} AND kind = 'demonstration'), x), e.demonstration_ids) "
+             f"AS your_withdrawn_demonstrations_in_it, "
              f"toString(e.replaces) AS replaces "
              f"FROM {db}.dataset_exports AS e FINAL WHERE has(e.participants, {{k:String}}) ORDER BY e.finished_at",
              {"k": employee_key}),
@@ -533,7 +540,8 @@ FILES_EXPLAINED = (
                           "capture state), and by whom"),
     ("heartbeats.csv", "agent health reports (battery, CPU, bandwidth, events sent) of the devices your data came "
                        "from; a device shared with others reports for all of its users"),
-    ("exports.csv", "training-data exports you appear in, and whether you have been withdrawn since"),
+    ("exports.csv", "training-data exports you appear in, whether you have been withdrawn since, and how many of "
+                    "your demonstrations in each you withdrew"),
     ("withdrawals.csv", "your withdrawals from training data (a demonstration, or you as a participant)"),
     ("erasures.csv", "erasure receipts about you (what was deleted, when it was verified)"),
     ("access.csv", "queries of the access audit that read a table holding your rows (see below)"),
