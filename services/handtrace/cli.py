@@ -1319,5 +1319,61 @@ def erase_person(
                   f"receipt {receipt.receipt_id}. Exports containing them: handtrace dataset list --stale")
 
 
+
+subject_app = typer.Typer(help="Subject access (GDPR Art. 15): everything held about one person.",
+                          no_args_is_help=True)
+app.add_typer(subject_app, name="subject")
+
+
+@subject_app.command("export")
+def subject_export(
+    employee_id: Annotated[str, typer.Argument(help="The employee id of the person asking (as they gave it).")],
+    out: Annotated[Path, typer.Option(help="A new or empty directory to write the files into.")],
+    actor: Annotated[str, typer.Option(help="Who runs the export (recorded in access_audit).")],
+    reason: Annotated[str, typer.Option(help="e.g. the Art. 15 request reference (recorded).")] = "",
+    controls: Annotated[bool, typer.Option(help="Read the person's controls from the controls topic "
+                                                "(--no-controls: the summary says they were not read).")] = True,
+    heartbeats: Annotated[bool, typer.Option(help="Read the heartbeats of their devices from the fleet store "
+                                                  "(--no-heartbeats: the summary says they were not read).")] = True,
+) -> None:
+    """Write everything held about one person as files they can read (events by day,
+    demonstrations with their frames, controls, exports, withdrawals, erasures, the access audit)
+    with a one-page SUMMARY.md; recorded in access_audit (docs/operations.md, "Subject access")."""
+    from handtrace.core import clickhouse
+    from handtrace.core.framestore import StoreError
+    from handtrace.warehouse import tiers
+    from handtrace.warehouse.subject import (
+        SubjectAccessError,
+        controls_from_topic,
+        export_subject,
+        heartbeats_in_child,
+    )
+
+    if not employee_id.strip():
+        raise _fail("give the employee id whose data to export", 2)
+    if not actor.strip():
+        raise _fail("a subject access export needs --actor (it is recorded in access_audit)", 2)
+    s, client = _warehouse()
+    key = _employee_key(s, employee_id)
+    store = _open_frame_store()
+
+    try:
+        r = export_subject(client, s.clickhouse.database, store, employee_id=employee_id, employee_key=key, out=out,
+                           actor=actor, reason=reason, controls=(lambda: controls_from_topic(s)) if controls else None,
+                           heartbeats=heartbeats_in_child if heartbeats else None,
+                           progress=lambda line: err.print(f"  {line}", markup=False, highlight=False))
+    except (SubjectAccessError, StoreError, tiers.AuditUnavailable, clickhouse.ClickHouseUnavailable,
+            ValueError) as e:
+        raise _fail(str(e)) from None
+    for note in r.notes:
+        err.print(f"[yellow]warning:[/] not read: {note}", markup=True)
+    if not r.found:
+        console.print(f"[yellow]nothing is held about {employee_id}[/] (pseudonym {key}): {out}/SUMMARY.md says so; "
+                      "the export is recorded in access_audit")
+        return
+    counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in r.counts.items() if n)
+    console.print(f"[green]✓[/] {employee_id}: {counts} -> {out} (SUMMARY.md first; manifest.json has every "
+                  "file's SHA-256); recorded in access_audit")
+
 if __name__ == "__main__":
     app()

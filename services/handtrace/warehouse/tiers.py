@@ -647,6 +647,17 @@ def _audit(client: Any, database: str, row: dict[str, Any]) -> None:
         ) from None
 
 
+def record_access(client: Any, database: str, *, actor: str | None, role: str, purpose: str, query: str,
+                  tables: Sequence[str] = (), columns: Sequence[str] = (), rows: int = 0, outcome: str = "allowed",
+                  reason: str = "") -> None:
+    """One ``access_audit`` row for an access made outside :func:`run` (e.g. a subject access
+    export, warehouse/subject.py). AuditUnavailable when it cannot be written."""
+    _audit(client, database, {
+        "at": dt.datetime.now(dt.UTC), "actor": actor or os_user(), "os_user": os_user(), "role": role,
+        "purpose": purpose, "query": query[:MAX_QUERY_CHARS], "executed": "", "tables": sorted(tables),
+        "columns": sorted(columns), "rows": int(rows), "outcome": outcome, "reason": reason})
+
+
 def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str | None = None,
         purpose: str | None = None) -> Answer:
     """Analyse, check, run and audit one query for ``role``. TierRefused (refused, audited),

@@ -461,6 +461,11 @@ class KafkaState:
             rec["occurred_at_us"] = (at - _EPOCH) // timedelta(microseconds=1)
         return rec
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every verified employee control (pauses, exemption requests, grants, revokes), oldest
+        first: what ``handtrace subject export`` lists for one person."""
+        return self._records()
+
     def employee(self, employee_id: str) -> dict[str, Any]:
         denials = _denials(self.audit.all())
         return fold_employee(self._records(), employee_id, denials.get(employee_id, 0))
