@@ -126,7 +126,8 @@ def topic_retention(admin: AdminClient, names: list[str], timeout_s: float = 30.
 
 def align_retention(admin: AdminClient, specs: list[TopicSpec], timeout_s: float = 30.0) -> dict[str, tuple[int, int]]:
     """Set ``retention.ms`` of existing topics whose value differs from their spec (only that
-    config: incremental, the topic's other configs are left alone). Returns {name: (before, after)}."""
+    config: incremental, the topic's other configs are left alone) and wait until the brokers show
+    it. Returns {name: (before, after)}."""
     wanted = {s.name: int(s.configs["retention.ms"]) for s in specs if "retention.ms" in s.configs}
     current = topic_retention(admin, list(wanted), timeout_s)
     changes = {n: (current[n], ms) for n, ms in wanted.items() if n in current and current[n] != ms}
@@ -143,4 +144,12 @@ def align_retention(admin: AdminClient, specs: list[TopicSpec], timeout_s: float
             problems.append(f"{res.name}: setting retention.ms failed: {e.args[0].str()}")
     if problems:
         raise TopicError("; ".join(problems))
+    # The controller accepted the change; brokers apply it from the metadata log a moment later:
+    # wait until describing shows it, so callers (and a re-run) see the policy in force.
+    deadline = time.monotonic() + timeout_s
+    while (pending := [n for n, ms in topic_retention(admin, list(changes), timeout_s).items()
+                       if ms != changes[n][1]]):
+        if time.monotonic() > deadline:
+            raise TopicError(f"retention.ms of {pending} not in force after {timeout_s}s")
+        time.sleep(0.1)
     return changes
