@@ -1336,23 +1336,24 @@ def db_migrate() -> None:
     from handtrace.core import clickhouse
     from handtrace.sink.schema import migrate
 
+    from handtrace.sink.schema import apply_retention
+
     s = _settings()
     dsn = s.clickhouse_dsn()
-    if clickhouse.embedded_path(dsn) is not None:
+    path = clickhouse.embedded_path(dsn)
+    if path is not None:
         from handtrace.core.chserve import endpoint_of
 
         try:
-            served = endpoint_of(clickhouse.embedded_path(dsn).resolve())  # type: ignore[union-attr]
+            served = endpoint_of(path.resolve())
         except clickhouse.ClickHouseUnavailable:
-            served = None
+            served = None  # left by a dead owner
         if served is not None:
             raise _fail("the sink owns the embedded database and migrated it at its start (retention "
                         "settings included); restart the sink to apply changed settings")
     try:
         client = clickhouse.connect(dsn)
         applied = migrate(client, s.clickhouse.database)
-        from handtrace.sink.schema import apply_retention
-
         changes = apply_retention(client, s.clickhouse.database, s.warehouse.retention)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None

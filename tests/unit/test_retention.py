@@ -245,3 +245,76 @@ def test_cli_reports_past_policy_and_apply_fixes_it(tmp_path: Path) -> None:
         assert "toDateTime(captured_at) + toIntervalDay(30)" in line and "30 d" in line
     finally:
         clickhouse.close(dsn)
+
+
+OWNER = r"""
+import signal, sys, threading
+from handtrace.core import chserve, clickhouse
+from handtrace.core.settings import RetentionSettings
+from handtrace.sink.schema import migrate
+
+dsn, db = sys.argv[1:3]
+c = clickhouse.connect(dsn)
+migrate(c, db, RetentionSettings(events_days=0))
+c.command(f"INSERT INTO {db}.events (event_id, employee_key, kind, captured_at) "
+          "VALUES (generateUUIDv4(), 'p', 'key', now64(6) - INTERVAL 100 DAY), (generateUUIDv4(), 'p', 'key', now64(6))")
+migrate(c, db, RetentionSettings(events_days=30))  # the sink at start: TTL from the settings
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+server = chserve.serve(dsn, stop)
+print("serving", flush=True)
+stop.wait()
+server.stop()
+clickhouse.close(dsn)
+"""
+
+
+def test_report_and_apply_while_the_sink_owns_the_database(tmp_path: Path) -> None:
+    """Through the owner's query endpoint: the report works, --apply changes no TTL (the owner
+    does at its start) and says so, frame objects are still handled."""
+    import subprocess
+    import sys
+
+    from handtrace.cli import app
+    from handtrace.core import chserve
+
+    data = tmp_path / "ch"
+    services = str(Path(__file__).resolve().parents[2] / "services")
+    proc = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": services})
+    try:
+        deadline = time.monotonic() + 120
+        while not (data / chserve.ENDPOINT_FILE).exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"the owner died: {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
+            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
+            time.sleep(0.2)
+        store = LocalStore(tmp_path / "frames")
+        store.put("frames/p/ab/" + "ab" * 32 + ".png", b"orphan")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}
+        env.update({"HANDTRACE_CLICKHOUSE__DSN": f"chdb://{data}", "HANDTRACE_STATE_DIR": str(tmp_path),
+                    "HANDTRACE_WAREHOUSE__RETENTION__EVENTS_DAYS": "30",
+                    "HANDTRACE_STORE__URL": f"file://{tmp_path / 'frames'}"})
+        runner = CliRunner()
+        res = runner.invoke(app, ["db", "retention", "--no-topics", "--json"], env=env)
+        rep = json.loads(res.stdout)
+        (ev,) = [t for t in rep["tables"] if t["table"] == "events"]
+        assert ev["ttl_matches"] is True and ev["policy_days"] == 30
+        assert ev["past_policy"] in (0, 1) and ev["rows"] == ev["past_policy"] + 1  # before/after the merge
+        assert rep["frame_objects"] == {"objects": 1, "oldest": rep["frame_objects"]["oldest"], "unreferenced": 1,
+                                        "deleted": 0, "young_kept": 1}
+
+        env["HANDTRACE_WAREHOUSE__RETENTION__EVENTS_DAYS"] = "7"
+        res = runner.invoke(app, ["db", "retention", "--no-topics", "--apply", "--json"], env=env)
+        rep = json.loads(res.stdout)
+        assert res.exit_code == 1
+        assert rep["ttl_changes"] == []
+        assert any("the sink owns the embedded database" in n for n in rep["notes"])
+        (ev,) = [t for t in rep["tables"] if t["table"] == "events"]
+        assert ev["ttl_matches"] is False and ev["ttl"] == ttl_expression("captured_at", 30)
+        res = runner.invoke(app, ["db", "migrate"], env=env)
+        assert res.exit_code == 1 and "restart the sink" in res.output
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)

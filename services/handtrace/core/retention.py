@@ -223,14 +223,3 @@ def expire_frame_objects(client: Any, database: str, store: Any, policy: Retenti
         flush()
     report.oldest = datetime.fromtimestamp(oldest, tz=UTC).isoformat(timespec="seconds") if oldest else None
     return report
-
-
-S3_LIFECYCLE_RULE = """{
-  "Rules": [{
-    "ID": "handtrace-frames-retention",
-    "Filter": {"Prefix": "<store prefix>frames/"},
-    "Status": "Enabled",
-    "Expiration": {"Days": <demonstrations_days>}
-  }]
-}"""
-"""The S3 lifecycle equivalent of the frame objects' retention (docs/operations.md)."""
