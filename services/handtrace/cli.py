@@ -1334,9 +1334,7 @@ def db_migrate() -> None:
     """Apply pending migrations and set every table's TTL from the retention settings. Needs the
     database to itself on the embedded engine: the sink does the same at its start."""
     from handtrace.core import clickhouse
-    from handtrace.sink.schema import migrate
-
-    from handtrace.sink.schema import apply_retention
+    from handtrace.sink.schema import apply_retention, migrate
 
     s = _settings()
     dsn = s.clickhouse_dsn()

@@ -257,7 +257,8 @@ dsn, db = sys.argv[1:3]
 c = clickhouse.connect(dsn)
 migrate(c, db, RetentionSettings(events_days=0))
 c.command(f"INSERT INTO {db}.events (event_id, employee_key, kind, captured_at) "
-          "VALUES (generateUUIDv4(), 'p', 'key', now64(6) - INTERVAL 100 DAY), (generateUUIDv4(), 'p', 'key', now64(6))")
+          "VALUES (generateUUIDv4(), 'p', 'key', now64(6) - INTERVAL 100 DAY), "
+          "(generateUUIDv4(), 'p', 'key', now64(6))")
 migrate(c, db, RetentionSettings(events_days=30))  # the sink at start: TTL from the settings
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
