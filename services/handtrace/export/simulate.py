@@ -1132,7 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     database = args.database or settings.clickhouse.database
     client = clickhouse.connect(args.dsn)
     try:
-        migrate(client, database, settings.warehouse.retention)
+        migrate(client, database)
         began = time.perf_counter()
 
         def progress(done: int, total: int) -> None:
