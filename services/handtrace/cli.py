@@ -1403,28 +1403,37 @@ def db_retention(
         wr.warehouse_part(report, client, db, policy, owner=owner, apply=apply)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
+    store_url = s.store.url or "(default)"
+    try:
+        store = open_store(s)
+        store_url = store.url
+        wr.objects_part(report, client, db, store, policy, apply=apply,
+                        progress=lambda m: err.print(m) if not as_json else None)
+    except (StoreError, ValueError) as e:
+        report.notes.append(f"frame store not checked: {e}")
     fdsn = fleet_dsn(s)
     fpath = clickhouse.embedded_path(fdsn)
     if fpath is not None and not fpath.exists():
         report.notes.append(f"fleet store {fpath} does not exist (no heartbeats stored yet)")
     else:
         try:
-            fclient = client if fdsn == s.clickhouse_dsn() else clickhouse.connect(fdsn)
-            wr.fleet_part(report, fclient, db, policy, apply=apply)
+            if fdsn == s.clickhouse_dsn():
+                fclient = client
+            else:
+                if owner and clickhouse.embedded_path(s.clickhouse_dsn()) is not None:
+                    clickhouse.close(s.clickhouse_dsn())  # one embedded dir per process
+                fclient = clickhouse.connect(fdsn)
+            try:
+                wr.fleet_part(report, fclient, db, policy, apply=apply)
+            finally:
+                if fclient is not client:
+                    clickhouse.close(fdsn)
         except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
-            report.notes.append(f"heartbeats not checked: {str(e).splitlines()[0]}")
+            report.notes.append(f"heartbeats not checked: {' '.join(str(e).split())}")
     if topics:
         wr.topics_part(report, s, apply=apply)
     else:
         report.notes.append("topics not checked (--no-topics)")
-    if s.store.url:
-        try:
-            wr.objects_part(report, client, db, open_store(s), policy, apply=apply,
-                            progress=lambda m: err.print(m) if not as_json else None)
-        except (StoreError, ValueError) as e:
-            report.notes.append(f"frame store not checked: {e}")
-    else:
-        report.notes.append("frame store not checked: no store.url")
     ok = (report.past_policy == 0 and all(t.ttl_matches for t in report.tables)
           and all(t["matches"] is not False for t in report.topics)
           and (report.objects is None
@@ -1455,7 +1464,7 @@ def db_retention(
             console.print(f"changed {name}: retention.ms {before} -> {after}")
         o = report.objects
         if o is not None:
-            console.print(f"frame store {s.store.url}: {o.objects} objects, oldest {o.oldest or '-'}; "
+            console.print(f"frame store {store_url}: {o.objects} objects, oldest {o.oldest or '-'}; "
                           f"{o.unreferenced} with no live frames row ({o.young_kept} younger than the grace "
                           f"period, kept); deleted now: {o.deleted}")
         for n in report.notes:

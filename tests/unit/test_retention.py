@@ -319,3 +319,38 @@ def test_report_and_apply_while_the_sink_owns_the_database(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.terminate()
         proc.wait(30)
+
+
+def test_cli_reports_and_applies_the_fleet_store_too(tmp_path: Path) -> None:
+    """Heartbeats live in an embedded dir of their own: the report opens it after the warehouse
+    (one embedded dir per process) and --apply sets its TTL from the heartbeats policy."""
+    from handtrace.cli import app
+
+    fdsn = f"chdb://{tmp_path / 'clickhouse-fleet'}"
+    fc = clickhouse.connect(fdsn)
+    try:
+        fleet_store.migrate(fc, DB)
+        fc.command(f"INSERT INTO {DB}.heartbeats (heartbeat_id, device_id, sent_at) VALUES "
+                   "(generateUUIDv4(), 'd', now64(6) - INTERVAL 40 DAY), (generateUUIDv4(), 'd', now64(6))")
+    finally:
+        clickhouse.close(fdsn)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}
+    env.update({"HANDTRACE_STATE_DIR": str(tmp_path), "HANDTRACE_WAREHOUSE__RETENTION__HEARTBEATS_DAYS": "30"})
+    runner = CliRunner()
+    try:
+        res = runner.invoke(app, ["db", "retention", "--no-topics", "--json"], env=env)
+        assert res.stdout.startswith("{"), (res.output, res.exception)
+        rep = json.loads(res.stdout)
+        (hb,) = [t for t in rep["tables"] if t["store"] == "fleet"]
+        assert (hb["table"], hb["rows"], hb["past_policy"], hb["ttl_matches"]) == ("heartbeats", 2, 1, False)
+        assert hb["ttl"] == ttl_expression("sent_at", 90)
+        assert rep["ok"] is False
+        res = runner.invoke(app, ["db", "retention", "--no-topics", "--apply", "--json"], env=env)
+        assert res.stdout.startswith("{"), (res.output, res.exception)
+        rep = json.loads(res.stdout)
+        assert [c["table"] for c in rep["ttl_changes"]].count("heartbeats") == 1
+        (hb,) = [t for t in rep["tables"] if t["store"] == "fleet"]
+        assert hb["ttl"] == ttl_expression("sent_at", 30) and hb["ttl_matches"] is True
+    finally:
+        clickhouse.close(fdsn)
+        clickhouse.close(f"chdb://{tmp_path / 'clickhouse'}")
