@@ -169,12 +169,13 @@ def kafka_status() -> None:
 
 @topics_app.command("create")
 def topics_create() -> None:
-    """Create every handtrace topic (idempotent; checks partition counts of existing ones)."""
+    """Create every handtrace topic (idempotent; checks partition counts of existing ones and sets
+    their retention.ms from the retention policy)."""
     from handtrace.core.admin import TopicError, ensure_topics
 
     s = _settings()
     try:
-        created = ensure_topics(s.kafka, s.topics)
+        created = ensure_topics(s.kafka, s.topics, retention=s.warehouse.retention)
     except TopicError as e:
         raise _fail(str(e)) from None
     console.print(f"created: {', '.join(created) or 'nothing (all exist)'}")
@@ -185,8 +186,9 @@ def topics_list() -> None:
     """The topics handtrace uses, with partitions and configs."""
     from handtrace.core.topics import topic_specs
 
+    s = _settings()
     t = Table("topic", "partitions", "configs", "purpose")
-    for spec in topic_specs(_settings().topics):
+    for spec in topic_specs(s.topics, s.demo, s.warehouse.retention):
         t.add_row(spec.name, str(spec.partitions), ", ".join(f"{k}={v}" for k, v in spec.configs.items()), spec.doc)
     console.print(t)
 
@@ -1024,7 +1026,7 @@ def _warehouse() -> tuple[Settings, Any]:
         # the sink's endpoint while it runs (it migrated at start), else the dir itself
         client = clickhouse.open_for_cli(s.clickhouse_dsn())
         if not clickhouse.is_remote(client):
-            migrate(client, s.clickhouse.database)
+            migrate(client, s.clickhouse.database, s.warehouse.retention)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
     return s, client
@@ -1377,3 +1379,151 @@ def subject_export(
 
 if __name__ == "__main__":
     app()
+
+
+db_app = typer.Typer(help="The ClickHouse database: migrations and retention.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations and set every table's TTL from the retention settings. Needs the
+    database to itself on the embedded engine: the sink does the same at its start."""
+    from handtrace.core import clickhouse
+    from handtrace.sink.schema import apply_retention, migrate
+
+    s = _settings()
+    dsn = s.clickhouse_dsn()
+    path = clickhouse.embedded_path(dsn)
+    if path is not None:
+        from handtrace.core.chserve import endpoint_of
+
+        try:
+            served = endpoint_of(path.resolve())
+        except clickhouse.ClickHouseUnavailable:
+            served = None  # left by a dead owner
+        if served is not None:
+            raise _fail("the sink owns the embedded database and migrated it at its start (retention "
+                        "settings included); restart the sink to apply changed settings")
+    try:
+        client = clickhouse.connect(dsn)
+        applied = migrate(client, s.clickhouse.database)
+        changes = apply_retention(client, s.clickhouse.database, s.warehouse.retention)
+    except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
+        raise _fail(str(e)) from None
+    console.print(f"migrations applied: {', '.join(map(str, applied)) or 'none pending'}")
+    for c in changes:
+        console.print(f"{c.table}: TTL {c.before or 'none'} -> {c.after or 'none'} ({c.data_class}: "
+                      f"{c.days or 'forever'} days)")
+    if not changes:
+        console.print("TTLs already match the retention settings")
+
+
+def _days(n: int) -> str:
+    return "forever" if n == 0 else f"{n} d"
+
+
+def _ms(ms: int | None) -> str:
+    if ms is None:
+        return "(missing)"
+    return "forever" if ms < 0 else f"{ms / 86_400_000:g} d"
+
+
+@db_app.command("retention")
+def db_retention(
+    apply: Annotated[bool, typer.Option("--apply", help="Make everything match: TTLs (when this process "
+                                        "may own the database), topic retention.ms, and delete frame "
+                                        "objects no live frames row references.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    topics: Annotated[bool, typer.Option("--topics/--no-topics", help="Check the topics (the broker "
+                                         "must answer within 5 s).")] = True,
+) -> None:
+    """Every table against its retention policy (oldest row, rows past the policy, TTL in force),
+    every topic's retention.ms, and the frame store's objects. Exit 1 when something does not match."""
+    from handtrace.core import clickhouse
+    from handtrace.core.framestore import StoreError, open_store
+    from handtrace.fleet.store import fleet_dsn
+    from handtrace.warehouse import retention as wr
+
+    s = _settings()
+    policy = s.warehouse.retention
+    report = wr.RetentionReport(policy=wr.policy_days(policy))
+    db = s.clickhouse.database
+    try:
+        client = clickhouse.open_for_cli(s.clickhouse_dsn())
+        owner = not clickhouse.is_remote(client)
+        if owner:
+            from handtrace.sink.schema import migrate
+
+            migrate(client, db)
+        wr.warehouse_part(report, client, db, policy, owner=owner, apply=apply)
+    except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
+        raise _fail(str(e)) from None
+    store_url = s.store.url or "(default)"
+    try:
+        store = open_store(s)
+        store_url = store.url
+        wr.objects_part(report, client, db, store, policy, apply=apply,
+                        progress=lambda m: err.print(m) if not as_json else None)
+    except (StoreError, ValueError) as e:
+        report.notes.append(f"frame store not checked: {e}")
+    fdsn = fleet_dsn(s)
+    fpath = clickhouse.embedded_path(fdsn)
+    if fpath is not None and not fpath.exists():
+        report.notes.append(f"fleet store {fpath} does not exist (no heartbeats stored yet)")
+    else:
+        try:
+            if fdsn == s.clickhouse_dsn():
+                fclient = client
+            else:
+                if owner and clickhouse.embedded_path(s.clickhouse_dsn()) is not None:
+                    clickhouse.close(s.clickhouse_dsn())  # one embedded dir per process
+                fclient = clickhouse.connect(fdsn)
+            try:
+                wr.fleet_part(report, fclient, db, policy, apply=apply)
+            finally:
+                if fclient is not client:
+                    clickhouse.close(fdsn)
+        except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
+            report.notes.append(f"heartbeats not checked: {' '.join(str(e).split())}")
+    if topics:
+        wr.topics_part(report, s, apply=apply)
+    else:
+        report.notes.append("topics not checked (--no-topics)")
+    ok = (report.past_policy == 0 and all(t.ttl_matches for t in report.tables)
+          and all(t["matches"] is not False for t in report.topics)
+          and (report.objects is None
+               or report.objects.unreferenced == report.objects.young_kept + report.objects.deleted))
+    if as_json:
+        print(json.dumps({**report.as_dict(), "ok": ok}, default=str))
+    else:
+        pol = ", ".join(f"{k} {_days(v)}" for k, v in report.policy.items())
+        console.print(f"retention policy: {pol}")
+        t = Table("store", "table", "class", "policy", "TTL in force", "rows", "oldest row", "past policy",
+                  title="tables")
+        for tr in report.tables:
+            ttl = tr.ttl or "none"
+            t.add_row(tr.store, tr.table, tr.data_class, _days(tr.policy_days),
+                      ttl if tr.ttl_matches else f"[red]{ttl} (settings differ)[/]", str(tr.rows),
+                      tr.oldest or "-", str(tr.past_policy) if not tr.past_policy else f"[red]{tr.past_policy}[/]")
+        console.print(t)
+        for c in report.ttl_changes:
+            console.print(f"changed {c.table}: TTL {c.before or 'none'} -> {c.after or 'none'}")
+        if report.topics:
+            tt = Table("topic", "class", "wanted", "retention.ms in force", title="topics")
+            for tp in report.topics:
+                have = _ms(tp["retention_ms"])
+                tt.add_row(tp["topic"], tp["data_class"], _ms(tp["wanted_ms"]),
+                           have if tp["matches"] is not False else f"[red]{have}[/]")
+            console.print(tt)
+        for name, (before, after) in report.topic_changes.items():
+            console.print(f"changed {name}: retention.ms {before} -> {after}")
+        o = report.objects
+        if o is not None:
+            console.print(f"frame store {store_url}: {o.objects} objects, oldest {o.oldest or '-'}; "
+                          f"{o.unreferenced} with no live frames row ({o.young_kept} younger than the grace "
+                          f"period, kept); deleted now: {o.deleted}")
+        for n in report.notes:
+            err.print(f"[yellow]note:[/] {n}")
+    if not ok:
+        raise typer.Exit(1)

@@ -112,7 +112,7 @@ def run_demo(settings: Settings, *, agents: int, duration_s: float, speedup: flo
             console.print(f"[green]✓[/] Kafka {state} at {broker.bootstrap}")
         else:
             console.print(f"[green]✓[/] using Kafka at {settings.kafka.bootstrap()}")
-        created = ensure_topics(settings.kafka, settings.topics)
+        created = ensure_topics(settings.kafka, settings.topics, retention=settings.warehouse.retention)
         console.print(f"[green]✓[/] topics ready ({len(created)} created)")
         publish(settings, policy_record(policy_path, actor="demo", reason="demo policy"))
         console.print(f"[green]✓[/] policy published ({policy_path})")

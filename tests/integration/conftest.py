@@ -93,7 +93,7 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Sett
             else:
                 base[k] = v
         s = Settings(**base)
-        ensure_topics(s.kafka, s.topics)
+        ensure_topics(s.kafka, s.topics, retention=s.warehouse.retention)
         return s
 
     return make

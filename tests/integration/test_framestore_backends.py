@@ -216,3 +216,14 @@ def test_cli_store_check_and_ls_against_s3(s3_server: Any, tmp_path: Path) -> No
     assert sorted(ls.stdout.split()) == keys and "3 keys" in ls.stderr
     bad = _cli(["store", "check"], {**env, "HANDTRACE_STORE__S3_SECRET_ACCESS_KEY": "wrong" * 8}, tmp_path)
     assert bad.returncode == 1 and "frame store check failed" in bad.stderr and "not retried" in bad.stderr, bad.stderr
+
+
+def test_list_dated_gives_every_key_with_its_time(store: FrameStore) -> None:
+    """Retention (core/retention.py) needs each object's age: same keys as ``list``, times of now."""
+    keys = [frame(i, "dated")[0] for i in range(4)]
+    before = time.time() - 120  # clocks of the server and this host may differ a little
+    for k in keys:
+        store.put(k, b"x")
+    dated = dict(store.list_dated(person_prefix("dated")))  # type: ignore[attr-defined]
+    assert set(dated) == set(keys) == set(store.list(person_prefix("dated")))
+    assert all(before <= t <= time.time() + 120 for t in dated.values()), dated

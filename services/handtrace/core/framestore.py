@@ -181,6 +181,14 @@ class LocalStore:
     def delete_prefix(self, prefix: str) -> int:
         return sum(self.delete(k) for k in list(self.list(prefix)))
 
+    def list_dated(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, last modified as epoch seconds) under ``prefix`` (retention; core/retention.py)."""
+        for key in self.list(prefix):
+            try:
+                yield key, self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+
 
 # S3 error codes that are worth asking again (besides any 5xx): throttling and timeouts.
 _TRANSIENT_CODES = frozenset({
@@ -346,6 +354,23 @@ class S3Store:
         n = len(self.prefix)
         for page in self._pages(prefix):
             yield from (k[n:] for k in page)
+
+    def list_dated(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, LastModified as epoch seconds) under ``prefix`` (retention; core/retention.py)."""
+        _check_prefix(prefix)
+        n = len(self.prefix)
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page: dict[str, Any] = self._call("listing", prefix or "(all)",
+                                              functools.partial(self._client.list_objects_v2, **kw))
+            for o in page.get("Contents", []):
+                yield o["Key"][n:], o["LastModified"].timestamp()
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return
 
     def delete_prefix(self, prefix: str) -> int:
         _check_prefix(prefix)

@@ -662,6 +662,36 @@ class ExportSettings(BaseModel):
         return self
 
 
+class RetentionSettings(BaseModel):
+    """How long each class of data is kept (``handtrace db retention``; docs/operations.md,
+    "Retention"). Days counted from the time the data describes (capture, start of a
+    demonstration, heartbeat sent, audit entry); 0 keeps the class forever. A policy is the longest
+    ANY copy is kept: ClickHouse TTLs, the frame store and Kafka topics follow it (a topic keeps
+    the shorter of its transport retention and the policy)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    events_days: int = Field(default=90, ge=0, le=36_500, description="Passive capture (`events`; "
+                             "the raw, accepted, dead-letter and screenshot topics): rows older "
+                             "are deleted by a ClickHouse TTL when parts merge, topics never keep "
+                             "them longer. 0: forever (not recommended: minimisation, GDPR Art. 5(1)(e)).")
+    demonstrations_days: int = Field(default=365, ge=0, le=36_500, description="Demonstrations "
+                                     "(`demonstrations`, `demonstration_events`, `frames` and the frame "
+                                     "store objects, the demonstration topics): training data the "
+                                     "employee chose to record. Objects whose rows are gone are deleted "
+                                     "by `handtrace db retention --apply` (or an S3 lifecycle rule). 0: forever.")
+    heartbeats_days: int = Field(default=30, ge=0, le=36_500, description="Agent heartbeats (fleet "
+                                 "store `heartbeats`; the heartbeats topic keeps at most this): "
+                                 "operational data, device ids. 0: forever.")
+    rollups_days: int = Field(default=730, ge=0, le=36_500, description="Rollup tables (aggregates "
+                              "per app, hour, day; no per-event data). 0: forever.")
+    audit_days: int = Field(default=0, ge=0, le=36_500, description="Audit trails (`control_audit`, "
+                            "`access_audit`, the audit topic). 0 (default): forever -- the evidence of "
+                            "who did what to whose data (accountability, GDPR Art. 5(2)); a value > 0 "
+                            "deletes older entries for good. Erasure receipts, withdrawals and the "
+                            "export register are obligations, never expired (docs/operations.md).")
+
+
 class WarehouseSettings(BaseModel):
     """The warehouse (issue #14): access tiers and the access audit (``handtrace sql``;
     docs/warehouse.md)."""
@@ -673,6 +703,8 @@ class WarehouseSettings(BaseModel):
                              "people (employee_key); smaller groups are suppressed (left out of the "
                              "result), queries that cannot be checked are refused (fails closed). "
                              "At least 2: k = 1 would hand out per-person rows.")
+    retention: RetentionSettings = Field(default_factory=RetentionSettings, description="Retention "
+                                         "per data class (days; 0 = forever).")
 
 
 class Settings(BaseSettings):

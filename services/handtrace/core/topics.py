@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from handtrace.core.settings import DemoSettings, TopicSettings
+from handtrace.core.retention import days_for, topic_retention_ms
+from handtrace.core.settings import DemoSettings, RetentionSettings, TopicSettings
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,35 @@ class Topics:
         )
 
 
-def topic_specs(s: TopicSettings, demo: DemoSettings | None = None) -> list[TopicSpec]:
-    """Every topic with partitions and configs (compaction for state, retention for events)."""
+RETENTION_CLASS: dict[str, str] = {
+    "events.raw": "events", "events.accepted": "events", "events.deadletter": "events",
+    "events.rejected": "events", "screenshots.raw": "events", "screenshots.accepted": "events",
+    "demonstrations.raw": "demonstrations", "demonstrations.accepted": "demonstrations",
+    "heartbeats": "heartbeats", "audit": "audit",
+}
+"""Topic (name after the prefix) -> the retention class it carries (core/retention.py): its
+``retention.ms`` is the shorter of its own and the class's policy. Compacted topics (controls,
+policy, devices) hold state, not a class: no time retention."""
+
+
+def topic_specs(s: TopicSettings, demo: DemoSettings | None = None,
+                retention: RetentionSettings | None = None) -> list[TopicSpec]:
+    """Every topic with partitions and configs (compaction for state, retention for events);
+    ``retention`` (default: the default policy) caps each topic's retention.ms by its class."""
+    specs = _transport_specs(s, demo)
+    policy = retention or RetentionSettings()
+    out = []
+    for spec in specs:
+        klass = RETENTION_CLASS.get(spec.name[len(s.prefix) + 1:])
+        if klass is not None and "retention.ms" in spec.configs:
+            ms = topic_retention_ms(int(spec.configs["retention.ms"]), days_for(policy, klass))
+            spec = TopicSpec(spec.name, spec.partitions, {**spec.configs, "retention.ms": str(ms)}, spec.doc)
+        out.append(spec)
+    return out
+
+
+def _transport_specs(s: TopicSettings, demo: DemoSettings | None = None) -> list[TopicSpec]:
+    """Every topic with its own (transport) configs, before the retention policy."""
     t = Topics.from_settings(s)
     # The broker stamps what agents and the control plane write with its own clock at append
     # (LogAppendTime): the stream compares it with the sender's ``ht-sent-at`` header to place

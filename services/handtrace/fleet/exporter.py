@@ -61,7 +61,7 @@ class FleetExporter:
         self.client = client
         self.database = settings.clickhouse.database
         if client is not None:
-            migrate(client, self.database)
+            migrate(client, self.database, settings.warehouse.retention)
         self.rows: list[list[Any]] = []
         self.lag: dict[str, int] = {}
         self.lag_failed: dict[str, bool] = {}

@@ -16,7 +16,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from handtrace.core.settings import Settings
+from handtrace.core.retention import TableRetention, TtlChange, apply_ttls
+from handtrace.core.settings import RetentionSettings, Settings
 from handtrace.fleet.state import Interval, Observation
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -60,6 +61,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
 ]
+
+RETENTION: dict[str, TableRetention] = {"heartbeats": TableRetention("heartbeats", "sent_at")}
+"""The data class of each fleet table (core/retention.py; migration 1's 90-day TTL is replaced by
+the policy at the first migrate with one)."""
+
+NEVER_EXPIRED: dict[str, str] = {"fleet_schema_migrations": "applied migrations"}
 
 COLUMNS = [
     "heartbeat_id", "device_id", "sent_at", "received_at", "agent_started_at", "agent_version", "os",
@@ -106,8 +113,9 @@ def fleet_dsn(settings: Settings) -> str:
     return f"chdb://{(settings.state_dir / 'clickhouse-fleet').resolve()}"
 
 
-def migrate(client: Any, database: str) -> list[int]:
-    """Apply pending migrations (own bookkeeping table, so it never collides with the sink's)."""
+def migrate(client: Any, database: str, retention: RetentionSettings | None = None) -> list[int]:
+    """Apply pending migrations (own bookkeeping table, so it never collides with the sink's);
+    with ``retention``, then set the heartbeats TTL from it (only when it differs)."""
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
     client.command(
         f"CREATE TABLE IF NOT EXISTS {database}.fleet_schema_migrations "
@@ -121,7 +129,14 @@ def migrate(client: Any, database: str) -> list[int]:
         client.command(ddl.format(db=database))
         client.insert(f"{database}.fleet_schema_migrations", [[mid, name]], column_names=["id", "name"])
         applied.append(mid)
+    if retention is not None:
+        apply_retention(client, database, retention)
     return applied
+
+
+def apply_retention(client: Any, database: str, retention: RetentionSettings) -> list[TtlChange]:
+    """Set the heartbeats TTL from the policy (DDL: the owner of the fleet store only)."""
+    return apply_ttls(client, database, RETENTION, retention)
 
 
 def _ts(us: int) -> datetime:

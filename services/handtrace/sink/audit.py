@@ -234,7 +234,7 @@ class AuditWriter:
     @classmethod
     def on_clickhouse(cls, settings: Settings, client: Any, **kw: Any) -> AuditWriter:
         """A writer on a clickhouse-connect client (migrations applied first)."""
-        migrate(client, settings.clickhouse.database)
+        migrate(client, settings.clickhouse.database, settings.warehouse.retention)
         return cls(settings, ClickHouseAudit(client, settings.clickhouse.database), **kw)
 
     # -------------------------------------------------------------- batches

@@ -395,7 +395,7 @@ class DemoWriter:
     @classmethod
     def on_clickhouse(cls, settings: Settings, client: Any, store: FrameStore, **kw: Any) -> DemoWriter:
         """A writer on a clickhouse-connect client (migrations applied first)."""
-        migrate(client, settings.clickhouse.database)
+        migrate(client, settings.clickhouse.database, settings.warehouse.retention)
         return cls(settings, ClickHouseTables(client, settings.clickhouse.database), store, **kw)
 
     # -------------------------------------------------------------- messages

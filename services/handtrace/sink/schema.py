@@ -8,11 +8,15 @@ crash between insert and offset commit harmless (see writer.py).
 count only once its ``demonstrations`` row says ``complete``.
 ``control_audit`` is the control-plane API's audit trail (sink/audit.py).
 ``access_audit`` records every query run through the access tiers (warehouse/tiers.py).
+``retention_applied`` logs every TTL change made from the retention settings (core/retention.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from handtrace.core.retention import TableRetention, TtlChange, apply_ttls
+from handtrace.core.settings import RetentionSettings
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -356,7 +360,51 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ORDER BY (requested_at, receipt_id)
         """,
     ),
+    (
+        13,
+        "retention changes",
+        # Retention (issue #14 part R, core/retention.py): after the numbered migrations,
+        # `migrate(..., retention=policy)` sets every table's TTL from the settings (RETENTION
+        # below) and logs each change here; only tables whose TTL differs are altered.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.retention_applied
+        (
+            at DateTime64(6, 'UTC') COMMENT 'when the TTL was changed',
+            table String,
+            data_class LowCardinality(String) COMMENT 'events | demonstrations | heartbeats | rollups | audit',
+            days UInt32 COMMENT 'the policy (0 = forever: TTL removed)',
+            before String COMMENT 'the TTL in force before (empty: none)',
+            after String COMMENT 'the TTL in force after (empty: none)'
+        )
+        ENGINE = MergeTree
+        ORDER BY at
+        """,
+    ),
 ]
+
+RETENTION: dict[str, TableRetention] = {
+    "events": TableRetention("events", "captured_at"),
+    "demonstrations": TableRetention("demonstrations", "started_at"),
+    "demonstration_events": TableRetention("demonstrations", "captured_at"),
+    "frames": TableRetention("demonstrations", "captured_at"),
+    "control_audit": TableRetention("audit", "at"),
+    "access_audit": TableRetention("audit", "at"),
+}
+"""The data class of each table and the column its TTL counts from (core/retention.py). Every
+migrated table is here or in :data:`NEVER_EXPIRED` (a unit test fails otherwise). Rollups: add
+their tables with class ``rollups``."""
+
+NEVER_EXPIRED: dict[str, str] = {
+    "sink_ledger": "the sink's write-ahead ledger (topic, partition, offsets, counts; no captured data): "
+                   "exactly-once replay reads it",
+    "dataset_exports": "the register of what training data went where and with whom in it: erasure and "
+                       "withdrawals find the stale exports here",
+    "withdrawals": "obligations: every later export must leave the person or demonstration out",
+    "erasure_receipts": "the proof that an erasure was done (pseudonym only, no captured data)",
+    "retention_applied": "the log of retention changes themselves",
+    "schema_migrations": "applied migrations",
+}
+"""Migrated tables that no retention class expires, and why."""
 
 ERASABLE: tuple[str, ...] = ("events", "demonstrations", "frames", "demonstration_events")
 """Tables whose rows of a person ``handtrace erase`` deletes (by ``employee_key``). A table with an
@@ -370,8 +418,9 @@ KEPT_AFTER_ERASURE: dict[str, str] = {
 """Tables with an ``employee_key`` column that keep the person's pseudonym after an erasure, and why."""
 
 
-def migrate(client: Any, database: str) -> list[int]:
-    """Apply pending migrations; returns the ids applied now."""
+def migrate(client: Any, database: str, retention: RetentionSettings | None = None) -> list[int]:
+    """Apply pending migrations; returns the ids applied now. With ``retention``, then make every
+    table's TTL match it (:func:`apply_retention`; None leaves TTLs as they are)."""
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
     client.command(
         f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
@@ -385,4 +434,12 @@ def migrate(client: Any, database: str) -> list[int]:
         client.command(ddl.format(db=database))
         client.insert(f"{database}.schema_migrations", [[mid, name]], column_names=["id", "name"])
         applied.append(mid)
+    if retention is not None:
+        apply_retention(client, database, retention)
     return applied
+
+
+def apply_retention(client: Any, database: str, retention: RetentionSettings) -> list[TtlChange]:
+    """Set the TTL of every table in :data:`RETENTION` from the policy (only where it differs),
+    logging each change in ``retention_applied``. DDL: the owner of the database only."""
+    return apply_ttls(client, database, RETENTION, retention, log_table="retention_applied")

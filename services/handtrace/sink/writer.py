@@ -126,7 +126,7 @@ class Sink:
         self._stop = threading.Event()
         self._flushing: int | None = None
         self._abandon = False
-        migrate(client, self.db)
+        migrate(client, self.db, settings.warehouse.retention)
         self.max_partitions_per_insert = self._server_partition_limit()
 
     def _server_partition_limit(self) -> int:

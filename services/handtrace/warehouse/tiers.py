@@ -110,6 +110,7 @@ TABLES: dict[str, TableRule] = {
     "erasure_receipts": TableRule("erasure receipts", {"*": "audit"}),
     "sink_ledger": TableRule("the sink's write-ahead ledger", {"*": "pipeline"}),
     "schema_migrations": TableRule("applied migrations", {"*": "pipeline"}),
+    "retention_applied": TableRule("retention changes applied", {"*": "pipeline"}),
 }
 """Every table of the handtrace database a tier may name. A table not here is readable by admin
 only; tests/unit/test_tiers.py fails when a migrated table's column is not classified."""
