@@ -110,7 +110,9 @@ def test_every_column_of_every_migrated_table_is_classified(client: Any) -> None
     """A new table or column fails here until it is classified (unclassified ones are refused)."""
     cols: dict[str, set[str]] = {}
     for table, column in client.query(
-            "SELECT table, name FROM system.columns WHERE database = {d:String}", parameters={"d": DB}).result_rows:
+            "SELECT table, name FROM system.columns WHERE database = {d:String} AND table NOT IN "
+            "(SELECT name FROM system.tables WHERE database = {d:String} AND engine = 'MaterializedView')",
+            parameters={"d": DB}).result_rows:  # a view stores nothing: its target table is classified
         cols.setdefault(table, set()).add(column)
     assert set(cols) <= set(tiers.TABLES), set(cols) - set(tiers.TABLES)
     for table, names in cols.items():
