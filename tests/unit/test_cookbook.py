@@ -39,7 +39,7 @@ DB = "handtrace"
 K = 5
 COOKBOOK = Path(__file__).resolve().parents[2] / "docs" / "cookbook.md"
 T0 = datetime(2026, 11, 2, 8, 0, tzinfo=UTC)
-PEOPLE = 8
+PEOPLE = 12
 HOURS = 4
 STRETCH_MIN = 4
 EVENT_COLUMNS = ["event_id", "batch_id", "employee_key", "device_key", "kind", "captured_at", "received_at", "x",
@@ -409,19 +409,47 @@ def test_recipe_agent_drops(warehouse: Warehouse) -> None:
 # ------------------------------------------------------------------ the page's outputs
 
 
-def render(limit: int = 8) -> str:
+def table(rows: list[dict[str, Any]], limit: int, width: int = 48) -> str:
+    """Rows as a plain text table (values cut at ``width`` characters)."""
+    if not rows:
+        return "(no rows)"
+    names = list(rows[0])
+    cells = [[("NULL" if v is None else str(v).replace("\n", " "))[:width] for v in r.values()] for r in rows[:limit]]
+    widths = [max(len(n), *(len(c[i]) for c in cells)) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) for c in cells]
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def outputs(w: Warehouse, limit: int = 8) -> dict[str, str]:
     """Each recipe's output as the page shows it (first ``limit`` rows)."""
+    return {name: table(rows_of(run(w, name)), limit) for name in recipes()}
+
+
+def shown_outputs() -> dict[str, str]:
+    """The output block the page shows after each recipe (the first plain block after its SQL)."""
+    text = COOKBOOK.read_text()
+    found = {}
+    for m in re.finditer(r"<!-- recipe: (\w+) [^>]*-->\n```sql\n.*?```\n", text, re.S):
+        block = re.search(r"\n```\n(.*?)```", text[m.end():], re.S)
+        assert block is not None, m[1]
+        found[m[1]] = block[1].rstrip("\n")
+    return found
+
+
+def test_the_page_shows_what_the_recipes_return(warehouse: Warehouse) -> None:
+    """The simulator data is deterministic (seeds, fixed times): the page's outputs are the real ones
+    (regenerate with ``python -m tests.unit.test_cookbook`` and paste)."""
+    assert shown_outputs() == outputs(warehouse)
+
+
+def render() -> str:
     with tempfile.TemporaryDirectory() as d:
         w = build(Path(d))
         try:
-            out = []
-            for name in recipes():
-                rows = rows_of(run(w, name))
-                df = pl.DataFrame(rows[:limit], infer_schema_length=None) if rows else pl.DataFrame()
-                with pl.Config(tbl_rows=limit, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=110,
-                               tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
-                    out.append(f"== {name} ({len(rows)} rows)\n{df}")
-            return "\n".join(out)
+            return "\n".join(f"== {name}\n{body}" for name, body in outputs(w).items())
         finally:
             clickhouse.close(f"chdb://{Path(d) / 'ch'}")
 
