@@ -406,6 +406,24 @@ def test_recipe_agent_drops(warehouse: Warehouse) -> None:
     assert by_reason == {"paused": 2 * HOURS * 11 * 15, "policy": 2 * HOURS * 11 * 5}
 
 
+def test_the_dashboard_rollup_panel_answers_from_the_rollup(warehouse: Warehouse) -> None:
+    """Analyst overview's per-app-per-hour panel (dashboards/definitions.py) runs on the rollup and
+    shows the raw counts (the plugin's macros expanded over the data's day)."""
+    from dashboards.builder import SQL
+    from dashboards.definitions import analyst_overview
+
+    panel = next(p for p in analyst_overview.panels() if p.title == "Events per app per hour (rollup)")
+    query = panel.queries[0]
+    assert isinstance(query, SQL)
+    sql = query.sql
+    day = "hour >= '2026-11-02 00:00:00' AND hour < '2026-11-03 00:00:00'"
+    got = {(t.replace(tzinfo=None), a): n for t, a, n in raw(warehouse, sql.replace("$__timeFilter(hour)", day))}
+    want = {(h.replace(tzinfo=None), a): n for h, a, n in raw(warehouse, f"""
+        SELECT toStartOfHour(captured_at) AS h, app_id, count() FROM {DB}.events
+        WHERE app_id IS NOT NULL AND app_id != '' GROUP BY ALL""")}
+    assert got == want and len(got) >= HOURS
+
+
 # ------------------------------------------------------------------ the page's outputs
 
 
