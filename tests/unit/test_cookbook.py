@@ -70,19 +70,14 @@ def recipes(text: str | None = None) -> dict[str, Recipe]:
     return found
 
 
-def _literal(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_literal(v) for v in value) + "]"
-    if isinstance(value, int):
-        return str(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def bind(sql: str, params: dict[str, Any]) -> str:
-    """``{name:Type}`` placeholders as ``CAST(literal AS Type)`` (what a user types in)."""
-    def one(m: re.Match[str]) -> str:
-        return f"CAST({_literal(params[m[1]])} AS {m[2]})"
-    return re.sub(r"\{(\w+):([^{}]+)\}", one, sql)
+    """The placeholders bound as ``handtrace sql --param NAME=VALUE`` binds them (values in
+    ClickHouse's text format)."""
+    def text(v: Any) -> str:
+        if isinstance(v, list):
+            return "[" + ",".join("'" + str(x).replace("'", "\\'") + "'" for x in v) + "]"
+        return str(v)
+    return tiers.bind_parameters(sql, {k: text(v) for k, v in params.items()})
 
 
 # ------------------------------------------------------------------ simulator data
@@ -222,10 +217,20 @@ def test_every_recipe_of_the_page_is_tested() -> None:
 
 
 def test_placeholders_bind_to_typed_literals() -> None:
-    sql = bind("WHERE a = {x:UUID} AND b IN {y:Array(String)} AND c < {z:UInt64}",
-               {"x": "u", "y": ["a", "it's"], "z": 3})
-    assert sql == ("WHERE a = CAST('u' AS UUID) AND b IN CAST(['a', 'it\\'s'] AS Array(String)) "
-                   "AND c < CAST(3 AS UInt64)")
+    sql = tiers.bind_parameters("WHERE a = {x:UUID} AND b IN {y:Array(String)} AND c < {z:UInt64}",
+                                {"x": "u", "y": "['a','it\\'s']", "z": "3"})
+    assert sql == ("WHERE a = CAST('u' AS UUID) AND b IN CAST('[\\'a\\',\\'it\\\\\\'s\\']' AS Array(String)) "
+                   "AND c < CAST('3' AS UInt64)")
+    with pytest.raises(ValueError, match="--param z=VALUE"):
+        tiers.bind_parameters("WHERE c < {z:UInt64}", {})
+
+
+def test_bound_values_cannot_break_out_of_their_literal(warehouse: Warehouse) -> None:
+    """A value with a quote cannot break out of its literal: ClickHouse parses it as the type."""
+    answer = tiers.run(warehouse.client, tiers.bind_parameters(
+        "SELECT {s:String} AS s, {a:Array(String)} AS a", {"s": "x' OR 1=1 --", "a": "['it\\'s']"}),
+        role="admin", database=DB, k=K, actor="cookbook test")
+    assert answer.rows == [("x' OR 1=1 --", ["it's"])]
 
 
 # ------------------------------------------------------------------ rollups

@@ -463,6 +463,16 @@ def test_cli_k_comes_from_settings(client: Any, cli_env: dict[str, str]) -> None
     assert r.exit_code == 2  # k = 1 would hand out per-person rows: not a valid setting
 
 
+def test_cli_sql_binds_params_and_reads_a_rollup(client: Any, cli_env: dict[str, str]) -> None:
+    """docs/cookbook.md's placeholders: --param NAME=VALUE; the rollup answers like the raw table."""
+    sql = (f"SELECT app_id, sum(events) AS n FROM {DB}.rollup_app_activity_hourly "
+           "WHERE app_id IN {apps:Array(String)} GROUP BY app_id ORDER BY app_id")
+    r = invoke(cli_env, "sql", "--role", "analyst", "--format", "csv", "--param", "apps=['shared','solo']", sql)
+    assert r.exit_code == 0 and r.output.splitlines() == ["app_id,n", "shared,80"], r.output  # solo: < k people
+    r = invoke(cli_env, "sql", "--role", "analyst", sql)
+    assert r.exit_code == 2 and "--param apps=VALUE" in r.output, r.output
+
+
 def test_cli_query_is_the_admin_form_and_is_audited(client: Any, cli_env: dict[str, str]) -> None:
     r = invoke(cli_env, "query", "--format", "csv", f"SELECT count() AS n FROM {DB}.frames")
     assert r.exit_code == 0 and r.output.splitlines() == ["n", "8"], r.output

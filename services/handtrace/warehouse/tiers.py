@@ -637,6 +637,22 @@ def with_k_anonymity(client: Any, touched: Touched, *, database: str, k: int) ->
 # ------------------------------------------------------------------ running and auditing
 
 
+_PLACEHOLDER = re.compile(r"\{(\w+):([^{}]+)\}")
+
+
+def bind_parameters(sql: str, params: dict[str, str]) -> str:
+    """``{name:Type}`` query parameters (as in docs/cookbook.md and clickhouse-client's
+    ``--param_name``) replaced by ``CAST('<value>' AS Type)``: the value in ClickHouse's text
+    format (``['a','b']`` for an Array), quoted as a string literal, parsed by the engine. The
+    result is analysed and checked like any query. ValueError names a placeholder without value."""
+    def one(m: re.Match[str]) -> str:
+        if m[1] not in params:
+            raise ValueError(f"no value for the query parameter {m[1]!r} ({m[0]}): pass --param {m[1]}=VALUE")
+        value = params[m[1]].replace("\\", "\\\\").replace("'", "\\'")
+        return f"CAST('{value}' AS {m[2]})"
+    return _PLACEHOLDER.sub(one, sql)
+
+
 def os_user() -> str:
     """The OS user running this process (the audit's default actor)."""
     try:
