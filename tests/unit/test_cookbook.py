@@ -290,6 +290,21 @@ def test_rollups_backfill_what_was_there_before_them(warehouse: Warehouse,
     assert raw(warehouse, total) == [(before.height + after.height,)]
 
 
+def test_the_fleet_rollup_backfills_too(warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, db = warehouse.client, "fleet_backfill"
+    every = list(fleet_store.MIGRATIONS)
+    monkeypatch.setattr(fleet_store, "MIGRATIONS", every[:1])
+    fleet_store.migrate(client, db)
+    rows = heartbeats()
+    client.insert(f"{db}.heartbeats", rows[:60], column_names=fleet_store.COLUMNS)
+    monkeypatch.setattr(fleet_store, "MIGRATIONS", every)
+    assert fleet_store.migrate(client, db) == [2, 3, 4]
+    client.insert(f"{db}.heartbeats", rows[60:], column_names=fleet_store.COLUMNS)
+    assert fleet_store.migrate(client, db) == []
+    assert raw(warehouse, f"SELECT sum(heartbeats), uniqExactMerge(devices) FROM {db}.rollup_heartbeats_hourly") == [
+        (len(rows), 3)]
+
+
 def test_erasure_removes_a_person_from_the_rollups(warehouse: Warehouse) -> None:
     from handtrace.core.erasure import count_rows, delete_rows
 
