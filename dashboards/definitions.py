@@ -335,6 +335,16 @@ SELECT round(quantile(0.5)(dateDiff('millisecond', captured_at, stored_at)) / 10
 FROM handtrace.events
 WHERE $__timeFilter(captured_at)"""),), width=8),
         )),
+        Row("Rollups", (
+            Panel("Events per app per hour (rollup)", "timeseries", (SQL("""
+SELECT hour AS time, app_id, sum(events) AS events
+FROM handtrace.rollup_app_activity_hourly
+WHERE $__timeFilter(hour) AND app_id != ''
+GROUP BY time, app_id
+ORDER BY time""", "time_series"),), width=24,
+                  description="From the rollup rollup_app_activity_hourly (a materialized view over events): "
+                  "cheap over months. docs/cookbook.md"),
+        )),
     ),
 )
 

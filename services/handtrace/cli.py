@@ -782,14 +782,26 @@ def sql_command(
     purpose: Annotated[str | None, typer.Option(help="Why (required for researcher; recorded).")] = None,
     actor: Annotated[str | None, typer.Option(help="Who runs it (recorded; default: the OS user).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
+    param: Annotated[list[str] | None, typer.Option(
+        help="NAME=VALUE for a {NAME:Type} placeholder (docs/cookbook.md); repeatable.")] = None,
 ) -> None:
     """Run one query under an access tier: ClickHouse's analyzer resolves what it reads, the tier
     refuses what it may not read (analysts: aggregates over >= warehouse.k_anonymity people only),
     and every attempt is recorded in access_audit."""
-    from handtrace.warehouse.tiers import ROLES
+    from handtrace.warehouse.tiers import ROLES, bind_parameters
 
     if role not in ROLES:
         raise _fail(f"unknown role {role!r}: one of {', '.join(ROLES)}", 2)
+    params: dict[str, str] = {}
+    for p in param or ():
+        name, sep, value = p.partition("=")
+        if not sep or not name:
+            raise _fail(f"--param {p!r}: expected NAME=VALUE", 2)
+        params[name] = value
+    try:
+        sql = bind_parameters(sql, params)
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
     _run_tiered(sql, role=role, purpose=purpose, actor=actor, fmt=fmt)
 
 

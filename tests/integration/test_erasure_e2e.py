@@ -127,7 +127,8 @@ def test_erase_while_the_pipeline_runs_then_new_and_late_events_are_dropped(  # 
         assert receipt["employee_key"] == gone_key and receipt["found"] is True
         assert receipt["settled"] is True  # the worker folded it and the pipeline drained before the deletion
         assert receipt["rows_removed"]["events"] == before_gone
-        assert all(receipt["rows_removed"][t] > 0 for t in ERASABLE), receipt
+        # make_batch types no key chords: the shortcut rollup holds nothing of them to remove
+        assert all(receipt["rows_removed"][t] > 0 for t in ERASABLE if t != "rollup_shortcuts_hourly"), receipt
         assert receipt["objects_removed"] == objects and list(store.list(f"frames/{gone_key}/")) == []
         assert stored(s, gone_key) == 0 and stored(s, kept_key) == before_kept
         reader = clickhouse.reader(s.clickhouse_dsn())

@@ -62,11 +62,66 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
 ]
 
-RETENTION: dict[str, TableRetention] = {"heartbeats": TableRetention("heartbeats", "sent_at")}
+RETENTION: dict[str, TableRetention] = {"heartbeats": TableRetention("heartbeats", "sent_at"),
+                                        "rollup_heartbeats_hourly": TableRetention("rollups", "hour")}
 """The data class of each fleet table (core/retention.py; migration 1's 90-day TTL is replaced by
 the policy at the first migrate with one)."""
 
 NEVER_EXPIRED: dict[str, str] = {"fleet_schema_migrations": "applied migrations"}
+
+# The hourly rollup of the fleet's cost (issue #14 item 7; docs/cookbook.md): a target table,
+# a backfill of the heartbeats already stored (only while the target is empty, so a re-run after
+# a crash does not count twice) and the materialized view that feeds it from every later insert
+# (migrations run when the exporter starts, before it writes). Bytes uploaded in an hour are the
+# intervals' rates times their lengths (heartbeat counters are cumulative per agent run; the
+# exporter derives the interval's rates when it stores the row). Per device, never per employee:
+# heartbeats hold no employee id.
+_HOURLY_SELECT = """
+    SELECT toStartOfHour(sent_at) AS hour, os, agent_version, cohort,
+           uniqExactState(device_id) AS devices,
+           toUInt64(count()) AS heartbeats,
+           sum(ifNull(interval_s, 0)) AS seconds,
+           sum(ifNull(upload_bytes_per_hour * interval_s / 3600, 0)) AS upload_bytes,
+           avgState(battery_percent) AS battery_percent,
+           avgState(cpu_percent) AS cpu_percent,
+           avgState(agent_drain_percent_per_hour) AS agent_drain_percent_per_hour,
+           avgState(device_drain_percent_per_hour) AS device_drain_percent_per_hour
+    FROM {db}.heartbeats
+    GROUP BY hour, os, agent_version, cohort
+"""
+
+MIGRATIONS += [
+    (
+        2,
+        "rollup heartbeats_hourly",
+        """
+        CREATE TABLE IF NOT EXISTS {db}.rollup_heartbeats_hourly
+        (
+            hour DateTime('UTC') COMMENT 'hour of sending (agent clock)',
+            os LowCardinality(String),
+            agent_version LowCardinality(String),
+            cohort LowCardinality(String),
+            devices AggregateFunction(uniqExact, String),
+            heartbeats SimpleAggregateFunction(sum, UInt64),
+            seconds SimpleAggregateFunction(sum, Float64) COMMENT 'summed interval lengths',
+            upload_bytes SimpleAggregateFunction(sum, Float64) COMMENT 'bytes uploaded in those intervals',
+            battery_percent AggregateFunction(avg, Nullable(Float32)),
+            cpu_percent AggregateFunction(avg, Nullable(Float64)),
+            agent_drain_percent_per_hour AggregateFunction(avg, Nullable(Float64)) COMMENT 'on battery only',
+            device_drain_percent_per_hour AggregateFunction(avg, Nullable(Float64)) COMMENT 'on battery only'
+        )
+        ENGINE = AggregatingMergeTree
+        PARTITION BY toYYYYMM(hour)
+        ORDER BY (hour, os, agent_version, cohort)
+        """,
+    ),
+    (3, "rollup heartbeats_hourly: backfill",
+     "INSERT INTO {db}.rollup_heartbeats_hourly SELECT * FROM (" + _HOURLY_SELECT + ") "
+     "WHERE (SELECT count() FROM {db}.rollup_heartbeats_hourly) = 0"),
+    (4, "rollup heartbeats_hourly: view",
+     "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.rollup_heartbeats_hourly_mv TO {db}.rollup_heartbeats_hourly AS "
+     + _HOURLY_SELECT),
+]
 
 COLUMNS = [
     "heartbeat_id", "device_id", "sent_at", "received_at", "agent_started_at", "agent_version", "os",

@@ -389,6 +389,10 @@ RETENTION: dict[str, TableRetention] = {
     "frames": TableRetention("demonstrations", "captured_at"),
     "control_audit": TableRetention("audit", "at"),
     "access_audit": TableRetention("audit", "at"),
+    "rollup_app_activity_hourly": TableRetention("rollups", "hour"),
+    "rollup_shortcuts_hourly": TableRetention("rollups", "hour"),
+    "rollup_demonstrations_daily": TableRetention("rollups", "day"),
+    "rollup_demonstration_drops_hourly": TableRetention("rollups", "hour"),
 }
 """The data class of each table and the column its TTL counts from (core/retention.py). Every
 migrated table is here or in :data:`NEVER_EXPIRED` (a unit test fails otherwise). Rollups: add
@@ -406,7 +410,135 @@ NEVER_EXPIRED: dict[str, str] = {
 }
 """Migrated tables that no retention class expires, and why."""
 
-ERASABLE: tuple[str, ...] = ("events", "demonstrations", "frames", "demonstration_events")
+# ------------------------------------------------------------------ rollups (issue #14 item 7)
+#
+# Each rollup is a target table plus a materialized view that feeds it from every insert into
+# its source, created by three migrations: the target, a backfill of what the source already
+# holds (only while the target is empty, so a re-run after a crash between the insert and its
+# schema_migrations row does not count twice), then the view. Migrations run when the sink or
+# the demo starts, before they write, so no insert falls between the backfill and the view.
+# Rollups count rows as inserted: the sink's exactly-once writes (ledger + dedup tokens) are what
+# make them equal to the raw counts (a block ClickHouse drops as a duplicate never reaches a view).
+# Rollups of people's activity keep ``employee_key`` as a key column: erasure deletes a person's
+# rows from them (ERASABLE) and the analyst tier's k-anonymity condition
+# (``uniqExact(employee_key) >= k``) applies to them as to the raw tables. docs/cookbook.md.
+
+ROLLUP_SOURCES: dict[str, tuple[str, str]] = {}
+"""Rollup table -> (its source table, the SELECT that turns source rows into rollup rows)."""
+
+
+def _rollup(first_id: int, name: str, table_ddl: str, source: str, select: str) -> list[tuple[int, str, str]]:
+    ROLLUP_SOURCES[name] = (source, select)
+    body = select.format(src=f"{{db}}.{source}")
+    return [
+        (first_id, f"rollup {name}", table_ddl),
+        (first_id + 1, f"rollup {name}: backfill",
+         f"INSERT INTO {{db}}.{name} SELECT * FROM ({body}) "
+         f"WHERE (SELECT count() FROM {{db}}.{name}) = 0"),
+        (first_id + 2, f"rollup {name}: view",
+         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {{db}}.{name}_mv TO {{db}}.{name} AS {body}"),
+    ]
+
+
+# Keysyms of the modifier keys themselves (Shift_L .. Hyper_R): pressing ctrl then alt is not a chord.
+_MODIFIER_KEYSYMS = "key_code NOT BETWEEN 65505 AND 65518"
+
+MIGRATIONS += _rollup(14, "rollup_app_activity_hourly", """
+    CREATE TABLE IF NOT EXISTS {db}.rollup_app_activity_hourly
+    (
+        hour DateTime('UTC') COMMENT 'hour of capture (agent clock)',
+        app_id LowCardinality(String) COMMENT 'empty: no allowlisted app focused',
+        kind LowCardinality(String),
+        employee_key String COMMENT 'HMAC pseudonym (erasure; analysts may only count it)',
+        events UInt64
+    )
+    ENGINE = SummingMergeTree
+    PARTITION BY toYYYYMM(hour)
+    ORDER BY (hour, app_id, kind, employee_key)
+    """, "events", """
+    SELECT toStartOfHour(captured_at) AS hour, ifNull(app_id, '') AS app_id, kind, employee_key,
+           count() AS events
+    FROM {src}
+    GROUP BY hour, app_id, kind, employee_key
+    """)
+
+MIGRATIONS += _rollup(17, "rollup_shortcuts_hourly", """
+    CREATE TABLE IF NOT EXISTS {db}.rollup_shortcuts_hourly
+    (
+        hour DateTime('UTC') COMMENT 'hour of capture (agent clock)',
+        app_id LowCardinality(String),
+        modifiers UInt8 COMMENT 'modifier keys held: 1 shift, 2 ctrl, 4 alt, 8 meta',
+        key_code Int32 COMMENT 'X11 keysym of the key pressed with them',
+        employee_key String COMMENT 'HMAC pseudonym (erasure; analysts may only count it)',
+        presses UInt64
+    )
+    ENGINE = SummingMergeTree
+    PARTITION BY toYYYYMM(hour)
+    ORDER BY (hour, app_id, modifiers, key_code, employee_key)
+    """, "events", f"""
+    SELECT toStartOfHour(captured_at) AS hour, ifNull(app_id, '') AS app_id,
+           toUInt8(assumeNotNull(modifiers)) AS modifiers, assumeNotNull(key_code) AS key_code, employee_key,
+           count() AS presses
+    FROM {{src}}
+    WHERE kind = 'key_down' AND bitAnd(ifNull(modifiers, 0), 14) != 0 AND key_code IS NOT NULL
+      AND {_MODIFIER_KEYSYMS}
+    GROUP BY hour, app_id, modifiers, key_code, employee_key
+    """)
+# bitAnd(.., 14): ctrl, alt or meta held; shift alone is typing, not a shortcut.
+
+MIGRATIONS += _rollup(20, "rollup_demonstrations_daily", """
+    CREATE TABLE IF NOT EXISTS {db}.rollup_demonstrations_daily
+    (
+        day Date COMMENT 'day the demonstration started (agent clock, UTC)',
+        app_id LowCardinality(String) COMMENT 'one row per app seen in it (empty: none)',
+        employee_key String COMMENT 'HMAC pseudonym (erasure; analysts may only count it)',
+        demonstrations UInt64,
+        seconds Float64 COMMENT 'summed duration (ended_at - started_at)',
+        events UInt64,
+        frames UInt64
+    )
+    ENGINE = SummingMergeTree
+    PARTITION BY toYYYYMM(day)
+    ORDER BY (day, app_id, employee_key)
+    """, "demonstrations", """
+    SELECT toDate(started_at) AS day, arrayJoin(if(empty(apps), [''], apps)) AS app_id, employee_key,
+           count() AS demonstrations,
+           sum(toFloat64(dateDiff('microsecond', started_at, ended_at)) / 1e6) AS seconds,
+           sum(toUInt64(events)) AS events, sum(toUInt64(frames)) AS frames
+    FROM {src}
+    WHERE status = 'complete'
+    GROUP BY day, app_id, employee_key
+    """)
+# status = 'complete' only: an 'incomplete' row can be superseded by a complete re-upload of the
+# same demonstration (ReplacingMergeTree), and a complete one is never followed by another.
+
+MIGRATIONS += _rollup(23, "rollup_demonstration_drops_hourly", """
+    CREATE TABLE IF NOT EXISTS {db}.rollup_demonstration_drops_hourly
+    (
+        hour DateTime('UTC') COMMENT 'hour the demonstration started (agent clock)',
+        what LowCardinality(String) COMMENT 'events | frames',
+        reason LowCardinality(String) COMMENT 'why the stream removed them',
+        dropped UInt64
+    )
+    ENGINE = SummingMergeTree
+    PARTITION BY toYYYYMM(hour)
+    ORDER BY (hour, what, reason)
+    """, "demonstrations", """
+    SELECT toStartOfHour(started_at) AS hour, d.1 AS what, d.2 AS reason, sum(d.3) AS dropped
+    FROM {src}
+    ARRAY JOIN arrayConcat(
+        arrayMap((r, n) -> ('events', r, toUInt64(n)), mapKeys(events_dropped), mapValues(events_dropped)),
+        arrayMap((r, n) -> ('frames', r, toUInt64(n)), mapKeys(frames_dropped), mapValues(frames_dropped))) AS d
+    WHERE status = 'complete'
+    GROUP BY hour, what, reason
+    """)
+# No employee_key: pipeline counts by reason (like the stream's Prometheus counters), not anyone's
+# activity; an erasure leaves these totals as they are. Drops of passive events are counted only
+# by the stream's Prometheus metrics (handtrace_stream_events_total by decision), never stored in
+# ClickHouse; the agent's own drops are cumulative counters in the fleet store's heartbeats.
+
+ERASABLE: tuple[str, ...] = ("events", "demonstrations", "frames", "demonstration_events",
+                             "rollup_app_activity_hourly", "rollup_shortcuts_hourly", "rollup_demonstrations_daily")
 """Tables whose rows of a person ``handtrace erase`` deletes (by ``employee_key``). A table with an
 ``employee_key`` column must be here or in :data:`KEPT_AFTER_ERASURE` (a unit test fails
 otherwise), so a new table cannot be forgotten. Rollups keyed by person belong here too."""

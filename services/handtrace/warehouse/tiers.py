@@ -14,7 +14,7 @@
    ``remote``...) are refused for every role but admin (``numbers`` and friends are harmless).
 3. **k-anonymity (analyst).** The analyst tier answers only one shape, an aggregate over one table::
 
-       SELECT <expressions> FROM <events|demonstrations|demonstration_events> [AS t]
+       SELECT <expressions> FROM <events|demonstrations|demonstration_events|rollup_*> [AS t]
        [WHERE ..] [GROUP BY ..] [HAVING ..] [ORDER BY ..] [LIMIT ..]
 
    (no subqueries, CTEs, joins, UNION, ARRAY JOIN, WITH TOTALS / ROLLUP / CUBE / GROUPING SETS,
@@ -103,6 +103,18 @@ TABLES: dict[str, TableRule] = {
                          "captured_at", "reason", "action_started_at", "action_event_id", "windows", "filled",
                          "stored_at"), "frame"),
         "employee_key": "person"}, "employee_key"),
+    # Rollups (sink/schema.py, docs/cookbook.md): keyed by person, so analysts read them under the
+    # same k-anonymity condition as the raw tables.
+    "rollup_app_activity_hourly": TableRule("rollup: events per app, kind and hour", {
+        **dict.fromkeys(("hour", "app_id", "kind", "events"), "activity"), "employee_key": "person"}, "employee_key"),
+    "rollup_shortcuts_hourly": TableRule("rollup: key chords per app and hour", {
+        **dict.fromkeys(("hour", "app_id", "modifiers", "key_code", "presses"), "activity"),
+        "employee_key": "person"}, "employee_key"),
+    "rollup_demonstrations_daily": TableRule("rollup: demonstrations per app and day", {
+        **dict.fromkeys(("day", "app_id", "demonstrations", "seconds", "events", "frames"), "activity"),
+        "employee_key": "person"}, "employee_key"),
+    "rollup_demonstration_drops_hourly": TableRule("rollup: what the stream removed from demonstrations, by reason",
+                                                   {"*": "pipeline"}),
     "control_audit": TableRule("the control-plane audit trail", {"*": "audit"}),
     "access_audit": TableRule("the access audit", {"*": "audit"}),
     "dataset_exports": TableRule("training-data exports", {"*": "audit"}),
@@ -133,7 +145,8 @@ class Tier:
 
 
 TIERS: dict[str, Tier] = {
-    "analyst": Tier("analyst", ("events", "demonstrations", "demonstration_events"), ("activity",),
+    "analyst": Tier("analyst", ("events", "demonstrations", "demonstration_events", "rollup_app_activity_hourly",
+                                "rollup_shortcuts_hourly", "rollup_demonstrations_daily"), ("activity",),
                     "aggregates over >= k distinct people of activity metadata; pseudonyms only counted; "
                     "no typed text, window titles, URLs, instructions or frames",
                     k_anonymous=True, counted=("person",)),
@@ -534,8 +547,8 @@ def _analyst_shape(touched: Touched, database: str) -> tuple[Node, str]:
     """The root QUERY and the table it aggregates, or TierRefused saying which shape is accepted."""
     who = "refused for role analyst"
     shape = ("analysts run one aggregate over one table: SELECT <dimensions>, <aggregates> FROM "
-             "<events|demonstrations|demonstration_events> [WHERE ..] [GROUP BY <dimensions>] [HAVING ..] "
-             "[ORDER BY ..] [LIMIT ..]")
+             "<events|demonstrations|demonstration_events|a rollup_* table> [WHERE ..] "
+             "[GROUP BY <dimensions>] [HAVING ..] [ORDER BY ..] [LIMIT ..]")
     root = touched.root
     assert root is not None  # noqa: S101 -- check() refused statements without a tree
     if root.kind != "QUERY":
@@ -623,6 +636,22 @@ def with_k_anonymity(client: Any, touched: Touched, *, database: str, k: int) ->
 
 
 # ------------------------------------------------------------------ running and auditing
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+):([^{}]+)\}")
+
+
+def bind_parameters(sql: str, params: dict[str, str]) -> str:
+    """``{name:Type}`` query parameters (as in docs/cookbook.md and clickhouse-client's
+    ``--param_name``) replaced by ``CAST('<value>' AS Type)``: the value in ClickHouse's text
+    format (``['a','b']`` for an Array), quoted as a string literal, parsed by the engine. The
+    result is analysed and checked like any query. ValueError names a placeholder without value."""
+    def one(m: re.Match[str]) -> str:
+        if m[1] not in params:
+            raise ValueError(f"no value for the query parameter {m[1]!r} ({m[0]}): pass --param {m[1]}=VALUE")
+        value = params[m[1]].replace("\\", "\\\\").replace("'", "\\'")
+        return f"CAST('{value}' AS {m[2]})"
+    return _PLACEHOLDER.sub(one, sql)
 
 
 def os_user() -> str:
