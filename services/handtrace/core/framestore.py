@@ -332,8 +332,9 @@ class S3Store:
                 Bucket=self.bucket, Key=self.prefix + key))
         return existed
 
-    def _pages(self, prefix: str) -> Iterator[list[str]]:
-        """Full keys under ``prefix``, one page (<= 1000) at a time, each page call retried."""
+    def _pages(self, prefix: str) -> Iterator[list[dict[str, Any]]]:
+        """The objects (``Key`` in full, ``LastModified``, ...) under ``prefix``, one page (<= 1000)
+        at a time, each page call retried."""
         token: str | None = None
         while True:
             kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
@@ -341,7 +342,7 @@ class S3Store:
                 kw["ContinuationToken"] = token
             page: dict[str, Any] = self._call("listing", prefix or "(all)",
                                               functools.partial(self._client.list_objects_v2, **kw))
-            yield [o["Key"] for o in page.get("Contents", [])]
+            yield list(page.get("Contents", []))
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
@@ -353,29 +354,19 @@ class S3Store:
         _check_prefix(prefix)
         n = len(self.prefix)
         for page in self._pages(prefix):
-            yield from (k[n:] for k in page)
+            yield from (o["Key"][n:] for o in page)
 
     def list_dated(self, prefix: str) -> Iterator[tuple[str, float]]:
         """(key, LastModified as epoch seconds) under ``prefix`` (retention; core/retention.py)."""
         _check_prefix(prefix)
         n = len(self.prefix)
-        token: str | None = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix + prefix}
-            if token:
-                kw["ContinuationToken"] = token
-            page: dict[str, Any] = self._call("listing", prefix or "(all)",
-                                              functools.partial(self._client.list_objects_v2, **kw))
-            for o in page.get("Contents", []):
-                yield o["Key"][n:], o["LastModified"].timestamp()
-            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
-            if not token:
-                return
+        for page in self._pages(prefix):
+            yield from ((o["Key"][n:], o["LastModified"].timestamp()) for o in page)
 
     def delete_prefix(self, prefix: str) -> int:
         _check_prefix(prefix)
         # Collect first, then delete: deleting while paginating can skip keys on some servers.
-        keys = [k for page in self._pages(prefix) for k in page]
+        keys = [o["Key"] for page in self._pages(prefix) for o in page]
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = keys[i:i + _DELETE_BATCH]
             resp: dict[str, Any] = self._call(
