@@ -9,7 +9,7 @@ elsewhere that asks for a fixture needing the real broker is refused at collecti
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -43,8 +43,18 @@ def misplaced_broker_tests(items: Iterable[tuple[Path, str, Sequence[str]]]) -> 
             if not is_integration_path(path) and BROKER_FIXTURES & set(names)]
 
 
+def x11_first(items: list[pytest.Item]) -> None:
+    """Run the X11 test files (``*x11*``) first, in place (stable). Xlib and pynput wait on the
+    X connection with select(), which fails for a descriptor >= 1024; the embedded ClickHouse keeps
+    descriptors of every data dir a test process opened, and by the end of the suite the lowest
+    free descriptor was past 1024 (CI, 2026-12-02: 11 errors in test_x11_capture.py). The agent
+    itself never opens ClickHouse, so this is a property of the test process, not of the product."""
+    items.sort(key=lambda item: 0 if "x11" in item.path.name else 1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark tests/integration/** ``integration``; refuse broker fixtures anywhere else."""
+    """Mark tests/integration/** ``integration``; refuse broker fixtures anywhere else; X11 first."""
+    x11_first(items)
     for item in items:
         if is_integration_path(item.path):
             item.add_marker(pytest.mark.integration)
@@ -64,3 +74,25 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def open_fds() -> int:
+    """File descriptors open in this process (Linux)."""
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def _fd_log(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With HANDTRACE_TEST_FD_LOG=<file>: one line per test with the descriptors it left open (a
+    leak pushes later descriptors past 1024, where select()-based libraries such as Xlib fail)."""
+    import os
+
+    log = os.environ.get("HANDTRACE_TEST_FD_LOG")
+    before = open_fds() if log else 0
+    yield
+    if log:
+        after = open_fds()
+        with open(log, "a") as f:
+            f.write(f"{after - before:+d}\t{after}\t{request.node.nodeid}\n")
