@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from handtrace.core.framestore import LocalStore
 from handtrace.export.dataset import stale_exports
 from handtrace.export.simulate import seed_demonstrations
 from handtrace.sink.schema import ERASABLE, KEPT_AFTER_ERASURE, migrate
+from tests.chserve_support import wait_served
 
 DB = "handtrace"
 SERVICES = str(Path(__file__).resolve().parents[2] / "services")
@@ -224,11 +224,7 @@ def test_the_owner_erases_for_another_process_and_only_by_pseudonym(tmp_path: Pa
     proc = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB, root],
                             env={**os.environ, "PYTHONPATH": f"{SERVICES}:{root}"}, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (data / chserve.ENDPOINT_FILE).exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
-            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
-            time.sleep(0.2)
+        wait_served(proc, data)
         remote = clickhouse.open_for_cli(f"chdb://{data}")
         assert clickhouse.is_remote(remote)
         with pytest.raises(chserve.StatementRefused, match="not an employee pseudonym"):

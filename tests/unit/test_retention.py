@@ -35,6 +35,7 @@ from handtrace.core.topics import RETENTION_CLASS, topic_specs
 from handtrace.export.simulate import seed_demonstrations
 from handtrace.fleet import store as fleet_store
 from handtrace.sink.schema import MIGRATIONS, NEVER_EXPIRED, RETENTION, apply_retention, migrate
+from tests.chserve_support import wait_served
 
 DB = "handtrace"
 DAY_MS = 86_400_000
@@ -282,19 +283,13 @@ def test_report_and_apply_while_the_sink_owns_the_database(tmp_path: Path) -> No
     import sys
 
     from handtrace.cli import app
-    from handtrace.core import chserve
 
     data = tmp_path / "ch"
     services = str(Path(__file__).resolve().parents[2] / "services")
     proc = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB], stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": services})
     try:
-        deadline = time.monotonic() + 120
-        while not (data / chserve.ENDPOINT_FILE).exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"the owner died: {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
-            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
-            time.sleep(0.2)
+        wait_served(proc, data)
         store = LocalStore(tmp_path / "frames")
         store.put("frames/p/ab/" + "ab" * 32 + ".png", b"orphan")
         env = {k: v for k, v in os.environ.items() if not k.startswith("HANDTRACE_")}

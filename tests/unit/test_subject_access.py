@@ -29,6 +29,7 @@ from handtrace.fleet.store import migrate as migrate_fleet
 from handtrace.sink.schema import ERASABLE, migrate
 from handtrace.warehouse import tiers
 from handtrace.warehouse.subject import SubjectAccessError, export_subject, write_heartbeats
+from tests.chserve_support import wait_served
 from tests.unit.test_erasure import add_events
 
 DB = "handtrace"
@@ -364,9 +365,7 @@ def test_the_cli_exports_through_the_owners_endpoint_while_it_runs(tmp_path: Pat
     import signal
     import subprocess
     import sys
-    import time
 
-    from handtrace.core import chserve
     from handtrace.stream.steps.pseudonymise import pseudonym
 
     root = str(Path(__file__).resolve().parents[2])
@@ -383,11 +382,7 @@ def test_the_cli_exports_through_the_owners_endpoint_while_it_runs(tmp_path: Pat
     owner = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB, root, key], env=env,
                              stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not (data / chserve.ENDPOINT_FILE).exists():
-            assert owner.poll() is None, owner.stderr.read().decode()[-3000:] if owner.stderr else ""
-            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
-            time.sleep(0.2)
+        wait_served(owner, data)
         out = tmp_path / "export"
         done = subprocess.run([sys.executable, "-m", "handtrace.cli", "subject", "export", "alice", "--out", str(out),
                                "--actor", "dpo-1", "--reason", "Art. 15 #9", "--no-controls"], env=env,

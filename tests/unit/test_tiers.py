@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from handtrace.core import clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.warehouse import tiers
+from tests.chserve_support import wait_served
 
 DB = "handtrace"
 K = 5
@@ -533,20 +534,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     import os
     import subprocess
     import sys
-    import time
 
-    from handtrace.core import chserve
 
     data = tmp_path_factory.mktemp("served") / "clickhouse"
     proc = subprocess.Popen([sys.executable, "-c", OWNER, f"chdb://{data}", DB], stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "services")})
     try:
-        deadline = time.monotonic() + 120
-        while not (data / chserve.ENDPOINT_FILE).exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"the owner died: {proc.stderr.read().decode()[-3000:] if proc.stderr else ''}")
-            assert time.monotonic() < deadline, "the owner did not serve within 120 s"
-            time.sleep(0.2)
+        wait_served(proc, data)
         remote = clickhouse.reader(f"chdb://{data}")
         assert clickhouse.is_remote(remote)
         yield remote
