@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for handtrace: system packages (when missing; Debian's chromium for the
 # portal's browser tests among them), the virtualenv with pinned dependencies (constraints.txt),
-# SeaweedFS for the S3 tests (Go module proxy; needs Go), and the Kafka broker jars (Maven Central).
+# SeaweedFS for the S3 tests and helm for the chart's tests (Go module proxy; need Go), and the
+# Kafka broker jars (Maven Central).
 # Idempotent and quiet when everything is already there. Used by `make setup` and .ci/run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -67,6 +68,15 @@ if ! weed=$(deploy/seaweedfs.sh); then
   exit 1
 fi
 echo "    $weed"
+
+# The Helm chart's tests (tests/unit/test_helm_chart.py) lint and render helm/handtrace with helm,
+# built from the Go module proxy (deploy/helm.sh; instant when cached).
+say "helm for the chart's tests (deploy/helm.sh: built from the Go module proxy, ~6 min the first time, then cached)"
+if ! helm=$(deploy/helm.sh); then
+  echo "building helm failed (see above; Go >= 1.21 is needed: https://go.dev/dl)" >&2
+  exit 1
+fi
+echo "    $helm"
 
 say "provisioning the Kafka broker (cached after the first run)"
 .venv/bin/python -m handtrace.core.localbroker provision >/dev/null
