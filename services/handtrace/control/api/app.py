@@ -70,6 +70,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         # e.g. the audit topic unreachable: the request is not answered as if it were recorded.
         return JSONResponse(status_code=503, content={"detail": f"control state unavailable: {exc}"})
 
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        """Liveness/readiness for Kubernetes probes (helm/handtrace): the process serves HTTP.
+        No authentication and no Kafka round trip, so a broker outage does not restart the API
+        (its requests answer 503 then)."""
+        return {"status": "ok"}
+
     app.include_router(router)
 
     if authenticator.dev is not None:
