@@ -493,3 +493,9 @@ def test_a_secret_replaces_the_plain_setting() -> None:
         plain, secret = container_env(spec["containers"][0])
         assert "HANDTRACE_CLICKHOUSE__DSN" not in plain, component
         assert ("HANDTRACE_CLICKHOUSE__DSN" in secret) == (component in ("sink", "fleet", "api", "topics", "migrate"))
+
+
+def test_a_missing_helm_fails_loudly_naming_the_script(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HANDTRACE_CACHE", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match=r"helm .* is not built: .* Build it with:\n  deploy/helm\.sh"):
+        require_helm()
