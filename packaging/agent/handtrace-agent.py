@@ -1,4 +1,4 @@
-# The .deb's entry point (run by /usr/bin/handtrace-agent with python3 -I): the agent's libraries
+# The .deb's entry point (run by /usr/bin/handtrace-agent with python3 -I -B): the agent's libraries
 # live next to this file, in lib/.
 import os
 import sys

@@ -13,4 +13,6 @@ done
 export HANDTRACE_STATE_DIR
 # The packaged agent never captures before the employee's consent step (handtrace-agent consent).
 export HANDTRACE_AGENT__REQUIRE_CONSENT=true
-exec "${HANDTRACE_AGENT_PYTHON:-/usr/bin/python3}" -I "$home/handtrace-agent.py" "$@"
+# -B: never writes bytecode under /opt (the package ships it for what the agent imports), so
+# removal leaves nothing there even after root ran a command.
+exec "${HANDTRACE_AGENT_PYTHON:-/usr/bin/python3}" -I -B "$home/handtrace-agent.py" "$@"

@@ -306,8 +306,14 @@ def agent_consent(
     import shutil
     import subprocess
 
-    from handtrace.agent.consent import (ConsentError, consent_path, consent_text, read_consent, record_consent,
-                                         withdraw_consent)
+    from handtrace.agent.consent import (
+        ConsentError,
+        consent_path,
+        consent_text,
+        read_consent,
+        record_consent,
+        withdraw_consent,
+    )
     from handtrace.agent.service import device_id_of
 
     s = _settings()

@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from handtrace.agent.consent import (ConsentError, consent_path, consent_text, read_consent, record_consent,
-                                     withdraw_consent)
+from handtrace.agent.consent import (
+    ConsentError,
+    consent_path,
+    consent_text,
+    read_consent,
+    record_consent,
+    withdraw_consent,
+)
 from handtrace.agent.runtime import AgentError
 from handtrace.agent.service import run_agent
 from handtrace.core.settings import Settings

@@ -49,7 +49,8 @@ def _policy_lines(settings: Settings) -> list[str]:
     apps = ", ".join(sorted(pol.allowed_apps)) or "none"
     sites = ", ".join(pol.allowed_domains) or "none"
     typed = ", ".join(f"{app}: {mode}" for app, mode in sorted(pol.text_capture.items())) or "none"
-    return [f"  Policy v{pol.version} (your organisation can change it; `handtrace-agent status` shows the one in force):",
+    return [f"  Policy v{pol.version} (your organisation can change it; `handtrace-agent status` shows the "
+            "one in force):",
             f"    apps captured:  {apps}",
             f"    web sites:      {sites}",
             f"    typed text:     {typed}  (full: the characters; masked: only the rhythm; none: nothing)"]
@@ -70,7 +71,8 @@ def consent_text(settings: Settings) -> str:
         "                  everything else is dropped on this laptop before it is stored.",
         f"  screenshots:    {shots}",
         "  health:         battery state, CPU and memory of the agent, upload volume (heartbeats)",
-        f"  sent to:        {settings.kafka.bootstrap_servers} (batched; kept on this laptop until sent)",
+        f"  sent to:        {settings.kafka.bootstrap_servers or '(not configured: ask IT)'} "
+        "(batched; kept on this laptop until sent)",
         *_policy_lines(settings),
         "",
         "  Your controls, at any time:",

@@ -775,7 +775,10 @@ def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
 
 
 # Read by tools and tests, not by Settings.
-_NON_SETTINGS_ENV = {"HANDTRACE_TEST_BOOTSTRAP", "HANDTRACE_PYTHON", "HANDTRACE_PSEUDONYM_KEY"}
+_NON_SETTINGS_ENV = {"HANDTRACE_TEST_BOOTSTRAP", "HANDTRACE_PYTHON", "HANDTRACE_PSEUDONYM_KEY",
+                     # the .deb's launcher and unit (packaging/agent, docs/agent-rollout.md)
+                     "HANDTRACE_AGENT_HOME", "HANDTRACE_AGENT_ENV_FILE", "HANDTRACE_AGENT_PYTHON",
+                     "HANDTRACE_AGENT_SYSTEMD", "HANDTRACE_CONSENT_STDIN"}
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
