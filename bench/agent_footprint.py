@@ -597,7 +597,8 @@ def package_footprint(root: Path, bootstrap: str, deb: Path | None, settle_s: fl
                  "HANDTRACE_AGENT__FOLLOW_CONTROL_PLANE": "false", "HANDTRACE_AGENT__SOURCE": "x11"}
     with xvfb_display() as display:
         env = clean | agent_env | {"DISPLAY": display, "HOME": str(root / "home"), "HANDTRACE_AGENT_HOME": str(home),
-                                   "HANDTRACE_AGENT_ENV_FILE": "/nonexistent", "HANDTRACE_STATE_DIR": str(state)}
+                                   "HANDTRACE_AGENT_ENV_FILE": "/nonexistent", "HANDTRACE_STATE_DIR": str(state),
+                                   "HANDTRACE_AGENT_SYSTEMD": "0"}
         launcher = str(tree / "usr" / "bin" / "handtrace-agent")
         subprocess.run([launcher, "consent"], env=env | {"HANDTRACE_CONSENT_STDIN": "1"}, input="yes\n", text=True,
                        capture_output=True, check=True, timeout=60)

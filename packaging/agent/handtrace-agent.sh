@@ -13,6 +13,9 @@ done
 export HANDTRACE_STATE_DIR
 # The packaged agent never captures before the employee's consent step (handtrace-agent consent).
 export HANDTRACE_AGENT__REQUIRE_CONSENT=true
+# The package's systemd user unit exists: `consent` starts it, `consent --withdraw` stops it.
+: "${HANDTRACE_AGENT_SYSTEMD:=1}"
+export HANDTRACE_AGENT_SYSTEMD
 # -B: never writes bytecode under /opt (the package ships it for what the agent imports), so
 # removal leaves nothing there even after root ran a command.
 exec "${HANDTRACE_AGENT_PYTHON:-/usr/bin/python3}" -I -B "$home/handtrace-agent.py" "$@"

@@ -132,7 +132,9 @@ def test_deb_install_consent_capture_remove_purge(deb: Path, droot: Path, kafka_
     (cfg / "agent.env").write_text("HANDTRACE_AGENT__EMPLOYEE_ID=alice\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(droot / "home/alice"), "DISPLAY": xvfb.display,
            "HANDTRACE_AGENT_HOME": str(droot / "opt/handtrace-agent"),
-           "HANDTRACE_AGENT_ENV_FILE": str(droot / "etc/handtrace/agent.env")}
+           "HANDTRACE_AGENT_ENV_FILE": str(droot / "etc/handtrace/agent.env"),
+           # this machine's systemd does not know the throwaway root's unit
+           "HANDTRACE_AGENT_SYSTEMD": "0"}
     launcher = str(droot / "usr/bin/handtrace-agent")
 
     def cli(*args: str, stdin: str | None = None, **extra: str) -> subprocess.CompletedProcess[str]:

@@ -202,3 +202,30 @@ def test_consent_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert r.exit_code == 0 and "consent recorded for e-9" in r.output
     r = runner.invoke(app, ["consent", "--withdraw"])
     assert r.exit_code == 0 and "withdrawn" in r.output and not (tmp_path / "agent" / "consent.json").exists()
+
+
+def test_packaged_consent_starts_and_withdraw_stops_the_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the package's unit (the launcher sets HANDTRACE_AGENT_SYSTEMD=1), accepting starts it
+    and withdrawing stops it; without, systemctl is never called."""
+    import shutil
+    import subprocess as sp
+
+    from handtrace.agent.cli import app
+
+    for k in [k for k in os.environ if k.startswith("HANDTRACE_")]:
+        monkeypatch.delenv(k)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sp, "run", lambda argv, **kw: calls.append(argv))
+    monkeypatch.setenv("HANDTRACE_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("HANDTRACE_AGENT__EMPLOYEE_ID", "e-9")
+    monkeypatch.setenv("HANDTRACE_CONSENT_STDIN", "1")
+    runner = CliRunner()
+    assert runner.invoke(app, ["consent"], input="yes\n").exit_code == 0
+    assert runner.invoke(app, ["consent", "--withdraw"]).exit_code == 0
+    assert calls == []
+    monkeypatch.setenv("HANDTRACE_AGENT_SYSTEMD", "1")
+    assert runner.invoke(app, ["consent"], input="yes\n").exit_code == 0
+    assert runner.invoke(app, ["consent", "--withdraw"]).exit_code == 0
+    assert calls == [["/usr/bin/systemctl", "--user", "start", "handtrace-agent.service"],
+                     ["/usr/bin/systemctl", "--user", "stop", "handtrace-agent.service"]]
