@@ -2,6 +2,7 @@
 measured in ONE run against a real Kafka broker.
 
     python -m bench.agent_footprint [--minutes 60] [--seed 1]
+    python -m bench.agent_footprint --package [--deb PATH] [--settle 20]
 
 The workload is an hour of the synthetic user (handtrace.agent.synthetic: pointer trajectories
 with human dynamics at ~60 Hz, typing bursts, scrolls, app switches; checked against the Balabit
