@@ -29,7 +29,7 @@ from handtrace.core.settings import Settings
 from tests.integration.conftest import topic_records, topics_of, wait_for
 from tests.xvfb import WindowFactory, XvfbServer, xdotool
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTLE_S = 0.8
