@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 BIN := .venv/bin
 
-.PHONY: help setup demo test test-unit test-integration lint bench up down clean
+.PHONY: help setup demo test test-unit test-integration lint bench agent-deb up down clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -29,10 +29,14 @@ lint: setup ## ruff, then mypy (pydantic plugin; strict on core/ and stream/, se
 bench: setup ## benchmarks (print ratios against baselines measured in the same run)
 	$(BIN)/python -m bench.wire_format
 	$(BIN)/python -m bench.agent_footprint
+	$(BIN)/python -m bench.agent_footprint --package
 	$(BIN)/python -m bench.frame_capture
 	$(BIN)/python -m bench.stream_throughput
 	$(BIN)/python -m bench.action_reduction
 	$(BIN)/python -m bench.dataset_export
+
+agent-deb: setup ## the agent's .deb in dist/ (slim agent, nfpm; docs/agent-rollout.md)
+	PYTHON=$(BIN)/python deploy/agent-deb.sh dist
 
 up: setup ## start the local Kafka broker
 	$(BIN)/handtrace kafka up

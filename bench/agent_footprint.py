@@ -2,6 +2,7 @@
 measured in ONE run against a real Kafka broker.
 
     python -m bench.agent_footprint [--minutes 60] [--seed 1]
+    python -m bench.agent_footprint --package [--deb PATH] [--settle 20]
 
 The workload is an hour of the synthetic user (handtrace.agent.synthetic: pointer trajectories
 with human dynamics at ~60 Hz, typing bursts, scrolls, app switches; checked against the Balabit
@@ -38,11 +39,20 @@ The X11 capture path (pynput's RECORD listener + the agent's emit) is measured a
 run: under Xvfb, another process injects pointer moves and keystrokes through XTEST, and the
 capturing process's CPU per captured event is multiplied by the hour's raw events
 (``--x11-events``; 0 skips it).
+
+``--package`` measures the slim agent's .deb instead (issue #15, ADR 0019), built by
+deploy/agent-deb.sh unless ``--deb`` names one: the .deb's size, its installed size (extracted
+tree), the import time of the entry point + service + X11 backend on /usr/bin/python3 with the
+package's libraries alone, and the installed agent's RSS after ``--settle`` seconds idle under a
+fresh Xvfb against the real broker (consent recorded through the installed CLI first). Baseline in
+the same run: the full install -- the `handtrace` distribution's dependency closure from this
+venv's metadata, and the same agent run from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -52,6 +62,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -435,8 +446,9 @@ def inject(display: str, moves: int, keys: int) -> None:
     d.close()
 
 
-def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
-    """Run the X11 backend under a fresh Xvfb against injected input; CPU seconds per event."""
+@contextlib.contextmanager
+def xvfb_display() -> Iterator[str]:
+    """A fresh Xvfb (owned: it dies with this process); yields its display name."""
     import shutil
     import signal
 
@@ -455,7 +467,16 @@ def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
             if not chunk:
                 raise RuntimeError("Xvfb did not start")
             digits += chunk
-        display = f":{int(digits)}"
+        yield f":{int(digits)}"
+    finally:
+        os.close(r)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
+    """Run the X11 backend under a fresh Xvfb against injected input; CPU seconds per event."""
+    with xvfb_display() as display:
         moves, keys = n_events * 3 // 4, n_events - n_events * 3 // 4
         keys -= keys % 2
         ready = root / "x11.ready"
@@ -470,10 +491,149 @@ def x11_capture_cost(root: Path, n_events: int) -> dict[str, Any]:
         inject(display, moves, keys)
         out, _ = child.communicate(timeout=180)
         return json.loads(out.strip().splitlines()[-1]) | {"injected": moves + keys}
+
+
+# ---------------------------------------------------------------- the slim package (issue #15)
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT_IMPORTS = "handtrace.agent.cli, handtrace.agent.service, handtrace.agent.sources.x11"
+PACKAGE_TARGETS = {"installed_mb": 60.0, "rss_idle_mb": 50.0}
+
+
+def _du(path: Path) -> int:
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _full_install_bytes() -> int:
+    """Installed bytes of the full `handtrace` distribution's runtime dependency closure (the
+    baseline: what a laptop would carry with `pip install handtrace`), from this venv's metadata."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    todo = ["handtrace"]
+    total = 0
+    while todo:
+        name = todo.pop()
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        for f in dist.files or []:
+            path = Path(str(f.locate()))
+            if name != "handtrace" and path.is_file():
+                total += path.stat().st_size
+        for r in dist.requires or []:
+            req = Requirement(r)
+            key = req.name.lower().replace("_", "-")
+            if (req.marker is None or req.marker.evaluate({"extra": ""})) and key not in seen:
+                seen.add(key)
+                todo.append(key)
+    return total + _du(REPO / "services" / "handtrace")
+
+
+def _import_s(python: list[str], env: dict[str, str], runs: int = 5) -> float:
+    """Median wall seconds to import the agent (entry point, service, X11 backend) in a fresh process."""
+    code = f"import time; t = time.perf_counter(); import {AGENT_IMPORTS}; print(time.perf_counter() - t)"
+    times = []
+    for _ in range(runs):
+        out = subprocess.run([*python, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+        times.append(float(out.stdout.strip()))
+    return sorted(times)[runs // 2]
+
+
+def _rss_idle(argv: list[str], env: dict[str, str], settle_s: float, log: Path) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB of the agent after ``settle_s`` of no input."""
+    import signal
+
+    with log.open("wb") as f:
+        proc = spawn_owned(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(settle_s)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the agent exited: {log.read_text(errors='replace')[-2000:]}")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines())
+              if k in ("VmRSS", "VmHWM")}
+        return kb["VmRSS"] / 1024, kb["VmHWM"] / 1024
     finally:
-        os.close(r)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def package_footprint(root: Path, bootstrap: str, deb: Path | None, settle_s: float) -> dict[str, Any]:
+    """The .deb (built by deploy/agent-deb.sh unless given): its size, installed size, import time
+    and idle RSS of the installed agent under Xvfb against the real broker -- each next to the
+    same agent from the full install (this venv) as the baseline."""
+    if deb is None:
+        t = time.perf_counter()
+        out = subprocess.run([str(REPO / "deploy" / "agent-deb.sh"), str(root / "deb")], capture_output=True,
+                             text=True, timeout=1800, env={**os.environ, "PYTHON": sys.executable}, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"deploy/agent-deb.sh failed: {out.stderr[-2000:]}")
+        deb = Path(out.stdout.strip().splitlines()[-1])
+        print(f"package: built {deb.name} in {time.perf_counter() - t:.0f} s", flush=True)
+    tree = root / "pkg"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True)
+    home = tree / "opt" / "handtrace-agent"
+    lib = home / "lib"
+    r: dict[str, Any] = {"deb_bytes": deb.stat().st_size, "installed_bytes": _du(tree),
+                         "full_install_bytes": _full_install_bytes()}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HANDTRACE_", "PYTHON"))}
+    # python -I ignores PYTHONPATH: the slim import runs with the package's lib alone on the path.
+    slim_py = ["/usr/bin/python3", "-I", "-B", "-S", "-c"]
+    code = (f"import sys, time; sys.path.insert(0, {str(lib)!r}); t = time.perf_counter(); "
+            f"import {AGENT_IMPORTS}; print(time.perf_counter() - t)")
+    times = sorted(float(subprocess.run([*slim_py, code], env=clean, capture_output=True, text=True, timeout=120,
+                                        check=True).stdout) for _ in range(5))
+    r["import_s"] = times[2]
+    r["full_import_s"] = _import_s([sys.executable], clean | {"PYTHONPATH": str(REPO / "services")})
+    state = root / "state"
+    policy = REPO / "deploy" / "policy.example.json"
+    prefix = f"fp-{uuid.uuid4().hex[:6]}"
+    ensure_topics(KafkaSettings(bootstrap_servers=bootstrap), TopicSettings(prefix=prefix, partitions=1))
+    agent_env = {"HANDTRACE_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "HANDTRACE_TOPICS__PREFIX": prefix,
+                 "HANDTRACE_AGENT__EMPLOYEE_ID": "bench", "HANDTRACE_AGENT__POLICY_FILE": str(policy),
+                 "HANDTRACE_AGENT__FOLLOW_CONTROL_PLANE": "false", "HANDTRACE_AGENT__SOURCE": "x11"}
+    with xvfb_display() as display:
+        env = clean | agent_env | {"DISPLAY": display, "HOME": str(root / "home"), "HANDTRACE_AGENT_HOME": str(home),
+                                   "HANDTRACE_AGENT_ENV_FILE": "/nonexistent", "HANDTRACE_STATE_DIR": str(state),
+                                   "HANDTRACE_AGENT_SYSTEMD": "0"}
+        launcher = str(tree / "usr" / "bin" / "handtrace-agent")
+        subprocess.run([launcher, "consent"], env=env | {"HANDTRACE_CONSENT_STDIN": "1"}, input="yes\n", text=True,
+                       capture_output=True, check=True, timeout=60)
+        r["rss_idle_mb"], r["rss_peak_mb"] = _rss_idle([launcher, "run"], env, settle_s, root / "slim.log")
+        full_env = env | {"PYTHONPATH": str(REPO / "services"), "HANDTRACE_STATE_DIR": str(root / "state-full")}
+        r["full_rss_idle_mb"], r["full_rss_peak_mb"] = _rss_idle(
+            [sys.executable, "-m", "handtrace.agent.cli", "run"], full_env, settle_s, root / "full.log")
+    r["settle_s"] = settle_s
+    return r
+
+
+def package_report(r: dict[str, Any], info: str) -> str:
+    mb = 1_000_000
+    inst, rss = r["installed_bytes"] / mb, r["rss_idle_mb"]
+    return "\n".join([
+        f"machine: {info}",
+        "",
+        "| | slim .deb (/usr/bin/python3, /opt/handtrace-agent) | full install (`handtrace` + deps, this venv) "
+        "| ratio |",
+        "|---|---|---|---|",
+        f"| package (.deb) MB | {r['deb_bytes'] / mb:.1f} | -- | -- |",
+        f"| installed MB | {inst:.1f} | {r['full_install_bytes'] / mb:.1f} | "
+        f"{r['full_install_bytes'] / r['installed_bytes']:.1f}x smaller |",
+        f"| import s (entry point + service + X11 backend, median of 5) | {r['import_s']:.3f} | "
+        f"{r['full_import_s']:.3f} | {r['full_import_s'] / r['import_s']:.2f}x |",
+        f"| RSS idle MB (X11, no input, {r['settle_s']:g} s after start, real broker) | {rss:.1f} | "
+        f"{r['full_rss_idle_mb']:.1f} | {r['full_rss_idle_mb'] / rss:.2f}x |",
+        f"| peak RSS MB (VmHWM) | {r['rss_peak_mb']:.1f} | {r['full_rss_peak_mb']:.1f} | -- |",
+        "",
+        f"installed {inst:.1f} MB (target <= {PACKAGE_TARGETS['installed_mb']:.0f}): "
+        f"{'met' if inst <= PACKAGE_TARGETS['installed_mb'] else 'NOT met'}; RSS idle {rss:.1f} MB "
+        f"(target <= {PACKAGE_TARGETS['rss_idle_mb']:.0f}): "
+        f"{'met' if rss <= PACKAGE_TARGETS['rss_idle_mb'] else 'NOT met'}",
+    ])
 
 
 # ---------------------------------------------------------------- parent
@@ -555,6 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--x11-events", type=int, default=4000,
                     help="events injected for the X11 capture-path measure (0: skip it)")
+    ap.add_argument("--package", action="store_true", help="measure the slim .deb instead (issue #15): installed "
+                    "size, import time and idle RSS of the installed agent vs the full install")
+    ap.add_argument("--deb", type=Path, default=None, help="with --package: this .deb (default: build one with "
+                    "deploy/agent-deb.sh)")
+    ap.add_argument("--settle", type=float, default=20.0, help="with --package: seconds idle before RSS is read")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--x11-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", type=Path, default=None, help=argparse.SUPPRESS)
@@ -578,6 +743,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     try:
         broker = start_broker(root)
+        if a.package:
+            r = package_footprint(root, broker.bootstrap, a.deb, a.settle)
+            print("\n" + package_report(r, info))
+            if a.json:
+                a.json.write_text(json.dumps({"machine": info, "package": r}, indent=2))
+            return 0
         wl_path = root / "workload.pkl"
         t = time.perf_counter()
         wl = make_workload(wl_path, a.minutes, a.seed)

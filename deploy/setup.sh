@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for handtrace: system packages (when missing; Debian's chromium for the
 # portal's browser tests among them), the virtualenv with pinned dependencies (constraints.txt),
-# SeaweedFS for the S3 tests and helm for the chart's tests (Go module proxy; need Go), and the
-# Kafka broker jars (Maven Central).
+# SeaweedFS for the S3 tests, helm for the chart's tests and nfpm for the agent's .deb (Go module
+# proxy; need Go), and the Kafka broker jars (Maven Central).
 # Idempotent and quiet when everything is already there. Used by `make setup` and .ci/run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +17,8 @@ python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # Tests drive real X11 input (Xvfb + xdotool) and scrape with a real Prometheus (+ promtool).
 command -v Xvfb >/dev/null || need_apt+=(xvfb)
 command -v xdotool >/dev/null || need_apt+=(xdotool)
+# The agent's .deb: shared objects stripped (binutils), installed by dpkg in its test.
+command -v strip >/dev/null || need_apt+=(binutils)
 command -v promtool >/dev/null || need_apt+=(prometheus)
 # Export scrubbing OCRs frames with tesseract; its tests draw text with a real TrueType font.
 command -v tesseract >/dev/null || need_apt+=(tesseract-ocr)
@@ -77,6 +79,13 @@ if ! helm=$(deploy/helm.sh); then
   exit 1
 fi
 echo "    $helm"
+# The agent's .deb is packed by nfpm, built the same way (deploy/nfpm.sh; ~2 min the first time).
+say "nfpm for the agent's .deb (deploy/nfpm.sh: built from the Go module proxy, then cached)"
+if ! nfpm=$(deploy/nfpm.sh); then
+  echo "building nfpm failed (see above)" >&2
+  exit 1
+fi
+echo "    $nfpm"
 
 say "provisioning the Kafka broker (cached after the first run)"
 .venv/bin/python -m handtrace.core.localbroker provision >/dev/null

@@ -294,6 +294,63 @@ def agent_device_key() -> None:
                   soft_wrap=True)
 
 
+@agent_app.command("consent")
+def agent_consent(
+    withdraw: Annotated[bool, typer.Option("--withdraw", help="Withdraw it: delete the record; the "
+                                           "agent stops and no longer starts on this laptop.")] = False,
+    show: Annotated[bool, typer.Option("--show", help="Only show what is captured and whether "
+                                       "consent is recorded; change nothing.")] = False,
+) -> None:
+    """Show what the agent captures on this laptop and record the employee's acceptance (asked
+    interactively; the packaged agent starts only after it: docs/agent-rollout.md)."""
+    import shutil
+    import subprocess
+
+    from handtrace.agent.consent import (
+        ConsentError,
+        consent_path,
+        consent_text,
+        read_consent,
+        record_consent,
+        withdraw_consent,
+    )
+    from handtrace.agent.service import device_id_of
+
+    s = _settings()
+    systemctl = shutil.which("systemctl") if os.environ.get("HANDTRACE_AGENT_SYSTEMD") == "1" else None
+    if withdraw:
+        had = withdraw_consent(s)
+        if systemctl:
+            subprocess.run([systemctl, "--user", "stop", "handtrace-agent.service"], check=False)
+        console.print("consent withdrawn: the agent does not capture on this laptop any more"
+                      if had else "no consent was recorded on this laptop; nothing captured")
+        return
+    text = consent_text(s)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    try:
+        c = read_consent(s)
+        console.print(f"consent recorded for {c.employee_id} ({consent_path(s)})")
+        if show:
+            return
+    except ConsentError as e:
+        if show:
+            console.print(str(e))
+            return
+    if not s.agent.employee_id:
+        raise _fail("no employee id: set HANDTRACE_AGENT__EMPLOYEE_ID (ask IT)", 2)
+    if not sys.stdin.isatty() and os.environ.get("HANDTRACE_CONSENT_STDIN") != "1":
+        raise _fail("consent is asked interactively: run `handtrace-agent consent` in a terminal", 2)
+    answer = typer.prompt("Type yes to accept, anything else to decline", default="", show_default=False)
+    if answer.strip().lower() != "yes":
+        console.print("declined: nothing is captured on this laptop")
+        raise typer.Exit(1)
+    c = record_consent(s, text, device_id=device_id_of(s))
+    console.print(f"consent recorded for {c.employee_id} ({consent_path(s)})")
+    if systemctl:
+        subprocess.run([systemctl, "--user", "start", "handtrace-agent.service"], check=False)
+        console.print("the agent is starting (`handtrace-agent status` shows what it captures)")
+
+
 def _parse_duration(text: str) -> float:
     """Minutes from `15`, `15m`, `90s`, `0.5h`."""
     import re

@@ -67,7 +67,13 @@ def open_capture_source(settings: Settings, *, seed: int = 0) -> CaptureSource:
     """The capture backend named by ``HANDTRACE_AGENT__SOURCE``."""
     name = settings.agent.source
     if name == "synthetic":
-        from handtrace.agent.sources.synthetic import SyntheticSource
+        try:
+            from handtrace.agent.sources.synthetic import SyntheticSource
+        except ImportError as e:  # the slim agent (packaging/agent) has no numpy/polars
+            from handtrace.agent.capture import CaptureUnavailable
+
+            raise CaptureUnavailable(f"the synthetic source is a simulation for development: it needs the "
+                                     f"full handtrace distribution ({e})") from None
 
         return SyntheticSource(seed)
     from handtrace.agent.sources import open_source
@@ -241,6 +247,13 @@ def run_agent(settings: Settings, *, stop: threading.Event | None = None,
               on_started: Callable[[Agent, Path], None] | None = None) -> Agent:
     """Run the agent until SIGINT/SIGTERM (or ``stop``); everything unsent stays in the spool."""
     stop = stop or threading.Event()
+    if settings.agent.require_consent:
+        from handtrace.agent.consent import ConsentError, read_consent
+
+        try:
+            read_consent(settings)
+        except ConsentError as e:
+            raise AgentError(str(e)) from None
     tune_malloc()
     agent = build_agent(settings)
     uploader = build_uploader(settings, agent)

@@ -514,6 +514,10 @@ class AgentSettings(BaseModel):
                                          "key, generated here at first start (0600) and never "
                                          "sent; it signs the employee's own pauses and exemption "
                                          "requests. Unset: <state_dir>/agent/device.key.")
+    require_consent: bool = Field(default=False, description="Refuse to start unless the employee "
+                                  "accepted what is captured on this laptop (`handtrace-agent consent` "
+                                  "writes <state_dir>/agent/consent.json for the employee in force). The "
+                                  ".deb sets it (docs/agent-rollout.md).")
     focus_idle_poll_s: float = Field(default=2.0, ge=0.02, le=60, description="With no input since the "
                                      "last check, the focused window is checked only this often (each "
                                      "check costs X round trips); input after an unseen focus change "
@@ -771,7 +775,10 @@ def unknown_env_vars(environ: dict[str, str] | None = None) -> list[str]:
 
 
 # Read by tools and tests, not by Settings.
-_NON_SETTINGS_ENV = {"HANDTRACE_TEST_BOOTSTRAP", "HANDTRACE_PYTHON", "HANDTRACE_PSEUDONYM_KEY"}
+_NON_SETTINGS_ENV = {"HANDTRACE_TEST_BOOTSTRAP", "HANDTRACE_PYTHON", "HANDTRACE_PSEUDONYM_KEY",
+                     # the .deb's launcher and unit (packaging/agent, docs/agent-rollout.md)
+                     "HANDTRACE_AGENT_HOME", "HANDTRACE_AGENT_ENV_FILE", "HANDTRACE_AGENT_PYTHON",
+                     "HANDTRACE_AGENT_SYSTEMD", "HANDTRACE_CONSENT_STDIN"}
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
