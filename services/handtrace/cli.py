@@ -811,15 +811,28 @@ def _run_tiered(sql: str, *, role: str, purpose: str | None, actor: str | None, 
 
     if fmt not in ("table", "json", "csv"):
         raise _fail(f"unknown --format {fmt!r}: table, json or csv", 2)
+    from handtrace.core import chserve
+
     s = _settings()
+    dsn = s.clickhouse_dsn()
+    path = clickhouse.embedded_path(dsn)
+    answer: Any
     try:
-        client = clickhouse.open_for_cli(s.clickhouse_dsn())
-        answer = tiers.run(client, sql, role=role, database=s.clickhouse.database,
-                           k=s.warehouse.k_anonymity, actor=actor, purpose=purpose)
+        # served by another process (the sink): the owner runs the tier and writes the audit
+        # (/v1/sql), with this role's token when this user may read it (warehouse.endpoint_groups)
+        remote = chserve.RemoteClient.for_role(path.resolve(), role) if path is not None and \
+            not clickhouse.opened_here(dsn) else None
+        if remote is not None:
+            answer = remote.sql(sql, role=role, purpose=purpose, actor=actor)
+        else:
+            client = clickhouse.open_for_cli(dsn)
+            answer = tiers.run(client, sql, role=role, database=s.clickhouse.database,
+                               k=s.warehouse.k_anonymity, actor=actor, purpose=purpose)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
-    except (tiers.TierRefused, tiers.QueryFailed, tiers.AuditUnavailable) as e:
-        raise _fail(str(e)) from None
+    except (tiers.TierRefused, tiers.QueryFailed, tiers.AuditUnavailable, chserve.StatementRefused,
+            chserve.RemoteError) as e:
+        raise _fail(str(e).strip()) from None
     except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
         raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     if fmt == "json":

@@ -71,7 +71,9 @@ def serve_queries(settings: Settings, stop: threading.Event) -> chserve.Server |
         return None
     from handtrace.sink.schema import ERASABLE
 
-    return chserve.serve(dsn, stop, erasable=ERASABLE, database=settings.clickhouse.database)
+    return chserve.serve(dsn, stop, erasable=ERASABLE, database=settings.clickhouse.database,
+                         k_anonymity=settings.warehouse.k_anonymity,
+                         endpoint_groups={str(r): g for r, g in settings.warehouse.endpoint_groups.items()})
 
 
 def _exit_after(grace_s: float) -> None:
