@@ -52,13 +52,14 @@ def test_handtrace_query_answers_while_the_sink_runs(settings_factory, stream_wo
         p.produce(t.events, key=f"emp-{b}".encode(), value=payload)
     assert p.flush(30) == 0
 
-    # demonstration events typed before the sink starts: one masked, one not
+    # demonstration events typed before the sink starts (now: within the retention the sink applies)
     owner = clickhouse.connect(s.clickhouse_dsn())
     try:
         migrate(owner, db)
-        owner.command(f"INSERT INTO {db}.demonstration_events (event_id, employee_key, kind, text, text_masked) "
-                      "VALUES (generateUUIDv4(), 'emp-1', 'key', '•••', 1), "
-                      "(generateUUIDv4(), 'emp-1', 'key', 'UNMASKED', 0)")
+        owner.command(f"INSERT INTO {db}.demonstration_events (event_id, employee_key, kind, captured_at, "
+                      "received_at, text, text_masked) "
+                      "VALUES (generateUUIDv4(), 'emp-1', 'key', now64(6), now64(6), '•••', 1), "
+                      "(generateUUIDv4(), 'emp-1', 'key', now64(6), now64(6), 'UNMASKED', 0)")
     finally:
         clickhouse.close(s.clickhouse_dsn())
 
