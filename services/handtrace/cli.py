@@ -208,6 +208,7 @@ def stream_worker() -> None:
 @sink_app.command("run")
 def sink_run() -> None:
     """Run the ClickHouse sink (owns the embedded data dir while it runs)."""
+    from handtrace.core.chserve import EndpointConfigError
     from handtrace.core.clickhouse import ClickHouseLocked
     from handtrace.sink.service import main
 
@@ -215,6 +216,8 @@ def sink_run() -> None:
         main()
     except ClickHouseLocked as e:
         raise _fail(str(e)) from None
+    except EndpointConfigError as e:
+        raise _fail(str(e), 2) from None
 
 
 @agent_app.command("simulate")

@@ -141,6 +141,14 @@ def test_an_unknown_or_unusable_group_fails_at_start(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no token file for role.s. admin"):
         chserve.Server(f"chdb://{data}", threading.Event(), endpoint_groups={"admin": GROUP})
     assert not data.exists() or not any(data.iterdir()), "nothing is written or served"
+    # the sink checks before it opens anything: exit 2 and one line
+    from handtrace.cli import app
+
+    r = CliRunner().invoke(app, ["sink", "run"], env={
+        "HANDTRACE_CLICKHOUSE__DSN": f"chdb://{data}", "HANDTRACE_STATE_DIR": str(tmp_path),
+        "HANDTRACE_WAREHOUSE__ENDPOINT_GROUPS": '{"auditor": "no-such-group-x"}'})
+    assert r.exit_code == 2 and "there is no OS group 'no-such-group-x'" in r.output, r.output
+    assert not data.exists() or not any(data.iterdir())
     with pytest.raises(ValidationError, match="analyst"):
         Settings(warehouse={"endpoint_groups": {"admin": "staff"}})  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="not an OS group name"):

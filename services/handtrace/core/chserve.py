@@ -100,6 +100,10 @@ class AuditFailed(RemoteError):
     """The owner could not write the access audit row, so it answered nothing (HTTP 503)."""
 
 
+class EndpointConfigError(ValueError):
+    """``warehouse.endpoint_groups`` cannot be applied on this machine (the sink does not start)."""
+
+
 def role_endpoint_file(role: str) -> str:
     """The token file of ``role`` in the data dir (``query.endpoint`` for admin)."""
     return ENDPOINT_FILE if role == "admin" else f"query.{role}.endpoint"
@@ -111,12 +115,23 @@ def group_id(name: str) -> int:
     try:
         gid = grp.getgrnam(name).gr_gid
     except KeyError:
-        raise ValueError(f"warehouse.endpoint_groups: there is no OS group {name!r} on this machine "
-                         "(create it, or remove it from the setting)") from None
+        raise EndpointConfigError(f"warehouse.endpoint_groups: there is no OS group {name!r} on this machine "
+                                  "(create it, or remove it from the setting)") from None
     if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
-        raise ValueError(f"warehouse.endpoint_groups: this process's user is not a member of group {name!r}, so "
-                         "it cannot give the token file that group (add the user to it, or change the setting)")
+        raise EndpointConfigError(f"warehouse.endpoint_groups: this process's user is not a member of group "
+                                  f"{name!r}, so it cannot give the token file that group (add the user to it, "
+                                  "or change the setting)")
     return gid
+
+
+def group_ids(endpoint_groups: Mapping[str, str]) -> dict[str, int]:
+    """role -> gid of ``warehouse.endpoint_groups``; EndpointConfigError for a role without a token
+    file of its own or a group this process cannot give (the sink checks it before it starts)."""
+    unknown = sorted(set(endpoint_groups) - set(TIERED_ROLES))
+    if unknown:
+        raise EndpointConfigError(f"warehouse.endpoint_groups: no token file for role(s) {', '.join(unknown)} "
+                                  f"(one of {', '.join(TIERED_ROLES)}; the admin file stays 0600)")
+    return {role: group_id(g) for role, g in endpoint_groups.items()}
 
 
 # ------------------------------------------------------------------ who is on the other end
@@ -334,12 +349,7 @@ class Server:
         path = embedded_path(dsn)
         if path is None:
             raise ValueError(f"only an embedded ClickHouse (chdb://) is served, not {dsn}")
-        groups = dict(endpoint_groups or {})
-        unknown = sorted(set(groups) - set(TIERED_ROLES))
-        if unknown:
-            raise ValueError(f"warehouse.endpoint_groups: no token file for role(s) {', '.join(unknown)} "
-                             f"(one of {', '.join(TIERED_ROLES)}; the admin file stays 0600)")
-        self.gids = {role: group_id(g) for role, g in groups.items()}  # every bad group fails here, at start
+        self.gids = group_ids(endpoint_groups or {})  # every bad group fails here, at start
         self.path = path.resolve()
         self.dsn = f"chdb://{self.path}"
         self.token = secrets.token_urlsafe(32)

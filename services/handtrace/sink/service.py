@@ -104,6 +104,8 @@ def main() -> None:
     """Run until SIGTERM/SIGINT; then flush, commit and release the data dir (within
     ``sink.stop_grace_s``)."""
     settings = load_settings()
+    if clickhouse.embedded_path(settings.clickhouse_dsn()) is not None:  # before anything is opened
+        chserve.group_ids({str(r): g for r, g in settings.warehouse.endpoint_groups.items()})
     stop = threading.Event()
     install_stop_handlers(stop, settings.sink.stop_grace_s)
     sink = open_sink(settings)
