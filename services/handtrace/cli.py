@@ -208,6 +208,7 @@ def stream_worker() -> None:
 @sink_app.command("run")
 def sink_run() -> None:
     """Run the ClickHouse sink (owns the embedded data dir while it runs)."""
+    from handtrace.core.chserve import EndpointConfigError
     from handtrace.core.clickhouse import ClickHouseLocked
     from handtrace.sink.service import main
 
@@ -215,6 +216,8 @@ def sink_run() -> None:
         main()
     except ClickHouseLocked as e:
         raise _fail(str(e)) from None
+    except EndpointConfigError as e:
+        raise _fail(str(e), 2) from None
 
 
 @agent_app.command("simulate")
@@ -868,15 +871,28 @@ def _run_tiered(sql: str, *, role: str, purpose: str | None, actor: str | None, 
 
     if fmt not in ("table", "json", "csv"):
         raise _fail(f"unknown --format {fmt!r}: table, json or csv", 2)
+    from handtrace.core import chserve
+
     s = _settings()
+    dsn = s.clickhouse_dsn()
+    path = clickhouse.embedded_path(dsn)
+    answer: Any
     try:
-        client = clickhouse.open_for_cli(s.clickhouse_dsn())
-        answer = tiers.run(client, sql, role=role, database=s.clickhouse.database,
-                           k=s.warehouse.k_anonymity, actor=actor, purpose=purpose)
+        # served by another process (the sink): the owner runs the tier and writes the audit
+        # (/v1/sql), with this role's token when this user may read it (warehouse.endpoint_groups)
+        remote = chserve.RemoteClient.for_role(path.resolve(), role) if path is not None and \
+            not clickhouse.opened_here(dsn) else None
+        if remote is not None:
+            answer = remote.sql(sql, role=role, purpose=purpose, actor=actor)
+        else:
+            client = clickhouse.open_for_cli(dsn)
+            answer = tiers.run(client, sql, role=role, database=s.clickhouse.database,
+                               k=s.warehouse.k_anonymity, actor=actor, purpose=purpose)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
-    except (tiers.TierRefused, tiers.QueryFailed, tiers.AuditUnavailable) as e:
-        raise _fail(str(e)) from None
+    except (tiers.TierRefused, tiers.QueryFailed, tiers.AuditUnavailable, chserve.StatementRefused,
+            chserve.RemoteError) as e:
+        raise _fail(str(e).strip()) from None
     except Exception as e:  # noqa: BLE001 -- show ClickHouse's message, not a traceback
         raise _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
     if fmt == "json":

@@ -1,10 +1,13 @@
 """Queries while the pipeline runs (control plane part 3 A): the sink process owns the embedded
 data dir and serves it; ``handtrace query`` and the dataset CLI (separate processes) read and
 record through it, writes are refused with the statement kind, and the endpoint is gone after the
-sink stops."""
+sink stops. ``handtrace sql`` runs its tier in the sink (``/v1/sql``): a researcher reads masked
+demonstration text while the sink runs, and the sink writes the audit row with the OS user
+(issue #14 Part Q)."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -17,6 +20,7 @@ import pytest
 from handtrace.core import chserve, clickhouse
 from handtrace.core.admin import group_lag
 from handtrace.core.settings import Settings, settings_env
+from handtrace.sink.schema import migrate
 from tests.factories import make_batch
 from tests.integration.conftest import producer, start_sink_process, topics_of, wait_for
 
@@ -48,6 +52,17 @@ def test_handtrace_query_answers_while_the_sink_runs(settings_factory, stream_wo
         p.produce(t.events, key=f"emp-{b}".encode(), value=payload)
     assert p.flush(30) == 0
 
+    # demonstration events typed before the sink starts (now: within the retention the sink applies)
+    owner = clickhouse.connect(s.clickhouse_dsn())
+    try:
+        migrate(owner, db)
+        owner.command(f"INSERT INTO {db}.demonstration_events (event_id, employee_key, kind, captured_at, "
+                      "received_at, text, text_masked) "
+                      "VALUES (generateUUIDv4(), 'emp-1', 'key', now64(6), now64(6), '•••', 1), "
+                      "(generateUUIDv4(), 'emp-1', 'key', now64(6), now64(6), 'UNMASKED', 0)")
+    finally:
+        clickhouse.close(s.clickhouse_dsn())
+
     log = tmp_path / "sink.log"
     sink = start_sink_process(s, log)
     try:
@@ -72,6 +87,22 @@ def test_handtrace_query_answers_while_the_sink_runs(settings_factory, stream_wo
         assert w.returncode == 0 and w.stdout.splitlines()[1:] == ["pk-1,ops"], (w.stdout, w.stderr)
         history = cli(s, "control", "policy", "history", "--json")
         assert history.returncode == 0 and json.loads(history.stdout) == [], history.stderr
+
+        for role in chserve.TIERED_ROLES:  # no endpoint_groups: every role file is the sink user's alone
+            assert (data / f"query.{role}.endpoint").stat().st_mode & 0o777 == 0o600
+        masked = cli(s, "sql", "--role", "researcher", "--purpose", "integration", "--actor", "rey", "--format",
+                     "json", f"SELECT text FROM {db}.demonstration_events")
+        assert masked.returncode == 0, masked.stderr
+        assert [json.loads(line) for line in masked.stdout.splitlines()] == [{"text": "•••"}]
+        raw = cli(s, "sql", "--role", "analyst", f"SELECT text FROM {db}.demonstration_events")
+        assert raw.returncode == 1 and "not readable by analysts" in raw.stderr, raw.stderr
+        audit = cli(s, "sql", "--role", "auditor", "--format", "json",
+                    f"SELECT role, actor, os_user, outcome FROM {db}.access_audit WHERE role != 'auditor' "
+                    "AND role != 'admin' ORDER BY at")
+        assert audit.returncode == 0, audit.stderr
+        assert [json.loads(line) for line in audit.stdout.splitlines()] == [
+            {"role": "researcher", "actor": "rey", "os_user": getpass.getuser(), "outcome": "allowed"},
+            {"role": "analyst", "actor": getpass.getuser(), "os_user": getpass.getuser(), "outcome": "refused"}]
     finally:
         sink.send_signal(signal.SIGTERM)
         sink.wait(60)

@@ -557,7 +557,7 @@ def test_tiers_and_audit_work_through_the_endpoint(served: Any) -> None:
     with pytest.raises(tiers.TierRefused, match="column events.window_title"):
         tiers.run(served, f"SELECT count() FROM (SELECT * FROM {DB}.events) WHERE window_title != ''",
                   role="analyst", database=DB, k=K, actor="ana")
-    with pytest.raises(tiers.TierRefused, match="the sink's query endpoint cannot apply"):
+    with pytest.raises(tiers.TierRefused, match="raw query route cannot apply; use handtrace sql"):
         tiers.run(served, f"SELECT text FROM {DB}.demonstration_events", role="researcher", database=DB, k=K,
                   actor="rey", purpose="p")
     with pytest.raises(tiers.TierRefused, match="DROP statement refused"):

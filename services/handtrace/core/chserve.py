@@ -4,12 +4,26 @@ Only one process may open a ``chdb://`` data dir (``core/clickhouse.py`` locks i
 (the sink, the demo) calls :func:`serve`; the others reach it through :class:`RemoteClient`, which
 ``clickhouse.reader`` / ``clickhouse.open_for_cli`` hand out.
 
-Transport: HTTP on 127.0.0.1 (a random port) with a random bearer token. Both are in
-``<datadir>/query.endpoint`` (mode 0600): whoever may read that file may read the data dir
-anyway, so the token grants nothing the file system does not. A Unix socket would need a path
-under 108 bytes, which long data dirs (pytest's tmp dirs) exceed.
+Transport: HTTP on 127.0.0.1 (a random port) with random bearer tokens, one per role (issue #14,
+Part Q; docs/adr/0016-endpoint-tiers.md). ``<datadir>/query.endpoint`` (mode 0600) holds the
+admin token: whoever may read that file may read the data dir anyway, so it grants nothing the
+file system does not. ``query.<role>.endpoint`` (analyst, researcher, auditor) each hold their own
+token: mode 0600, or 0640 with the OS group ``warehouse.endpoint_groups`` names for that role (a
+group that does not exist or that this user cannot give fails :class:`Server` at start). The
+server maps token -> role; a request never chooses its role, except that the admin token may ask
+``/v1/sql`` for any role. A role token reaches ``/v1/sql`` and ``/v1/whoami`` only; every other
+route answers 403 naming the admin file. A Unix socket would need a path under 108 bytes, which
+long data dirs (pytest's tmp dirs) exceed.
 
-What runs: one read statement per request. The kind is decided by ClickHouse's own parser:
+``POST /v1/sql`` ``{sql, role?, purpose, actor, params, format}`` runs ``warehouse.tiers.run`` *in
+this process* with an owner client (so the researcher's masked-text row filter,
+``additional_table_filters``, can be set per query next to ``readonly = 1``) and writes the
+``access_audit`` row itself. The audit's OS user is the owner of the connecting socket, read from
+the kernel's table (``/proc/net/tcp`` and ``tcp6``: the client's loopback port -> uid -> user
+name, :func:`socket_user`); ``unknown`` when the table cannot be read. The actor is what the
+client claims (default: that OS user).
+
+What ``/v1/query`` (admin) runs: one read statement per request. The kind is decided by ClickHouse's own parser:
 ``formatQuery`` parses the text (it refuses several statements and syntax errors) and prints the
 one statement it parsed; its first keyword is the kind, and *that printed statement* is what is
 executed, so nothing the parser did not see can run. ``EXPLAIN AST`` on the engine was not used:
@@ -26,17 +40,19 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import grp
 import hmac
 import http.client
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import queue
 import secrets
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,6 +69,10 @@ from handtrace.core.clickhouse import ClickHouseUnavailable, embedded_path
 log = logging.getLogger("handtrace.chserve")
 
 ENDPOINT_FILE = "query.endpoint"
+TIERED_ROLES = ("analyst", "researcher", "auditor")
+"""Roles with their own token file (``query.<role>.endpoint``); the admin's is :data:`ENDPOINT_FILE`."""
+ROLE_ROUTES = ("/v1/sql", "/v1/whoami")
+"""The only routes a role token reaches; every other one needs the admin token."""
 WRITABLE = ("withdrawals", "dataset_exports", "erasure_receipts", "access_audit")
 """Tables the endpoint inserts into (through ``insert()`` only): withdrawals and export records,
 which the dataset CLI records while the sink runs, erasure receipts (``handtrace erase``) and the
@@ -70,6 +90,105 @@ class StatementRefused(DatabaseError):
 
 class RemoteError(DatabaseError):
     """ClickHouse (in the owner process) failed the statement; the message is ClickHouse's."""
+
+
+class Forbidden(StatementRefused):
+    """The token's role does not reach this route, or the request claimed another role (HTTP 403)."""
+
+
+class AuditFailed(RemoteError):
+    """The owner could not write the access audit row, so it answered nothing (HTTP 503)."""
+
+
+class EndpointConfigError(ValueError):
+    """``warehouse.endpoint_groups`` cannot be applied on this machine (the sink does not start)."""
+
+
+def role_endpoint_file(role: str) -> str:
+    """The token file of ``role`` in the data dir (``query.endpoint`` for admin)."""
+    return ENDPOINT_FILE if role == "admin" else f"query.{role}.endpoint"
+
+
+def group_id(name: str) -> int:
+    """The id of the OS group ``name`` that this process may give its files; ValueError (saying
+    which and why) when there is no such group or this user is not in it (chgrp would fail)."""
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise EndpointConfigError(f"warehouse.endpoint_groups: there is no OS group {name!r} on this machine "
+                                  "(create it, or remove it from the setting)") from None
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise EndpointConfigError(f"warehouse.endpoint_groups: this process's user is not a member of group "
+                                  f"{name!r}, so it cannot give the token file that group (add the user to it, "
+                                  "or change the setting)")
+    return gid
+
+
+def group_ids(endpoint_groups: Mapping[str, str]) -> dict[str, int]:
+    """role -> gid of ``warehouse.endpoint_groups``; EndpointConfigError for a role without a token
+    file of its own or a group this process cannot give (the sink checks it before it starts)."""
+    unknown = sorted(set(endpoint_groups) - set(TIERED_ROLES))
+    if unknown:
+        raise EndpointConfigError(f"warehouse.endpoint_groups: no token file for role(s) {', '.join(unknown)} "
+                                  f"(one of {', '.join(TIERED_ROLES)}; the admin file stays 0600)")
+    return {role: group_id(g) for role, g in endpoint_groups.items()}
+
+
+# ------------------------------------------------------------------ who is on the other end
+
+
+def proc_net_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """An address of ``/proc/net/tcp{,6}`` (``0100007F:1F90``: the address in the kernel's byte
+    order, 32-bit words little-endian on x86; the port big-endian hex) as (address, port); an
+    IPv4-mapped IPv6 address comes back as IPv4."""
+    host, _, port = text.partition(":")
+    raw = bytes.fromhex(host)
+    if len(raw) not in (4, 16):
+        raise ValueError(f"not an address of /proc/net/tcp: {text!r}")
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(words)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr, int(port, 16)
+
+
+def socket_uid(peer: tuple[str, int], local: tuple[str, int], tables: Sequence[str]) -> int | None:
+    """The uid owning the client end of the TCP connection from ``peer`` to ``local`` (this
+    server), found in the text of ``/proc/net/tcp`` and ``/proc/net/tcp6`` (``tables``): the row
+    whose local address is the peer and whose remote address is us. None when no row matches."""
+    want_peer = (ipaddress.ip_address(peer[0]), int(peer[1]))
+    want_local = (ipaddress.ip_address(local[0]), int(local[1]))
+    for text in tables:
+        for line in text.splitlines()[1:]:
+            f = line.split()
+            if len(f) < 8:
+                continue
+            try:
+                if proc_net_address(f[1]) == want_peer and proc_net_address(f[2]) == want_local:
+                    return int(f[7])
+            except ValueError:
+                continue
+    return None
+
+
+def socket_user(peer: tuple[str, int], local: tuple[str, int], proc_net: Path = Path("/proc/net")) -> str:
+    """The OS user name of the process at the other end of a loopback connection (the kernel's
+    socket table: the client's port -> its uid -> the name); ``uid N`` when the uid has no name,
+    ``unknown`` when the table cannot be read or holds no such connection (another network
+    namespace, no /proc). Only a connection of this machine is looked up."""
+    if not ipaddress.ip_address(peer[0]).is_loopback:
+        return "unknown"
+    tables = []
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            tables.append((proc_net / name).read_text())
+    uid = socket_uid(peer, local, tables)
+    if uid is None:
+        return "unknown"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 # ------------------------------------------------------------------ values as tagged JSON
@@ -225,17 +344,22 @@ class Server:
     """The query endpoint of one data dir, served by a daemon thread of the owner process."""
 
     def __init__(self, dsn: str, stop: threading.Event, *, erasable: Sequence[str] = (),
-                 database: str | None = None) -> None:
+                 database: str | None = None, k_anonymity: int = 5,
+                 endpoint_groups: Mapping[str, str] | None = None) -> None:
         path = embedded_path(dsn)
         if path is None:
             raise ValueError(f"only an embedded ClickHouse (chdb://) is served, not {dsn}")
+        self.gids = group_ids(endpoint_groups or {})  # every bad group fails here, at start
         self.path = path.resolve()
         self.dsn = f"chdb://{self.path}"
         self.token = secrets.token_urlsafe(32)
+        self.role_tokens = {role: secrets.token_urlsafe(32) for role in TIERED_ROLES}
         self.endpoint_file = self.path / ENDPOINT_FILE
         self.erasable = tuple(erasable)
         self.database = database
+        self.k_anonymity = int(k_anonymity)
         self._readers: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._owners: queue.LifoQueue[Any] = queue.LifoQueue()
         self._writer = clickhouse_connect.get_client(dsn=self.dsn)
         self._writer_lock = threading.Lock()
         self._parser = self._reader()
@@ -244,7 +368,9 @@ class Server:
         self._http.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
         self._stopped = False
-        self._write_endpoint()
+        for role, token in self.role_tokens.items():
+            self._write_endpoint(role_endpoint_file(role), token, {"role": role}, self.gids.get(role))
+        self._write_endpoint(ENDPOINT_FILE, self.token)  # last: its presence says "served"
         self._thread = threading.Thread(target=self._http.serve_forever, name="chserve", daemon=True)
         self._thread.start()
         def stop_when_told() -> None:
@@ -271,14 +397,84 @@ class Server:
         finally:
             self._readers.put(client)
 
-    def _write_endpoint(self) -> None:
-        tmp = self.path / f".{ENDPOINT_FILE}.{os.getpid()}"
+    @contextlib.contextmanager
+    def owner(self) -> Iterator[Any]:
+        """A client of this process's engine without the readonly session, for ``/v1/sql``:
+        ``tiers.run`` sets ``readonly = 1`` per query itself, together with the researcher's row
+        filter (``additional_table_filters``), which a readonly session refuses to take."""
+        try:
+            client = self._owners.get_nowait()
+        except queue.Empty:
+            client = clickhouse_connect.get_client(dsn=self.dsn)
+        try:
+            yield client
+        finally:
+            self._owners.put(client)
+
+    def _write_endpoint(self, name: str, token: str, extra: Mapping[str, Any] | None = None,
+                        gid: int | None = None) -> None:
+        tmp = self.path / f".{name}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"url": self.url, "token": self.token, "pid": os.getpid(), "dsn": self.dsn}, f)
-        os.replace(tmp, self.endpoint_file)
+            if gid is not None:  # group and mode before the token is in the file
+                os.fchown(f.fileno(), -1, gid)
+                os.fchmod(f.fileno(), 0o640)
+            json.dump({"url": self.url, "token": token, "pid": os.getpid(), "dsn": self.dsn, **(extra or {})}, f)
+        os.replace(tmp, self.path / name)
+
+    def role_of(self, authorization: str) -> str | None:
+        """The role of the bearer token in an ``Authorization`` header (admin for the token of
+        ``query.endpoint``); None for a wrong or missing token. Every token is compared."""
+        given = authorization.encode()
+        found = None
+        for role, token in [("admin", self.token), *self.role_tokens.items()]:
+            if hmac.compare_digest(given, f"Bearer {token}".encode()):
+                found = role
+        return found
+
+    def sql(self, token_role: str, body: Mapping[str, Any], os_user: str) -> dict[str, Any]:
+        """``POST /v1/sql``: run one query under an access tier in this process (``tiers.run``
+        with an owner client) and write its audit row here. The role is the token's; only the
+        admin token may name another role (``body["role"]``). Errors: Forbidden (a claimed role
+        that is not the token's), StatementRefused (the tier refused it; audited), RemoteError
+        (ClickHouse failed it; audited), AuditFailed (no audit row, no answer)."""
+        from handtrace.warehouse import tiers
+
+        if self.database is None:
+            raise StatementRefused("this endpoint runs no tiered queries (its owner named no database)")
+        claimed = body.get("role")
+        if token_role == "admin":  # noqa: S105 -- a role name, not a password
+            role = str(claimed or "admin")
+        elif claimed not in (None, "", token_role):
+            raise Forbidden(f"this is the {token_role} token ({role_endpoint_file(token_role)}): it runs queries as "
+                            f"{token_role}, not as {claimed}")
+        else:
+            role = token_role
+        fmt = body.get("format", "rows")
+        if fmt != "rows":
+            raise ValueError(f"format {fmt!r}: /v1/sql answers rows (tagged JSON); the client formats them")
+        params = body.get("params") or {}
+        if not isinstance(params, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in params.items()):
+            raise ValueError("params: an object of name -> value strings ({name:Type} placeholders)")
+        sql = tiers.bind_parameters(str(body["sql"]), params)
+        actor, purpose = body.get("actor"), body.get("purpose")
+        try:
+            with self.owner() as client:
+                answer = tiers.run(client, sql, role=role, database=self.database, k=self.k_anonymity,
+                                   actor=str(actor) if actor else None, purpose=str(purpose) if purpose else None,
+                                   os_user=os_user, served=True)
+        except tiers.TierRefused as e:
+            raise StatementRefused(str(e)) from None
+        except tiers.QueryFailed as e:
+            raise RemoteError(str(e)) from None
+        except tiers.AuditUnavailable as e:
+            raise AuditFailed(str(e)) from None
+        audit = {k: answer.audit[k] for k in ("actor", "os_user", "role", "outcome", "rows", "executed")}
+        return {"column_names": list(answer.column_names), "rows": encode([list(r) for r in answer.rows]),
+                "audit": audit}
 
     def prepare(self, sql: str, parameters: Any) -> tuple[str, Any]:
         """The statement to run (formatQuery's print of the one statement in ``sql``, parameters
@@ -325,16 +521,19 @@ class Server:
         if getattr(self, "_stopped", True):
             return
         self._stopped = True
-        try:
-            if json.loads(self.endpoint_file.read_text()).get("token") == self.token:
-                self.endpoint_file.unlink()
-        except (OSError, ValueError):
-            pass
+        for role, token in [("admin", self.token), *self.role_tokens.items()]:
+            f = self.path / role_endpoint_file(role)
+            try:
+                if json.loads(f.read_text()).get("token") == token:
+                    f.unlink()
+            except (OSError, ValueError):
+                pass
         self._http.shutdown()
         self._http.server_close()
-        while not self._readers.empty():
-            with contextlib.suppress(Exception):
-                self._readers.get_nowait().close()
+        for pool in (self._readers, self._owners):
+            while not pool.empty():
+                with contextlib.suppress(Exception):
+                    pool.get_nowait().close()
         for client in (self._parser, self._writer):
             with contextlib.suppress(Exception):
                 client.close()
@@ -362,14 +561,44 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int, kind: str, message: str) -> None:
             self._send(status, json.dumps({"error": kind, "message": message}).encode())
 
+        def _who(self) -> str:
+            peer: Any = self.client_address
+            local: Any = self.server.server_address
+            return socket_user((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+
+        def _whoami(self, role: str) -> None:
+            self._send(200, json.dumps({"role": role, "os_user": self._who()}).encode())
+
+        def do_GET(self) -> None:  # noqa: N802 -- http.server's name
+            role = server.role_of(self.headers.get("Authorization", ""))
+            if role is None:
+                self._error(401, "unauthorized", "wrong or missing token")
+            elif self.path == "/v1/whoami":
+                self._whoami(role)
+            else:
+                self._error(404, "not_found", f"no route GET {self.path} (GET serves /v1/whoami only)")
+
         def do_POST(self) -> None:  # noqa: N802 -- http.server's name
-            auth = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {server.token}".encode()):
+            role = server.role_of(self.headers.get("Authorization", ""))
+            if role is None:
                 self._error(401, "unauthorized", "wrong or missing token (read it from the data dir's "
-                                                 f"{ENDPOINT_FILE})")
+                                                 f"{ENDPOINT_FILE}, or query.<role>.endpoint)")
+                return
+            if role != "admin" and self.path not in ROLE_ROUTES:
+                # the body is drained unread (a client still sending it would see a reset, not the reason)
+                self.rfile.read(int(self.headers.get("Content-Length", "0") or 0))
+                self._error(403, "forbidden", f"the {role} token ({role_endpoint_file(role)}) reaches only "
+                                              f"{' and '.join(ROLE_ROUTES)} (handtrace sql --role {role}); "
+                                              f"{self.path} needs the admin token ({ENDPOINT_FILE})")
                 return
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+                if self.path == "/v1/whoami":
+                    self._whoami(role)
+                    return
+                if self.path == "/v1/sql":
+                    self._send(200, json.dumps(server.sql(role, body, self._who())).encode())
+                    return
                 if self.path == "/v1/insert":
                     n = server.insert(str(body["table"]), decode(body["rows"]), list(body["column_names"]))
                     self._send(200, json.dumps({"written_rows": n}).encode())
@@ -399,8 +628,12 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                     result = client.query(sql, parameters=params)
                     rows = encode(result.result_rows)
                 self._send(200, json.dumps({"column_names": list(result.column_names), "rows": rows}).encode())
+            except Forbidden as e:
+                self._error(403, "forbidden", str(e))
             except StatementRefused as e:
                 self._error(403, "refused", str(e))
+            except AuditFailed as e:
+                self._error(503, "audit", str(e))
             except (DatabaseError, TypeError, ValueError, KeyError) as e:
                 self._error(400, "clickhouse", str(e).strip() or repr(e))
             except Exception as e:  # noqa: BLE001 -- the caller gets the message; this thread lives on
@@ -410,20 +643,26 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(dsn: str, stop: threading.Event, *, erasable: Sequence[str] = (), database: str | None = None) -> Server:
+def serve(dsn: str, stop: threading.Event, *, erasable: Sequence[str] = (), database: str | None = None,
+          k_anonymity: int = 5, endpoint_groups: Mapping[str, str] | None = None) -> Server:
     """Serve the embedded ClickHouse ``dsn`` (opened by this process) to the processes of this
     machine until ``stop`` is set (or :meth:`Server.stop`). With ``erasable`` tables of
-    ``database``, it also runs the fixed erase operation (:meth:`Server.erase`)."""
-    return Server(dsn, stop, erasable=erasable, database=database)
+    ``database``, it also runs the fixed erase operation (:meth:`Server.erase`); with
+    ``database``, tiered queries (``/v1/sql``, analysts at ``k_anonymity``). ``endpoint_groups``
+    (role -> OS group) gives role token files that group and mode 0640 (ValueError at once for
+    a group that does not exist or that this user cannot give)."""
+    return Server(dsn, stop, erasable=erasable, database=database, k_anonymity=k_anonymity,
+                  endpoint_groups=endpoint_groups)
 
 
 # ------------------------------------------------------------------ the client
 
 
-def endpoint_of(path: Path) -> dict[str, Any] | None:
-    """The endpoint served for the data dir ``path``: None if none is served, ClickHouseUnavailable
-    if the file was left by a process that is gone."""
-    f = path / ENDPOINT_FILE
+def endpoint_of(path: Path, name: str = ENDPOINT_FILE) -> dict[str, Any] | None:
+    """The endpoint served for the data dir ``path`` (the admin's, or the token file ``name``):
+    None if none is served, ClickHouseUnavailable if the file cannot be read or was left by a
+    process that is gone."""
+    f = path / name
     try:
         ep = json.loads(f.read_text())
     except FileNotFoundError:
@@ -443,8 +682,8 @@ def endpoint_of(path: Path) -> dict[str, Any] | None:
     return dict(ep)
 
 
-def _served(path: Path) -> dict[str, Any]:
-    ep = endpoint_of(path)
+def _served(path: Path, name: str = ENDPOINT_FILE) -> dict[str, Any]:
+    ep = endpoint_of(path, name)
     if ep is None:
         raise ClickHouseUnavailable(
             f"the embedded ClickHouse at {path} is not being served: start the sink (handtrace sink run) "
@@ -476,14 +715,27 @@ class RemoteResult:
             yield dict(zip(self.column_names, row, strict=True))
 
 
+class SqlAnswer(RemoteResult):
+    """A tiered query's rows and the audit row the owner wrote for it."""
+
+    def __init__(self, column_names: Sequence[str], result_rows: list[Any], audit: dict[str, Any]) -> None:
+        super().__init__(column_names, result_rows)
+        self.audit = audit
+
+    @property
+    def rows(self) -> list[Any]:
+        return self.result_rows
+
+
 class RemoteClient:
     """The subset of the clickhouse-connect client the code uses, run by the data dir's owner."""
 
     def __init__(self, path: Path, endpoint: dict[str, Any], *, timeout_s: float = QUERY_TIMEOUT_S,
-                 follow: bool = False) -> None:
+                 follow: bool = False, endpoint_file: str = ENDPOINT_FILE) -> None:
         self.path = path
         self._timeout_s = timeout_s
         self._follow = follow
+        self.endpoint_file = endpoint_file
         self._use(endpoint)
 
     def _use(self, endpoint: dict[str, Any]) -> None:
@@ -497,9 +749,35 @@ class RemoteClient:
         re-reads the endpoint on each call, so it outlives a restart of the sink."""
         return cls(path, _served(path), follow=True)
 
+    @classmethod
+    def for_role(cls, path: Path, role: str) -> RemoteClient | None:
+        """A client with the token of ``role`` (``query.<role>.endpoint``) when this user may read
+        that file, else with the admin's (``query.endpoint``); None when ``path`` is not served
+        (no file, or one left by a process that is gone). ClickHouseUnavailable when it is served
+        but neither file is readable by this user."""
+        names = [role_endpoint_file(role)] if role != "admin" else []
+        names.append(ENDPOINT_FILE)
+        denied = []
+        for name in names:
+            try:
+                ep = endpoint_of(path, name)
+            except ClickHouseUnavailable as e:
+                if not (path / name).exists() or "not being served" in str(e):
+                    continue
+                denied.append(name)
+                continue
+            if ep is not None:
+                return cls(path, ep, follow=True, endpoint_file=name)
+        if denied:
+            raise ClickHouseUnavailable(
+                f"the embedded ClickHouse at {path} is served, but this user may read neither "
+                f"{' nor '.join(denied)}: ask its operator to add you to the OS group of the {role} tier "
+                "(warehouse.endpoint_groups)")
+        return None
+
     def _post(self, route: str, body: dict[str, Any]) -> tuple[str, bytes]:
         if self._follow:
-            self._use(_served(self.path))
+            self._use(_served(self.path, self.endpoint_file))
         conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
             try:
@@ -525,8 +803,12 @@ class RemoteClient:
                 kind, message = str(err.get("error")), str(err.get("message"))
             except ValueError:
                 kind, message = "internal", data[:200].decode(errors="replace")
+            if kind == "forbidden":
+                raise Forbidden(message)
             if kind == "refused":
                 raise StatementRefused(message)
+            if kind == "audit":
+                raise AuditFailed(message)
             if kind == "unauthorized":
                 raise ClickHouseUnavailable(f"the query endpoint of {self.path} refused the token: {message}")
             raise RemoteError(message)
@@ -563,6 +845,21 @@ class RemoteClient:
         _, out = self._post("/v1/insert", {"table": table, "column_names": list(column_names),
                                            "rows": encode(rows)})
         return int(json.loads(out)["written_rows"])
+
+    def sql(self, sql: str, *, role: str | None = None, purpose: str | None = None, actor: str | None = None,
+            params: Mapping[str, str] | None = None) -> SqlAnswer:
+        """Have the owner run ``sql`` under an access tier and audit it (``/v1/sql``). The role is
+        this client's token's; with the admin token, ``role`` picks one. StatementRefused (the
+        tier refused it), RemoteError (ClickHouse failed it), AuditFailed, Forbidden."""
+        _, out = self._post("/v1/sql", {"sql": sql, "role": role, "purpose": purpose, "actor": actor,
+                                        "params": dict(params or {}), "format": "rows"})
+        body = json.loads(out)
+        return SqlAnswer(body["column_names"], [tuple(r) for r in decode(body["rows"])], body["audit"])
+
+    def whoami(self) -> dict[str, str]:
+        """The role of this client's token and the OS user the owner sees on the connection."""
+        _, out = self._post("/v1/whoami", {})
+        return {str(k): str(v) for k, v in json.loads(out).items()}
 
     def erase(self, employee_key: str) -> dict[str, int]:
         """Have the owner delete every row of ``employee_key`` from its erasable tables (the

@@ -135,6 +135,11 @@ def open_for_cli(dsn: str) -> Any:
     return connect(dsn)
 
 
+def opened_here(dsn: str) -> bool:
+    """True when this process has the embedded dir of ``dsn`` open (it owns it)."""
+    return _normalise(dsn) in _clients
+
+
 def is_remote(client: Any) -> bool:
     """True for a client that reaches an embedded dir through its owner (no DDL through it)."""
     from handtrace.core.chserve import RemoteClient

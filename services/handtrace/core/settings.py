@@ -709,6 +709,24 @@ class WarehouseSettings(BaseModel):
                              "At least 2: k = 1 would hand out per-person rows.")
     retention: RetentionSettings = Field(default_factory=RetentionSettings, description="Retention "
                                          "per data class (days; 0 = forever).")
+    endpoint_groups: dict[Literal["analyst", "researcher", "auditor"], str] = Field(
+        default_factory=dict, description="While the sink serves the embedded data dir, it writes one "
+        "token file per role (`query.<role>.endpoint`). A role named here (JSON object, role -> OS group "
+        "name) gets its file with mode 0640 and that group, so members of the group run `handtrace sql "
+        "--role <role>` under that tier and no other; a role not named here gets mode 0600 (the sink's "
+        "user only). A group that does not exist, or that the sink's user cannot give a file, stops the "
+        "sink at start (fails closed). The admin file (`query.endpoint`) is always 0600.",
+    )
+
+    @field_validator("endpoint_groups")
+    @classmethod
+    def _group_names(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for role, group in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9._-]{0,63}\$?", group):
+                raise ValueError(f"endpoint_groups[{role!r}]: {group!r} is not an OS group name")
+        return v
 
 
 class Settings(BaseSettings):

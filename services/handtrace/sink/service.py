@@ -71,7 +71,9 @@ def serve_queries(settings: Settings, stop: threading.Event) -> chserve.Server |
         return None
     from handtrace.sink.schema import ERASABLE
 
-    return chserve.serve(dsn, stop, erasable=ERASABLE, database=settings.clickhouse.database)
+    return chserve.serve(dsn, stop, erasable=ERASABLE, database=settings.clickhouse.database,
+                         k_anonymity=settings.warehouse.k_anonymity,
+                         endpoint_groups={str(r): g for r, g in settings.warehouse.endpoint_groups.items()})
 
 
 def _exit_after(grace_s: float) -> None:
@@ -102,6 +104,8 @@ def main() -> None:
     """Run until SIGTERM/SIGINT; then flush, commit and release the data dir (within
     ``sink.stop_grace_s``)."""
     settings = load_settings()
+    if clickhouse.embedded_path(settings.clickhouse_dsn()) is not None:  # before anything is opened
+        chserve.group_ids({str(r): g for r, g in settings.warehouse.endpoint_groups.items()})
     stop = threading.Event()
     install_stop_handlers(stop, settings.sink.stop_grace_s)
     sink = open_sink(settings)

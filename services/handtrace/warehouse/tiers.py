@@ -29,9 +29,12 @@
    before any row is handed back; if the audit cannot be written, nothing is returned).
 
 Researcher reads of the tables holding typed text are filtered by the engine to rows whose text
-is masked or absent (``additional_table_filters``, a per-query row policy); the sink's query
-endpoint runs readonly sessions that cannot carry it, so through the endpoint such reads are refused (use a server DSN,
-where :func:`server_grants_sql`'s row policy does it, or query while the sink is stopped).
+is masked or absent (``additional_table_filters``, a per-query row filter). While the sink serves
+the embedded dir, ``handtrace sql`` sends the query to the owner (``/v1/sql``, core/chserve.py),
+which runs :func:`run` with its own client (``served=True``: reads only, ``readonly = 1`` per
+query, the filter applied) and writes the audit row itself, with the OS user of the connecting
+socket. The raw ``/v1/query`` route runs readonly sessions that cannot carry the filter, so
+:func:`run` over a ``RemoteClient`` refuses such reads.
 """
 
 from __future__ import annotations
@@ -655,11 +658,53 @@ def bind_parameters(sql: str, params: dict[str, str]) -> str:
 
 
 def os_user() -> str:
-    """The OS user running this process (the audit's default actor)."""
+    """The OS user running this process (the audit's default actor and OS user)."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+_os_user = os_user  # run()'s parameter of that name shadows the function
+
+
+class _ReadOnlyReads:
+    """The owner's client for a query run for another process: every read -- the analysis too
+    (``formatQuery``, ``EXPLAIN QUERY TREE``, which evaluates scalar subqueries such as
+    ``(SELECT .. FROM file(..))`` and would put what they read into an error message) -- runs with
+    ``readonly = 1``; only the audit row is inserted."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def query(self, sql: str, parameters: Any = None, settings: dict[str, Any] | None = None) -> Any:
+        return self._client.query(sql, parameters=parameters, settings={**(settings or {}), "readonly": 1})
+
+    def insert(self, table: str, data: Any, column_names: Any) -> Any:
+        return self._client.insert(table, data, column_names=column_names)
+
+
+QUOTABLE_ERRORS = frozenset({
+    "UNKNOWN_IDENTIFIER", "UNKNOWN_TABLE", "UNKNOWN_DATABASE", "UNKNOWN_FUNCTION", "UNKNOWN_AGGREGATE_FUNCTION",
+    "SYNTAX_ERROR", "NUMBER_OF_ARGUMENTS_DOESNT_MATCH", "NOT_AN_AGGREGATE", "ILLEGAL_AGGREGATION",
+    "MULTIPLE_EXPRESSIONS_FOR_ALIAS", "AMBIGUOUS_IDENTIFIER", "AMBIGUOUS_COLUMN_NAME", "NO_COMMON_TYPE",
+    "TOO_DEEP_SUBQUERIES", "UNKNOWN_SETTING", "TIMEOUT_EXCEEDED", "TOO_MANY_ROWS_OR_BYTES", "MEMORY_LIMIT_EXCEEDED",
+    "QUERY_WAS_CANCELLED", "READONLY"})
+"""ClickHouse errors whose message names parts of the query (names, types, limits), never a value
+read from a table. Any other message can quote one (``Cannot parse string 'x' as UInt64``), also
+of a column the role may not read: the analysis (``EXPLAIN QUERY TREE``) runs scalar subqueries
+before the tier has looked at the tree. When the sink runs a query for another process, roles but
+admin get only the error's name for those (:func:`withheld`)."""
+
+
+def withheld(message: str) -> str:
+    """``message`` if its error is one of :data:`QUOTABLE_ERRORS`, else only the error's name."""
+    m = re.search(r"\(([A-Z][A-Z0-9_]+)\)\s*$", message)
+    name = m.group(1) if m else None
+    if name in QUOTABLE_ERRORS:
+        return message
+    return (f"ClickHouse failed the query ({name or 'unnamed error'}); its message is withheld from roles but "
+            "admin, as it can quote a value read from a table (use the ...OrNull conversions, no scalar subqueries)")
 
 
 class AuditUnavailable(Exception):
@@ -683,38 +728,51 @@ def record_access(client: Any, database: str, *, actor: str | None, role: str, p
     """One ``access_audit`` row for an access made outside :func:`run` (e.g. a subject access
     export, warehouse/subject.py). AuditUnavailable when it cannot be written."""
     _audit(client, database, {
-        "at": dt.datetime.now(dt.UTC), "actor": actor or os_user(), "os_user": os_user(), "role": role,
+        "at": dt.datetime.now(dt.UTC), "actor": actor or _os_user(), "os_user": _os_user(), "role": role,
         "purpose": purpose, "query": query[:MAX_QUERY_CHARS], "executed": "", "tables": sorted(tables),
         "columns": sorted(columns), "rows": int(rows), "outcome": outcome, "reason": reason})
 
 
 def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str | None = None,
-        purpose: str | None = None) -> Answer:
+        purpose: str | None = None, os_user: str | None = None, served: bool = False) -> Answer:
     """Analyse, check, run and audit one query for ``role``. TierRefused (refused, audited),
     QueryFailed (ClickHouse failed it, audited) or the :class:`Answer` (audited before it is
-    returned); AuditUnavailable when the audit row cannot be written (nothing is answered)."""
-    from handtrace.core.chserve import StatementRefused
+    returned); AuditUnavailable when the audit row cannot be written (nothing is answered).
+
+    ``os_user``: who runs it as the OS knows them (default: this process's user; the query
+    endpoint passes the user of the connecting socket); ``actor`` defaults to it. ``served``: run
+    for another process by the data dir's owner (``/v1/sql``): read statements only, for every
+    role (admin too), each run with ``readonly = 1``."""
+    from handtrace.core.chserve import StatementRefused, check_read
     from handtrace.core.clickhouse import is_remote
 
+    who = os_user or _os_user()
+    if served:
+        client = _ReadOnlyReads(client)
     row: dict[str, Any] = {
-        "at": dt.datetime.now(dt.UTC), "actor": actor or os_user(), "os_user": os_user(), "role": role,
+        "at": dt.datetime.now(dt.UTC), "actor": actor or who, "os_user": who, "role": role,
         "purpose": purpose or "", "query": sql[:MAX_QUERY_CHARS], "executed": "", "tables": [], "columns": [],
         "rows": 0, "outcome": "refused", "reason": ""}
     touched: Touched | None = None
     try:
         touched = analyse(client, sql)
         row["tables"], row["columns"] = sorted(touched.tables), sorted(touched.columns)
+        if served:
+            try:
+                check_read(touched.canonical)
+            except StatementRefused as e:
+                raise TierRefused(str(e)) from None
         check(touched, role, database=database, purpose=purpose)
         executed = touched
-        settings: dict[str, Any] = {}
+        settings: dict[str, Any] = {"readonly": 1} if served else {}
         if role != "admin":
             if TIERS[role].k_anonymous:
                 executed = with_k_anonymity(client, touched, database=database, k=k)
             filters = text_filters(touched, role, database=database)
             if filters and is_remote(client):
                 raise TierRefused(f"refused for role {role}: {', '.join(filters)} is filtered to rows with masked "
-                                  "or no typed text by a per-query row filter, which the sink's query endpoint "
-                                  "cannot apply; query a ClickHouse server, or while the sink is stopped")
+                                  "or no typed text by a per-query row filter, which the endpoint's raw query "
+                                  "route cannot apply; use handtrace sql (the owner runs it: /v1/sql)")
             settings = {"readonly": 1}
             if filters:
                 settings["additional_table_filters"] = "{" + ", ".join(
@@ -732,8 +790,19 @@ def run(client: Any, sql: str, *, role: str, database: str, k: int, actor: str |
         _audit(client, database, row)
         raise
     except QueryFailed as e:
-        row["outcome"], row["reason"] = "failed", str(e)
+        reason = str(e)
+        if served and role != "admin":
+            reason = withheld(reason)
+        if served and reason.endswith("(READONLY)"):
+            row["reason"] = (f"refused for role {role}: the sink runs queries for other processes read-only, the "
+                             f"analysis included, and this one needs more ({reason}): table functions such as "
+                             "file() or url() and SETTINGS clauses are not run")
+            _audit(client, database, row)
+            raise TierRefused(row["reason"]) from None
+        row["outcome"], row["reason"] = "failed", reason
         _audit(client, database, row)
+        if reason != str(e):
+            raise QueryFailed(reason) from None
         raise
     rows = [tuple(r) for r in result.result_rows]
     row["outcome"], row["rows"] = "allowed", len(rows)
