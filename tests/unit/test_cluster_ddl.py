@@ -176,3 +176,12 @@ def test_erasure_mutates_the_local_tables_on_the_cluster() -> None:
     assert before == {"events": 3, "frames": 0}
     assert client.commands == [f"ALTER TABLE {DB}.events_local ON CLUSTER `prod_cluster` DELETE WHERE "
                                "employee_key = {k:String} SETTINGS mutations_sync = 2"]
+
+
+def test_sink_partitions_are_distinct_and_sorted() -> None:
+    from handtrace.core.settings import SinkSettings
+
+    assert SinkSettings(partitions=[5, 3, 4]).partitions == [3, 4, 5]
+    for bad in ([1, 1], [-1]):
+        with pytest.raises(ValueError, match="distinct partition numbers"):
+            SinkSettings(partitions=bad)
