@@ -21,6 +21,15 @@ class SinkConfigError(RuntimeError):
     """Settings the sink cannot run with (reported at start, before anything is consumed)."""
 
 
+def static_consumer_conf(partitions: list[int]) -> dict[str, Any]:
+    """Consumer options for a static assignment (``partitions`` not empty). A consumer that never
+    joins its group looks the group coordinator up again only every ``coordinator.query.interval.ms``
+    (librdkafka default: 10 minutes): after one NOT_COORDINATOR (a new broker still loading
+    ``__consumer_offsets``) its committed-offset fetches and commits failed for minutes (seen in
+    test_scale_out). Every 2 s instead."""
+    return {"coordinator.query.interval.ms": 2000} if partitions else {}
+
+
 def take_partitions(c: Consumer, topic: str, partitions: list[int],
                     on_assign: Callable[[Consumer, list[TopicPartition]], Any],
                     on_revoke: Callable[[Consumer, list[TopicPartition]], Any], *, strict: bool,

@@ -41,7 +41,7 @@ from handtrace.core.rows import TS, ipc_stream
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
-from handtrace.sink.assignment import take_partitions
+from handtrace.sink.assignment import static_consumer_conf, take_partitions
 from handtrace.sink.errors import RowsRefused, backoff_in_group, retry_clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import Stopped
@@ -346,6 +346,7 @@ class AuditWriter:
             "session.timeout.ms": int(self.settings.sink.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(min(3.0, self.settings.sink.session_timeout_s / 3) * 1000),
             "log_level": 3,
+            **static_consumer_conf(self.settings.sink.partitions),
         }
 
     def _commit(self, c: Consumer, partition: int, offset: int | None) -> None:

@@ -60,7 +60,7 @@ from handtrace.core.rows import (
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
-from handtrace.sink.assignment import take_partitions
+from handtrace.sink.assignment import static_consumer_conf, take_partitions
 from handtrace.sink.errors import RowsRefused, backoff_in_group, retry_clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import Stopped
@@ -596,6 +596,7 @@ class DemoWriter:
             "max.partition.fetch.bytes": 2 * frame,
             "receive.message.max.bytes": fetch + 1024 * 1024,
             "log_level": 3,
+            **static_consumer_conf(self.settings.sink.partitions),
         }
 
     def run(self, stop: threading.Event, on_tick: Callable[[DemoWriter], None] | None = None) -> None:

@@ -38,7 +38,7 @@ from handtrace.core.rows import STORED_SCHEMA, from_ipc, join_ipc, to_ipc
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
-from handtrace.sink.assignment import take_partitions
+from handtrace.sink.assignment import static_consumer_conf, take_partitions
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import DEAD_LETTERED, Decision, FlushSplitter, Piece, Stopped, piece_token
 
@@ -510,6 +510,7 @@ class Sink:
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": self.settings.topics.max_message_bytes * 2,
             "log_level": 3,
+            **static_consumer_conf(self.settings.sink.partitions),
         }
         c = Consumer(conf)
         self._consumer = c
