@@ -1339,6 +1339,7 @@ def erase_person(
     from handtrace.control.publish import ControlError, erasure_record, publish
     from handtrace.control.settle import settle_after_suppression
     from handtrace.core import clickhouse
+    from handtrace.core.cluster import layout_of
     from handtrace.core.erasure import ErasureError, erase, receipts
     from handtrace.core.framestore import StoreError
     from handtrace.sink.schema import ERASABLE
@@ -1388,7 +1389,7 @@ def erase_person(
     try:
         receipt = erase(client, s.clickhouse.database, store, key, actor=actor, reason=reason, tables=ERASABLE,
                         suppress=suppress, delete=client.erase if clickhouse.is_remote(client) else None,
-                        settle=settle, progress=say)
+                        settle=settle, progress=say, cluster=layout_of(s.clickhouse))
     except (ErasureError, StoreError, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -1475,6 +1476,7 @@ def db_migrate() -> None:
     """Apply pending migrations and set every table's TTL from the retention settings. Needs the
     database to itself on the embedded engine: the sink does the same at its start."""
     from handtrace.core import clickhouse
+    from handtrace.core.cluster import layout_of
     from handtrace.sink.schema import apply_retention, migrate
 
     s = _settings()
@@ -1492,8 +1494,9 @@ def db_migrate() -> None:
                         "settings included); restart the sink to apply changed settings")
     try:
         client = clickhouse.connect(dsn)
-        applied = migrate(client, s.clickhouse.database)
-        changes = apply_retention(client, s.clickhouse.database, s.warehouse.retention)
+        layout = layout_of(s.clickhouse)
+        applied = migrate(client, s.clickhouse.database, cluster=layout)
+        changes = apply_retention(client, s.clickhouse.database, s.warehouse.retention, layout)
     except (clickhouse.ClickHouseLocked, clickhouse.ClickHouseUnavailable) as e:
         raise _fail(str(e)) from None
     console.print(f"migrations applied: {', '.join(map(str, applied)) or 'none pending'}")

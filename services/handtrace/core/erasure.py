@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from handtrace.core.ids import uuid7
+
+if TYPE_CHECKING:
+    from handtrace.core.cluster import ClusterLayout
 
 EMPLOYEE_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 """An employee pseudonym: lowercase hex (32 from the stream's HMAC, stream/steps/pseudonymise.py; 64 from
@@ -74,13 +77,17 @@ def count_rows(client: Any, database: str, employee_key: str, tables: Sequence[s
     return {str(t): int(n) for t, n in rows}
 
 
-def delete_rows(client: Any, database: str, employee_key: str, tables: Sequence[str]) -> dict[str, int]:
+def delete_rows(client: Any, database: str, employee_key: str, tables: Sequence[str],
+                cluster: ClusterLayout | None = None) -> dict[str, int]:
     """Delete every row of ``employee_key`` from ``tables`` (an owner's client); returns the rows
-    each held before. Synchronous mutations: done on every part when this returns."""
+    each held before. Synchronous mutations: done on every part when this returns. With
+    ``cluster``, the mutation runs on each table's replicated ``<table>_local`` ``ON CLUSTER``
+    (a Distributed table takes no mutation; ADR 0020)."""
     before = count_rows(client, database, employee_key, tables)
     for t in tables:
         if before.get(t):
-            client.command(f"ALTER TABLE {database}.{t} DELETE WHERE employee_key = {{k:String}} "
+            target = f"{cluster.local(t)} {cluster.on_cluster()}" if cluster is not None else t
+            client.command(f"ALTER TABLE {database}.{target} DELETE WHERE employee_key = {{k:String}} "
                            "SETTINGS mutations_sync = 2", parameters={"k": employee_key})
     return before
 
@@ -121,7 +128,8 @@ RECEIPT_COLUMNS = ["receipt_id", "employee_key", "actor", "reason", "requested_a
 def erase(client: Any, database: str, store: FrameObjects | None, employee_key: str, *, actor: str, reason: str,
           tables: Sequence[str], suppress: Callable[[str], None],
           delete: Callable[[str], dict[str, int]] | None = None, settle: Callable[[], bool] | None = None,
-          progress: Callable[[str], None] = lambda _m: None, erasure_id: str | None = None) -> Receipt:
+          progress: Callable[[str], None] = lambda _m: None, erasure_id: str | None = None,
+          cluster: ClusterLayout | None = None) -> Receipt:
     """Erase one person (module docstring) and return the receipt. ``suppress(erasure_id)`` sends
     the signed erasure control (raises to stop before anything is deleted); ``settle()`` waits
     until the pipeline holds nothing more of the person (control/settle.py; its result is the
@@ -138,7 +146,8 @@ def erase(client: Any, database: str, store: FrameObjects | None, employee_key: 
     progress(f"suppression sent: the stream drops everything of {employee_key} from now on (erasure {erasure_id})")
     settled = settle() if settle is not None else False
     try:
-        removed = delete(employee_key) if delete is not None else delete_rows(client, database, employee_key, tables)
+        removed = (delete(employee_key) if delete is not None
+                   else delete_rows(client, database, employee_key, tables, cluster))
     except ErasureError:
         raise
     except Exception as e:

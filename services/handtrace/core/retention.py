@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from handtrace.core.settings import RetentionSettings
+
+if TYPE_CHECKING:
+    from handtrace.core.cluster import ClusterLayout
 
 CLASSES = ("events", "demonstrations", "heartbeats", "rollups", "audit")
 """The data classes a policy names (fields ``<class>_days`` of RetentionSettings)."""
@@ -79,13 +82,16 @@ class TtlChange:
 
 
 def apply_ttls(client: Any, database: str, tables: Mapping[str, TableRetention], policy: RetentionSettings,
-               log_table: str | None = None) -> list[TtlChange]:
+               log_table: str | None = None, cluster: ClusterLayout | None = None) -> list[TtlChange]:
     """Make every table's TTL match the policy; only tables whose TTL differs are altered (so a
     second run changes nothing). Each change is logged in ``log_table`` when given. Needs the
-    owner of the database (DDL): a remote client (chserve) refuses it."""
+    owner of the database (DDL): a remote client (chserve) refuses it. With ``cluster`` the TTL
+    is the replicated local table's, altered ``ON CLUSTER`` (a Distributed table has none)."""
     changes: list[TtlChange] = []
     for table, rule in tables.items():
-        before = current_ttl(client, database, table)
+        physical = cluster.local(table) if cluster is not None else table
+        on_cluster = f" {cluster.on_cluster()}" if cluster is not None else ""
+        before = current_ttl(client, database, physical)
         if before is None:
             continue  # created by a later migration of this store, or not in this store
         days = days_for(policy, rule.data_class)
@@ -93,10 +99,10 @@ def apply_ttls(client: Any, database: str, tables: Mapping[str, TableRetention],
         if before == after:
             continue
         if after:
-            client.command(f"ALTER TABLE {database}.{table} MODIFY TTL toDateTime({rule.time_column}) "
+            client.command(f"ALTER TABLE {database}.{physical}{on_cluster} MODIFY TTL toDateTime({rule.time_column}) "
                            f"+ INTERVAL {days} DAY")
         else:
-            client.command(f"ALTER TABLE {database}.{table} REMOVE TTL")
+            client.command(f"ALTER TABLE {database}.{physical}{on_cluster} REMOVE TTL")
         change = TtlChange(table, rule.data_class, days, before, after)
         changes.append(change)
         if log_table:

@@ -113,6 +113,9 @@ class TopicSettings(BaseModel):
     )
 
 
+Sharding = Literal["person", "row"]
+
+
 class ClickHouseSettings(BaseModel):
     """Where events are stored."""
 
@@ -127,6 +130,25 @@ class ClickHouseSettings(BaseModel):
         default="handtrace", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
         description="Database holding the handtrace tables (a DSN path does not change it).",
     )
+    cluster: str | None = Field(
+        default=None, pattern=r"^[a-zA-Z_][a-zA-Z0-9_.-]*$",
+        description="ClickHouse cluster (a `remote_servers` entry of the servers) to create the tables "
+        "on: migrations run `ON CLUSTER`, each table becomes a Replicated* `<table>_local` plus a "
+        "Distributed `<table>` that reads and writes use (docs/cluster.md, ADR 0020). Empty: one "
+        "node. A server DSN only (the embedded engine has no cluster).",
+    )
+    sharding: Sharding = Field(
+        default="person", description="Cluster mode: how the Distributed tables spread rows over "
+        "shards. `person`: tables with an `employee_key` by `cityHash64(employee_key)` (a person's "
+        "rows on one shard: erasure and per-person rollups touch one shard), others by their sorting "
+        "key; `row`: every table by a hash of its sorting key (even spread, a heavy user on every "
+        "shard). Both deterministic, which the sink's exactly-once inserts need.",
+    )
+    zookeeper_path: str = Field(
+        default="/clickhouse/tables/{shard}/{database}/{table}",
+        description="Cluster mode: Keeper path of each Replicated* table (`{shard}` and `{replica}` are "
+        "the servers' macros; `{database}`/`{table}` are filled in by ClickHouse).",
+    )
 
     @field_validator("dsn")
     @classmethod
@@ -134,6 +156,13 @@ class ClickHouseSettings(BaseModel):
         if v is not None and not v.startswith(("chdb://", "http://", "https://")):
             raise ValueError("dsn must start with chdb://, http:// or https://")
         return v
+
+    @model_validator(mode="after")
+    def _cluster_needs_server(self) -> ClickHouseSettings:
+        if self.cluster and (self.dsn is None or self.dsn.startswith("chdb://")):
+            raise ValueError("clickhouse.cluster needs a ClickHouse server DSN (http(s)://...): "
+                             "the embedded engine has no cluster")
+        return self
 
 
 class SinkSettings(BaseModel):
@@ -157,6 +186,15 @@ class SinkSettings(BaseModel):
         "sink's partitions move to a live one (its last flush is then replayed, exactly once).",
     )
     poll_messages: int = Field(default=500, ge=1, le=100_000, description="Messages taken per consumer poll.")
+    partitions: list[int] = Field(
+        default_factory=list, description="Partitions of the accepted-rows topic this sink owns, "
+        "assigned statically instead of balanced by the consumer group. Needed when several sinks "
+        "write separate embedded data dirs: each dir holds its partitions' exactly-once ledger, "
+        "so a partition must never move to another dir (every sink of the group then lists its "
+        "own, disjoint partitions; together all of them). Empty: the group balances partitions "
+        "(one sink, or any number on a shared ClickHouse server). A partition the topic does not "
+        "have stops the sink at start (fails closed). ADR 0020.",
+    )
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
     max_partitions_per_batch: int = Field(
         default=3, ge=1, le=100, description="An agent batch (one source message) whose rows span "
@@ -183,6 +221,13 @@ class SinkSettings(BaseModel):
         "this many seconds even if ClickHouse or the broker does not answer: an unfinished flush "
         "is not committed and is replayed, exactly once, on the next start.",
     )
+
+    @field_validator("partitions")
+    @classmethod
+    def _distinct_partitions(cls, v: list[int]) -> list[int]:
+        if any(p < 0 for p in v) or len(set(v)) != len(v):
+            raise ValueError("sink.partitions must be distinct partition numbers >= 0")
+        return sorted(v)
 
 
 class StreamSettings(BaseModel):

@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from handtrace.core.admin import group_lag
+from handtrace.core.cluster import layout_of
 from handtrace.core.codec import DecodeError, decode_record
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
@@ -61,7 +62,7 @@ class FleetExporter:
         self.client = client
         self.database = settings.clickhouse.database
         if client is not None:
-            migrate(client, self.database, settings.warehouse.retention)
+            migrate(client, self.database, settings.warehouse.retention, layout_of(settings.clickhouse))
         self.rows: list[list[Any]] = []
         self.lag: dict[str, int] = {}
         self.lag_failed: dict[str, bool] = {}

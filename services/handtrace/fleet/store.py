@@ -16,6 +16,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from handtrace.core.cluster import ClusterLayout, apply_migrations
 from handtrace.core.retention import TableRetention, TtlChange, apply_ttls
 from handtrace.core.settings import RetentionSettings, Settings
 from handtrace.fleet.state import Interval, Observation
@@ -168,30 +169,20 @@ def fleet_dsn(settings: Settings) -> str:
     return f"chdb://{(settings.state_dir / 'clickhouse-fleet').resolve()}"
 
 
-def migrate(client: Any, database: str, retention: RetentionSettings | None = None) -> list[int]:
+def migrate(client: Any, database: str, retention: RetentionSettings | None = None,
+            cluster: ClusterLayout | None = None) -> list[int]:
     """Apply pending migrations (own bookkeeping table, so it never collides with the sink's);
-    with ``retention``, then set the heartbeats TTL from it (only when it differs)."""
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {database}.fleet_schema_migrations "
-        "(id UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY id"
-    )
-    done = {r[0] for r in client.query(f"SELECT id FROM {database}.fleet_schema_migrations").result_rows}
-    applied = []
-    for mid, name, ddl in MIGRATIONS:
-        if mid in done:
-            continue
-        client.command(ddl.format(db=database))
-        client.insert(f"{database}.fleet_schema_migrations", [[mid, name]], column_names=["id", "name"])
-        applied.append(mid)
-    if retention is not None:
-        apply_retention(client, database, retention)
-    return applied
+    with ``retention``, then set the heartbeats TTL from it (only when it differs). With
+    ``cluster``, every statement is rendered for it (core/cluster.py)."""
+    return apply_migrations(client, database, MIGRATIONS, "fleet_schema_migrations", cluster,
+                            after=(lambda: apply_retention(client, database, retention, cluster))
+                            if retention is not None else None)
 
 
-def apply_retention(client: Any, database: str, retention: RetentionSettings) -> list[TtlChange]:
+def apply_retention(client: Any, database: str, retention: RetentionSettings,
+                    cluster: ClusterLayout | None = None) -> list[TtlChange]:
     """Set the heartbeats TTL from the policy (DDL: the owner of the fleet store only)."""
-    return apply_ttls(client, database, RETENTION, retention)
+    return apply_ttls(client, database, RETENTION, retention, cluster=cluster)
 
 
 def _ts(us: int) -> datetime:

@@ -36,10 +36,12 @@ from typing import Any, Protocol
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from handtrace.core.cluster import layout_of
 from handtrace.core.rows import TS, ipc_stream
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
+from handtrace.sink.assignment import static_consumer_conf, take_partitions
 from handtrace.sink.errors import RowsRefused, backoff_in_group, retry_clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import Stopped
@@ -234,7 +236,7 @@ class AuditWriter:
     @classmethod
     def on_clickhouse(cls, settings: Settings, client: Any, **kw: Any) -> AuditWriter:
         """A writer on a clickhouse-connect client (migrations applied first)."""
-        migrate(client, settings.clickhouse.database, settings.warehouse.retention)
+        migrate(client, settings.clickhouse.database, settings.warehouse.retention, layout_of(settings.clickhouse))
         return cls(settings, ClickHouseAudit(client, settings.clickhouse.database), **kw)
 
     # -------------------------------------------------------------- batches
@@ -344,6 +346,7 @@ class AuditWriter:
             "session.timeout.ms": int(self.settings.sink.session_timeout_s * 1000),
             "heartbeat.interval.ms": int(min(3.0, self.settings.sink.session_timeout_s / 3) * 1000),
             "log_level": 3,
+            **static_consumer_conf(self.settings.sink.partitions),
         }
 
     def _commit(self, c: Consumer, partition: int, offset: int | None) -> None:
@@ -359,8 +362,10 @@ class AuditWriter:
         self._stop = stop
         c = Consumer(self.consumer_config())
         self._consumer = c
-        c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
+            # sink.partitions (separate embedded data dirs): the same partitions of this topic.
+            take_partitions(c, self.topic, self.settings.sink.partitions, self._on_assign, self._on_revoke,
+                            strict=False, stop=stop)
             while not stop.is_set():
                 batch: dict[int, list[AuditMessage]] = {}
                 for m in c.consume(num_messages=self.settings.sink.audit_batch_messages, timeout=0.5):

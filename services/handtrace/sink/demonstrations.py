@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from handtrace.core.cluster import layout_of
 from handtrace.core.framestore import FrameStore, frame_key
 from handtrace.core.rows import (
     DEMONSTRATION_EVENTS_SCHEMA as EVENTS_SCHEMA,
@@ -59,6 +60,7 @@ from handtrace.core.rows import (
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
+from handtrace.sink.assignment import static_consumer_conf, take_partitions
 from handtrace.sink.errors import RowsRefused, backoff_in_group, retry_clickhouse
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import Stopped
@@ -395,7 +397,7 @@ class DemoWriter:
     @classmethod
     def on_clickhouse(cls, settings: Settings, client: Any, store: FrameStore, **kw: Any) -> DemoWriter:
         """A writer on a clickhouse-connect client (migrations applied first)."""
-        migrate(client, settings.clickhouse.database, settings.warehouse.retention)
+        migrate(client, settings.clickhouse.database, settings.warehouse.retention, layout_of(settings.clickhouse))
         return cls(settings, ClickHouseTables(client, settings.clickhouse.database), store, **kw)
 
     # -------------------------------------------------------------- messages
@@ -594,6 +596,7 @@ class DemoWriter:
             "max.partition.fetch.bytes": 2 * frame,
             "receive.message.max.bytes": fetch + 1024 * 1024,
             "log_level": 3,
+            **static_consumer_conf(self.settings.sink.partitions),
         }
 
     def run(self, stop: threading.Event, on_tick: Callable[[DemoWriter], None] | None = None) -> None:
@@ -603,8 +606,10 @@ class DemoWriter:
         self._revoked = set()
         c = Consumer(self.consumer_config())
         self._consumer = c
-        c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
+            # sink.partitions (separate embedded data dirs): the same partitions of this topic.
+            take_partitions(c, self.topic, self.settings.sink.partitions, self._on_assign, self._on_revoke,
+                            strict=False, stop=stop)
             while not stop.is_set():
                 for m in c.consume(num_messages=32, timeout=0.2):
                     err = m.error()

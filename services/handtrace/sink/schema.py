@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from handtrace.core.cluster import ClusterLayout, apply_migrations
 from handtrace.core.retention import TableRetention, TtlChange, apply_ttls
 from handtrace.core.settings import RetentionSettings
 
@@ -550,28 +551,18 @@ KEPT_AFTER_ERASURE: dict[str, str] = {
 """Tables with an ``employee_key`` column that keep the person's pseudonym after an erasure, and why."""
 
 
-def migrate(client: Any, database: str, retention: RetentionSettings | None = None) -> list[int]:
+def migrate(client: Any, database: str, retention: RetentionSettings | None = None,
+            cluster: ClusterLayout | None = None) -> list[int]:
     """Apply pending migrations; returns the ids applied now. With ``retention``, then make every
-    table's TTL match it (:func:`apply_retention`; None leaves TTLs as they are)."""
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
-        "(id UInt32, name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY id"
-    )
-    done = {r[0] for r in client.query(f"SELECT id FROM {database}.schema_migrations").result_rows}
-    applied = []
-    for mid, name, ddl in MIGRATIONS:
-        if mid in done:
-            continue
-        client.command(ddl.format(db=database))
-        client.insert(f"{database}.schema_migrations", [[mid, name]], column_names=["id", "name"])
-        applied.append(mid)
-    if retention is not None:
-        apply_retention(client, database, retention)
-    return applied
+    table's TTL match it (:func:`apply_retention`; None leaves TTLs as they are). With
+    ``cluster``, every statement is rendered for it (core/cluster.py, docs/cluster.md)."""
+    return apply_migrations(client, database, MIGRATIONS, "schema_migrations", cluster,
+                            after=(lambda: apply_retention(client, database, retention, cluster))
+                            if retention is not None else None)
 
 
-def apply_retention(client: Any, database: str, retention: RetentionSettings) -> list[TtlChange]:
+def apply_retention(client: Any, database: str, retention: RetentionSettings,
+                    cluster: ClusterLayout | None = None) -> list[TtlChange]:
     """Set the TTL of every table in :data:`RETENTION` from the policy (only where it differs),
     logging each change in ``retention_applied``. DDL: the owner of the database only."""
-    return apply_ttls(client, database, RETENTION, retention, log_table="retention_applied")
+    return apply_ttls(client, database, RETENTION, retention, log_table="retention_applied", cluster=cluster)

@@ -37,6 +37,7 @@ from prometheus_client import start_http_server
 from handtrace.core import chserve, clickhouse
 from handtrace.core.framestore import open_store
 from handtrace.core.settings import Settings, load_settings
+from handtrace.sink.assignment import SinkConfigError
 from handtrace.sink.audit import AuditWriter
 from handtrace.sink.demonstrations import DemoWriter
 from handtrace.sink.writer import Sink
@@ -133,8 +134,11 @@ def main() -> None:
         return th
 
     threads = [thread("demonstrations", demo.run), thread("audit", audit.run)]
+    config_error: SinkConfigError | None = None
     try:
         sink.run(stop)
+    except SinkConfigError as e:  # e.g. sink.partitions the topic lacks: nothing was consumed
+        config_error = e
     finally:
         stop.set()
         deadline = time.monotonic() + settings.sink.stop_grace_s
@@ -147,5 +151,8 @@ def main() -> None:
             audit_client.close()
         finally:
             clickhouse.close(settings.clickhouse_dsn())
+    if config_error is not None:
+        sys.stderr.write(f"handtrace sink: {config_error}\n")
+        sys.exit(2)
     if failed:
         sys.exit(1)

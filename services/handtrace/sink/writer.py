@@ -32,11 +32,13 @@ import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from handtrace.core.clock import now_us
+from handtrace.core.cluster import INSERT_CONSISTENT, SELECT_CONSISTENT, layout_of
 from handtrace.core.producer import producer_config
 from handtrace.core.rows import STORED_SCHEMA, from_ipc, join_ipc, to_ipc
 from handtrace.core.settings import Settings
 from handtrace.core.topics import Topics
 from handtrace.sink import metrics
+from handtrace.sink.assignment import static_consumer_conf, take_partitions
 from handtrace.sink.schema import migrate
 from handtrace.sink.split import DEAD_LETTERED, Decision, FlushSplitter, Piece, Stopped, piece_token
 
@@ -126,7 +128,13 @@ class Sink:
         self._stop = threading.Event()
         self._flushing: int | None = None
         self._abandon = False
-        migrate(client, self.db, settings.warehouse.retention)
+        self.cluster = layout_of(settings.clickhouse)
+        migrate(client, self.db, settings.warehouse.retention, self.cluster)
+        # Cluster mode (ADR 0020): ledger rows and inserts are acknowledged by a quorum of the
+        # shard's replicas, synchronously through the Distributed tables, and the ledger is read
+        # back with sequential consistency, so a restarted sink on any node sees its last flush.
+        self._write_settings: dict[str, Any] = dict(INSERT_CONSISTENT) if self.cluster else {}
+        self._read_settings: dict[str, Any] = dict(SELECT_CONSISTENT) if self.cluster else {}
         self.max_partitions_per_insert = self._server_partition_limit()
 
     def _server_partition_limit(self) -> int:
@@ -146,7 +154,7 @@ class Sink:
             f"SELECT partition, argMax(first_source_offset, last_source_offset), "
             f"max(last_source_offset), argMax(token, last_source_offset) "
             f"FROM {self.db}.sink_ledger WHERE topic = %(t)s AND outcome = '' GROUP BY partition",
-            parameters={"t": self.topic},
+            parameters={"t": self.topic}, settings=self._read_settings,
         ).result_rows)
         known = {r[0]: r for r in rows}
         for p in partitions:
@@ -163,7 +171,7 @@ class Sink:
         rows = self._retrying("ledger read", lambda: self.client.query(
             f"SELECT piece, outcome, reason, detail FROM {self.db}.sink_ledger "
             f"WHERE topic = %(t)s AND partition = %(p)s AND token = %(k)s AND outcome != ''",
-            parameters={"t": self.topic, "p": p, "k": token},
+            parameters={"t": self.topic, "p": p, "k": token}, settings=self._read_settings,
         ).result_rows)
         decided: dict[str, Decision] = {}
         for piece, outcome, reason, detail in rows:
@@ -301,7 +309,8 @@ class Sink:
             body = data if not piece.name else to_ipc(piece.rows)
             with metrics.INSERT_SECONDS.time():
                 self.client.raw_insert(f"{self.db}.events", _COLUMNS, body, fmt="ArrowStream",
-                                       settings=_INSERT_SETTINGS | {"insert_deduplication_token": piece_tok})
+                                       settings=_INSERT_SETTINGS | self._write_settings
+                                       | {"insert_deduplication_token": piece_tok})
 
         def record(piece: Piece, decision: Decision) -> None:
             self._ledger(p, lo, hi, token, piece.rows.num_rows, piece.name, decision)
@@ -342,6 +351,7 @@ class Sink:
             [[self.topic, p, lo, hi, rows, token, piece, d.outcome, d.reason, d.detail]],
             column_names=["topic", "partition", "first_source_offset", "last_source_offset", "rows",
                           "token", "piece", "outcome", "reason", "detail"],
+            settings=self._write_settings,
         ))
 
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
@@ -500,11 +510,13 @@ class Sink:
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": self.settings.topics.max_message_bytes * 2,
             "log_level": 3,
+            **static_consumer_conf(self.settings.sink.partitions),
         }
         c = Consumer(conf)
         self._consumer = c
-        c.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
+            take_partitions(c, self.topic, self.settings.sink.partitions, self._on_assign, self._on_revoke,
+                            strict=True, stop=stop)
             self._consume_until(c, stop, on_tick)
         except Stopped:
             log.info("stopped during a flush; it is replayed from the ledger on the next start")
