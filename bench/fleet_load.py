@@ -311,6 +311,7 @@ class Sample:
     raw_end: int
     accepted_end: int
     stored_rows: int
+    load: float  # 1-minute load average
 
 
 class Sampler:
@@ -334,7 +335,7 @@ class Sampler:
             t = time.time()
             try:
                 smp = Sample(t, self.stream(), self.sink_lag(), high_watermarks(self.stream),
-                             high_watermarks(self.sink_lag), self.sink.sink.rows_inserted)
+                             high_watermarks(self.sink_lag), self.sink.sink.rows_inserted, os.getloadavg()[0])
             except KafkaException:
                 smp = None
             if smp is not None:
@@ -370,6 +371,7 @@ class Step:
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # share of one core over the window
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average at start and end
+    load_mean: float = 0.0  # ... its mean over the measured window
     held: bool = False
     why: list[str] = field(default_factory=list)
 
@@ -451,6 +453,7 @@ class Run:
         if len(smp) < max(3, seconds * 0.5):
             raise RuntimeError(f"only {len(smp)} lag samples in a {seconds:.0f} s window")
         ts = np.array([x.t for x in smp])
+        res.load_mean = float(np.mean([x.load for x in smp]))
         res.stored_eps = (smp[-1].stored_rows - smp[0].stored_rows) / float(ts[-1] - ts[0])
         bound_s = a.max_lag_s or self.shortest_interval
         for name, lag_of, end_of in (("stream", "stream_lag", "raw_end"), ("sink", "sink_lag", "accepted_end")):
@@ -556,6 +559,12 @@ def _cpu(step: Step, name: str) -> str:
     return f"{100 * v:.0f} %" if v is not None else "–"
 
 
+def _per_cpu(step: Step, name: str) -> str:
+    """Stored events per CPU-second of one process: less sensitive to other load than events/s."""
+    v = step.cpu.get(name)
+    return f"{step.stored_eps / v:,.0f}" if v else "–"
+
+
 def report(run: Run, info: str, best: int, verify: dict[str, Any] | None) -> str:
     a = run.a
     classes = fleet_classes(max(best, 1000), a.plugged_share, a.battery_interval, a.plugged_interval)
@@ -568,15 +577,17 @@ def report(run: Run, info: str, best: int, verify: dict[str, Any] | None) -> str
              "",
              "| step | laptops | s | events/s target | offered | stored | stream lag p99 / max msgs (s of input) "
              "| sink lag p99 / max msgs (s of input) | CPU worker | CPU sink+CH | CPU broker | CPU generator "
-             "| load 1-min start→end | held |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| stored events per CPU-s worker / sink+CH "
+             "| load 1-min mean (start→end) | held |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for st in run.steps:
         g1, g2 = st.groups["stream"], st.groups["sink"]
         lines.append(
             f"| {st.kind} | {st.agents:,} | {st.seconds:.0f} | {st.target_eps:,.0f} | {st.offered_eps:,.0f} | "
             f"{st.stored_eps:,.0f} | {g1['p99']:,.0f} / {g1['max']:,.0f} ({g1['p99_s']:.1f}) | "
             f"{g2['p99']:,.0f} / {g2['max']:,.0f} ({g2['p99_s']:.1f}) | {_cpu(st, 'worker')} | {_cpu(st, 'bench')} | "
-            f"{_cpu(st, 'broker')} | {_cpu(st, 'generator')} | {st.load[0]:.2f}→{st.load[1]:.2f} | "
+            f"{_cpu(st, 'broker')} | {_cpu(st, 'generator')} | {_per_cpu(st, 'worker')} / {_per_cpu(st, 'bench')} | "
+            f"{st.load_mean:.1f} ({st.load[0]:.1f}→{st.load[1]:.1f}) | "
             + ("yes" if st.held else "no: " + "; ".join(st.why)) + " |")
     conf = [x for x in run.steps if x.kind == "confirm"]
     lines.append("")
