@@ -17,8 +17,9 @@ over the interval (laptops are not synchronised), capture times lie in the 5-s w
 covers before its wakeup, ``sent_at`` and the ``ht-sent-at`` header are the wall clock at send.
 
 The generator. The per-event Python simulator (``handtrace.agent.simulator``, one
-SyntheticActivity per laptop, events generated one by one) produces a few thousand events/s per
-core, far below what thousands of laptops send; it cannot stand for the fleet. Instead a pool of
+SyntheticActivity per laptop, events generated one by one) generates and encodes ~22,000 events
+per CPU-second (2,000-3,000 laptops per core before producing anything): on a 2-core machine it would
+take the CPU the pipeline under test needs; it cannot stand for the fleet. Instead a pool of
 real encoded batches of the synthetic user (``bench.stream_throughput.build_pool``, its batch
 length calibrated so the mean batch holds 7.37 x 5 s events) is built once and replayed:
 each message is a pool batch restamped (``restamp``: new UUIDv7 event ids, capture times, the
