@@ -545,26 +545,39 @@ MIGRATIONS += _rollup(23, "rollup_demonstration_drops_hourly", """
 # existing parts take it when they are merged. Re-running it is harmless (idempotent).
 
 EVENT_CODECS: dict[str, str] = {
-    "event_id": "ZSTD(1)",
+    "event_id": "ZSTD(3)",
     "batch_id": "ZSTD(1)",
-    "employee_key": "ZSTD(1)",
-    "device_key": "ZSTD(1)",
-    "captured_at": "DoubleDelta, ZSTD(1)",
-    "received_at": "Delta, ZSTD(1)",
-    "stored_at": "Delta, ZSTD(1)",
-    "x": "ZSTD(1)",
-    "y": "ZSTD(1)",
+    "employee_key": "ZSTD(3)",
+    "device_key": "ZSTD(3)",
+    "kind": "ZSTD(1)",
+    "captured_at": "Delta, ZSTD(1)",
+    "received_at": "ZSTD(1)",
+    "stored_at": "ZSTD(1)",
+    "x": "Delta, ZSTD(1)",
+    "y": "Delta, ZSTD(1)",
+    "button": "ZSTD(1)",
+    "pressed": "ZSTD(1)",
     "scroll_dx": "ZSTD(1)",
-    "scroll_dy": "ZSTD(1)",
-    "key_code": "ZSTD(1)",
-    "modifiers": "ZSTD(1)",
+    "scroll_dy": "T64, ZSTD(1)",
+    "key_code": "T64, ZSTD(1)",
+    "modifiers": "T64, ZSTD(1)",
     "text": "ZSTD(1)",
+    "text_masked": "ZSTD(1)",
+    "app_id": "ZSTD(1)",
     "window_title": "ZSTD(1)",
-    "url": "ZSTD(1)",
+    "url": "ZSTD(3)",
     "screenshot_sha256": "ZSTD(1)",
+    "screenshot_bytes": "ZSTD(1)",
+    "screenshot_format": "ZSTD(1)",
+    "screenshot_width": "ZSTD(1)",
+    "screenshot_height": "ZSTD(1)",
+    "agent_version": "ZSTD(1)",
+    "os": "ZSTD(1)",
+    "source_partition": "ZSTD(1)",
     "source_offset": "Delta, ZSTD(1)",
 }
-"""Column -> codec of ``events`` and ``demonstration_events`` (columns not named keep LZ4)."""
+"""Column -> codec of ``events`` and ``demonstration_events`` (the smallest candidate of each column;
+``demonstration_id`` keeps LZ4)."""
 
 
 def _codecs(table: str) -> str:
