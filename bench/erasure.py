@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from handtrace.core import clickhouse
-from handtrace.core.erasure import count_rows, erase
+from handtrace.core.erasure import Receipt, count_rows, erase
 from handtrace.core.framestore import LocalStore
 from handtrace.sink.schema import ERASABLE, migrate
 
@@ -42,6 +42,19 @@ def seed(client: object, people: int, events: int, months: int) -> int:
     return per * INSERTS
 
 
+def timed_erasure(client: object, database: str, frames: Path,
+                  key: str) -> tuple[list[tuple[float, str]], float, Receipt]:
+    """Erase ``key`` from every erasable table of ``database`` (suppression stubbed, an empty local
+    frame store at ``frames``): (progress lines with their seconds, seconds to the receipt, the
+    receipt). bench.warehouse_scale uses it too."""
+    lines: list[tuple[float, str]] = []
+    start = time.perf_counter()
+    r = erase(client, database, LocalStore(frames), key, actor="bench", reason="bench",
+              tables=ERASABLE, suppress=lambda _e: None,
+              progress=lambda m: lines.append((time.perf_counter() - start, m)))
+    return lines, time.perf_counter() - start, r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--people", type=int, default=10_000)
@@ -62,12 +75,7 @@ def main() -> None:
             t = time.perf_counter()
             count_rows(client, DB, key, ERASABLE)
             scan_s = time.perf_counter() - t
-            lines: list[tuple[float, str]] = []
-            start = time.perf_counter()
-            r = erase(client, DB, LocalStore(Path(tmp) / "frames"), key, actor="bench", reason="bench",
-                      tables=ERASABLE, suppress=lambda _e: None,
-                      progress=lambda m: lines.append((time.perf_counter() - start, m)))
-            total_s = time.perf_counter() - start
+            lines, total_s, r = timed_erasure(client, DB, Path(tmp) / "frames", key)
         finally:
             clickhouse.close(dsn)
     print(f"events: {rows:,} rows of {args.people:,} people over {args.months} months, {parts} active parts "

@@ -538,6 +538,59 @@ MIGRATIONS += _rollup(23, "rollup_demonstration_drops_hourly", """
 # by the stream's Prometheus metrics (handtrace_stream_events_total by decision), never stored in
 # ClickHouse; the agent's own drops are cumulative counters in the fleet store's heartbeats.
 
+# ------------------------------------------------------------------ schema for scale (issue #14 item 9)
+#
+# Per-column codecs of the two event tables, chosen by measurement on simulator-shaped data
+# (bench/warehouse_scale.py --candidates; docs/adr/0017-schema-for-scale.md has the table).
+# ``ALTER ... MODIFY COLUMN c CODEC(..)`` changes metadata only: new parts are written with it,
+# existing parts take it when they are merged. Re-running it is harmless (idempotent).
+
+EVENT_CODECS: dict[str, str] = {
+    "event_id": "ZSTD(3)",
+    "batch_id": "ZSTD(1)",
+    "employee_key": "ZSTD(3)",
+    "device_key": "ZSTD(3)",
+    "kind": "ZSTD(1)",
+    "captured_at": "Delta, ZSTD(1)",
+    "received_at": "ZSTD(1)",
+    "stored_at": "ZSTD(1)",
+    "x": "Delta, ZSTD(1)",
+    "y": "Delta, ZSTD(1)",
+    "button": "ZSTD(1)",
+    "pressed": "ZSTD(1)",
+    "scroll_dx": "ZSTD(1)",
+    "scroll_dy": "T64, ZSTD(1)",
+    "key_code": "T64, ZSTD(1)",
+    "modifiers": "T64, ZSTD(1)",
+    "text": "ZSTD(1)",
+    "text_masked": "ZSTD(1)",
+    "app_id": "ZSTD(1)",
+    "window_title": "ZSTD(1)",
+    "url": "ZSTD(3)",
+    "screenshot_sha256": "ZSTD(1)",
+    "screenshot_bytes": "ZSTD(1)",
+    "screenshot_format": "ZSTD(1)",
+    "screenshot_width": "ZSTD(1)",
+    "screenshot_height": "ZSTD(1)",
+    "agent_version": "ZSTD(1)",
+    "os": "ZSTD(1)",
+    "source_partition": "ZSTD(1)",
+    "source_offset": "Delta, ZSTD(1)",
+}
+"""Column -> codec of ``events`` and ``demonstration_events`` (the smallest candidate of each column;
+``demonstration_id`` keeps LZ4)."""
+
+
+def _codecs(table: str) -> str:
+    return f"ALTER TABLE {{db}}.{table} " + ", ".join(
+        f"MODIFY COLUMN {c} CODEC({codec})" for c, codec in EVENT_CODECS.items())
+
+
+MIGRATIONS += [
+    (26, "events codecs for scale", _codecs("events")),
+    (27, "demonstration events codecs for scale", _codecs("demonstration_events")),
+]
+
 ERASABLE: tuple[str, ...] = ("events", "demonstrations", "frames", "demonstration_events",
                              "rollup_app_activity_hourly", "rollup_shortcuts_hourly", "rollup_demonstrations_daily")
 """Tables whose rows of a person ``handtrace erase`` deletes (by ``employee_key``). A table with an
