@@ -288,6 +288,8 @@ def _every_setting_values(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
         "store.url": "s3://bucket/p", "store.s3_endpoint_url": "https://s3", "store.s3_access_key_id": "AK",
         "demo.dir": "/var/lib/handtrace/demo", "stream.pointer_max_hz": 12.5,
         "control.public_keys": {"cp1": "A" * 43 + "="}, "control.retired_key_ids": ["cp0"],
+        "clickhouse.cluster": "handtrace", "sink.partitions": [0, 1],
+        "warehouse.endpoint_groups": {"analyst": "analysts"},
     }
     fields = _setting_paths()
     config: dict[str, Any] = {}
@@ -364,7 +366,7 @@ def test_every_container_env_loads_as_settings(scenario: str) -> None:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "public_keys" else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("public_keys", "endpoint_groups") else v
     return out
 
 

@@ -61,7 +61,7 @@ app.kubernetes.io/component: {{ .component }}
      $json: the settings whose value is a mapping (passed as JSON, not walked into; lists are
      JSON anyway); tests/unit/test_helm_chart.py keeps it equal to settings_helm.JSON_SETTINGS. */}}
 {{- define "handtrace.envWalk" -}}
-{{- $json := list "CONTROL__PUBLIC_KEYS" -}}
+{{- $json := list "CONTROL__PUBLIC_KEYS" "WAREHOUSE__ENDPOINT_GROUPS" -}}
 {{- $prefix := .prefix -}}
 {{- $skip := .skip -}}
 {{- range $key, $v := .value }}

@@ -46,7 +46,7 @@ CREDENTIAL_SETTINGS = {"clickhouse.dsn", "fleet.clickhouse_dsn"}
 """Plain-string settings that may carry credentials (a DSN's user:password): they may come from
 a Secret (``secrets:``) instead of ``config``; the Secret wins."""
 
-JSON_SETTINGS = {"control.public_keys"}
+JSON_SETTINGS = {"control.public_keys", "warehouse.endpoint_groups"}
 """Settings whose value is a mapping: the chart passes them as JSON instead of walking into them
 as a section (lists are always passed as JSON). The template's `$json` list names the same."""
 
