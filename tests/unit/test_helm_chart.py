@@ -366,7 +366,8 @@ def test_every_container_env_loads_as_settings(scenario: str) -> None:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("public_keys", "endpoint_groups") else v
+        walk = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("public_keys", "endpoint_groups")
+        out[k] = _merge(out[k], v) if walk else v
     return out
 
 
