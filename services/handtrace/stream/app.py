@@ -73,6 +73,7 @@ from handtrace.core.settings import Settings, load_settings
 from handtrace.core.signing import Refused, Verifier
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
+from handtrace.stream.commits import CommitGate, GatedConsumer
 from handtrace.stream.controls import (
     ControlAuth,
     ControlMessage,
@@ -332,10 +333,12 @@ def fail_stop(what: str, exc: BaseException) -> NoReturn:
 class Delivery:
     """The sends of one micro-batch and the source events they came from: the events are pinned
     (refcount +1) from construction until every send is confirmed, so no ack can make their
-    offsets committable before (module docstring)."""
+    offsets committable before (module docstring); then they are confirmed to ``gate``, which
+    alone decides what is committed (stream/commits.py)."""
 
-    def __init__(self, events: Sequence[Any]) -> None:
+    def __init__(self, events: Sequence[Any], gate: CommitGate | None = None) -> None:
         self.events = list(events)
+        self.gate = gate
         for e in self.events:
             e.message.incref()
 
@@ -351,6 +354,8 @@ class Delivery:
             raise
         except Exception as exc:  # noqa: BLE001 -- any unconfirmed send stops the worker
             fail_stop(f"a send of a micro-batch of {len(self.events)} messages", exc)
+        if self.gate is not None:
+            self.gate.confirm(e.message for e in self.events)
         for event in self.events:
             event.ack()
 
@@ -490,12 +495,25 @@ def export_counts(outcome: BatchOutcome, stored: int, deadletters: Sequence[Dead
     metrics.EVENTS.labels("stored").inc(stored)
 
 
+class App(faust.App):
+    """Faust's app whose consumer commits only what ``gate`` says (stream/commits.py)."""
+
+    gate: CommitGate
+
+    def _new_consumer(self) -> GatedConsumer:
+        consumer = GatedConsumer(self.transport, callback=self.topics.on_message, loop=self.transport.loop,
+                                 on_partitions_revoked=self._on_partitions_revoked,
+                                 on_partitions_assigned=self._on_partitions_assigned, beacon=self.beacon)
+        consumer.gate = self.gate
+        return consumer
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app and its agent for these settings."""
     topics = Topics.from_settings(settings.topics)
     parts = settings.topics.partitions
     settings.state_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    app = faust.App(
+    app = App(
         settings.stream.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka.bootstrap().split(",")],
         broker_credentials=faust_credentials(settings.kafka),
@@ -516,6 +534,9 @@ def create_app(settings: Settings) -> faust.App:
         datadir=str(settings.state_dir / "faust"),
         Worker=type("Worker", (Worker,), {"stop_deadline_s": settings.stream.stop_deadline_s}),
     )
+    # What the worker processes; a source offset is committed only after every offset before it
+    # was confirmed here (stream/commits.py): never on Faust's acks alone.
+    gate = app.gate = CommitGate([topics.events, topics.screenshots, topics.demonstrations, topics.controls])
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
     control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
     # Per-employee pauses and exemptions, co-partitioned with the events (same key, same
@@ -534,7 +555,7 @@ def create_app(settings: Settings) -> faust.App:
         # batches, so whole groups of messages are decoded and enforced at once.
         async for events in stream.take_events(settings.stream.micro_batch_messages,
                                                within=settings.stream.micro_batch_wait_s):
-            delivery = Delivery(events)  # pinned before anything can fail (module docstring)
+            delivery = Delivery(events, gate)  # pinned before anything can fail (module docstring)
             try:
                 if not policy_state.ready.is_set():
                     # Never enforce before the policy in force is known. Waiting here, inside the
@@ -566,7 +587,7 @@ def create_app(settings: Settings) -> faust.App:
     async def enforce_screenshots(stream: Any) -> None:
         # The event pipeline's own steps decide for every image (handtrace.stream.screenshots).
         async for events in stream.take_events(100, within=0.5):
-            delivery = Delivery(events)
+            delivery = Delivery(events, gate)
             try:
                 if not policy_state.ready.is_set():
                     await policy_state.ready.wait()
@@ -619,7 +640,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(demo_topic)
     async def enforce_demonstrations(stream: Any) -> None:
         async for events in stream.take_events(DEMO_MICRO_BATCH_MESSAGES, within=0.5):
-            delivery = Delivery(events)
+            delivery = Delivery(events, gate)
             try:
                 if not policy_state.ready.is_set():
                     await policy_state.ready.wait()
@@ -653,11 +674,13 @@ def create_app(settings: Settings) -> faust.App:
                 result = fold(state, msg, auth, now_us=now_us())
             if not result.applied:
                 metrics.CONTROLS_REJECTED.labels("controls", result.outcome).inc()
+                gate.confirm([event.message])
                 continue
             controls_table[employee] = dumps(result.state)
             metrics.CONTROLS.labels(result.outcome).inc()
             if result.clamped:
                 metrics.PAUSES_CLAMPED.inc()
+            gate.confirm([event.message])
 
     @app.task
     async def _follow_policy() -> None:

@@ -1,0 +1,193 @@
+"""Which source offsets the worker may commit: only those below which every offset of the
+partition was finished by the worker's own code (ADR 0020, "The loss").
+
+Faust decides what to commit from its acks, and it acks messages nobody processed. While a
+rebalance is under way, and for messages fetched in an earlier generation, ``Stream.__aiter__``
+(faust-streaming 0.15.3) *skips* a message (flow control inactive, or
+``message.generation_id != app.consumer_generation_id``) and then acks it "otherwise the lag
+would increase". The consumer forgets its committed offsets on revocation
+(``Consumer.on_partitions_revoked`` pops ``_committed_offset``), and ``Consumer._new_offset``
+checks for a gap at the head of the acked offsets only when a committed offset is known (and
+then one too late: ``min(acked) - committed > 1``). So the skipped-and-acked offsets are
+committed -- by the revoking member during ``wait_empty`` or by the next generation -- while the
+micro-batch holding the offsets before them is still unsent: the next owner starts past it and
+those batches are never published nor dead-lettered. Read offsets that jump are acked too
+(``Consumer._add_gap``).
+
+:class:`CommitGate` replaces that decision for the topics the worker processes: the agents
+*confirm* a message once they are done with it (the event agents after the broker confirmed every
+send of its micro-batch, the controls fold after folding it), and a partition's committable
+offset is the end of the run of confirmed offsets that starts at the partition's committed offset
+as the broker has it (read once per assignment, raised to the log start when retention deleted
+below it). A message Faust skipped is not confirmed, so nothing at or past it is committed until
+it has been fetched again and processed (Faust seeks to the committed offsets after every
+rebalance); whatever happens inside Faust, the gate can only hold a commit back, never move one
+forward: a rebalance or a crash replays, never loses. Faust's own ack bookkeeping still runs
+(``wait_empty`` needs it) and keeps deciding for any other topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
+from faust.types import TP as Partition  # noqa: N811 -- (topic, partition)
+
+log = logging.getLogger("handtrace.stream.commits")
+
+HELD_WARNING_S = 60.0  # a commit held behind a missing offset this long is logged (once a minute)
+
+
+class CommitGate:
+    """Confirmed offsets per partition and, per assigned partition, the committed offset they
+    must continue from. ``epoch`` changes on every revocation and assignment: a base read from the
+    broker across one is discarded (it may belong to the previous owner's generation)."""
+
+    def __init__(self, topics: Iterable[str]) -> None:
+        self.topics = frozenset(topics)
+        self.done: dict[Partition, set[int]] = {}
+        self.base: dict[Partition, int] = {}
+        self.epoch = 0
+        self._held_since: dict[Partition, float] = {}
+        self._warned_at: dict[Partition, float] = {}
+
+    def confirm(self, messages: Iterable[Any]) -> None:
+        """These messages (Faust ``Message``: topic, partition, offset) are finished: their
+        output, if any, is confirmed by the broker."""
+        for m in messages:
+            if m.topic in self.topics:
+                self.done.setdefault(Partition(m.topic, m.partition), set()).add(m.offset)
+
+    def reset(self) -> None:
+        """A rebalance: every base is unknown until read again from the broker."""
+        self.epoch += 1
+        self.base.clear()
+        self._held_since.clear()
+
+    def needs_base(self, assigned: Iterable[Any]) -> list[Partition]:
+        """Assigned partitions of gated topics with confirmed offsets but no known base."""
+        out = []
+        for tp in assigned:
+            p = Partition(tp.topic, tp.partition)
+            if p.topic in self.topics and self.done.get(p) and p not in self.base:
+                out.append(p)
+        return out
+
+    def set_base(self, p: Partition, committed: int | None, log_start: int, epoch: int) -> None:
+        """The broker's committed offset of ``p`` (None: none yet) and its log start, as read
+        during ``epoch``; ignored if a rebalance came in between."""
+        if epoch != self.epoch:
+            return
+        self.base[p] = log_start if committed is None else max(committed, log_start)
+        self._prune(p)
+
+    def committable(self, assigned: Iterable[Any], now: float | None = None) -> dict[Partition, int]:
+        """For each assigned partition with a known base: the offset after the run of confirmed
+        offsets starting at the base, when that run is not empty."""
+        now = time.monotonic() if now is None else now
+        out: dict[Partition, int] = {}
+        for tp in assigned:
+            p = Partition(tp.topic, tp.partition)
+            base = self.base.get(p)
+            done = self.done.get(p)
+            if base is None or not done:
+                continue
+            x = base
+            while x in done:
+                x += 1
+            if x > base:
+                out[p] = x
+            self._watch(p, x, done, now)
+        return out
+
+    def committed(self, offsets: Mapping[Partition, int], epoch: int) -> None:
+        """These offsets were committed (read during ``epoch``): they are the new bases."""
+        if epoch != self.epoch:
+            return
+        for p, x in offsets.items():
+            if self.base.get(p, -1) < x:
+                self.base[p] = x
+                self._prune(p)
+
+    def _prune(self, p: Partition) -> None:
+        done = self.done.get(p)
+        if done:
+            base = self.base[p]
+            done.difference_update([o for o in done if o < base])
+
+    def _watch(self, p: Partition, x: int, done: set[int], now: float) -> None:
+        # Confirmed offsets beyond a missing one: normal for a moment (micro-batches of several
+        # partitions finish together), a problem if it lasts (a skipped message never fetched
+        # again). It is held, never skipped: say so.
+        if not any(o > x for o in done):
+            self._held_since.pop(p, None)
+            return
+        since = self._held_since.setdefault(p, now)
+        if now - since >= HELD_WARNING_S and now - self._warned_at.get(p, float("-inf")) >= HELD_WARNING_S:
+            self._warned_at[p] = now
+            log.warning("commit of %s[%d] held at offset %d for %.0f s: that offset was never processed "
+                        "(it is replayed after the next rebalance or restart; nothing is skipped)",
+                        p.topic, p.partition, x, now - since)
+
+
+class GatedConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer whose commits for the gated topics come from :class:`CommitGate`
+    (module docstring); every other topic keeps Faust's own decision."""
+
+    gate: CommitGate
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        self.gate.reset()
+        await super().on_partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[Any], generation_id: int = 0) -> None:
+        self.gate.reset()
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def _commit_tps(self, tps: Iterable[Any], start_new_transaction: bool) -> bool:
+        gate = self.gate
+        tps = list(tps)
+        for tp in tps:
+            if tp.topic in gate.topics:  # Faust's acks of these are not used: keep them from growing
+                self._acked.pop(tp, None)
+                self._acked_index.pop(tp, None)
+                self._gap.pop(tp, None)
+        faust_decides = [tp for tp in tps if tp.topic not in gate.topics]
+        offsets: dict[Any, int] = dict(self._filter_committable_offsets(faust_decides))
+        if offsets:
+            await self._handle_attached(offsets)
+        epoch = gate.epoch
+        assigned = self.assignment()
+        try:
+            await self._read_bases(gate.needs_base(assigned), epoch)
+        except Exception as exc:  # noqa: BLE001 -- no commit this round; the next one asks again
+            log.warning("reading committed offsets failed (%s: %s); commits wait for the next round",
+                        type(exc).__name__, str(exc)[:200])
+            return False
+        gated = {ensure_aiokafka_TP(p): x for p, x in gate.committable(assigned).items()}
+        offsets.update(gated)
+        if not offsets:
+            return False
+        did_commit = await self._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+        if did_commit:
+            gate.committed({Partition(tp.topic, tp.partition): x for tp, x in gated.items()}, epoch)
+        return did_commit
+
+    async def _read_bases(self, parts: list[Partition], epoch: int) -> None:
+        if not parts:
+            return
+        thread = self._thread
+        consumer = thread._ensure_consumer()
+        tps = [ensure_aiokafka_TP(p) for p in parts]
+
+        async def read() -> tuple[dict[Any, int | None], Mapping[Any, int]]:
+            committed = {tp: await consumer.committed(tp) for tp in tps}
+            return committed, await consumer.beginning_offsets(tps)
+
+        committed, starts = await thread.call_thread(read)
+        for p, tp in zip(parts, tps, strict=True):
+            self.gate.set_base(p, committed[tp], starts.get(tp, 0), epoch)

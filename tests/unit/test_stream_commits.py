@@ -1,0 +1,131 @@
+"""What the stream commits (stream/commits.py, ADR 0020 "The loss"): only offsets below which the
+worker's own code finished every message, whatever Faust acked."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from faust.transport.consumer import Consumer as FaustConsumer
+from faust.types import TP
+
+from handtrace.stream.commits import CommitGate, GatedConsumer
+
+EVENTS = TP("events", 3)
+
+
+def _msg(offset: int, tp: TP = EVENTS) -> Any:
+    return SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=offset)
+
+
+def _faust_bookkeeping(committed: int | None, acked: list[int]) -> Any:
+    return SimpleNamespace(_acked=defaultdict(list, {EVENTS: list(acked)}), _gap=defaultdict(list),
+                           _acked_index=defaultdict(set, {EVENTS: set(acked)}),
+                           _committed_offset=defaultdict(lambda: None, {EVENTS: committed}))
+
+
+@pytest.mark.parametrize("committed", [None, 0, 30])
+def test_faust_alone_commits_past_offsets_it_never_saw_acked(committed: int | None) -> None:
+    # The root cause, on Faust's own code: offsets 31-38 were skipped during a rebalance and acked
+    # (Stream.__aiter__), 0-30 (or just 30) are in a micro-batch whose sends are not confirmed.
+    # Faust forgot the committed offset on revocation (None), treats 0 as unknown, and checks the
+    # head gap one too late (30): in every case it would commit 39.
+    consumer = _faust_bookkeeping(committed, list(range(31, 39)))
+    assert FaustConsumer._new_offset(consumer, EVENTS) == 39  # type: ignore[arg-type]
+
+
+def test_the_gate_commits_only_a_confirmed_run_from_the_committed_offset() -> None:
+    gate = CommitGate(["events"])
+    gate.confirm([_msg(o) for o in range(31, 39)])  # processed, but 30 is not
+    assert gate.needs_base([EVENTS]) == [EVENTS]
+    gate.set_base(EVENTS, 30, 0, gate.epoch)
+    assert gate.committable([EVENTS]) == {}  # held at 30, never past it
+    gate.confirm([_msg(30)])
+    assert gate.committable([EVENTS]) == {EVENTS: 39}
+    gate.committed({EVENTS: 39}, gate.epoch)
+    assert gate.base[EVENTS] == 39 and gate.done[EVENTS] == set()
+    gate.confirm([_msg(39), _msg(41)])
+    assert gate.committable([EVENTS]) == {EVENTS: 40}
+
+
+def test_no_committed_offset_starts_at_the_log_start_and_never_below_it() -> None:
+    gate = CommitGate(["events"])
+    gate.confirm([_msg(o) for o in range(5, 9)])
+    gate.set_base(EVENTS, None, 0, gate.epoch)  # nothing committed, log starts at 0: 0-4 unseen
+    assert gate.committable([EVENTS]) == {}
+    gate.reset()
+    gate.set_base(EVENTS, 2, 5, gate.epoch)  # committed 2, but retention deleted up to 5
+    assert gate.committable([EVENTS]) == {EVENTS: 9}
+
+
+def test_a_base_read_across_a_rebalance_is_discarded() -> None:
+    gate = CommitGate(["events"])
+    gate.confirm([_msg(0)])
+    epoch = gate.epoch
+    gate.reset()  # revoked while the committed offset was being read
+    gate.set_base(EVENTS, 0, 0, epoch)
+    gate.committed({EVENTS: 1}, epoch)
+    assert EVENTS not in gate.base and gate.committable([EVENTS]) == {}
+    assert gate.needs_base([EVENTS]) == [EVENTS]
+
+
+def test_only_assigned_partitions_of_gated_topics_are_committed() -> None:
+    gate = CommitGate(["events"])
+    other = TP("events", 4)
+    gate.confirm([_msg(0), _msg(0, other), _msg(0, TP("changelog", 3))])
+    assert gate.needs_base([EVENTS]) == [EVENTS]  # 4 is not assigned; changelog is not gated
+    gate.set_base(EVENTS, None, 0, gate.epoch)
+    assert gate.committable([EVENTS]) == {EVENTS: 1}
+
+
+def test_a_held_commit_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    gate = CommitGate(["events"])
+    gate.confirm([_msg(1)])
+    gate.set_base(EVENTS, 0, 0, gate.epoch)
+    with caplog.at_level(logging.WARNING, "handtrace.stream.commits"):
+        gate.committable([EVENTS], now=0.0)
+        gate.committable([EVENTS], now=30.0)
+        assert not caplog.records
+        gate.committable([EVENTS], now=61.0)
+        gate.committable([EVENTS], now=62.0)
+    assert len(caplog.records) == 1 and "held at offset 0" in caplog.records[0].getMessage()
+
+
+def test_the_consumer_commits_the_gate_s_offsets_not_faust_s_acks() -> None:
+    # GatedConsumer._commit_tps over Faust's bookkeeping as a skipped-and-acked rebalance leaves it.
+    consumer = object.__new__(GatedConsumer)
+    gate = CommitGate(["events"])
+    consumer.gate = gate
+    book = _faust_bookkeeping(None, list(range(31, 39)))
+    consumer._acked, consumer._acked_index, consumer._gap = book._acked, book._acked_index, book._gap
+    consumer._committed_offset = book._committed_offset
+    committed: list[dict[Any, int]] = []
+    reads: list[list[TP]] = []
+
+    async def read_bases(parts: list[TP], epoch: int) -> None:
+        reads.append(parts)
+        for p in parts:
+            gate.set_base(p, None, 0, epoch)
+
+    async def commit_offsets(offsets: dict[Any, int], start_new_transaction: bool = True) -> bool:
+        committed.append(dict(offsets))
+        return True
+
+    consumer.assignment = lambda: {EVENTS}  # type: ignore[method-assign]
+    consumer._read_bases = read_bases  # type: ignore[method-assign]
+    consumer._commit_offsets = commit_offsets  # type: ignore[method-assign]
+
+    async def rounds() -> None:
+        gate.confirm([_msg(o) for o in range(31, 39)])
+        assert await consumer._commit_tps([EVENTS], True) is False
+        assert committed == [] and reads == [[EVENTS]]
+        assert EVENTS not in consumer._acked  # Faust's acks of gated topics are dropped
+        gate.confirm([_msg(o) for o in range(31)])
+        assert await consumer._commit_tps([], True) is True
+        assert committed == [{EVENTS: 39}] and gate.base[EVENTS] == 39
+
+    asyncio.run(rounds())
