@@ -58,7 +58,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import faust
 from prometheus_client import start_http_server
@@ -537,6 +537,17 @@ def create_app(settings: Settings) -> faust.App:
     # What the worker processes; a source offset is committed only after every offset before it
     # was confirmed here (stream/commits.py): never on Faust's acks alone.
     gate = app.gate = CommitGate([topics.events, topics.screenshots, topics.demonstrations, topics.controls])
+
+    async def admitted(events: Sequence[Any]) -> list[Any]:
+        """The events an agent may process, each partition's in offset order with none missing
+        (GatedConsumer.admit); a failure to learn where a partition starts stops the worker."""
+        try:
+            return await cast(GatedConsumer, app.consumer).admit(list(events))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- nothing of this micro-batch was processed: replayed
+            fail_stop("sequencing a micro-batch", e)
+
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
     control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
     # Per-employee pauses and exemptions, co-partitioned with the events (same key, same
@@ -555,6 +566,9 @@ def create_app(settings: Settings) -> faust.App:
         # batches, so whole groups of messages are decoded and enforced at once.
         async for events in stream.take_events(settings.stream.micro_batch_messages,
                                                within=settings.stream.micro_batch_wait_s):
+            events = await admitted(events)
+            if not events:
+                continue
             delivery = Delivery(events, gate)  # pinned before anything can fail (module docstring)
             try:
                 if not policy_state.ready.is_set():
@@ -587,6 +601,9 @@ def create_app(settings: Settings) -> faust.App:
     async def enforce_screenshots(stream: Any) -> None:
         # The event pipeline's own steps decide for every image (handtrace.stream.screenshots).
         async for events in stream.take_events(100, within=0.5):
+            events = await admitted(events)
+            if not events:
+                continue
             delivery = Delivery(events, gate)
             try:
                 if not policy_state.ready.is_set():
@@ -640,6 +657,9 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(demo_topic)
     async def enforce_demonstrations(stream: Any) -> None:
         async for events in stream.take_events(DEMO_MICRO_BATCH_MESSAGES, within=0.5):
+            events = await admitted(events)
+            if not events:
+                continue
             delivery = Delivery(events, gate)
             try:
                 if not policy_state.ready.is_set():
@@ -662,6 +682,8 @@ def create_app(settings: Settings) -> faust.App:
         # refusals are counted by reason, never logged with the employee id.
         max_offset_us = int(settings.stream.max_clock_offset_s * 1_000_000)
         async for event in stream.events():
+            if not await admitted([event]):
+                continue
             if not policy_state.ready.is_set():
                 await policy_state.ready.wait()  # enrolled devices known before judging anything
             msg = message_of(event.message)

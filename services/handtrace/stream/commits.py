@@ -52,6 +52,8 @@ class CommitGate:
         self.done: dict[Partition, set[int]] = {}
         self.base: dict[Partition, int] = {}
         self.epoch = 0
+        self.next: dict[Partition, int] = {}  # the offset each partition's agent may process next
+        self.sought: dict[Partition, int] = {}
         self._held_since: dict[Partition, float] = {}
         self._warned_at: dict[Partition, float] = {}
 
@@ -66,6 +68,8 @@ class CommitGate:
         """A rebalance: every base is unknown until read again from the broker."""
         self.epoch += 1
         self.base.clear()
+        self.next.clear()
+        self.sought.clear()
         self._held_since.clear()
 
     def needs_base(self, assigned: Iterable[Any]) -> list[Partition]:
@@ -84,6 +88,27 @@ class CommitGate:
             return
         self.base[p] = log_start if committed is None else max(committed, log_start)
         self._prune(p)
+
+    def sequence(self, events: Iterable[Any]) -> tuple[list[Any], dict[Partition, int]]:
+        """The events each partition's agent may process now, in order, and the partitions with a
+        gap (a message Faust skipped): for those, the offset to fetch again. Needs ``next`` for
+        every partition of ``events``. An event at or below an offset already let through is
+        dropped (a replay); one past a gap is dropped with everything after it: processing it
+        would publish source offset n+1 before n, and the sink skips rows at or below the highest
+        source offset it stored, so n's rows would never be stored."""
+        admitted, gaps = [], {}
+        for e in events:
+            m = e.message
+            p = Partition(m.topic, m.partition)
+            if p in gaps:
+                continue
+            n = self.next[p]
+            if m.offset == n:
+                admitted.append(e)
+                self.next[p] = n + 1
+            elif m.offset > n:
+                gaps[p] = n
+        return admitted, gaps
 
     def committable(self, assigned: Iterable[Any], now: float | None = None) -> dict[Partition, int]:
         """For each assigned partition with a known base: the offset after the run of confirmed
@@ -177,9 +202,33 @@ class GatedConsumer(AIOKafkaConsumer):
             gate.committed({Partition(tp.topic, tp.partition): x for tp, x in gated.items()}, epoch)
         return did_commit
 
-    async def _read_bases(self, parts: list[Partition], epoch: int) -> None:
-        if not parts:
-            return
+    async def admit(self, events: list[Any]) -> list[Any]:
+        """The events of a micro-batch the agent may process (CommitGate.sequence); for a gap,
+        the partition is fetched again from its next offset (once per gap). The rest are dropped:
+        they are never confirmed, so nothing at or past them is committed."""
+        gate = self.gate
+        parts = {Partition(e.message.topic, e.message.partition) for e in events}
+        while True:
+            epoch = gate.epoch
+            unknown = [p for p in parts if p not in gate.next]
+            if not unknown:
+                break
+            committed, starts = await self._read_committed(unknown)
+            if gate.epoch == epoch:
+                for p in unknown:
+                    c, start = committed[p], starts[p]
+                    gate.next[p] = start if c is None else max(c, start)
+        admitted, gaps = gate.sequence(events)
+        assigned = self.assignment()
+        for p, n in gaps.items():
+            if gate.sought.get(p) != n and p in assigned:
+                gate.sought[p] = n
+                log.info("%s[%d]: offset %d was skipped by the consumer (a rebalance); fetching again from it",
+                         p.topic, p.partition, n)
+                await self.seek_wait({ensure_aiokafka_TP(p): n})  # in the consumer's own thread
+        return admitted
+
+    async def _read_committed(self, parts: list[Partition]) -> tuple[dict[Partition, int | None], dict[Partition, int]]:
         thread = self._thread
         consumer = thread._ensure_consumer()
         tps = [ensure_aiokafka_TP(p) for p in parts]
@@ -189,5 +238,11 @@ class GatedConsumer(AIOKafkaConsumer):
             return committed, await consumer.beginning_offsets(tps)
 
         committed, starts = await thread.call_thread(read)
-        for p, tp in zip(parts, tps, strict=True):
-            self.gate.set_base(p, committed[tp], starts.get(tp, 0), epoch)
+        return ({p: committed[tp] for p, tp in zip(parts, tps, strict=True)},
+                {p: starts.get(tp, 0) for p, tp in zip(parts, tps, strict=True)})
+
+    async def _read_bases(self, parts: list[Partition], epoch: int) -> None:
+        if parts:
+            committed, starts = await self._read_committed(parts)
+            for p in parts:
+                self.gate.set_base(p, committed[p], starts[p], epoch)
