@@ -179,8 +179,7 @@ def test_three_workers_two_sinks_a_kill_and_a_join_store_every_event_once(  # ty
     wait_for(lambda: folded("pause_start") >= PARTITIONS and folded("exemption_grant") >= PARTITIONS, 120,
              "the workers to fold every pause and exemption", tails)
     # All three in the group with partitions before any data: the rebalances under test are the
-    # kill and the join below. (With data flowing while the three were still joining, the stream
-    # stalled for minutes in 2 runs and lost a moved partition's batches in 1: ADR 0020.)
+    # kill and the join below (ADR 0020 records every run).
     wait_for(lambda: _stable_members(s, t.events) == 3, 120, "the three workers to share the partitions",
              lambda: f"last seen: {_GROUP_SEEN}\n{tails()}")
 

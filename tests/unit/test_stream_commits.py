@@ -176,3 +176,43 @@ def test_admit_starts_at_the_committed_offset_and_fetches_a_gap_again() -> None:
         assert await consumer.admit([_event(1)]) == [] and sought[-1] == {EVENTS: 0}
 
     asyncio.run(rounds())
+
+
+def test_a_partition_whose_every_fetched_message_was_skipped_is_fetched_again() -> None:
+    # Run 15: the joining worker took two partitions with no committed offset; everything in them
+    # was fetched and skipped during the rebalance, so no later message ever showed the agent a
+    # gap. Fetched past the next offset with no progress for STALLED_S: fetch again.
+    consumer = object.__new__(GatedConsumer)
+    gate = consumer.gate = CommitGate(["events"])
+    sought: list[dict[Any, int]] = []
+    positions = {EVENTS: 51}
+
+    async def read_committed(parts: list[TP]) -> tuple[dict[TP, int | None], dict[TP, int]]:
+        return {p: None for p in parts}, {p: 0 for p in parts}
+
+    async def seek_wait(partitions: dict[Any, int]) -> None:
+        sought.append(dict(partitions))
+
+    async def position(tp: Any) -> int:
+        return positions[TP(tp.topic, tp.partition)]
+
+    consumer._read_committed = read_committed  # type: ignore[method-assign]
+    consumer.seek_wait = seek_wait  # type: ignore[method-assign]
+    consumer.position = position  # type: ignore[method-assign]
+    consumer.assignment = lambda: {EVENTS, TP("changelog", 3)}  # type: ignore[method-assign]
+
+    async def rounds() -> None:
+        await consumer.refetch_stalled(after_s=10, now=0.0)
+        await consumer.refetch_stalled(after_s=10, now=9.0)
+        assert sought == [] and gate.next == {EVENTS: 0}
+        await consumer.refetch_stalled(after_s=10, now=10.0)
+        assert sought == [{EVENTS: 0}]
+        assert [e.message.offset for e in await consumer.admit([_event(0), _event(1)])] == [0, 1]
+        await consumer.refetch_stalled(after_s=10, now=25.0)  # progress: the clock starts again
+        await consumer.refetch_stalled(after_s=10, now=30.0)
+        assert sought == [{EVENTS: 0}]
+        positions[EVENTS] = 2  # caught up: nothing to do
+        await consumer.refetch_stalled(after_s=10, now=100.0)
+        assert sought == [{EVENTS: 0}] and EVENTS not in gate.progress
+
+    asyncio.run(rounds())

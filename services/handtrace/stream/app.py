@@ -26,6 +26,11 @@ are gathered (delivery confirmed by the broker: acks=all) and only then are the 
 (``Event.ack``). Any failure (a send, or a bug while processing) stops the process at once with
 ``os._exit`` (EXIT_UNDELIVERED): the pins are never released, nothing past them is committed,
 a restart replays the micro-batch, and the sink drops what it already stored by source offset.
+What is committed is not Faust's decision for these topics: Faust also acks messages it *skips*
+during a rebalance, so a confirmed micro-batch is *confirmed* to a ``CommitGate`` and only runs of
+confirmed offsets from the broker's committed offset are committed; and every micro-batch first
+goes through ``GatedConsumer.admit`` (each partition in offset order, none missing; a skipped
+message is fetched again). See stream/commits.py and ADR 0020.
 Micro-batch N+1 is processed while N's sends are in flight, but sent only once N's are
 confirmed; within one micro-batch a partition's messages go out in rounds, one per partition
 per round. So a partition's accepted messages are produced strictly in source-offset order and
@@ -703,6 +708,18 @@ def create_app(settings: Settings) -> faust.App:
             if result.clamped:
                 metrics.PAUSES_CLAMPED.inc()
             gate.confirm([event.message])
+
+    @app.timer(interval=5.0)
+    async def _refetch_stalled() -> None:
+        # A partition whose every fetched message Faust skipped in a rebalance (stream/commits.py).
+        if app.rebalancing:
+            return
+        try:
+            await cast(GatedConsumer, app.consumer).refetch_stalled()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a net, not a path: the next tick tries again
+            log.warning("checking for stalled partitions failed (%s)", type(e).__name__)
 
     @app.task
     async def _follow_policy() -> None:

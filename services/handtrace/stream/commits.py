@@ -39,6 +39,7 @@ from faust.types import TP as Partition  # noqa: N811 -- (topic, partition)
 
 log = logging.getLogger("handtrace.stream.commits")
 
+STALLED_S = 10.0  # a partition fetched past its next offset, with no progress this long, is fetched again
 HELD_WARNING_S = 60.0  # a commit held behind a missing offset this long is logged (once a minute)
 
 
@@ -54,6 +55,7 @@ class CommitGate:
         self.epoch = 0
         self.next: dict[Partition, int] = {}  # the offset each partition's agent may process next
         self.sought: dict[Partition, int] = {}
+        self.progress: dict[Partition, tuple[int, float]] = {}  # (next offset, since when)
         self._held_since: dict[Partition, float] = {}
         self._warned_at: dict[Partition, float] = {}
 
@@ -70,6 +72,7 @@ class CommitGate:
         self.base.clear()
         self.next.clear()
         self.sought.clear()
+        self.progress.clear()
         self._held_since.clear()
 
     def needs_base(self, assigned: Iterable[Any]) -> list[Partition]:
@@ -207,17 +210,7 @@ class GatedConsumer(AIOKafkaConsumer):
         the partition is fetched again from its next offset (once per gap). The rest are dropped:
         they are never confirmed, so nothing at or past them is committed."""
         gate = self.gate
-        parts = {Partition(e.message.topic, e.message.partition) for e in events}
-        while True:
-            epoch = gate.epoch
-            unknown = [p for p in parts if p not in gate.next]
-            if not unknown:
-                break
-            committed, starts = await self._read_committed(unknown)
-            if gate.epoch == epoch:
-                for p in unknown:
-                    c, start = committed[p], starts[p]
-                    gate.next[p] = start if c is None else max(c, start)
+        await self._learn_next({Partition(e.message.topic, e.message.partition) for e in events})
         admitted, gaps = gate.sequence(events)
         assigned = self.assignment()
         for p, n in gaps.items():
@@ -227,6 +220,54 @@ class GatedConsumer(AIOKafkaConsumer):
                          p.topic, p.partition, n)
                 await self.seek_wait({ensure_aiokafka_TP(p): n})  # in the consumer's own thread
         return admitted
+
+    async def _learn_next(self, parts: Iterable[Partition]) -> None:
+        """``gate.next`` for every partition of ``parts``: the broker's committed offset (or the
+        log start), read again if a rebalance came in between."""
+        gate = self.gate
+        parts = list(parts)
+        while True:
+            epoch = gate.epoch
+            unknown = [p for p in parts if p not in gate.next]
+            if not unknown:
+                return
+            log.info("reading where %d partition(s) start: %s", len(unknown),
+                     ", ".join(f"{p.topic}[{p.partition}]" for p in sorted(unknown)))
+            committed, starts = await self._read_committed(unknown)
+            if gate.epoch == epoch:
+                for p in unknown:
+                    c, start = committed[p], starts[p]
+                    gate.next[p] = start if c is None else max(c, start)
+                    log.info("%s[%d] starts at offset %d (committed %s, log start %d)",
+                             p.topic, p.partition, gate.next[p], c, start)
+
+    async def refetch_stalled(self, after_s: float = STALLED_S, now: float | None = None) -> None:
+        """The net under ``admit``: a gap is seen only when a later message of the partition
+        reaches the agent. If every message the consumer fetched was skipped (nothing more to
+        fetch), nothing ever does: the fetch position is past the partition's next offset and
+        the next offset does not move. After ``after_s`` so, fetch again from the next offset.
+        (Spurious on an agent stuck that long on one micro-batch: the copies are dropped as
+        replays.)"""
+        gate = self.gate
+        now = time.monotonic() if now is None else now
+        tps = [tp for tp in self.assignment() if tp.topic in gate.topics]
+        await self._learn_next(Partition(tp.topic, tp.partition) for tp in tps)
+        for tp in tps:
+            p = Partition(tp.topic, tp.partition)
+            n = gate.next.get(p)
+            position = await self.position(ensure_aiokafka_TP(p))
+            if n is None or position is None or position <= n:
+                gate.progress.pop(p, None)
+                continue
+            seen, since = gate.progress.get(p, (None, now))
+            if seen != n:
+                gate.progress[p] = (n, now)
+            elif now - since >= after_s:
+                gate.progress[p] = (n, now)
+                log.info("%s[%d]: fetched up to %d but nothing past %d reached the agent for %.0f s "
+                         "(skipped by the consumer); fetching again from %d",
+                         p.topic, p.partition, position, n, now - since, n)
+                await self.seek_wait({ensure_aiokafka_TP(p): n})
 
     async def _read_committed(self, parts: list[Partition]) -> tuple[dict[Partition, int | None], dict[Partition, int]]:
         thread = self._thread
