@@ -24,6 +24,13 @@ it has been fetched again and processed (Faust seeks to the committed offsets af
 rebalance); whatever happens inside Faust, the gate can only hold a commit back, never move one
 forward: a rebalance or a crash replays, never loses. Faust's own ack bookkeeping still runs
 (``wait_empty`` needs it) and keeps deciding for any other topic.
+
+Committing right is not enough: the sink skips rows at or below the highest source offset it
+stored, so a partition's messages must also be *processed* in offset order with none missing.
+:meth:`GatedConsumer.admit` lets a micro-batch through partition by partition from the offset
+each starts at (the broker's committed offset at assignment) and, at a gap, drops the rest of
+that partition and fetches it again from the missing offset; :meth:`GatedConsumer.refetch_stalled`
+catches the gap no later message reveals (everything fetched was skipped).
 """
 
 from __future__ import annotations
