@@ -86,18 +86,28 @@ def _variant(s: Settings, **parts: dict[str, Any]) -> Settings:
     return s.model_copy(update=update)
 
 
+_GROUP_SEEN: list[str] = []  # the last describe of the stream's group, for the failure message
+
+
 def _stable_members(s: Settings, topic: str) -> int:
     """Members of the stream's group holding partitions of ``topic`` once it is Stable (else 0)."""
     from confluent_kafka.admin import AdminClient
 
+    _GROUP_SEEN[:] = []
+    # The client must outlive the request: a temporary AdminClient is destroyed as soon as
+    # describe_consumer_groups returns, and its future then never completes (TimeoutError every
+    # time: the "stall" of runs 6, 7 and 8 in ADR 0020 was this probe, not the group).
+    admin = AdminClient(s.kafka.librdkafka())
     try:
-        desc = AdminClient(s.kafka.librdkafka()).describe_consumer_groups(
-            [s.stream.app_id])[s.stream.app_id].result(timeout=10)
-    except Exception:  # noqa: BLE001 -- the coordinator may still be loading
+        desc = admin.describe_consumer_groups([s.stream.app_id])[s.stream.app_id].result(timeout=10)
+    except Exception as e:  # noqa: BLE001 -- the coordinator may still be loading
+        _GROUP_SEEN.append(f"describe failed: {type(e).__name__}: {e}")
         return 0
+    holding = sum(1 for m in desc.members if any(tp.topic == topic for tp in m.assignment.topic_partitions))
+    _GROUP_SEEN.append(f"group {desc.state}, {len(desc.members)} members, {holding} holding {topic}")
     if not str(desc.state).endswith("STABLE"):
         return 0
-    return sum(1 for m in desc.members if any(tp.topic == topic for tp in m.assignment.topic_partitions))
+    return holding
 
 
 @pytest.fixture
@@ -169,9 +179,9 @@ def test_three_workers_two_sinks_a_kill_and_a_join_store_every_event_once(  # ty
     wait_for(lambda: folded("pause_start") >= PARTITIONS and folded("exemption_grant") >= PARTITIONS, 120,
              "the workers to fold every pause and exemption", tails)
     # All three in the group with partitions before any data: the rebalances under test are the
-    # kill and the join below. (With data flowing while the three were still joining, the stream
-    # stalled for minutes in 2 runs and lost a moved partition's batches in 1: ADR 0020.)
-    wait_for(lambda: _stable_members(s, t.events) == 3, 120, "the three workers to share the partitions", tails)
+    # kill and the join below (ADR 0020 records every run).
+    wait_for(lambda: _stable_members(s, t.events) == 3, 120, "the three workers to share the partitions",
+             lambda: f"last seen: {_GROUP_SEEN}\n{tails()}")
 
     margin = int(s.stream.clock_skew_margin_s * S)
     accepted: list[bytes] = []

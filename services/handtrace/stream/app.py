@@ -26,6 +26,11 @@ are gathered (delivery confirmed by the broker: acks=all) and only then are the 
 (``Event.ack``). Any failure (a send, or a bug while processing) stops the process at once with
 ``os._exit`` (EXIT_UNDELIVERED): the pins are never released, nothing past them is committed,
 a restart replays the micro-batch, and the sink drops what it already stored by source offset.
+What is committed is not Faust's decision for these topics: Faust also acks messages it *skips*
+during a rebalance, so a confirmed micro-batch is *confirmed* to a ``CommitGate`` and only runs of
+confirmed offsets from the broker's committed offset are committed; and every micro-batch first
+goes through ``GatedConsumer.admit`` (each partition in offset order, none missing; a skipped
+message is fetched again). See stream/commits.py and ADR 0020.
 Micro-batch N+1 is processed while N's sends are in flight, but sent only once N's are
 confirmed; within one micro-batch a partition's messages go out in rounds, one per partition
 per round. So a partition's accepted messages are produced strictly in source-offset order and
@@ -58,7 +63,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import faust
 from prometheus_client import start_http_server
@@ -73,6 +78,7 @@ from handtrace.core.settings import Settings, load_settings
 from handtrace.core.signing import Refused, Verifier
 from handtrace.core.topics import Topics
 from handtrace.stream import metrics
+from handtrace.stream.commits import CommitGate, GatedConsumer
 from handtrace.stream.controls import (
     ControlAuth,
     ControlMessage,
@@ -332,10 +338,12 @@ def fail_stop(what: str, exc: BaseException) -> NoReturn:
 class Delivery:
     """The sends of one micro-batch and the source events they came from: the events are pinned
     (refcount +1) from construction until every send is confirmed, so no ack can make their
-    offsets committable before (module docstring)."""
+    offsets committable before (module docstring); then they are confirmed to ``gate``, which
+    alone decides what is committed (stream/commits.py)."""
 
-    def __init__(self, events: Sequence[Any]) -> None:
+    def __init__(self, events: Sequence[Any], gate: CommitGate | None = None) -> None:
         self.events = list(events)
+        self.gate = gate
         for e in self.events:
             e.message.incref()
 
@@ -351,6 +359,8 @@ class Delivery:
             raise
         except Exception as exc:  # noqa: BLE001 -- any unconfirmed send stops the worker
             fail_stop(f"a send of a micro-batch of {len(self.events)} messages", exc)
+        if self.gate is not None:
+            self.gate.confirm(e.message for e in self.events)
         for event in self.events:
             event.ack()
 
@@ -490,12 +500,25 @@ def export_counts(outcome: BatchOutcome, stored: int, deadletters: Sequence[Dead
     metrics.EVENTS.labels("stored").inc(stored)
 
 
+class App(faust.App):
+    """Faust's app whose consumer commits only what ``gate`` says (stream/commits.py)."""
+
+    gate: CommitGate
+
+    def _new_consumer(self) -> GatedConsumer:
+        consumer = GatedConsumer(self.transport, callback=self.topics.on_message, loop=self.transport.loop,
+                                 on_partitions_revoked=self._on_partitions_revoked,
+                                 on_partitions_assigned=self._on_partitions_assigned, beacon=self.beacon)
+        consumer.gate = self.gate
+        return consumer
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app and its agent for these settings."""
     topics = Topics.from_settings(settings.topics)
     parts = settings.topics.partitions
     settings.state_dir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    app = faust.App(
+    app = App(
         settings.stream.app_id,
         broker=[f"kafka://{h}" for h in settings.kafka.bootstrap().split(",")],
         broker_credentials=faust_credentials(settings.kafka),
@@ -516,6 +539,20 @@ def create_app(settings: Settings) -> faust.App:
         datadir=str(settings.state_dir / "faust"),
         Worker=type("Worker", (Worker,), {"stop_deadline_s": settings.stream.stop_deadline_s}),
     )
+    # What the worker processes; a source offset is committed only after every offset before it
+    # was confirmed here (stream/commits.py): never on Faust's acks alone.
+    gate = app.gate = CommitGate([topics.events, topics.screenshots, topics.demonstrations, topics.controls])
+
+    async def admitted(events: Sequence[Any]) -> list[Any]:
+        """The events an agent may process, each partition's in offset order with none missing
+        (GatedConsumer.admit); a failure to learn where a partition starts stops the worker."""
+        try:
+            return await cast(GatedConsumer, app.consumer).admit(list(events))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- nothing of this micro-batch was processed: replayed
+            fail_stop("sequencing a micro-batch", e)
+
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
     control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
     # Per-employee pauses and exemptions, co-partitioned with the events (same key, same
@@ -534,7 +571,10 @@ def create_app(settings: Settings) -> faust.App:
         # batches, so whole groups of messages are decoded and enforced at once.
         async for events in stream.take_events(settings.stream.micro_batch_messages,
                                                within=settings.stream.micro_batch_wait_s):
-            delivery = Delivery(events)  # pinned before anything can fail (module docstring)
+            events = await admitted(events)
+            if not events:
+                continue
+            delivery = Delivery(events, gate)  # pinned before anything can fail (module docstring)
             try:
                 if not policy_state.ready.is_set():
                     # Never enforce before the policy in force is known. Waiting here, inside the
@@ -566,7 +606,10 @@ def create_app(settings: Settings) -> faust.App:
     async def enforce_screenshots(stream: Any) -> None:
         # The event pipeline's own steps decide for every image (handtrace.stream.screenshots).
         async for events in stream.take_events(100, within=0.5):
-            delivery = Delivery(events)
+            events = await admitted(events)
+            if not events:
+                continue
+            delivery = Delivery(events, gate)
             try:
                 if not policy_state.ready.is_set():
                     await policy_state.ready.wait()
@@ -619,7 +662,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(demo_topic)
     async def enforce_demonstrations(stream: Any) -> None:
         async for events in stream.take_events(DEMO_MICRO_BATCH_MESSAGES, within=0.5):
-            delivery = Delivery(events)
+            events = await admitted(events)
+            if not events:
+                continue
+            delivery = Delivery(events, gate)
             try:
                 if not policy_state.ready.is_set():
                     await policy_state.ready.wait()
@@ -641,6 +687,8 @@ def create_app(settings: Settings) -> faust.App:
         # refusals are counted by reason, never logged with the employee id.
         max_offset_us = int(settings.stream.max_clock_offset_s * 1_000_000)
         async for event in stream.events():
+            if not await admitted([event]):
+                continue
             if not policy_state.ready.is_set():
                 await policy_state.ready.wait()  # enrolled devices known before judging anything
             msg = message_of(event.message)
@@ -653,11 +701,25 @@ def create_app(settings: Settings) -> faust.App:
                 result = fold(state, msg, auth, now_us=now_us())
             if not result.applied:
                 metrics.CONTROLS_REJECTED.labels("controls", result.outcome).inc()
+                gate.confirm([event.message])
                 continue
             controls_table[employee] = dumps(result.state)
             metrics.CONTROLS.labels(result.outcome).inc()
             if result.clamped:
                 metrics.PAUSES_CLAMPED.inc()
+            gate.confirm([event.message])
+
+    @app.timer(interval=5.0)
+    async def _refetch_stalled() -> None:
+        # A partition whose every fetched message Faust skipped in a rebalance (stream/commits.py).
+        if app.rebalancing:
+            return
+        try:
+            await cast(GatedConsumer, app.consumer).refetch_stalled()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a net, not a path: the next tick tries again
+            log.warning("checking for stalled partitions failed (%s)", type(e).__name__)
 
     @app.task
     async def _follow_policy() -> None:
