@@ -71,8 +71,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Settings]:
-    """Settings with a unique topic prefix, consumer groups and state dir per test."""
+def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., Settings]]:
+    """Settings with a unique topic prefix, consumer groups and state dir per test. At teardown
+    the embedded engine of each is closed (a no-op when the test closed it): chdb holds one data
+    path per process, so a test that failed before its own close would make every later test
+    fail to open its own."""
+    made: list[Settings] = []
 
     def make(**overrides: Any) -> Settings:
         tag = uuid.uuid4().hex[:10]
@@ -94,9 +98,12 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., Sett
                 base[k] = v
         s = Settings(**base)
         ensure_topics(s.kafka, s.topics, retention=s.warehouse.retention)
+        made.append(s)
         return s
 
-    return make
+    yield make
+    for s in made:
+        clickhouse.close(s.clickhouse_dsn())
 
 
 class StreamWorker:
