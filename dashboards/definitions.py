@@ -182,6 +182,7 @@ pipeline_health = Dashboard(
             Panel("Stream micro-batch processing", "timeseries", (
                 Prom(hq(0.5, "handtrace_stream_batch_process_seconds"), "p50"),
                 Prom(hq(0.95, "handtrace_stream_batch_process_seconds"), "p95"),
+                Prom(hq(0.95, "handtrace_stream_controls_wait_seconds"), "p95 wait for controls ahead"),
             ), unit="s", width=8),
             Panel("Events per batch message", "timeseries", (
                 Prom(hq(0.5, "handtrace_stream_batch_events"), "p50"),

@@ -10,9 +10,10 @@ from handtrace.control.publish import control_record, pause_record, publish
 from handtrace.core import clickhouse, codec, ids
 from handtrace.core.admin import group_lag
 from handtrace.core.clock import now_us
+from handtrace.core.rows import from_ipc
 from handtrace.stream.steps.pseudonymise import pseudonym
-from tests.factories import make_event
-from tests.integration.conftest import producer, stream_metric, topics_of, wait_for
+from tests.factories import TEST_APP, make_event
+from tests.integration.conftest import producer, stream_metric, topic_messages, topic_records, topics_of, wait_for
 
 S = 1_000_000
 
@@ -151,3 +152,47 @@ def test_allowlist_and_redaction_hold_through_the_broker(  # type: ignore[no-unt
         assert not re.search(r"[\w.+-]+@[\w-]+\.[\w.]+", typed), typed
         assert not re.search(r"(?:\d[ -]?){13,19}", typed), typed
         assert "mail" in typed and "ok" in typed  # the rest of what was typed survives
+
+
+def test_controls_published_before_the_data_hold_while_the_fold_is_behind(  # type: ignore[no-untyped-def]
+    settings_factory, stream_worker
+) -> None:
+    """Controls, events and screenshots are different topics, read by different agents of the
+    worker: a pause published before an employee's data must be in force when that data is
+    judged -- also when thousands of records queue ahead of it on the controls topic, so its fold
+    runs far behind the data (issue #6: the class behind a paused screenshot once published)."""
+    s = settings_factory()
+    t = topics_of(s)
+    key = s.stream.pseudonym_key.get_secret_value().encode()
+    t0 = now_us() - 600 * S
+    p = producer(s)
+    for i in range(4000):  # not controls: each one refused (invalid) by the fold, one by one
+        p.produce(t.controls, key=b"emp-p", value=b"not a control %d" % i)
+    p.flush(30)
+    publish(s, pause_record("emp-p", 10 / 60, actor="emp-p", at_us=t0 + 10 * S))  # [t0+10s, t0+20s)
+    paused, paused_times = _batch("emp-p", t0 + 12 * S, 50, S // 10, 1)           # 12..17 s: inside
+    ok, ok_times = _batch("emp-ok", t0 + 12 * S, 50, S // 10, 2)
+    p.produce(t.events, key=b"emp-p", value=paused)
+    p.produce(t.events, key=b"emp-ok", value=ok)
+    for name, emp in (("paused", "emp-p"), ("ok", "emp-ok")):
+        p.produce(t.screenshots, key=emp.encode(), value=f"image {name}".encode(), headers=[
+            ("ht-event-id", ids.uuid7_bytes((t0 + 13 * S) // 1000)), ("ht-captured-at-us", str(t0 + 13 * S).encode()),
+            ("ht-device-id", f"d-{emp}".encode()), ("ht-app-id", TEST_APP.encode()), ("ht-sha256", b"00" * 32),
+            ("ht-format", b"webp")])
+    p.flush(30)
+
+    worker = stream_worker(s)  # everything is queued: each agent starts on its topic at once
+    wait_for(lambda: group_lag(s.kafka, s.stream.app_id, t.events) == 0
+             and group_lag(s.kafka, s.stream.app_id, t.screenshots) == 0
+             and group_lag(s.kafka, s.stream.app_id, t.controls) == 0, 180, "the worker to catch up", worker.tail)
+    assert stream_metric(s, 'handtrace_stream_controls_rejected_total{reason="invalid",topic="controls"}') == 4000
+    assert stream_metric(s, 'handtrace_stream_controls_total{kind="pause_start"}') == 1
+
+    stored = [k for m in topic_messages({"bootstrap.servers": s.kafka.bootstrap()}, t.stored)
+              for k in from_ipc(m.value()).column("employee_key").to_pylist()]
+    kp, kok = pseudonym(key, "employee", "emp-p"), pseudonym(key, "employee", "emp-ok")
+    assert stored.count(kok) == len(ok_times)
+    assert kp not in stored, "events captured inside a pause were accepted"
+    shots = topic_records(s.kafka.bootstrap(), t.screenshots_accepted)
+    assert shots == [b"image ok"], shots
+    assert paused_times  # the batch above was inside the window it claims

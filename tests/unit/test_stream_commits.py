@@ -216,3 +216,37 @@ def test_a_partition_whose_every_fetched_message_was_skipped_is_fetched_again() 
         assert sought == [{EVENTS: 0}] and EVENTS not in gate.progress
 
     asyncio.run(rounds())
+
+
+CONTROLS = TP("controls", 3)
+
+
+def test_reach_waits_for_the_controls_fold_from_the_committed_offset() -> None:
+    # The data agents wait (GatedConsumer.reach) until the controls partition's fold has finished
+    # every record below the end offset read after the data was fetched: from the committed offset
+    # (folded before, by whoever committed it) through the run this worker confirmed.
+    consumer = object.__new__(GatedConsumer)
+    gate = consumer.gate = CommitGate(["controls"])
+
+    async def read_committed(parts: list[TP]) -> tuple[dict[TP, int | None], dict[TP, int]]:
+        return {p: 10 for p in parts}, {p: 0 for p in parts}
+
+    consumer._read_committed = read_committed  # type: ignore[method-assign]
+
+    async def rounds() -> None:
+        assert gate.finished_below(CONTROLS) is None
+        assert await consumer.reach({CONTROLS: 10}, gate.epoch)  # all below the committed offset
+        assert gate.finished_below(CONTROLS) == 10
+        waiting = asyncio.ensure_future(consumer.reach({CONTROLS: 13}, gate.epoch))
+        await asyncio.sleep(0.05)
+        gate.confirm([_msg(11, CONTROLS), _msg(12, CONTROLS)])  # 10 not yet folded: still waiting
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and gate.finished_below(CONTROLS) == 10
+        gate.confirm([_msg(10, CONTROLS)])
+        assert await asyncio.wait_for(waiting, 2) is True
+        waiting = asyncio.ensure_future(consumer.reach({CONTROLS: 20}, gate.epoch))
+        await asyncio.sleep(0.05)
+        gate.reset()  # a rebalance: the caller drops its micro-batch (replayed), never proceeds
+        assert await asyncio.wait_for(waiting, 2) is False
+
+    asyncio.run(rounds())

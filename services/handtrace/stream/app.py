@@ -38,6 +38,15 @@ never one past a failed one: the sink skips rows at or below the highest source 
 stored, so a later message stored before an earlier failed one would hide the earlier rows'
 replay.
 
+Controls are judged in order with the data, across topics: pauses and exemptions (the controls
+topic, folded by their own agent into the controls table), the policy and the enrolled devices
+(followed by ``PolicyState``) are other topics than the events, screenshots and demonstrations,
+and Faust runs each topic's agent on its own. So before enforcing a micro-batch each data agent
+waits (``in_force``) until every record those topics held after the micro-batch was fetched is
+in force -- the controls fold confirms through the gate (``GatedConsumer.reach``), the followers
+through their positions (``PolicyState.reach_end``). Without it a batch fetched with a pause
+still queued behind other controls was judged without the pause.
+
 Sizes are bounded so that no hostile message can make a send fail: raw payloads larger than the
 topic's limit, and rows of one source message that alone do not fit, are dead-lettered; accepted
 rows are cut into messages by rows and measured bytes (pipeline.pack_by_source); dead-letter
@@ -52,6 +61,7 @@ log lines are cut before message contents (raw ids): see ``RawIdsOutOfLogs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -60,12 +70,14 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, cast
 
 import faust
+from faust.types import TP
 from prometheus_client import start_http_server
 
 from handtrace.core import signing
@@ -206,6 +218,9 @@ class PolicyState:
         self.ready = asyncio.Event()
         self._sync_waiters: list[asyncio.Future[None]] = []
         self._last_sync = float("-inf")
+        self._consumer: Any = None  # the followers' consumer, once started
+        self.applied: dict[Any, int] = {}  # per followed partition: the offset below which all is applied
+        self._moved = asyncio.Event()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PolicyState:
@@ -270,6 +285,21 @@ class PolicyState:
         except TimeoutError:
             pass
 
+    async def reach_end(self) -> None:
+        """Wait until the followers have applied every record the policy and devices topics held
+        when called (the caller has waited for ``ready``). Cheap when nothing new arrived: one
+        offsets request; else until the followers' next fetch."""
+        ends = await self._consumer.end_offsets(list(self.applied))
+        started = warned = time.monotonic()
+        while any(self.applied.get(tp, 0) < x for tp, x in ends.items()):
+            now = time.monotonic()
+            if now - warned >= 60:
+                warned = now
+                log.warning("held for %.0f s until the policy and devices topics are read", now - started)
+            moved = self._moved
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), 1.0)
+
     async def follow(self, settings: Settings, topic: str) -> None:
         """Follow the policy ``topic`` and the devices topic of ``settings`` (until cancelled)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -299,6 +329,9 @@ class PolicyState:
                         else:
                             self.apply_device(m)
                 positions = {tp: await consumer.position(tp) for tp in tps}
+                self._consumer, self.applied = consumer, positions
+                self._moved.set()
+                self._moved = asyncio.Event()
                 caught_up = all(positions[tp] >= end[tp] for tp in tps)
                 if caught_up:
                     self.ready.set()
@@ -346,6 +379,12 @@ class Delivery:
         self.gate = gate
         for e in self.events:
             e.message.incref()
+
+    def drop(self) -> None:
+        """Release the pins without confirming anything (a rebalance came in): nothing at or past
+        these offsets is committed, the next owner processes them."""
+        for event in self.events:
+            event.ack()
 
     async def send(self, rounds: Sequence[Sequence[tuple[Any, OutRecord]]]) -> None:
         """Send round by round, each confirmed before the next; then release the pins. A failure
@@ -553,6 +592,21 @@ def create_app(settings: Settings) -> faust.App:
         except Exception as e:  # noqa: BLE001 -- nothing of this micro-batch was processed: replayed
             fail_stop("sequencing a micro-batch", e)
 
+    async def in_force(events: Sequence[Any]) -> bool:
+        """Wait until every control, policy and device record appended before these events were
+        fetched is in force (folded into the controls table, applied by the followers): the
+        controls are other topics, read by other agents, so without this an event can be judged
+        before the pause or exemption published ahead of it (issue #6: cross-topic order). The
+        events' partitions of the controls topic (co-partitioned: same key, same partition) and
+        every partition of the policy and devices topics. False: a rebalance came in; the
+        micro-batch is dropped unconfirmed (replayed)."""
+        epoch = gate.epoch
+        consumer = cast(GatedConsumer, app.consumer)
+        wanted = [TP(topics.controls, p) for p in sorted({e.message.partition for e in events})]
+        with metrics.CONTROLS_WAIT_SECONDS.time():
+            ends, _ = await asyncio.gather(consumer.highwaters(*wanted), policy_state.reach_end())
+            return await consumer.reach({TP(tp.topic, tp.partition): x for tp, x in ends.items()}, epoch)
+
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
     control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
     # Per-employee pauses and exemptions, co-partitioned with the events (same key, same
@@ -581,6 +635,9 @@ def create_app(settings: Settings) -> faust.App:
                     # iteration, not before it: a Faust agent that has not started iterating when
                     # table recovery completes was seen to never receive messages after a restart.
                     await policy_state.ready.wait()
+                if not await in_force(events):
+                    delivery.drop()
+                    continue
                 msgs = [source_message(e.message) for e in events]
                 employees = {m.key.decode(errors="replace") for m in msgs if m.key}
                 controls = {emp: loads(controls_table.get(emp)) for emp in employees}
@@ -613,6 +670,9 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 if not policy_state.ready.is_set():
                     await policy_state.ready.wait()
+                if not await in_force(events):
+                    delivery.drop()
+                    continue
                 batch, refused = [], []
                 for e in events:
                     m = source_message(e.message)
@@ -669,6 +729,9 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 if not policy_state.ready.is_set():
                     await policy_state.ready.wait()
+                if not await in_force(events):
+                    delivery.drop()
+                    continue
                 msgs = [source_message(e.message) for e in events]
                 employees = {m.key.decode(errors="replace") for m in msgs if m.key}
                 controls = {emp: loads(controls_table.get(emp)) for emp in employees}

@@ -35,6 +35,7 @@ catches the gap no later message reveals (everything fetched was skipped).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -65,6 +66,7 @@ class CommitGate:
         self.progress: dict[Partition, tuple[int, float]] = {}  # (next offset, since when)
         self._held_since: dict[Partition, float] = {}
         self._warned_at: dict[Partition, float] = {}
+        self._moved: asyncio.Event | None = None
 
     def confirm(self, messages: Iterable[Any]) -> None:
         """These messages (Faust ``Message``: topic, partition, offset) are finished: their
@@ -72,6 +74,33 @@ class CommitGate:
         for m in messages:
             if m.topic in self.topics:
                 self.done.setdefault(Partition(m.topic, m.partition), set()).add(m.offset)
+        self._wake()
+
+    def finished_below(self, p: Partition) -> int | None:
+        """The offset below which every message of ``p`` is finished -- by this worker or, below
+        the committed offset, by whoever committed it -- or None while ``p``'s base is unknown."""
+        base = self.base.get(p)
+        if base is None:
+            return None
+        done = self.done.get(p, ())
+        x = base
+        while x in done:
+            x += 1
+        return x
+
+    async def moved(self, timeout_s: float) -> None:
+        """Return when something is confirmed or a base learnt (or after ``timeout_s``)."""
+        if self._moved is None:
+            self._moved = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._moved.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+    def _wake(self) -> None:
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
 
     def reset(self) -> None:
         """A rebalance: every base is unknown until read again from the broker."""
@@ -81,6 +110,7 @@ class CommitGate:
         self.sought.clear()
         self.progress.clear()
         self._held_since.clear()
+        self._wake()
 
     def needs_base(self, assigned: Iterable[Any]) -> list[Partition]:
         """Assigned partitions of gated topics with confirmed offsets but no known base."""
@@ -98,6 +128,7 @@ class CommitGate:
             return
         self.base[p] = log_start if committed is None else max(committed, log_start)
         self._prune(p)
+        self._wake()
 
     def sequence(self, events: Iterable[Any]) -> tuple[list[Any], dict[Partition, int]]:
         """The events each partition's agent may process now, in order, and the partitions with a
@@ -127,14 +158,11 @@ class CommitGate:
         out: dict[Partition, int] = {}
         for tp in assigned:
             p = Partition(tp.topic, tp.partition)
-            base = self.base.get(p)
             done = self.done.get(p)
-            if base is None or not done:
+            x = self.finished_below(p)
+            if x is None or not done:
                 continue
-            x = base
-            while x in done:
-                x += 1
-            if x > base:
+            if x > self.base[p]:
                 out[p] = x
             self._watch(p, x, done, now)
         return out
@@ -227,6 +255,30 @@ class GatedConsumer(AIOKafkaConsumer):
                          p.topic, p.partition, n)
                 await self.seek_wait({ensure_aiokafka_TP(p): n})  # in the consumer's own thread
         return admitted
+
+    async def reach(self, targets: Mapping[Partition, int], epoch: int) -> bool:
+        """Wait until every message of each gated partition below its target offset is finished
+        (``CommitGate.finished_below``, bases read from the broker where unknown). False if a
+        rebalance came in since ``epoch`` (the caller drops its micro-batch: it is replayed).
+        While it waits, it says so once a minute: a partition not assigned here never moves."""
+        gate = self.gate
+        started = warned = time.monotonic()
+        while gate.epoch == epoch:
+            unknown = [p for p in targets if gate.finished_below(p) is None]
+            if unknown:
+                await self._read_bases(unknown, epoch)
+                continue
+            behind = {p: (gate.finished_below(p), x) for p, x in targets.items()
+                      if (gate.finished_below(p) or 0) < x}
+            if not behind:
+                return True
+            now = time.monotonic()
+            if now - warned >= HELD_WARNING_S:
+                warned = now
+                log.warning("held for %.0f s until %s are folded", now - started, ", ".join(
+                    f"{p.topic}[{p.partition}] (at {at}, to {x})" for p, (at, x) in sorted(behind.items())))
+            await gate.moved(1.0)
+        return False
 
     async def _learn_next(self, parts: Iterable[Partition]) -> None:
         """``gate.next`` for every partition of ``parts``: the broker's committed offset (or the

@@ -29,6 +29,12 @@ PROCESS_SECONDS = Histogram(
     "Time to decode, enforce and re-encode one micro-batch.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+CONTROLS_WAIT_SECONDS = Histogram(
+    "handtrace_stream_controls_wait_seconds",
+    "Time a micro-batch waited, before enforcement, for the controls, policy and device records "
+    "appended before it to be in force (one offsets request when nothing new arrived).",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0),
+)
 CONTROLS = Counter(
     "handtrace_stream_controls_total",
     "Authentic control-plane records applied, by kind (pause_start, pause_end, exemption_request, "
