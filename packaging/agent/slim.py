@@ -29,7 +29,8 @@ PRUNE_GLOBS = ["PIL/_avif.*.so", "pillow.libs/libavif-*"]
 PRUNE_SUFFIXES = (".pyi", ".pxd", ".pyx", ".c", ".h")
 # Imported when the agent runs (some lazily: x11 backend, screenshots, frames, signing, WebP).
 AGENT_MODULES = [
-    "handtrace.agent.cli", "handtrace.agent.service", "handtrace.agent.consent", "handtrace.agent.screenshots",
+    "handtrace.agent.cli", "handtrace.agent.commands", "handtrace.agent.runcmd", "handtrace.agent.service",
+    "handtrace.agent.consent", "handtrace.agent.screenshots",
     "handtrace.agent.frames", "handtrace.agent.actions", "handtrace.agent.sources", "handtrace.agent.sources.x11",
     "handtrace.agent.localsock", "handtrace.core.resources", "PIL.Image", "PIL.WebPImagePlugin",
     "PIL.JpegImagePlugin", "PIL.PngImagePlugin", "mss", "Xlib.display", "Xlib.ext.record", "Xlib.ext.xtest",

@@ -14,6 +14,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 
+from handtrace.agent.runcmd import OPTIONS as RUN_OPTIONS
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -243,42 +245,18 @@ def agent_simulate(
 
 @agent_app.command("run")
 def agent_run(
-    employee: Annotated[str | None, typer.Option(help="Employee id (default HANDTRACE_AGENT__EMPLOYEE_ID).")] = None,
-    source: Annotated[str | None, typer.Option(help="auto, x11, macos, windows or synthetic "
-                                               "(default HANDTRACE_AGENT__SOURCE).")] = None,
-    policy_file: Annotated[Path | None, typer.Option(help="Policy JSON used until the control "
-                                                     "plane's arrives.")] = None,
+    employee: Annotated[str | None, typer.Option(help=RUN_OPTIONS["--employee"])] = None,
+    source: Annotated[str | None, typer.Option(help=RUN_OPTIONS["--source"])] = None,
+    policy_file: Annotated[Path | None, typer.Option(help=RUN_OPTIONS["--policy-file"])] = None,
 ) -> None:
     """Run the endpoint agent on this laptop until Ctrl-C / SIGTERM (unsent data stays spooled)."""
-    from handtrace.agent.capture import CaptureUnavailable
-    from handtrace.agent.runtime import AgentError
-    from handtrace.agent.service import run_agent
-    from handtrace.agent.spool import SpoolFormatError
-
-    s = _settings()
-    over = {k: v for k, v in {"employee_id": employee, "source": source, "policy_file": policy_file}.items()
-            if v is not None}
-    if over:
-        try:
-            s = s.model_copy(update={"agent": s.agent.model_validate({**s.agent.model_dump(), **over})})
-        except ValidationError as e:
-            raise _fail("; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors()), 2) from None
-
-    def started(agent, sock):  # type: ignore[no-untyped-def]
-        console.print(f"agent running for [bold]{agent.employee_id}[/] on {agent.device_id} "
-                      f"(source {agent.source.name}, policy v{agent.local.version or '-- none: capturing nothing'}); "
-                      f"control socket {sock}. `handtrace pause 15m` pauses, Ctrl-C stops.")
+    # The same command as `handtrace-agent run` (plain text, no rich: agent/runcmd.py).
+    from handtrace.agent.runcmd import RunExit, run
 
     try:
-        agent = run_agent(s, on_started=started)
-    except CaptureUnavailable as e:
-        raise _fail(f"{e}\n  (agent settings: HANDTRACE_AGENT__SOURCE={s.agent.source}, "
-                    "HANDTRACE_AGENT__DISPLAY; `--source synthetic` runs without a display)") from None
-    except (AgentError, SpoolFormatError) as e:
-        raise _fail(str(e)) from None
-    st = agent.status()
-    console.print(f"stopped: {st.events_captured:,} events captured, {st.events_sent:,} sent, "
-                  f"{st.spool_events:,} waiting in the spool")
+        run(employee, source, policy_file)
+    except RunExit as e:
+        raise typer.Exit(e.code) from None
 
 
 @agent_app.command("device-key")

@@ -36,7 +36,8 @@ SERVER_STACK = {"chdb", "pyarrow", "polars", "pandas", "faust", "mode", "aiokafk
 # What the agent entry point and every module it loads lazily at run time import (capture
 # backends need a display to *start*, not to import). The synthetic source is a simulation for
 # development (numpy, polars) and is not part of the slim agent.
-AGENT_MODULES = ["handtrace.agent.cli", "handtrace.agent.service", "handtrace.agent.consent",
+AGENT_MODULES = ["handtrace.agent.cli", "handtrace.agent.commands", "handtrace.agent.runcmd",
+                 "handtrace.agent.service", "handtrace.agent.consent",
                  "handtrace.agent.screenshots", "handtrace.agent.frames", "handtrace.agent.actions",
                  "handtrace.agent.sources.x11", "handtrace.core.resources"]
 # Imported when present, absent in the slim install: fastavro's optional block codecs (the agent's
@@ -69,12 +70,17 @@ def test_agent_import_graph_pulls_no_server_stack() -> None:
     assert not mods & SERVER_STACK, f"the agent imports server modules: {sorted(mods & SERVER_STACK)}"
 
 
+# The resident agent's command line is argparse, not typer/click/rich (ADR 0021: ~7 MB of idle RSS).
+CLI_STACK = {"typer", "click", "rich"}
+
+
 def test_running_the_agent_imports_nothing_of_the_server_stack(tmp_path: Path) -> None:
     """The entry point's `run` path in a child: spool, shipper, device key, screenshots, up to the
-    X11 backend (which then finds no display), with the server stack made unimportable."""
+    X11 backend (which then finds no display), with the server stack -- and typer, click and rich --
+    made unimportable."""
     code = f"""
 import sys
-for name in {sorted(SERVER_STACK)!r}:
+for name in {sorted(SERVER_STACK | CLI_STACK)!r}:
     sys.modules[name] = None  # importing it now raises ImportError
 sys.argv = ["handtrace-agent", "run"]
 from handtrace.agent.cli import main
@@ -182,7 +188,7 @@ def test_agent_requiring_consent_refuses_to_start_without_it(tmp_path: Path) -> 
 
 
 def test_consent_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from handtrace.agent.cli import app
+    from handtrace.agent.commands import app
 
     for k in [k for k in os.environ if k.startswith("HANDTRACE_")]:
         monkeypatch.delenv(k)
@@ -210,7 +216,7 @@ def test_packaged_consent_starts_and_withdraw_stops_the_unit(tmp_path: Path, mon
     import shutil
     import subprocess as sp
 
-    from handtrace.agent.cli import app
+    from handtrace.agent.commands import app
 
     for k in [k for k in os.environ if k.startswith("HANDTRACE_")]:
         monkeypatch.delenv(k)

@@ -1,32 +1,24 @@
 """``handtrace-agent``: the laptop's command line, and the slim distribution's only entry point
 (packaging/agent, ADR 0019).
 
-The commands are the ones of ``handtrace`` an employee's laptop needs (run, consent, pause,
-resume, status, exemption request, record, device-key), mounted from handtrace.cli without
-importing any server module: importing this pulls typer, rich and pydantic, nothing of the
-server stack (tests/unit/test_agent_slim.py).
+``handtrace-agent run`` -- the agent itself, resident for the whole session -- goes straight to
+handtrace/agent/runcmd.py and never imports typer, click or rich (~7 MB of idle RSS, ADR 0021);
+every other command (consent, pause, resume, status, exemption, record, device-key) is the typer
+app of handtrace/agent/commands.py.
 """
 
 from __future__ import annotations
 
-import typer
-
-from handtrace import cli
-
-# Plain tracebacks: rich's would need pygments, which the slim install leaves out (packaging/agent/slim.py).
-app = typer.Typer(help="handtrace agent on this laptop: consent-first capture of computer use.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-app.command("run")(cli.agent_run)
-app.command("consent")(cli.agent_consent)
-app.command("device-key")(cli.agent_device_key)
-app.command("pause")(cli.employee_pause)
-app.command("resume")(cli.employee_resume)
-app.command("status")(cli.employee_status)
-app.add_typer(cli.employee_exemption_app, name="exemption")
-app.add_typer(cli.record_app, name="record")
+import sys
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["run"]:
+        from handtrace.agent.runcmd import main as run_main
+
+        sys.exit(run_main(sys.argv[2:]))
+    from handtrace.agent.commands import app
+
     app()
 
 
