@@ -44,7 +44,7 @@ topic, folded by their own agent into the controls table), the policy and the en
 and Faust runs each topic's agent on its own. So before enforcing a micro-batch each data agent
 waits (``in_force``) until every record those topics held after the micro-batch was fetched is
 in force -- the controls fold confirms through the gate (``GatedConsumer.reach``), the followers
-through their positions (``PolicyState.reach_end``). Without it a batch fetched with a pause
+through their positions (``PolicyState.reach``). Without it a batch fetched with a pause
 still queued behind other controls was judged without the pause.
 
 Sizes are bounded so that no hostile message can make a send fail: raw payloads larger than the
@@ -71,7 +71,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, cast
@@ -218,8 +218,8 @@ class PolicyState:
         self.ready = asyncio.Event()
         self._sync_waiters: list[asyncio.Future[None]] = []
         self._last_sync = float("-inf")
-        self._consumer: Any = None  # the followers' consumer, once started
-        self.applied: dict[Any, int] = {}  # per followed partition: the offset below which all is applied
+        self._offsets: Any = None  # a consumer that never fetches: end offsets without waiting on a fetch
+        self.applied: dict[TP, int] = {}  # per followed partition: the offset below which all is applied
         self._moved = asyncio.Event()
 
     @classmethod
@@ -285,13 +285,21 @@ class PolicyState:
         except TimeoutError:
             pass
 
-    async def reach_end(self) -> None:
-        """Wait until the followers have applied every record the policy and devices topics held
-        when called (the caller has waited for ``ready``). Cheap when nothing new arrived: one
-        offsets request; else until the followers' next fetch."""
-        ends = await self._consumer.end_offsets(list(self.applied))
+    async def end_offsets(self, extra: Sequence[TP]) -> dict[TP, int]:
+        """The end offsets, now, of every partition of the policy and devices topics and of
+        ``extra``, in one request on a connection of their own: a consumer that fetches queues
+        such a request behind its long-poll fetch (the broker answers a connection's requests in
+        order), ~0.5 s each."""
+        from aiokafka import TopicPartition
+
+        tps = [TopicPartition(t, p) for t, p in (*self.applied, *extra)]
+        return {TP(tp.topic, tp.partition): x for tp, x in (await self._offsets.end_offsets(tps)).items()}
+
+    async def reach(self, ends: Mapping[TP, int]) -> None:
+        """Wait until the followers have applied every record below ``ends`` of the policy and
+        devices topics (the caller has waited for ``ready``); other partitions are ignored."""
         started = warned = time.monotonic()
-        while any(self.applied.get(tp, 0) < x for tp, x in ends.items()):
+        while any(self.applied.get(p, x) < x for p, x in ends.items()):
             now = time.monotonic()
             if now - warned >= 60:
                 warned = now
@@ -309,7 +317,13 @@ class PolicyState:
             bootstrap_servers=settings.kafka.bootstrap(), enable_auto_commit=False, group_id=None,
             **aiokafka_security(settings.kafka),
         )
+        offsets = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka.bootstrap(), enable_auto_commit=False, group_id=None,
+            **aiokafka_security(settings.kafka),
+        )
         await consumer.start()
+        await offsets.start()
+        self._offsets = offsets
         try:
             tps = [TopicPartition(t, p) for t in (topic, devices_topic)
                    for p in (consumer.partitions_for_topic(t) or {0})]
@@ -329,7 +343,7 @@ class PolicyState:
                         else:
                             self.apply_device(m)
                 positions = {tp: await consumer.position(tp) for tp in tps}
-                self._consumer, self.applied = consumer, positions
+                self.applied = {TP(tp.topic, tp.partition): x for tp, x in positions.items()}
                 self._moved.set()
                 self._moved = asyncio.Event()
                 caught_up = all(positions[tp] >= end[tp] for tp in tps)
@@ -341,6 +355,7 @@ class PolicyState:
                 else:
                     self._sync_waiters = waiters + self._sync_waiters
         finally:
+            await offsets.stop()
             await consumer.stop()
 
 
@@ -604,8 +619,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer = cast(GatedConsumer, app.consumer)
         wanted = [TP(topics.controls, p) for p in sorted({e.message.partition for e in events})]
         with metrics.CONTROLS_WAIT_SECONDS.time():
-            ends, _ = await asyncio.gather(consumer.highwaters(*wanted), policy_state.reach_end())
-            return await consumer.reach({TP(tp.topic, tp.partition): x for tp, x in ends.items()}, epoch)
+            ends = await policy_state.end_offsets(wanted)
+            await policy_state.reach(ends)
+            return await consumer.reach({p: x for p, x in ends.items() if p.topic == topics.controls}, epoch)
 
     source = app.topic(topics.events, value_type=bytes, key_type=bytes, partitions=parts)
     control_topic = app.topic(topics.controls, value_type=bytes, key_type=bytes, partitions=parts)
